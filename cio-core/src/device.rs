@@ -1,0 +1,444 @@
+//! The `Device` trait every device in cio implements, and the descriptions
+//! (ids, regions, interrupts) that travel with it.
+//!
+//! A VFIO function on the backend, an emulated model and a `RemoteDevice` on
+//! the frontend all implement [`Device`], so the backend can serve any device
+//! and a driver can run unchanged against any of them.
+
+use std::fmt;
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::dma::{DmaError, DmaRegion};
+
+/// Region index of PCI configuration space, as in VFIO
+/// (`VFIO_PCI_CONFIG_REGION_INDEX`). BARs 0–5 use indices 0–5.
+pub const CONFIG_REGION: u32 = 7;
+
+/// What kind of address space a region is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RegionKind {
+    /// PCI configuration space.
+    Config = 0,
+    /// A memory BAR.
+    Mmio = 1,
+    /// An I/O-port BAR.
+    Pio = 2,
+}
+
+impl RegionKind {
+    /// Decodes the wire value.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Config),
+            1 => Some(Self::Mmio),
+            2 => Some(Self::Pio),
+            _ => None,
+        }
+    }
+}
+
+/// Access-width bit for 1-byte accesses in [`RegionInfo::widths`].
+pub const WIDTH_1: u8 = 1 << 0;
+/// Access-width bit for 2-byte accesses.
+pub const WIDTH_2: u8 = 1 << 1;
+/// Access-width bit for 4-byte accesses.
+pub const WIDTH_4: u8 = 1 << 2;
+/// Access-width bit for 8-byte accesses.
+pub const WIDTH_8: u8 = 1 << 3;
+
+/// Region flag: readable.
+pub const REGION_READ: u8 = 1 << 0;
+/// Region flag: writable.
+pub const REGION_WRITE: u8 = 1 << 1;
+/// Region flag: the BAR is prefetchable.
+pub const REGION_PREFETCH: u8 = 1 << 2;
+/// Region flag: the BAR is 64-bit.
+pub const REGION_64BIT: u8 = 1 << 3;
+
+/// One region of a device: config space or a BAR.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// VFIO-style index: 0–5 for BARs, [`CONFIG_REGION`] for config space.
+    pub index: u32,
+    /// Address-space kind.
+    pub kind: RegionKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// `REGION_*` flags.
+    pub flags: u8,
+    /// `WIDTH_*` bits: the access sizes the device accepts in this region.
+    pub widths: u8,
+}
+
+impl RegionInfo {
+    /// True if `len` is one of this region's access widths.
+    pub fn accepts_width(&self, len: usize) -> bool {
+        matches!(len, 1 | 2 | 4 | 8) && self.widths & (len as u8) != 0
+    }
+}
+
+/// Interrupt kinds, numbered as VFIO's irq indices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum IrqKind {
+    /// Legacy level-triggered INTx (automasked after each delivery).
+    Intx = 0,
+    /// MSI.
+    Msi = 1,
+    /// MSI-X.
+    Msix = 2,
+}
+
+impl IrqKind {
+    /// Decodes the wire value.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Intx),
+            1 => Some(Self::Msi),
+            2 => Some(Self::Msix),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for IrqKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Intx => "INTx",
+            Self::Msi => "MSI",
+            Self::Msix => "MSI-X",
+        })
+    }
+}
+
+/// The interrupts of one kind a device offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IrqInfo {
+    /// Interrupt kind.
+    pub kind: IrqKind,
+    /// Number of vectors (1 for INTx).
+    pub count: u32,
+}
+
+/// Everything a frontend needs to know about a device before driving it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Name the backend serves it under (unique per backend).
+    pub name: String,
+    /// PCI vendor id.
+    pub vendor: u16,
+    /// PCI device id.
+    pub device: u16,
+    /// PCI subsystem vendor id.
+    pub subsystem_vendor: u16,
+    /// PCI subsystem id.
+    pub subsystem_device: u16,
+    /// 24-bit class code (base class, subclass, programming interface).
+    pub class: u32,
+    /// Revision id.
+    pub revision: u8,
+    /// Regions, config space included.
+    pub regions: Vec<RegionInfo>,
+    /// Interrupts.
+    pub irqs: Vec<IrqInfo>,
+}
+
+impl DeviceInfo {
+    /// The region with VFIO index `index`.
+    pub fn region(&self, index: u32) -> Option<&RegionInfo> {
+        self.regions.iter().find(|r| r.index == index)
+    }
+
+    /// Number of vectors of `kind` (0 if the device has none).
+    pub fn irq_count(&self, kind: IrqKind) -> u32 {
+        self.irqs
+            .iter()
+            .find(|i| i.kind == kind)
+            .map_or(0, |i| i.count)
+    }
+
+    /// Checks an access of `len` bytes at `offset` of region `index` before
+    /// it reaches a device: the region exists, allows the direction, accepts
+    /// the width, the offset is aligned to it and the access ends inside.
+    pub fn check_access(
+        &self,
+        index: u32,
+        offset: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<&RegionInfo, DeviceError> {
+        let region = self.region(index).ok_or(DeviceError::NoRegion(index))?;
+        let needed = if write { REGION_WRITE } else { REGION_READ };
+        if region.flags & needed == 0 {
+            return Err(DeviceError::Denied {
+                region: index,
+                write,
+            });
+        }
+        if !region.accepts_width(len) {
+            return Err(DeviceError::BadWidth {
+                region: index,
+                len,
+                widths: region.widths,
+            });
+        }
+        if offset % len as u64 != 0 {
+            return Err(DeviceError::Unaligned {
+                region: index,
+                offset,
+                len,
+            });
+        }
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= region.size => Ok(region),
+            _ => Err(DeviceError::OutOfRange {
+                region: index,
+                offset,
+                len,
+                size: region.size,
+            }),
+        }
+    }
+}
+
+/// Errors a [`Device`] reports. Each names what went wrong with enough
+/// detail to act on; none of them means the device itself is gone unless it
+/// says so.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The device has no region with this index.
+    #[error("device has no region {0}")]
+    NoRegion(u32),
+    /// The region does not allow this direction.
+    #[error("region {region} is not {}", if *write { "writable" } else { "readable" })]
+    Denied {
+        /// Region index.
+        region: u32,
+        /// Whether the access was a write.
+        write: bool,
+    },
+    /// The access width is not one the region accepts.
+    #[error("region {region} does not accept {len}-byte accesses (accepted widths: {})", widths_string(*widths))]
+    BadWidth {
+        /// Region index.
+        region: u32,
+        /// Requested access length.
+        len: usize,
+        /// Accepted `WIDTH_*` bits.
+        widths: u8,
+    },
+    /// The offset is not aligned to the access width.
+    #[error("offset {offset:#x} in region {region} is not aligned to {len} bytes")]
+    Unaligned {
+        /// Region index.
+        region: u32,
+        /// Requested offset.
+        offset: u64,
+        /// Requested access length.
+        len: usize,
+    },
+    /// The access ends past the end of the region.
+    #[error("access of {len} bytes at {offset:#x} is past the end of region {region} ({size:#x} bytes)")]
+    OutOfRange {
+        /// Region index.
+        region: u32,
+        /// Requested offset.
+        offset: u64,
+        /// Requested access length.
+        len: usize,
+        /// Region size.
+        size: u64,
+    },
+    /// The device has no interrupts of this kind, or fewer vectors.
+    #[error("device has no {kind} vectors {start}..{end}")]
+    NoIrq {
+        /// Interrupt kind.
+        kind: IrqKind,
+        /// First vector asked for.
+        start: u32,
+        /// One past the last vector asked for.
+        end: u32,
+    },
+    /// A DMA mapping operation failed.
+    #[error("dma mapping")]
+    Dma(#[from] DmaError),
+    /// The device does not support this operation.
+    #[error("{0} is not supported by this device")]
+    Unsupported(&'static str),
+    /// The device (or the link to it) failed; the message says how.
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn widths_string(widths: u8) -> String {
+    let list: Vec<String> = [1u8, 2, 4, 8]
+        .iter()
+        .filter(|w| widths & **w != 0)
+        .map(|w| w.to_string())
+        .collect();
+    if list.is_empty() {
+        "none".into()
+    } else {
+        list.join(", ")
+    }
+}
+
+/// A PCI function as cio sees it: regions, interrupts, DMA and reset.
+///
+/// Accesses take the VFIO region index ([`CONFIG_REGION`] for config space)
+/// and an offset inside the region. Implementations must check every access
+/// with [`DeviceInfo::check_access`] (or stricter) before touching anything.
+///
+/// Writes may be *posted*: a remote device queues them and sends them in
+/// batches; any non-posted operation (a read, a map, a reset, [`flush`])
+/// orders after all earlier writes. Errors of posted writes are reported by
+/// the next non-posted operation.
+///
+/// [`flush`]: Device::flush
+pub trait Device: Send {
+    /// The device's description.
+    fn info(&self) -> &DeviceInfo;
+
+    /// Reads `data.len()` bytes at `offset` of region `region`.
+    fn read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError>;
+
+    /// Writes `data` at `offset` of region `region`. May be posted.
+    fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError>;
+
+    /// Routes vectors `start..start + fds.len()` of `kind` to `fds`: the
+    /// device signals a vector's eventfd each time it raises it. An empty
+    /// `fds` disables every vector of `kind`. INTx is automasked after each
+    /// delivery until [`unmask_intx`](Device::unmask_intx).
+    fn set_irqs(&mut self, kind: IrqKind, start: u32, fds: &[EventFd]) -> Result<(), DeviceError>;
+
+    /// Unmasks INTx after the driver handled it; if the line is still
+    /// asserted it fires again.
+    fn unmask_intx(&mut self) -> Result<(), DeviceError>;
+
+    /// Lets the device DMA to and from `region` at its IOVA range.
+    fn dma_map(&mut self, region: Arc<DmaRegion>) -> Result<(), DeviceError>;
+
+    /// Removes the mapping that starts at `iova` and returns it.
+    fn dma_unmap(&mut self, iova: u64) -> Result<Arc<DmaRegion>, DeviceError>;
+
+    /// Makes CPU writes to `iova..iova+len` visible to the device. A no-op for
+    /// devices that share memory with the caller.
+    fn sync_for_device(&mut self, _iova: u64, _len: u64) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
+    /// Makes device writes to `iova..iova+len` visible to the CPU. A no-op
+    /// for devices that share memory with the caller.
+    fn sync_for_cpu(&mut self, _iova: u64, _len: u64) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
+    /// Waits until every posted write has reached the device and reports the
+    /// first error any of them got.
+    fn flush(&mut self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
+    /// Resets the device to its power-on state. DMA mappings and interrupt
+    /// routing stay in place.
+    fn reset(&mut self) -> Result<(), DeviceError>;
+
+    /// Reads a 32-bit little-endian value.
+    fn read32(&mut self, region: u32, offset: u64) -> Result<u32, DeviceError> {
+        let mut b = [0u8; 4];
+        self.read(region, offset, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    /// Reads a 64-bit little-endian value.
+    fn read64(&mut self, region: u32, offset: u64) -> Result<u64, DeviceError> {
+        let mut b = [0u8; 8];
+        self.read(region, offset, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Writes a 32-bit little-endian value.
+    fn write32(&mut self, region: u32, offset: u64, value: u32) -> Result<(), DeviceError> {
+        self.write(region, offset, &value.to_le_bytes())
+    }
+
+    /// Writes a 64-bit little-endian value.
+    fn write64(&mut self, region: u32, offset: u64, value: u64) -> Result<(), DeviceError> {
+        self.write(region, offset, &value.to_le_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> DeviceInfo {
+        DeviceInfo {
+            name: "t".into(),
+            vendor: 1,
+            device: 2,
+            subsystem_vendor: 0,
+            subsystem_device: 0,
+            class: 0,
+            revision: 0,
+            regions: vec![RegionInfo {
+                index: 0,
+                kind: RegionKind::Mmio,
+                size: 0x100,
+                flags: REGION_READ,
+                widths: WIDTH_4 | WIDTH_8,
+            }],
+            irqs: vec![],
+        }
+    }
+
+    #[test]
+    fn check_access_accepts_aligned_in_range() {
+        assert!(info().check_access(0, 0xf8, 8, false).is_ok());
+    }
+
+    #[test]
+    fn check_access_rejects_each_bad_case() {
+        let i = info();
+        assert!(matches!(
+            i.check_access(3, 0, 4, false),
+            Err(DeviceError::NoRegion(3))
+        ));
+        assert!(matches!(
+            i.check_access(0, 0, 4, true),
+            Err(DeviceError::Denied { write: true, .. })
+        ));
+        assert!(matches!(
+            i.check_access(0, 0, 2, false),
+            Err(DeviceError::BadWidth { len: 2, .. })
+        ));
+        assert!(matches!(
+            i.check_access(0, 0, 3, false),
+            Err(DeviceError::BadWidth { len: 3, .. })
+        ));
+        assert!(matches!(
+            i.check_access(0, 4, 8, false),
+            Err(DeviceError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            i.check_access(0, 0x100, 4, false),
+            Err(DeviceError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            i.check_access(0, u64::MAX - 3, 4, false),
+            Err(DeviceError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn width_error_lists_accepted_widths() {
+        let e = info().check_access(0, 0, 1, false).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "region 0 does not accept 1-byte accesses (accepted widths: 4, 8)"
+        );
+    }
+}

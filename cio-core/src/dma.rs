@@ -1,0 +1,530 @@
+//! DMA memory: regions of anonymous memory at an IOVA, with page-level dirty
+//! tracking, and the address space a device DMAs through.
+//!
+//! Both ends use the same type. On the frontend a [`DmaRegion`] is the
+//! target's memory (what the driver reads and writes); on the backend it is
+//! the shadow the device DMAs into. Each side marks the pages it changes
+//! locally; at the ordering points the dirty pages travel to the other side
+//! and are applied there with [`DmaRegion::apply`], which does not mark them
+//! dirty again. Cost therefore follows dirty bytes, not mapped bytes.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use memmap2::MmapMut;
+
+/// Granularity of dirty tracking and of IOVA/size alignment.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Largest single DMA region (1 TiB of address space; memory is only
+/// committed when touched).
+pub const MAX_REGION_SIZE: u64 = 1 << 40;
+
+/// Who may access a mapping, from the device's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DmaDir {
+    /// The device only reads (target → device data).
+    ToDevice = 1,
+    /// The device only writes (device → target data).
+    FromDevice = 2,
+    /// The device reads and writes.
+    Bidirectional = 3,
+}
+
+impl DmaDir {
+    /// Decodes the wire value.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::ToDevice),
+            2 => Some(Self::FromDevice),
+            3 => Some(Self::Bidirectional),
+            _ => None,
+        }
+    }
+
+    /// The device may read this mapping (so target changes are pushed).
+    pub fn device_reads(self) -> bool {
+        self as u8 & 1 != 0
+    }
+
+    /// The device may write this mapping (so device changes are pulled).
+    pub fn device_writes(self) -> bool {
+        self as u8 & 2 != 0
+    }
+}
+
+/// DMA errors.
+#[derive(Debug, thiserror::Error)]
+pub enum DmaError {
+    /// IOVA or size is zero, unaligned or too large.
+    #[error("invalid dma range {iova:#x}+{len:#x}: iova and size must be non-zero multiples of {PAGE_SIZE} below {MAX_REGION_SIZE:#x}")]
+    BadRange {
+        /// Requested IOVA.
+        iova: u64,
+        /// Requested size.
+        len: u64,
+    },
+    /// The anonymous mapping could not be created.
+    #[error("allocating {len:#x} bytes of dma memory")]
+    Alloc {
+        /// Requested size.
+        len: u64,
+        /// What mmap said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The new mapping overlaps an existing one.
+    #[error("dma range {iova:#x}+{len:#x} overlaps the mapping at {existing:#x}+{existing_len:#x}")]
+    Overlap {
+        /// Requested IOVA.
+        iova: u64,
+        /// Requested size.
+        len: u64,
+        /// IOVA of the mapping it overlaps.
+        existing: u64,
+        /// Size of that mapping.
+        existing_len: u64,
+    },
+    /// No mapping starts at this IOVA.
+    #[error("no dma mapping starts at {0:#x}")]
+    NotMapped(u64),
+    /// The range is not inside a single mapping.
+    #[error("dma access {iova:#x}+{len:#x} is not inside a mapping")]
+    Unmapped {
+        /// Accessed IOVA.
+        iova: u64,
+        /// Access length.
+        len: u64,
+    },
+    /// The mapping's direction forbids this access.
+    #[error("dma {} at {iova:#x} is not allowed by the mapping's direction", if *write { "write" } else { "read" })]
+    Permission {
+        /// Accessed IOVA.
+        iova: u64,
+        /// Whether the device tried to write.
+        write: bool,
+    },
+    /// An offset/length pair does not fit inside the region.
+    #[error("range {offset:#x}+{len:#x} is outside the {size:#x}-byte region")]
+    OutOfRegion {
+        /// Offset inside the region.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Region size.
+        size: u64,
+    },
+}
+
+/// A run of changed bytes inside a region, ready to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyRun {
+    /// Offset inside the region.
+    pub offset: u64,
+    /// The bytes now at that offset.
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    mem: MmapMut,
+    dirty: Vec<u64>,
+    dirty_pages: usize,
+}
+
+impl Inner {
+    fn mark(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = offset / PAGE_SIZE;
+        let last = (offset + len - 1) / PAGE_SIZE;
+        for page in first..=last {
+            let (w, b) = ((page / 64) as usize, page % 64);
+            if self.dirty[w] & (1 << b) == 0 {
+                self.dirty[w] |= 1 << b;
+                self.dirty_pages += 1;
+            }
+        }
+    }
+}
+
+/// Anonymous memory at an IOVA range with page-level dirty tracking.
+#[derive(Debug)]
+pub struct DmaRegion {
+    iova: u64,
+    len: u64,
+    dir: DmaDir,
+    inner: Mutex<Inner>,
+}
+
+impl DmaRegion {
+    /// Allocates zeroed memory for `iova..iova+len`. Both must be multiples of
+    /// [`PAGE_SIZE`]; memory is committed lazily, as it is touched.
+    pub fn new(iova: u64, len: u64, dir: DmaDir) -> Result<Self, DmaError> {
+        check_range(iova, len)?;
+        let mem = MmapMut::map_anon(len as usize).map_err(|source| DmaError::Alloc { len, source })?;
+        let pages = len / PAGE_SIZE;
+        Ok(Self {
+            iova,
+            len,
+            dir,
+            inner: Mutex::new(Inner {
+                mem,
+                dirty: vec![0; pages.div_ceil(64) as usize],
+                dirty_pages: 0,
+            }),
+        })
+    }
+
+    /// First IOVA.
+    pub fn iova(&self) -> u64 {
+        self.iova
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Always false: regions are never empty. Present for API symmetry.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Direction.
+    pub fn dir(&self) -> DmaDir {
+        self.dir
+    }
+
+    /// True if `iova..iova+len` overlaps this region.
+    pub fn overlaps(&self, iova: u64, len: u64) -> bool {
+        iova < self.iova + self.len && self.iova < iova.saturating_add(len)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned lock only means another thread panicked mid-copy; the
+        // bytes are still memory, so keep serving them.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check(&self, offset: u64, len: usize) -> Result<(), DmaError> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(DmaError::OutOfRegion {
+                offset,
+                len: len as u64,
+                size: self.len,
+            }),
+        }
+    }
+
+    /// Copies bytes at `offset` into `buf`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        self.check(offset, buf.len())?;
+        let g = self.lock();
+        let o = offset as usize;
+        buf.copy_from_slice(&g.mem[o..o + buf.len()]);
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` and marks the pages dirty (a local change
+    /// the other side has not seen).
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), DmaError> {
+        self.check(offset, data.len())?;
+        let mut g = self.lock();
+        let o = offset as usize;
+        g.mem[o..o + data.len()].copy_from_slice(data);
+        g.mark(offset, data.len() as u64);
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` received from the other side; not marked
+    /// dirty, since both sides now agree.
+    pub fn apply(&self, offset: u64, data: &[u8]) -> Result<(), DmaError> {
+        self.check(offset, data.len())?;
+        let mut g = self.lock();
+        let o = offset as usize;
+        g.mem[o..o + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    /// Runs `f` on the bytes at `offset..offset+len` mutably and marks them
+    /// dirty: for drivers that build descriptors in place.
+    pub fn with_mut<R>(
+        &self,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Result<R, DmaError> {
+        self.check(offset, len)?;
+        let mut g = self.lock();
+        let o = offset as usize;
+        let r = f(&mut g.mem[o..o + len]);
+        g.mark(offset, len as u64);
+        Ok(r)
+    }
+
+    /// Number of dirty pages.
+    pub fn dirty_pages(&self) -> usize {
+        self.lock().dirty_pages
+    }
+
+    /// Takes the dirty pages inside `offset..offset+len` (whole pages that
+    /// touch the range), clears their dirty bits and returns their contents
+    /// as runs of contiguous pages no longer than `max_run` bytes.
+    pub fn take_dirty(&self, offset: u64, len: u64, max_run: usize) -> Vec<DirtyRun> {
+        let mut g = self.lock();
+        if g.dirty_pages == 0 || len == 0 || offset >= self.len {
+            return Vec::new();
+        }
+        let end = offset.saturating_add(len).min(self.len);
+        let first = offset / PAGE_SIZE;
+        let last = end.div_ceil(PAGE_SIZE); // exclusive
+        let max_pages = (max_run as u64 / PAGE_SIZE).max(1);
+        let mut runs = Vec::new();
+        let mut page = first;
+        while page < last && g.dirty_pages > 0 {
+            let w = (page / 64) as usize;
+            // Skip clean words quickly: this keeps the scan cheap for huge,
+            // mostly clean regions.
+            if page % 64 == 0 && g.dirty[w] == 0 {
+                page += 64;
+                continue;
+            }
+            if g.dirty[w] & (1 << (page % 64)) == 0 {
+                page += 1;
+                continue;
+            }
+            let start = page;
+            while page < last && page - start < max_pages {
+                let (w, b) = ((page / 64) as usize, page % 64);
+                if g.dirty[w] & (1 << b) == 0 {
+                    break;
+                }
+                g.dirty[w] &= !(1 << b);
+                g.dirty_pages -= 1;
+                page += 1;
+            }
+            let (s, e) = ((start * PAGE_SIZE) as usize, (page * PAGE_SIZE) as usize);
+            runs.push(DirtyRun {
+                offset: s as u64,
+                data: g.mem[s..e].to_vec(),
+            });
+        }
+        runs
+    }
+
+    /// Takes every dirty page; see [`take_dirty`](Self::take_dirty).
+    pub fn take_all_dirty(&self, max_run: usize) -> Vec<DirtyRun> {
+        self.take_dirty(0, self.len, max_run)
+    }
+}
+
+fn check_range(iova: u64, len: u64) -> Result<(), DmaError> {
+    let ok = len > 0
+        && len <= MAX_REGION_SIZE
+        && iova % PAGE_SIZE == 0
+        && len % PAGE_SIZE == 0
+        && iova.checked_add(len).is_some();
+    if ok {
+        Ok(())
+    } else {
+        Err(DmaError::BadRange { iova, len })
+    }
+}
+
+/// The set of DMA mappings a device can reach, by IOVA.
+#[derive(Debug, Default)]
+pub struct DmaSpace {
+    regions: Vec<Arc<DmaRegion>>,
+}
+
+impl DmaSpace {
+    /// An empty address space.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a mapping; fails if it overlaps an existing one.
+    pub fn insert(&mut self, region: Arc<DmaRegion>) -> Result<(), DmaError> {
+        self.check_free(region.iova(), region.len())?;
+        let pos = self.regions.partition_point(|r| r.iova() < region.iova());
+        self.regions.insert(pos, region);
+        Ok(())
+    }
+
+    /// Fails with [`DmaError::Overlap`] (or `BadRange`) if `iova..iova+len`
+    /// cannot be mapped.
+    pub fn check_free(&self, iova: u64, len: u64) -> Result<(), DmaError> {
+        check_range(iova, len)?;
+        match self.regions.iter().find(|r| r.overlaps(iova, len)) {
+            Some(r) => Err(DmaError::Overlap {
+                iova,
+                len,
+                existing: r.iova(),
+                existing_len: r.len(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes the mapping starting at `iova`.
+    pub fn remove(&mut self, iova: u64) -> Result<Arc<DmaRegion>, DmaError> {
+        let pos = self
+            .regions
+            .iter()
+            .position(|r| r.iova() == iova)
+            .ok_or(DmaError::NotMapped(iova))?;
+        Ok(self.regions.remove(pos))
+    }
+
+    /// Removes every mapping.
+    pub fn clear(&mut self) -> Vec<Arc<DmaRegion>> {
+        std::mem::take(&mut self.regions)
+    }
+
+    /// The mapping starting at `iova`.
+    pub fn get(&self, iova: u64) -> Option<&Arc<DmaRegion>> {
+        self.regions.iter().find(|r| r.iova() == iova)
+    }
+
+    /// All mappings, by IOVA.
+    pub fn regions(&self) -> &[Arc<DmaRegion>] {
+        &self.regions
+    }
+
+    /// Total bytes mapped.
+    pub fn mapped_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.len()).sum()
+    }
+
+    /// The mapping holding all of `iova..iova+len`, and the offset in it.
+    pub fn resolve(&self, iova: u64, len: u64) -> Result<(&Arc<DmaRegion>, u64), DmaError> {
+        let end = iova
+            .checked_add(len)
+            .ok_or(DmaError::Unmapped { iova, len })?;
+        self.regions
+            .iter()
+            .find(|r| r.iova() <= iova && end <= r.iova() + r.len())
+            .map(|r| (r, iova - r.iova()))
+            .ok_or(DmaError::Unmapped { iova, len })
+    }
+
+    /// A device read of `buf.len()` bytes at `iova`.
+    pub fn device_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let (r, off) = self.resolve(iova, buf.len() as u64)?;
+        if !r.dir().device_reads() {
+            return Err(DmaError::Permission { iova, write: false });
+        }
+        r.read(off, buf)
+    }
+
+    /// A device write of `data` at `iova`; the pages become dirty.
+    pub fn device_write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+        let (r, off) = self.resolve(iova, data.len() as u64)?;
+        if !r.dir().device_writes() {
+            return Err(DmaError::Permission { iova, write: true });
+        }
+        r.write(off, data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_rejects_bad_ranges() {
+        for (iova, len) in [(0, 0), (1, 4096), (0, 100), (u64::MAX & !4095, 8192)] {
+            assert!(
+                matches!(
+                    DmaRegion::new(iova, len, DmaDir::ToDevice),
+                    Err(DmaError::BadRange { .. })
+                ),
+                "{iova:#x}+{len:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn write_marks_pages_and_take_dirty_coalesces_runs() {
+        let r = DmaRegion::new(0x10000, 16 * PAGE_SIZE, DmaDir::Bidirectional).unwrap();
+        r.write(100, &[1; 10]).unwrap(); // page 0
+        r.write(PAGE_SIZE - 1, &[2, 2]).unwrap(); // pages 0 and 1
+        r.write(5 * PAGE_SIZE, &[3]).unwrap(); // page 5
+        assert_eq!(r.dirty_pages(), 3);
+
+        let runs = r.take_all_dirty(1 << 20);
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[0].offset, 0);
+        assert_eq!(runs[0].data.len(), 2 * PAGE_SIZE as usize);
+        assert_eq!(&runs[0].data[100..110], &[1; 10]);
+        assert_eq!(runs[1].offset, 5 * PAGE_SIZE);
+        assert_eq!(runs[1].data[0], 3);
+        assert_eq!(r.dirty_pages(), 0);
+        assert!(r.take_all_dirty(1 << 20).is_empty());
+    }
+
+    #[test]
+    fn take_dirty_splits_long_runs_and_respects_range() {
+        let r = DmaRegion::new(0, 8 * PAGE_SIZE, DmaDir::Bidirectional).unwrap();
+        r.write(0, &vec![7; 8 * PAGE_SIZE as usize]).unwrap();
+        let part = r.take_dirty(2 * PAGE_SIZE, 2 * PAGE_SIZE, 1 << 20);
+        assert_eq!(part.len(), 1);
+        assert_eq!(part[0].offset, 2 * PAGE_SIZE);
+        assert_eq!(r.dirty_pages(), 6);
+        let rest = r.take_all_dirty(3 * PAGE_SIZE as usize);
+        let sizes: Vec<usize> = rest.iter().map(|x| x.data.len() / 4096).collect();
+        assert_eq!(sizes, vec![2, 3, 1]);
+    }
+
+    #[test]
+    fn apply_does_not_mark_dirty() {
+        let r = DmaRegion::new(0, PAGE_SIZE, DmaDir::FromDevice).unwrap();
+        r.apply(8, &[9; 8]).unwrap();
+        assert_eq!(r.dirty_pages(), 0);
+        let mut b = [0; 8];
+        r.read(8, &mut b).unwrap();
+        assert_eq!(b, [9; 8]);
+    }
+
+    #[test]
+    fn accesses_past_region_end_fail() {
+        let r = DmaRegion::new(0, PAGE_SIZE, DmaDir::FromDevice).unwrap();
+        assert!(r.write(PAGE_SIZE - 1, &[0, 0]).is_err());
+        assert!(r.read(u64::MAX, &mut [0]).is_err());
+    }
+
+    #[test]
+    fn space_rejects_overlap_and_checks_direction() {
+        let mut s = DmaSpace::new();
+        s.insert(Arc::new(DmaRegion::new(0x1000, 0x2000, DmaDir::ToDevice).unwrap()))
+            .unwrap();
+        let e = s
+            .insert(Arc::new(DmaRegion::new(0x2000, 0x1000, DmaDir::FromDevice).unwrap()))
+            .unwrap_err();
+        assert!(matches!(e, DmaError::Overlap { existing: 0x1000, .. }));
+        s.insert(Arc::new(DmaRegion::new(0x3000, 0x1000, DmaDir::FromDevice).unwrap()))
+            .unwrap();
+
+        assert!(matches!(
+            s.device_write(0x1000, &[1]),
+            Err(DmaError::Permission { write: true, .. })
+        ));
+        assert!(matches!(
+            s.device_read(0x3000, &mut [0]),
+            Err(DmaError::Permission { write: false, .. })
+        ));
+        // Straddling two mappings is not inside one.
+        assert!(matches!(
+            s.device_read(0x2ff0, &mut [0; 32]),
+            Err(DmaError::Unmapped { .. })
+        ));
+        s.device_write(0x3010, &[5]).unwrap();
+        assert_eq!(s.get(0x3000).unwrap().dirty_pages(), 1);
+        assert_eq!(s.mapped_bytes(), 0x3000);
+        s.remove(0x1000).unwrap();
+        assert!(matches!(s.remove(0x1000), Err(DmaError::NotMapped(0x1000))));
+    }
+}

@@ -1,0 +1,17 @@
+//! cio core: the wire protocol, the [`Device`] trait every device implements,
+//! DMA regions with dirty tracking, and the errors they share. No I/O lives
+//! here; transports, the backend and the frontend build on it.
+#![deny(missing_docs)]
+
+pub mod device;
+pub mod dma;
+pub mod wire;
+
+pub use device::{
+    Device, DeviceError, DeviceInfo, IrqInfo, IrqKind, RegionInfo, RegionKind, CONFIG_REGION,
+};
+pub use dma::{DmaDir, DmaError, DmaRegion, DmaSpace, PAGE_SIZE};
+pub use wire::{ErrorCode, Frame, FrameDecoder, Message, WireError};
+
+/// Eventfd type used for interrupt delivery throughout cio.
+pub use vmm_sys_util::eventfd::EventFd;

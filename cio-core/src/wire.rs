@@ -1,0 +1,1209 @@
+//! The cio wire protocol: frame header, messages, encoding and strict
+//! decoding. `docs/protocol.md` describes the same thing byte by byte.
+//!
+//! Every frame is a 24-byte little-endian header followed by a body of at
+//! most [`MAX_BODY`] bytes:
+//!
+//! ```text
+//! 0   u32  body length
+//! 4   u16  message type
+//! 6   u16  flags (must be 0 in version 1)
+//! 8   u64  sequence number of this frame (per direction, from 1, +1 a frame)
+//! 16  u64  reply_to: the sequence number of the request this answers, or 0
+//! ```
+//!
+//! Decoding checks, in this order: the body length against [`MAX_BODY`]
+//! (before the body is even received), the flags, the message type, the
+//! minimum size (every field present) and the maximum size (no trailing
+//! bytes, per-field caps).
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::device::{DeviceInfo, IrqInfo, IrqKind, RegionInfo, RegionKind};
+use crate::dma::DmaDir;
+
+/// Header length in bytes.
+pub const HEADER_LEN: usize = 24;
+/// Largest DMA payload in one `DmaData` frame.
+pub const MAX_DMA_CHUNK: usize = 1 << 20;
+/// Largest body of any frame.
+pub const MAX_BODY: usize = MAX_DMA_CHUNK + 64;
+/// Largest single region read or write.
+pub const MAX_IO: usize = 4096;
+/// Largest ping payload.
+pub const MAX_PING: usize = 64 * 1024;
+/// Largest string (names, error messages).
+pub const MAX_STRING: usize = 1024;
+/// Largest number of devices in a list, regions or irq kinds in an info.
+pub const MAX_ITEMS: usize = 4096;
+/// Length of handshake nonces and MACs.
+pub const NONCE_LEN: usize = 32;
+
+/// Protocol version spoken by this build.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Feature: posted (unacknowledged) region writes.
+pub const FEATURE_POSTED_WRITES: u64 = 1 << 0;
+/// Feature: DMA mappings with shadow sync (`DmaMap`, `DmaData`, `SyncForCpu`).
+pub const FEATURE_DMA_SYNC: u64 = 1 << 1;
+/// Every feature this build implements.
+pub const FEATURES: u64 = FEATURE_POSTED_WRITES | FEATURE_DMA_SYNC;
+
+/// Authentication the server demands, announced in `Welcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AuthMethod {
+    /// None (loopback or Unix socket only).
+    None = 0,
+    /// Mutual challenge–response with a pre-shared key (HMAC-SHA256).
+    PreSharedKey = 1,
+}
+
+/// What `SetIrqs` does to the vectors it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum IrqAction {
+    /// Stop delivering every vector of the kind.
+    Disable = 0,
+    /// Deliver vectors `start..start+count` as `Irq` events.
+    Enable = 1,
+    /// Unmask INTx after it was handled.
+    Unmask = 2,
+}
+
+/// An error code carried by `Error` frames. Unknown codes are kept as is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorCode(pub u32);
+
+impl ErrorCode {
+    /// A frame could not be decoded; the session ends.
+    pub const MALFORMED: Self = Self(1);
+    /// The message type is unknown or not valid in this direction; the session ends.
+    pub const UNKNOWN_MESSAGE: Self = Self(2);
+    /// No common protocol version.
+    pub const VERSION: Self = Self(3);
+    /// The server needs a pre-shared key and none was proven.
+    pub const AUTH_REQUIRED: Self = Self(4);
+    /// The key proof did not verify.
+    pub const AUTH_FAILED: Self = Self(5);
+    /// No device by that name.
+    pub const NO_DEVICE: Self = Self(6);
+    /// The device is open in another session.
+    pub const BUSY: Self = Self(7);
+    /// The handle is not open in this session.
+    pub const BAD_HANDLE: Self = Self(8);
+    /// A region access was refused (region, width, alignment, range).
+    pub const ACCESS: Self = Self(9);
+    /// An interrupt request was refused.
+    pub const IRQ: Self = Self(10);
+    /// A DMA request was refused.
+    pub const DMA: Self = Self(11);
+    /// The device reported a failure.
+    pub const DEVICE: Self = Self(12);
+    /// A per-session limit would be exceeded.
+    pub const LIMIT: Self = Self(13);
+    /// The message is valid but not in this state (e.g. before the handshake).
+    pub const STATE: Self = Self(14);
+    /// The server is shutting down.
+    pub const SHUTDOWN: Self = Self(15);
+
+    /// Short name for logs and messages.
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            1 => "malformed frame",
+            2 => "unknown message",
+            3 => "version mismatch",
+            4 => "authentication required",
+            5 => "authentication failed",
+            6 => "no such device",
+            7 => "device busy",
+            8 => "bad handle",
+            9 => "access refused",
+            10 => "irq refused",
+            11 => "dma refused",
+            12 => "device error",
+            13 => "limit exceeded",
+            14 => "wrong state",
+            15 => "shutting down",
+            _ => "unknown error",
+        }
+    }
+}
+
+/// One line of a device list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSummary {
+    /// Name to open it by.
+    pub name: String,
+    /// PCI vendor id.
+    pub vendor: u16,
+    /// PCI device id.
+    pub device: u16,
+    /// 24-bit class code.
+    pub class: u32,
+    /// Open in some session right now.
+    pub busy: bool,
+}
+
+/// Every message of protocol version 1. The type code of each is given by
+/// [`Message::kind`]; `docs/protocol.md` lists the layouts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Client → server, first frame.
+    Hello {
+        /// Highest version the client speaks.
+        version: u16,
+        /// Features the client wants.
+        features: u64,
+        /// Session to resume, or 0 for a new one (resume is reserved).
+        session: u64,
+        /// Client challenge.
+        nonce: [u8; NONCE_LEN],
+        /// Free-form client name for logs.
+        client: String,
+    },
+    /// Server → client, answers `Hello`.
+    Welcome {
+        /// Version chosen.
+        version: u16,
+        /// Features granted (a subset of those asked).
+        features: u64,
+        /// Session id.
+        session: u64,
+        /// Authentication the server requires.
+        auth: AuthMethod,
+        /// Server challenge.
+        nonce: [u8; NONCE_LEN],
+    },
+    /// Client → server: MAC proving the client knows the key.
+    AuthProof {
+        /// HMAC over both nonces.
+        mac: [u8; NONCE_LEN],
+    },
+    /// Server → client: the server's MAC; the session is ready.
+    AuthOk {
+        /// HMAC over both nonces.
+        mac: [u8; NONCE_LEN],
+    },
+    /// Either side: orderly end of the session.
+    Goodbye,
+    /// Either side: echo request.
+    Ping {
+        /// Echoed back.
+        payload: Bytes,
+    },
+    /// Answer to `Ping`.
+    Pong {
+        /// The ping's payload.
+        payload: Bytes,
+    },
+    /// Client → server: list devices.
+    ListDevices,
+    /// Answer to `ListDevices`.
+    DeviceList {
+        /// Devices served.
+        devices: Vec<DeviceSummary>,
+    },
+    /// Client → server: open a device for this session.
+    Open {
+        /// Device name.
+        name: String,
+    },
+    /// Answer to `Open`.
+    Opened {
+        /// Handle for later requests.
+        handle: u32,
+        /// Device description.
+        info: DeviceInfo,
+    },
+    /// Client → server: close a handle (device is reset, DMA unmapped). Answered by `Ok`.
+    Close {
+        /// Handle.
+        handle: u32,
+    },
+    /// Non-posted region read. Answered by `ReadData`.
+    RegionRead {
+        /// Handle.
+        handle: u32,
+        /// Region index.
+        region: u32,
+        /// Offset in the region.
+        offset: u64,
+        /// Bytes to read.
+        len: u32,
+    },
+    /// Answer to `RegionRead`.
+    ReadData {
+        /// The bytes read.
+        data: Bytes,
+    },
+    /// Posted region write: no answer unless it fails (then an `Error` whose
+    /// `reply_to` is this frame's sequence number).
+    RegionWrite {
+        /// Handle.
+        handle: u32,
+        /// Region index.
+        region: u32,
+        /// Offset in the region.
+        offset: u64,
+        /// Bytes to write.
+        data: Bytes,
+    },
+    /// Configure interrupt delivery. Answered by `Ok`.
+    SetIrqs {
+        /// Handle.
+        handle: u32,
+        /// Interrupt kind.
+        kind: IrqKind,
+        /// First vector.
+        start: u32,
+        /// Number of vectors.
+        count: u32,
+        /// What to do.
+        action: IrqAction,
+    },
+    /// Server → client event: the device raised a vector.
+    Irq {
+        /// Handle.
+        handle: u32,
+        /// Interrupt kind.
+        kind: IrqKind,
+        /// Vector.
+        vector: u32,
+    },
+    /// Declare a DMA mapping; the server allocates its shadow. Answered by `Ok`.
+    DmaMap {
+        /// Handle.
+        handle: u32,
+        /// First IOVA.
+        iova: u64,
+        /// Size.
+        len: u64,
+        /// Direction.
+        dir: DmaDir,
+    },
+    /// Remove a mapping; device-written data is pulled first. Answered by `Ok`.
+    DmaUnmap {
+        /// Handle.
+        handle: u32,
+        /// IOVA the mapping starts at.
+        iova: u64,
+    },
+    /// Posted, either direction: bytes now at `iova` on the sender's side.
+    DmaData {
+        /// Handle.
+        handle: u32,
+        /// IOVA of the first byte.
+        iova: u64,
+        /// Bytes.
+        data: Bytes,
+    },
+    /// Client → server: pull device-written data in the range. Answered by `Ok`
+    /// after the `DmaData` frames.
+    SyncForCpu {
+        /// Handle.
+        handle: u32,
+        /// First IOVA.
+        iova: u64,
+        /// Length.
+        len: u64,
+    },
+    /// Reset the device. Answered by `Ok`.
+    Reset {
+        /// Handle.
+        handle: u32,
+    },
+    /// Success answer with no data.
+    Ok,
+    /// Failure: the answer to a request, or an asynchronous report for a
+    /// posted frame (`reply_to` names it).
+    Error {
+        /// Machine-readable code.
+        code: ErrorCode,
+        /// Human-readable explanation.
+        message: String,
+    },
+}
+
+/// Message type codes.
+pub mod kind {
+    #![allow(missing_docs)]
+    pub const HELLO: u16 = 0x0001;
+    pub const WELCOME: u16 = 0x0002;
+    pub const AUTH_PROOF: u16 = 0x0003;
+    pub const AUTH_OK: u16 = 0x0004;
+    pub const GOODBYE: u16 = 0x0005;
+    pub const PING: u16 = 0x0006;
+    pub const PONG: u16 = 0x0007;
+    pub const LIST_DEVICES: u16 = 0x0010;
+    pub const DEVICE_LIST: u16 = 0x0011;
+    pub const OPEN: u16 = 0x0012;
+    pub const OPENED: u16 = 0x0013;
+    pub const CLOSE: u16 = 0x0014;
+    pub const REGION_READ: u16 = 0x0020;
+    pub const READ_DATA: u16 = 0x0021;
+    pub const REGION_WRITE: u16 = 0x0022;
+    pub const SET_IRQS: u16 = 0x0030;
+    pub const IRQ: u16 = 0x0031;
+    pub const DMA_MAP: u16 = 0x0040;
+    pub const DMA_UNMAP: u16 = 0x0041;
+    pub const DMA_DATA: u16 = 0x0042;
+    pub const SYNC_FOR_CPU: u16 = 0x0043;
+    pub const RESET: u16 = 0x0050;
+    pub const OK: u16 = 0x007e;
+    pub const ERROR: u16 = 0x007f;
+}
+
+/// Why a frame could not be decoded. Any of these ends the session.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The header announces a body larger than [`MAX_BODY`].
+    #[error("frame body of {0} bytes exceeds the {MAX_BODY}-byte limit")]
+    Oversized(u32),
+    /// Reserved header flags are set.
+    #[error("reserved header flags {0:#x} are set")]
+    Flags(u16),
+    /// The message type is unknown.
+    #[error("unknown message type {0:#06x}")]
+    UnknownType(u16),
+    /// The body ends before a field it must hold.
+    #[error("message {kind:#06x} is truncated: {field} missing")]
+    Truncated {
+        /// Message type.
+        kind: u16,
+        /// First missing field.
+        field: &'static str,
+    },
+    /// The body has bytes after its last field.
+    #[error("message {kind:#06x} has {extra} trailing bytes")]
+    Trailing {
+        /// Message type.
+        kind: u16,
+        /// Number of extra bytes.
+        extra: usize,
+    },
+    /// A field holds a value out of its range.
+    #[error("message {kind:#06x}: invalid {field}")]
+    Invalid {
+        /// Message type.
+        kind: u16,
+        /// Field name.
+        field: &'static str,
+    },
+    /// The sequence number is not the next one expected.
+    #[error("sequence number {got} where {expected} was expected")]
+    Sequence {
+        /// Expected sequence number.
+        expected: u64,
+        /// Received sequence number.
+        got: u64,
+    },
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Sender's sequence number.
+    pub seq: u64,
+    /// Request this answers, or 0.
+    pub reply_to: u64,
+    /// The message.
+    pub msg: Message,
+}
+
+struct Rd<'a> {
+    b: &'a [u8],
+    kind: u16,
+}
+
+impl<'a> Rd<'a> {
+    fn need(&self, n: usize, field: &'static str) -> Result<(), WireError> {
+        if self.b.len() < n {
+            Err(WireError::Truncated {
+                kind: self.kind,
+                field,
+            })
+        } else {
+            Ok(())
+        }
+    }
+    fn u8(&mut self, f: &'static str) -> Result<u8, WireError> {
+        self.need(1, f)?;
+        Ok(self.b.get_u8())
+    }
+    fn u16(&mut self, f: &'static str) -> Result<u16, WireError> {
+        self.need(2, f)?;
+        Ok(self.b.get_u16_le())
+    }
+    fn u32(&mut self, f: &'static str) -> Result<u32, WireError> {
+        self.need(4, f)?;
+        Ok(self.b.get_u32_le())
+    }
+    fn u64(&mut self, f: &'static str) -> Result<u64, WireError> {
+        self.need(8, f)?;
+        Ok(self.b.get_u64_le())
+    }
+    fn array(&mut self, f: &'static str) -> Result<[u8; NONCE_LEN], WireError> {
+        self.need(NONCE_LEN, f)?;
+        let mut a = [0; NONCE_LEN];
+        self.b.copy_to_slice(&mut a);
+        Ok(a)
+    }
+    fn invalid(&self, field: &'static str) -> WireError {
+        WireError::Invalid {
+            kind: self.kind,
+            field,
+        }
+    }
+    fn string(&mut self, f: &'static str) -> Result<String, WireError> {
+        let n = self.u16(f)? as usize;
+        if n > MAX_STRING {
+            return Err(self.invalid(f));
+        }
+        self.need(n, f)?;
+        let s = std::str::from_utf8(&self.b[..n]).map_err(|_| self.invalid(f))?;
+        let s = s.to_owned();
+        self.b.advance(n);
+        Ok(s)
+    }
+    fn count(&mut self, f: &'static str) -> Result<usize, WireError> {
+        let n = self.u32(f)? as usize;
+        if n > MAX_ITEMS {
+            return Err(self.invalid(f));
+        }
+        Ok(n)
+    }
+    /// A u32-length-prefixed byte string of at most `max` bytes, borrowed
+    /// from `body` without copying.
+    fn bytes(&mut self, body: &Bytes, max: usize, f: &'static str) -> Result<Bytes, WireError> {
+        let n = self.u32(f)? as usize;
+        if n > max {
+            return Err(self.invalid(f));
+        }
+        self.need(n, f)?;
+        let start = body.len() - self.b.len();
+        self.b.advance(n);
+        Ok(body.slice(start..start + n))
+    }
+    fn irq_kind(&mut self) -> Result<IrqKind, WireError> {
+        let v = self.u8("irq kind")?;
+        IrqKind::from_u8(v).ok_or(self.invalid("irq kind"))
+    }
+    fn end(&self) -> Result<(), WireError> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Trailing {
+                kind: self.kind,
+                extra: self.b.len(),
+            })
+        }
+    }
+}
+
+fn put_string(out: &mut BytesMut, s: &str) {
+    // Strings longer than the limit are cut at a char boundary rather than
+    // producing a frame the peer must reject.
+    let mut end = s.len().min(MAX_STRING);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.put_u16_le(end as u16);
+    out.put_slice(&s.as_bytes()[..end]);
+}
+
+fn put_bytes(out: &mut BytesMut, b: &[u8]) {
+    out.put_u32_le(b.len() as u32);
+    out.put_slice(b);
+}
+
+impl Message {
+    /// The type code.
+    pub fn kind(&self) -> u16 {
+        use kind::*;
+        match self {
+            Self::Hello { .. } => HELLO,
+            Self::Welcome { .. } => WELCOME,
+            Self::AuthProof { .. } => AUTH_PROOF,
+            Self::AuthOk { .. } => AUTH_OK,
+            Self::Goodbye => GOODBYE,
+            Self::Ping { .. } => PING,
+            Self::Pong { .. } => PONG,
+            Self::ListDevices => LIST_DEVICES,
+            Self::DeviceList { .. } => DEVICE_LIST,
+            Self::Open { .. } => OPEN,
+            Self::Opened { .. } => OPENED,
+            Self::Close { .. } => CLOSE,
+            Self::RegionRead { .. } => REGION_READ,
+            Self::ReadData { .. } => READ_DATA,
+            Self::RegionWrite { .. } => REGION_WRITE,
+            Self::SetIrqs { .. } => SET_IRQS,
+            Self::Irq { .. } => IRQ,
+            Self::DmaMap { .. } => DMA_MAP,
+            Self::DmaUnmap { .. } => DMA_UNMAP,
+            Self::DmaData { .. } => DMA_DATA,
+            Self::SyncForCpu { .. } => SYNC_FOR_CPU,
+            Self::Reset { .. } => RESET,
+            Self::Ok => OK,
+            Self::Error { .. } => ERROR,
+        }
+    }
+
+    /// Appends the whole frame (header and body) to `out`.
+    pub fn encode(&self, seq: u64, reply_to: u64, out: &mut BytesMut) {
+        let start = out.len();
+        out.put_u32_le(0); // patched below
+        out.put_u16_le(self.kind());
+        out.put_u16_le(0);
+        out.put_u64_le(seq);
+        out.put_u64_le(reply_to);
+        self.encode_body(out);
+        let len = (out.len() - start - HEADER_LEN) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    }
+
+    fn encode_body(&self, out: &mut BytesMut) {
+        match self {
+            Self::Hello {
+                version,
+                features,
+                session,
+                nonce,
+                client,
+            } => {
+                out.put_u16_le(*version);
+                out.put_u64_le(*features);
+                out.put_u64_le(*session);
+                out.put_slice(nonce);
+                put_string(out, client);
+            }
+            Self::Welcome {
+                version,
+                features,
+                session,
+                auth,
+                nonce,
+            } => {
+                out.put_u16_le(*version);
+                out.put_u64_le(*features);
+                out.put_u64_le(*session);
+                out.put_u8(*auth as u8);
+                out.put_slice(nonce);
+            }
+            Self::AuthProof { mac } | Self::AuthOk { mac } => out.put_slice(mac),
+            Self::Goodbye | Self::ListDevices | Self::Ok => {}
+            Self::Ping { payload } | Self::Pong { payload } => put_bytes(out, payload),
+            Self::DeviceList { devices } => {
+                out.put_u32_le(devices.len() as u32);
+                for d in devices {
+                    put_string(out, &d.name);
+                    out.put_u16_le(d.vendor);
+                    out.put_u16_le(d.device);
+                    out.put_u32_le(d.class);
+                    out.put_u8(d.busy as u8);
+                }
+            }
+            Self::Open { name } => put_string(out, name),
+            Self::Opened { handle, info } => {
+                out.put_u32_le(*handle);
+                encode_info(out, info);
+            }
+            Self::Close { handle } | Self::Reset { handle } => out.put_u32_le(*handle),
+            Self::RegionRead {
+                handle,
+                region,
+                offset,
+                len,
+            } => {
+                out.put_u32_le(*handle);
+                out.put_u32_le(*region);
+                out.put_u64_le(*offset);
+                out.put_u32_le(*len);
+            }
+            Self::ReadData { data } => put_bytes(out, data),
+            Self::RegionWrite {
+                handle,
+                region,
+                offset,
+                data,
+            } => {
+                out.put_u32_le(*handle);
+                out.put_u32_le(*region);
+                out.put_u64_le(*offset);
+                put_bytes(out, data);
+            }
+            Self::SetIrqs {
+                handle,
+                kind,
+                start,
+                count,
+                action,
+            } => {
+                out.put_u32_le(*handle);
+                out.put_u8(*kind as u8);
+                out.put_u8(*action as u8);
+                out.put_u32_le(*start);
+                out.put_u32_le(*count);
+            }
+            Self::Irq {
+                handle,
+                kind,
+                vector,
+            } => {
+                out.put_u32_le(*handle);
+                out.put_u8(*kind as u8);
+                out.put_u32_le(*vector);
+            }
+            Self::DmaMap {
+                handle,
+                iova,
+                len,
+                dir,
+            } => {
+                out.put_u32_le(*handle);
+                out.put_u64_le(*iova);
+                out.put_u64_le(*len);
+                out.put_u8(*dir as u8);
+            }
+            Self::DmaUnmap { handle, iova } => {
+                out.put_u32_le(*handle);
+                out.put_u64_le(*iova);
+            }
+            Self::DmaData { handle, iova, data } => {
+                out.put_u32_le(*handle);
+                out.put_u64_le(*iova);
+                put_bytes(out, data);
+            }
+            Self::SyncForCpu { handle, iova, len } => {
+                out.put_u32_le(*handle);
+                out.put_u64_le(*iova);
+                out.put_u64_le(*len);
+            }
+            Self::Error { code, message } => {
+                out.put_u32_le(code.0);
+                put_string(out, message);
+            }
+        }
+    }
+
+    /// Decodes the body of a message of type `kind`.
+    pub fn decode(kind: u16, body: Bytes) -> Result<Self, WireError> {
+        use kind::*;
+        let mut r = Rd { b: &body, kind };
+        let msg = match kind {
+            HELLO => Self::Hello {
+                version: r.u16("version")?,
+                features: r.u64("features")?,
+                session: r.u64("session")?,
+                nonce: r.array("nonce")?,
+                client: r.string("client")?,
+            },
+            WELCOME => Self::Welcome {
+                version: r.u16("version")?,
+                features: r.u64("features")?,
+                session: r.u64("session")?,
+                auth: match r.u8("auth")? {
+                    0 => AuthMethod::None,
+                    1 => AuthMethod::PreSharedKey,
+                    _ => return Err(r.invalid("auth")),
+                },
+                nonce: r.array("nonce")?,
+            },
+            AUTH_PROOF => Self::AuthProof {
+                mac: r.array("mac")?,
+            },
+            AUTH_OK => Self::AuthOk {
+                mac: r.array("mac")?,
+            },
+            GOODBYE => Self::Goodbye,
+            PING => Self::Ping {
+                payload: r.bytes(&body, MAX_PING, "payload")?,
+            },
+            PONG => Self::Pong {
+                payload: r.bytes(&body, MAX_PING, "payload")?,
+            },
+            LIST_DEVICES => Self::ListDevices,
+            DEVICE_LIST => {
+                let n = r.count("device count")?;
+                let mut devices = Vec::with_capacity(n.min(64));
+                for _ in 0..n {
+                    devices.push(DeviceSummary {
+                        name: r.string("name")?,
+                        vendor: r.u16("vendor")?,
+                        device: r.u16("device")?,
+                        class: r.u32("class")?,
+                        busy: r.u8("busy")? != 0,
+                    });
+                }
+                Self::DeviceList { devices }
+            }
+            OPEN => Self::Open {
+                name: r.string("name")?,
+            },
+            OPENED => Self::Opened {
+                handle: r.u32("handle")?,
+                info: decode_info(&mut r)?,
+            },
+            CLOSE => Self::Close {
+                handle: r.u32("handle")?,
+            },
+            REGION_READ => {
+                let m = Self::RegionRead {
+                    handle: r.u32("handle")?,
+                    region: r.u32("region")?,
+                    offset: r.u64("offset")?,
+                    len: r.u32("len")?,
+                };
+                if let Self::RegionRead { len, .. } = m {
+                    if len == 0 || len as usize > MAX_IO {
+                        return Err(r.invalid("len"));
+                    }
+                }
+                m
+            }
+            READ_DATA => Self::ReadData {
+                data: r.bytes(&body, MAX_IO, "data")?,
+            },
+            REGION_WRITE => Self::RegionWrite {
+                handle: r.u32("handle")?,
+                region: r.u32("region")?,
+                offset: r.u64("offset")?,
+                data: r.bytes(&body, MAX_IO, "data")?,
+            },
+            SET_IRQS => {
+                let handle = r.u32("handle")?;
+                let kind = r.irq_kind()?;
+                let action = match r.u8("action")? {
+                    0 => IrqAction::Disable,
+                    1 => IrqAction::Enable,
+                    2 => IrqAction::Unmask,
+                    _ => return Err(r.invalid("action")),
+                };
+                Self::SetIrqs {
+                    handle,
+                    kind,
+                    action,
+                    start: r.u32("start")?,
+                    count: r.u32("count")?,
+                }
+            }
+            IRQ => Self::Irq {
+                handle: r.u32("handle")?,
+                kind: r.irq_kind()?,
+                vector: r.u32("vector")?,
+            },
+            DMA_MAP => Self::DmaMap {
+                handle: r.u32("handle")?,
+                iova: r.u64("iova")?,
+                len: r.u64("len")?,
+                dir: {
+                    let v = r.u8("dir")?;
+                    DmaDir::from_u8(v).ok_or(r.invalid("dir"))?
+                },
+            },
+            DMA_UNMAP => Self::DmaUnmap {
+                handle: r.u32("handle")?,
+                iova: r.u64("iova")?,
+            },
+            DMA_DATA => Self::DmaData {
+                handle: r.u32("handle")?,
+                iova: r.u64("iova")?,
+                data: r.bytes(&body, MAX_DMA_CHUNK, "data")?,
+            },
+            SYNC_FOR_CPU => Self::SyncForCpu {
+                handle: r.u32("handle")?,
+                iova: r.u64("iova")?,
+                len: r.u64("len")?,
+            },
+            RESET => Self::Reset {
+                handle: r.u32("handle")?,
+            },
+            OK => Self::Ok,
+            ERROR => Self::Error {
+                code: ErrorCode(r.u32("code")?),
+                message: r.string("message")?,
+            },
+            other => return Err(WireError::UnknownType(other)),
+        };
+        r.end()?;
+        Ok(msg)
+    }
+}
+
+fn encode_info(out: &mut BytesMut, info: &DeviceInfo) {
+    put_string(out, &info.name);
+    out.put_u16_le(info.vendor);
+    out.put_u16_le(info.device);
+    out.put_u16_le(info.subsystem_vendor);
+    out.put_u16_le(info.subsystem_device);
+    out.put_u32_le(info.class);
+    out.put_u8(info.revision);
+    out.put_u32_le(info.regions.len() as u32);
+    for r in &info.regions {
+        out.put_u32_le(r.index);
+        out.put_u8(r.kind as u8);
+        out.put_u64_le(r.size);
+        out.put_u8(r.flags);
+        out.put_u8(r.widths);
+    }
+    out.put_u32_le(info.irqs.len() as u32);
+    for i in &info.irqs {
+        out.put_u8(i.kind as u8);
+        out.put_u32_le(i.count);
+    }
+}
+
+fn decode_info(r: &mut Rd<'_>) -> Result<DeviceInfo, WireError> {
+    let name = r.string("name")?;
+    let vendor = r.u16("vendor")?;
+    let device = r.u16("device")?;
+    let subsystem_vendor = r.u16("subsystem vendor")?;
+    let subsystem_device = r.u16("subsystem device")?;
+    let class = r.u32("class")?;
+    let revision = r.u8("revision")?;
+    let n = r.count("region count")?;
+    let mut regions = Vec::with_capacity(n.min(16));
+    for _ in 0..n {
+        let index = r.u32("region index")?;
+        let k = r.u8("region kind")?;
+        regions.push(RegionInfo {
+            index,
+            kind: RegionKind::from_u8(k).ok_or(r.invalid("region kind"))?,
+            size: r.u64("region size")?,
+            flags: r.u8("region flags")?,
+            widths: r.u8("region widths")?,
+        });
+    }
+    let n = r.count("irq count")?;
+    let mut irqs = Vec::with_capacity(n.min(8));
+    for _ in 0..n {
+        irqs.push(IrqInfo {
+            kind: r.irq_kind()?,
+            count: r.u32("irq vectors")?,
+        });
+    }
+    Ok(DeviceInfo {
+        name,
+        vendor,
+        device,
+        subsystem_vendor,
+        subsystem_device,
+        class,
+        revision,
+        regions,
+        irqs,
+    })
+}
+
+/// Splits a byte stream into frames. Feed it with [`buffer`](Self::buffer)
+/// and call [`next_frame`](Self::next_frame) until it returns `None`.
+///
+/// It also checks that sequence numbers arrive in order (from 1, +1 a frame).
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: BytesMut,
+    next_seq: u64,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FrameDecoder {
+    /// A decoder expecting sequence number 1 first.
+    pub fn new() -> Self {
+        Self {
+            buf: BytesMut::with_capacity(64 * 1024),
+            next_seq: 1,
+        }
+    }
+
+    /// The receive buffer: append received bytes to it.
+    pub fn buffer(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    /// Bytes still needed to complete the frame at the head of the buffer
+    /// (at least 1 when nothing is buffered); readers use it to size reads.
+    pub fn wanted(&self) -> usize {
+        if self.buf.len() < HEADER_LEN {
+            return HEADER_LEN - self.buf.len();
+        }
+        let body = u32::from_le_bytes(self.buf[0..4].try_into().expect("4 bytes")) as usize;
+        (HEADER_LEN + body.min(MAX_BODY)).saturating_sub(self.buf.len())
+    }
+
+    /// True if bytes of an incomplete frame are buffered.
+    pub fn has_partial(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// The next complete frame, `None` if more bytes are needed, or the
+    /// reason the stream is not valid cio.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let mut h = &self.buf[..HEADER_LEN];
+        let len = h.get_u32_le();
+        let kind = h.get_u16_le();
+        let flags = h.get_u16_le();
+        let seq = h.get_u64_le();
+        let reply_to = h.get_u64_le();
+        if len as usize > MAX_BODY {
+            return Err(WireError::Oversized(len));
+        }
+        if flags != 0 {
+            return Err(WireError::Flags(flags));
+        }
+        if self.buf.len() < HEADER_LEN + len as usize {
+            return Ok(None);
+        }
+        if seq != self.next_seq {
+            return Err(WireError::Sequence {
+                expected: self.next_seq,
+                got: seq,
+            });
+        }
+        self.buf.advance(HEADER_LEN);
+        let body = self.buf.split_to(len as usize).freeze();
+        let msg = Message::decode(kind, body)?;
+        self.next_seq += 1;
+        Ok(Some(Frame { seq, reply_to, msg }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{REGION_READ, WIDTH_4};
+
+    fn roundtrip(m: Message) {
+        let mut out = BytesMut::new();
+        m.encode(1, 0, &mut out);
+        let mut d = FrameDecoder::new();
+        d.buffer().extend_from_slice(&out);
+        let f = d.next_frame().unwrap().unwrap();
+        assert_eq!(f.msg, m);
+        assert_eq!(d.next_frame().unwrap(), None);
+    }
+
+    #[test]
+    fn every_message_roundtrips() {
+        let info = DeviceInfo {
+            name: "edu0".into(),
+            vendor: 0x1234,
+            device: 0x11e8,
+            subsystem_vendor: 0x1af4,
+            subsystem_device: 0x1100,
+            class: 0xff0000,
+            revision: 0x10,
+            regions: vec![RegionInfo {
+                index: 0,
+                kind: RegionKind::Mmio,
+                size: 1 << 20,
+                flags: REGION_READ,
+                widths: WIDTH_4,
+            }],
+            irqs: vec![IrqInfo {
+                kind: IrqKind::Msi,
+                count: 1,
+            }],
+        };
+        let msgs = vec![
+            Message::Hello {
+                version: 1,
+                features: 3,
+                session: 0,
+                nonce: [7; 32],
+                client: "tést".into(),
+            },
+            Message::Welcome {
+                version: 1,
+                features: 1,
+                session: 9,
+                auth: AuthMethod::PreSharedKey,
+                nonce: [1; 32],
+            },
+            Message::AuthProof { mac: [2; 32] },
+            Message::AuthOk { mac: [3; 32] },
+            Message::Goodbye,
+            Message::Ping {
+                payload: Bytes::from_static(b"abc"),
+            },
+            Message::Pong {
+                payload: Bytes::new(),
+            },
+            Message::ListDevices,
+            Message::DeviceList {
+                devices: vec![DeviceSummary {
+                    name: "edu0".into(),
+                    vendor: 1,
+                    device: 2,
+                    class: 3,
+                    busy: true,
+                }],
+            },
+            Message::Open {
+                name: "edu0".into(),
+            },
+            Message::Opened { handle: 4, info },
+            Message::Close { handle: 4 },
+            Message::RegionRead {
+                handle: 1,
+                region: 0,
+                offset: 8,
+                len: 4,
+            },
+            Message::ReadData {
+                data: Bytes::from_static(&[1, 2, 3, 4]),
+            },
+            Message::RegionWrite {
+                handle: 1,
+                region: 7,
+                offset: 4,
+                data: Bytes::from_static(&[6, 0]),
+            },
+            Message::SetIrqs {
+                handle: 1,
+                kind: IrqKind::Msix,
+                start: 2,
+                count: 3,
+                action: IrqAction::Enable,
+            },
+            Message::Irq {
+                handle: 1,
+                kind: IrqKind::Intx,
+                vector: 0,
+            },
+            Message::DmaMap {
+                handle: 1,
+                iova: 0x1000,
+                len: 0x2000,
+                dir: DmaDir::Bidirectional,
+            },
+            Message::DmaUnmap {
+                handle: 1,
+                iova: 0x1000,
+            },
+            Message::DmaData {
+                handle: 1,
+                iova: 0x1000,
+                data: Bytes::from(vec![5; 5000]),
+            },
+            Message::SyncForCpu {
+                handle: 1,
+                iova: 0,
+                len: 1,
+            },
+            Message::Reset { handle: 2 },
+            Message::Ok,
+            Message::Error {
+                code: ErrorCode::BUSY,
+                message: "in use".into(),
+            },
+        ];
+        for m in msgs {
+            roundtrip(m);
+        }
+    }
+
+    #[test]
+    fn partial_frames_wait_for_more_bytes() {
+        let mut out = BytesMut::new();
+        Message::Reset { handle: 1 }.encode(1, 0, &mut out);
+        let mut d = FrameDecoder::new();
+        for (i, b) in out.iter().enumerate() {
+            assert_eq!(d.next_frame().unwrap(), None, "after {i} bytes");
+            d.buffer().put_u8(*b);
+        }
+        assert!(d.next_frame().unwrap().is_some());
+    }
+
+    fn raw_frame(len: u32, kind: u16, flags: u16, seq: u64, body: &[u8]) -> FrameDecoder {
+        let mut d = FrameDecoder::new();
+        let b = d.buffer();
+        b.put_u32_le(len);
+        b.put_u16_le(kind);
+        b.put_u16_le(flags);
+        b.put_u64_le(seq);
+        b.put_u64_le(0);
+        b.put_slice(body);
+        d
+    }
+
+    #[test]
+    fn oversized_length_is_rejected_from_the_header_alone() {
+        let mut d = raw_frame(u32::MAX, kind::PING, 0, 1, &[]);
+        assert_eq!(d.next_frame(), Err(WireError::Oversized(u32::MAX)));
+    }
+
+    #[test]
+    fn bad_headers_and_bodies_are_rejected() {
+        let mut d = raw_frame(0, kind::OK, 1, 1, &[]);
+        assert_eq!(d.next_frame(), Err(WireError::Flags(1)));
+        let mut d = raw_frame(0, 0x4242, 0, 1, &[]);
+        assert_eq!(d.next_frame(), Err(WireError::UnknownType(0x4242)));
+        let mut d = raw_frame(2, kind::RESET, 0, 1, &[0, 0]);
+        assert!(matches!(
+            d.next_frame(),
+            Err(WireError::Truncated { field: "handle", .. })
+        ));
+        let mut d = raw_frame(5, kind::RESET, 0, 1, &[0; 5]);
+        assert!(matches!(
+            d.next_frame(),
+            Err(WireError::Trailing { extra: 1, .. })
+        ));
+        let mut d = raw_frame(0, kind::OK, 0, 5, &[]);
+        assert_eq!(
+            d.next_frame(),
+            Err(WireError::Sequence {
+                expected: 1,
+                got: 5
+            })
+        );
+        // A region write claiming more data than the frame carries.
+        let mut body = BytesMut::new();
+        body.put_u32_le(1);
+        body.put_u32_le(0);
+        body.put_u64_le(0);
+        body.put_u32_le(100);
+        body.put_slice(&[0; 4]);
+        let mut d = raw_frame(body.len() as u32, kind::REGION_WRITE, 0, 1, &body);
+        assert!(matches!(
+            d.next_frame(),
+            Err(WireError::Truncated { field: "data", .. })
+        ));
+        // A zero-length read.
+        let mut body = BytesMut::new();
+        body.put_u32_le(1);
+        body.put_u32_le(0);
+        body.put_u64_le(0);
+        body.put_u32_le(0);
+        let mut d = raw_frame(body.len() as u32, kind::REGION_READ, 0, 1, &body);
+        assert!(matches!(
+            d.next_frame(),
+            Err(WireError::Invalid { field: "len", .. })
+        ));
+    }
+
+    #[test]
+    fn invalid_utf8_and_enum_values_are_rejected() {
+        let mut d = raw_frame(3, kind::OPEN, 0, 1, &[1, 0, 0xff]);
+        assert!(matches!(
+            d.next_frame(),
+            Err(WireError::Invalid { field: "name", .. })
+        ));
+        let mut body = BytesMut::new();
+        body.put_u32_le(1);
+        body.put_u64_le(0);
+        body.put_u64_le(4096);
+        body.put_u8(9);
+        let mut d = raw_frame(body.len() as u32, kind::DMA_MAP, 0, 1, &body);
+        assert!(matches!(
+            d.next_frame(),
+            Err(WireError::Invalid { field: "dir", .. })
+        ));
+    }
+}
