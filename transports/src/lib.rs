@@ -1,1 +1,76 @@
-//! placeholder
+//! cio transports: one connection abstraction ([`Conn`], [`Listener`]) over
+//! TCP and Unix sockets, in-process pairs for tests, the batched send queue
+//! ([`OutQueue`]) and pre-shared-key authentication ([`auth`]).
+//!
+//! Everything is a file descriptor, so the backend's mio loop and the
+//! frontend's poll(2) pump can wait on any transport the same way.
+#![deny(missing_docs)]
+
+pub mod auth;
+mod conn;
+mod endpoint;
+mod out;
+pub mod sys;
+
+pub use auth::Psk;
+pub use conn::{Conn, Listener};
+pub use endpoint::{Endpoint, DEFAULT_PORT};
+pub use out::OutQueue;
+
+/// Transport errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The endpoint string is not valid.
+    #[error("invalid endpoint {0}")]
+    BadEndpoint(String),
+    /// Name resolution failed.
+    #[error("resolving {endpoint}")]
+    Resolve {
+        /// The endpoint.
+        endpoint: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting failed.
+    #[error("connecting to {endpoint}")]
+    Connect {
+        /// The endpoint.
+        endpoint: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Binding a listener failed.
+    #[error("listening on {endpoint}")]
+    Bind {
+        /// The endpoint.
+        endpoint: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The key file could not be read.
+    #[error("reading key file {path}")]
+    KeyFile {
+        /// The path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The key is too short to be safe.
+    #[error("pre-shared key has {0} bytes; at least {min} are required", min = auth::MIN_KEY_LEN)]
+    WeakKey(usize),
+    /// The system random generator failed.
+    #[error("system random number generator: {0}")]
+    Random(String),
+}
+
+impl Error {
+    /// True if trying again later may succeed (the peer was unreachable),
+    /// false if the configuration itself is wrong.
+    pub fn should_reconnect(&self) -> bool {
+        matches!(self, Self::Connect { .. } | Self::Resolve { .. })
+    }
+}

@@ -1,0 +1,164 @@
+//! Pre-shared-key authentication: a mutual challenge–response with
+//! HMAC-SHA256, run inside the cio handshake before any device is visible.
+//!
+//! The client sends a random nonce in `Hello`, the server one in `Welcome`.
+//! The client proves the key with `HMAC(key, "cio-v1 client" | Nc | Ns | id)`,
+//! the server answers with `HMAC(key, "cio-v1 server" | Ns | Nc | id)`, so
+//! each side knows the other holds the key and neither MAC can be replayed
+//! into another session. The key never crosses the wire.
+
+use std::fmt;
+use std::path::Path;
+
+use cio_core::wire::NONCE_LEN;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::Error;
+
+/// Shortest accepted key.
+pub const MIN_KEY_LEN: usize = 16;
+
+/// A pre-shared key.
+#[derive(Clone)]
+pub struct Psk(Vec<u8>);
+
+impl fmt::Debug for Psk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Psk(..)")
+    }
+}
+
+impl Psk {
+    /// A key from raw bytes (at least [`MIN_KEY_LEN`]).
+    pub fn new(key: impl Into<Vec<u8>>) -> Result<Self, Error> {
+        let key = key.into();
+        if key.len() < MIN_KEY_LEN {
+            return Err(Error::WeakKey(key.len()));
+        }
+        Ok(Self(key))
+    }
+
+    /// Reads a key file. Trailing whitespace (a final newline) is not part
+    /// of the key. Generate one with `head -c 32 /dev/urandom | base64 > F`.
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        let mut key = std::fs::read(path).map_err(|source| Error::KeyFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        while key.last().is_some_and(|b| b.is_ascii_whitespace()) {
+            key.pop();
+        }
+        Self::new(key)
+    }
+
+    fn mac(
+        &self,
+        label: &[u8],
+        first: &[u8; NONCE_LEN],
+        second: &[u8; NONCE_LEN],
+        session: u64,
+    ) -> Hmac<Sha256> {
+        let mut m = Hmac::<Sha256>::new_from_slice(&self.0).expect("hmac takes keys of any length");
+        m.update(label);
+        m.update(first);
+        m.update(second);
+        m.update(&session.to_le_bytes());
+        m
+    }
+
+    /// The client's proof.
+    pub fn client_proof(
+        &self,
+        client: &[u8; NONCE_LEN],
+        server: &[u8; NONCE_LEN],
+        session: u64,
+    ) -> [u8; NONCE_LEN] {
+        self.mac(b"cio-v1 client", client, server, session)
+            .finalize()
+            .into_bytes()
+            .into()
+    }
+
+    /// The server's proof.
+    pub fn server_proof(
+        &self,
+        client: &[u8; NONCE_LEN],
+        server: &[u8; NONCE_LEN],
+        session: u64,
+    ) -> [u8; NONCE_LEN] {
+        self.mac(b"cio-v1 server", server, client, session)
+            .finalize()
+            .into_bytes()
+            .into()
+    }
+
+    /// Checks a client's proof in constant time.
+    pub fn verify_client(
+        &self,
+        client: &[u8; NONCE_LEN],
+        server: &[u8; NONCE_LEN],
+        session: u64,
+        proof: &[u8; NONCE_LEN],
+    ) -> bool {
+        self.mac(b"cio-v1 client", client, server, session)
+            .verify_slice(proof)
+            .is_ok()
+    }
+
+    /// Checks a server's proof in constant time.
+    pub fn verify_server(
+        &self,
+        client: &[u8; NONCE_LEN],
+        server: &[u8; NONCE_LEN],
+        session: u64,
+        proof: &[u8; NONCE_LEN],
+    ) -> bool {
+        self.mac(b"cio-v1 server", server, client, session)
+            .verify_slice(proof)
+            .is_ok()
+    }
+}
+
+/// A fresh random nonce.
+pub fn nonce() -> Result<[u8; NONCE_LEN], Error> {
+    let mut n = [0; NONCE_LEN];
+    getrandom::fill(&mut n).map_err(|e| Error::Random(e.to_string()))?;
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proofs_verify_only_with_the_same_key_nonces_and_session() {
+        let k = Psk::new(*b"0123456789abcdef").unwrap();
+        let other = Psk::new(*b"0123456789abcdeX").unwrap();
+        let (c, s) = (nonce().unwrap(), nonce().unwrap());
+        let p = k.client_proof(&c, &s, 1);
+        assert!(k.verify_client(&c, &s, 1, &p));
+        assert!(!other.verify_client(&c, &s, 1, &p));
+        assert!(!k.verify_client(&s, &c, 1, &p));
+        assert!(!k.verify_client(&c, &s, 2, &p));
+        // A client proof is not a server proof.
+        assert!(!k.verify_server(&c, &s, 1, &p));
+        assert!(k.verify_server(&c, &s, 1, &k.server_proof(&c, &s, 1)));
+    }
+
+    #[test]
+    fn short_keys_are_refused_and_files_are_trimmed() {
+        assert!(matches!(Psk::new(*b"short"), Err(Error::WeakKey(5))));
+        let dir = std::env::temp_dir().join(format!("cio-psk-{}", std::process::id()));
+        std::fs::write(&dir, b"0123456789abcdef\n").unwrap();
+        let a = Psk::from_file(&dir).unwrap();
+        std::fs::remove_file(&dir).unwrap();
+        let b = Psk::new(*b"0123456789abcdef").unwrap();
+        let (c, s) = ([1; 32], [2; 32]);
+        assert_eq!(a.client_proof(&c, &s, 0), b.client_proof(&c, &s, 0));
+        assert!(matches!(
+            Psk::from_file(Path::new("/nonexistent/key")),
+            Err(Error::KeyFile { .. })
+        ));
+    }
+}
