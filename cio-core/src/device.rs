@@ -241,7 +241,9 @@ pub enum DeviceError {
         len: usize,
     },
     /// The access ends past the end of the region.
-    #[error("access of {len} bytes at {offset:#x} is past the end of region {region} ({size:#x} bytes)")]
+    #[error(
+        "access of {len} bytes at {offset:#x} is past the end of region {region} ({size:#x} bytes)"
+    )]
     OutOfRange {
         /// Region index.
         region: u32,
@@ -368,6 +370,12 @@ pub trait Device: Send {
     /// Writes a 64-bit little-endian value.
     fn write64(&mut self, region: u32, offset: u64, value: u64) -> Result<(), DeviceError> {
         self.write(region, offset, &value.to_le_bytes())
+    }
+}
+
+impl fmt::Debug for dyn Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Device({})", self.info().name)
     }
 }
 

@@ -74,7 +74,9 @@ pub enum DmaError {
         source: std::io::Error,
     },
     /// The new mapping overlaps an existing one.
-    #[error("dma range {iova:#x}+{len:#x} overlaps the mapping at {existing:#x}+{existing_len:#x}")]
+    #[error(
+        "dma range {iova:#x}+{len:#x} overlaps the mapping at {existing:#x}+{existing_len:#x}"
+    )]
     Overlap {
         /// Requested IOVA.
         iova: u64,
@@ -163,7 +165,8 @@ impl DmaRegion {
     /// [`PAGE_SIZE`]; memory is committed lazily, as it is touched.
     pub fn new(iova: u64, len: u64, dir: DmaDir) -> Result<Self, DmaError> {
         check_range(iova, len)?;
-        let mem = MmapMut::map_anon(len as usize).map_err(|source| DmaError::Alloc { len, source })?;
+        let mem =
+            MmapMut::map_anon(len as usize).map_err(|source| DmaError::Alloc { len, source })?;
         let pages = len / PAGE_SIZE;
         Ok(Self {
             iova,
@@ -499,14 +502,26 @@ mod tests {
     #[test]
     fn space_rejects_overlap_and_checks_direction() {
         let mut s = DmaSpace::new();
-        s.insert(Arc::new(DmaRegion::new(0x1000, 0x2000, DmaDir::ToDevice).unwrap()))
-            .unwrap();
+        s.insert(Arc::new(
+            DmaRegion::new(0x1000, 0x2000, DmaDir::ToDevice).unwrap(),
+        ))
+        .unwrap();
         let e = s
-            .insert(Arc::new(DmaRegion::new(0x2000, 0x1000, DmaDir::FromDevice).unwrap()))
+            .insert(Arc::new(
+                DmaRegion::new(0x2000, 0x1000, DmaDir::FromDevice).unwrap(),
+            ))
             .unwrap_err();
-        assert!(matches!(e, DmaError::Overlap { existing: 0x1000, .. }));
-        s.insert(Arc::new(DmaRegion::new(0x3000, 0x1000, DmaDir::FromDevice).unwrap()))
-            .unwrap();
+        assert!(matches!(
+            e,
+            DmaError::Overlap {
+                existing: 0x1000,
+                ..
+            }
+        ));
+        s.insert(Arc::new(
+            DmaRegion::new(0x3000, 0x1000, DmaDir::FromDevice).unwrap(),
+        ))
+        .unwrap();
 
         assert!(matches!(
             s.device_write(0x1000, &[1]),

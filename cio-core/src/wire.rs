@@ -1143,7 +1143,9 @@ mod tests {
         let mut plain = BytesMut::new();
         m.encode(4, 2, &mut plain);
         let mut head = BytesMut::new();
-        let tail = m.encode_vectored(4, 2, &mut head).expect("payload split off");
+        let tail = m
+            .encode_vectored(4, 2, &mut head)
+            .expect("payload split off");
         head.extend_from_slice(&tail);
         assert_eq!(head, plain);
     }
@@ -1187,7 +1189,10 @@ mod tests {
         let mut d = raw_frame(2, kind::RESET, 0, 1, &[0, 0]);
         assert!(matches!(
             d.next_frame(),
-            Err(WireError::Truncated { field: "handle", .. })
+            Err(WireError::Truncated {
+                field: "handle",
+                ..
+            })
         ));
         let mut d = raw_frame(5, kind::RESET, 0, 1, &[0; 5]);
         assert!(matches!(

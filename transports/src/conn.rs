@@ -91,6 +91,14 @@ impl Conn {
         }
     }
 
+    /// Bounds blocking writes; `None` waits forever.
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_write_timeout(t),
+            Self::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
     /// Shuts both directions down (the peer sees end of stream).
     pub fn shutdown(&self) -> io::Result<()> {
         match self {

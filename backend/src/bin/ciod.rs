@@ -1,1 +1,120 @@
-fn main() {}
+//! `ciod`: serves PCI devices to cio frontends.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use cio_backend::{DeviceSpec, FileConfig, Limits, Server, ServerConfig};
+use cio_transports::{Endpoint, Psk, DEFAULT_PORT};
+use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use tracing::{error, info};
+
+/// Serve PCI devices to cio frontends over TCP or Unix sockets.
+///
+/// Devices come from `--emulate` specs and/or a TOML config file. By default
+/// ciod listens on 127.0.0.1 only; any other address needs `--psk-file`, and
+/// every client must then prove the same key before it sees a device.
+///
+/// Examples:
+///   ciod --emulate edu                       # edu0 on 127.0.0.1:7451
+///   ciod --emulate edu --emulate memory:mem0:64M --listen unix:/run/ciod.sock
+///   ciod --listen 0.0.0.0:7451 --psk-file /etc/cio/key --config /etc/cio/ciod.toml
+///
+/// Make a key with: head -c 32 /dev/urandom | base64 > key; chmod 600 key
+///
+/// Log verbosity follows RUST_LOG (e.g. RUST_LOG=debug).
+#[derive(Debug, Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Args {
+    /// Where to listen: HOST:PORT, tcp:HOST:PORT or unix:PATH [default: 127.0.0.1:7451]
+    #[arg(short, long)]
+    listen: Option<String>,
+
+    /// File holding the pre-shared key clients must prove (at least 16 bytes).
+    #[arg(long, value_name = "FILE")]
+    psk_file: Option<PathBuf>,
+
+    /// TOML config file (listen, psk_file, [[device]] tables).
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Serve an emulated device: MODEL[:NAME[:SIZE]]; models: edu, memory.
+    /// Repeat for several devices.
+    #[arg(short, long, value_name = "SPEC")]
+    emulate: Vec<DeviceSpec>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("ciod: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let file = match &args.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let mut specs = file.specs()?;
+    specs.extend(args.emulate.iter().cloned());
+    if specs.is_empty() {
+        return Err(
+            "no devices to serve: add --emulate edu or [[device]] tables in --config".into(),
+        );
+    }
+    let listen = args
+        .listen
+        .or(file.listen.clone())
+        .unwrap_or_else(|| format!("127.0.0.1:{DEFAULT_PORT}"));
+    let listen: Endpoint = listen.parse().map_err(|e| chain(&e))?;
+    let psk = match args.psk_file.as_ref().or(file.psk_file.as_ref()) {
+        Some(p) => Some(Psk::from_file(p).map_err(|e| chain(&e))?),
+        None => None,
+    };
+    let mut devices = Vec::new();
+    for s in &specs {
+        let d = s
+            .build()
+            .map_err(|e| format!("building {s:?}: {}", chain(&e)))?;
+        info!(device = %d.info().name, "serving {:04x}:{:04x}", d.info().vendor, d.info().device);
+        devices.push(d);
+    }
+    let server = Server::bind(ServerConfig {
+        listen,
+        psk,
+        devices,
+        limits: Limits::default(),
+    })
+    .map_err(|e| chain(&e))?;
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("installing signal handlers: {e}"))?;
+    let handle = server.spawn().map_err(|e| chain(&e))?;
+    if let Some(sig) = signals.forever().next() {
+        info!("signal {sig}: shutting down");
+    }
+    handle.shutdown();
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! `ciod` configuration: a TOML file and/or command-line device specs.
+//!
+//! ```toml
+//! listen = "127.0.0.1:7451"      # or "unix:/run/ciod.sock"
+//! psk_file = "/etc/cio/key"       # required for non-loopback addresses
+//!
+//! [[device]]
+//! model = "edu"                   # emulated QEMU edu
+//! name = "edu0"
+//!
+//! [[device]]
+//! model = "memory"                # emulated RAM BAR
+//! name = "mem0"
+//! size = "16M"
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use cio_core::{Device, DeviceError};
+use serde::Deserialize;
+
+use crate::models::{memory, Edu, Memory};
+
+/// The config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Listen address.
+    pub listen: Option<String>,
+    /// Pre-shared key file.
+    pub psk_file: Option<PathBuf>,
+    /// Devices.
+    #[serde(default, rename = "device")]
+    pub devices: Vec<DeviceEntry>,
+}
+
+/// A `[[device]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceEntry {
+    /// Model: `edu` or `memory`.
+    pub model: String,
+    /// Name to serve it as (default: model name plus index).
+    pub name: Option<String>,
+    /// BAR size for `memory` (e.g. `"16M"`).
+    pub size: Option<String>,
+}
+
+impl FileConfig {
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The device specs it names.
+    pub fn specs(&self) -> Result<Vec<DeviceSpec>, String> {
+        self.devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                DeviceSpec::new(
+                    &d.model,
+                    d.name.clone().unwrap_or_else(|| format!("{}{i}", d.model)),
+                    d.size.as_deref(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// A device to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// Emulated edu.
+    Edu {
+        /// Name.
+        name: String,
+    },
+    /// Emulated memory device.
+    Memory {
+        /// Name.
+        name: String,
+        /// BAR0 size.
+        size: u64,
+    },
+}
+
+/// Parses `4096`, `64K`, `16M`, `1G`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("invalid size {s:?} (examples: 4096, 64K, 16M, 1G)"))
+}
+
+impl DeviceSpec {
+    fn new(model: &str, name: String, size: Option<&str>) -> Result<Self, String> {
+        if name.is_empty() || name.len() > 64 || name.contains(char::is_whitespace) {
+            return Err(format!(
+                "invalid device name {name:?}: 1-64 characters, no spaces"
+            ));
+        }
+        match model {
+            "edu" if size.is_none() => Ok(Self::Edu { name }),
+            "edu" => Err("the edu model has a fixed size".into()),
+            "memory" => Ok(Self::Memory {
+                name,
+                size: size.map_or(Ok(memory::DEFAULT_SIZE), parse_size)?,
+            }),
+            other => Err(format!(
+                "unknown device model {other:?} (known: edu, memory)"
+            )),
+        }
+    }
+
+    /// Builds the device.
+    pub fn build(&self) -> Result<Box<dyn Device>, DeviceError> {
+        Ok(match self {
+            Self::Edu { name } => Box::new(Edu::new(name)),
+            Self::Memory { name, size } => Box::new(Memory::new(name, *size)?),
+        })
+    }
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    /// `MODEL[:NAME[:SIZE]]`, e.g. `edu`, `edu:edu1`, `memory:mem0:64M`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.splitn(3, ':');
+        let model = parts.next().unwrap_or_default();
+        let name = parts
+            .next()
+            .map_or_else(|| format!("{model}0"), str::to_owned);
+        Self::new(model, name, parts.next())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse() {
+        assert_eq!(
+            "edu".parse::<DeviceSpec>().unwrap(),
+            DeviceSpec::Edu {
+                name: "edu0".into()
+            }
+        );
+        assert_eq!(
+            "memory:m:64K".parse::<DeviceSpec>().unwrap(),
+            DeviceSpec::Memory {
+                name: "m".into(),
+                size: 65536
+            }
+        );
+        assert!("gpu".parse::<DeviceSpec>().is_err());
+        assert!("edu:e:4K".parse::<DeviceSpec>().is_err());
+        assert!("memory:m:lots".parse::<DeviceSpec>().is_err());
+        assert!("memory:m:3000"
+            .parse::<DeviceSpec>()
+            .unwrap()
+            .build()
+            .is_err());
+    }
+
+    #[test]
+    fn file_config_parses_and_rejects_unknown_keys() {
+        let c: FileConfig = toml::from_str(
+            "listen = \"127.0.0.1:1\"\n[[device]]\nmodel = \"edu\"\n[[device]]\nmodel = \"memory\"\nname = \"m\"\nsize = \"1M\"\n",
+        )
+        .unwrap();
+        let specs = c.specs().unwrap();
+        assert_eq!(
+            specs[0],
+            DeviceSpec::Edu {
+                name: "edu0".into()
+            }
+        );
+        assert_eq!(
+            specs[1],
+            DeviceSpec::Memory {
+                name: "m".into(),
+                size: 1 << 20
+            }
+        );
+        assert!(toml::from_str::<FileConfig>("lisen = \"x\"").is_err());
+    }
+}

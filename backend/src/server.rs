@@ -1,0 +1,291 @@
+//! The listening daemon: accepts connections and runs one session thread
+//! each, until shut down.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use cio_core::wire::{ErrorCode, Message};
+use cio_core::Device;
+use cio_transports::{Conn, Endpoint, Listener, OutQueue, Psk};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use std::os::fd::{AsFd, AsRawFd};
+use tracing::{error, info, warn};
+
+use crate::registry::Registry;
+use crate::session::{Counters, Limits, Session, Shared};
+
+/// What a server serves and how.
+#[derive(Debug)]
+pub struct ServerConfig {
+    /// Where to listen.
+    pub listen: Endpoint,
+    /// Key clients must prove. Required unless `listen` is loopback or a
+    /// Unix socket.
+    pub psk: Option<Psk>,
+    /// Devices to serve (names must be unique).
+    pub devices: Vec<Box<dyn Device>>,
+    /// Limits.
+    pub limits: Limits,
+}
+
+/// Server errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Listening beyond this machine without a key.
+    #[error("refusing to listen on {0} without a pre-shared key: anyone who can reach it could drive the devices (use --psk-file, or listen on 127.0.0.1 or a unix: socket)")]
+    NeedsKey(String),
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A transport failed.
+    #[error(transparent)]
+    Transport(#[from] cio_transports::Error),
+    /// An OS call failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A bound server, not yet accepting.
+#[derive(Debug)]
+pub struct Server {
+    listener: Listener,
+    endpoint: Endpoint,
+    shared: Arc<Shared>,
+}
+
+/// A snapshot of a running server's counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    /// Sessions running.
+    pub sessions: usize,
+    /// Sessions accepted since start.
+    pub sessions_total: u64,
+    /// Devices open.
+    pub open_devices: usize,
+    /// Bytes of shadow DMA memory mapped.
+    pub shadow_bytes: u64,
+    /// Interrupt eventfds registered.
+    pub irq_fds: usize,
+    /// Sessions ended by a protocol error.
+    pub protocol_errors: u64,
+}
+
+impl Server {
+    /// Checks the configuration and binds the listener.
+    pub fn bind(cfg: ServerConfig) -> Result<Self, ServerError> {
+        if cfg.psk.is_none() && !cfg.listen.is_local_only()? {
+            return Err(ServerError::NeedsKey(cfg.listen.to_string()));
+        }
+        let registry = Registry::new(cfg.devices).map_err(ServerError::Config)?;
+        let listener = Listener::bind(&cfg.listen)?;
+        let endpoint = listener
+            .local_endpoint()
+            .map_err(|source| ServerError::Io {
+                what: "reading the bound address",
+                source,
+            })?;
+        Ok(Self {
+            listener,
+            endpoint,
+            shared: Arc::new(Shared {
+                registry,
+                psk: cfg.psk,
+                limits: cfg.limits,
+                counters: Counters::default(),
+                next_session: AtomicU64::new(1),
+                stopping: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The address actually listened on.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Starts accepting on a background thread.
+    pub fn spawn(self) -> Result<ServerHandle, ServerError> {
+        let io_err = |what| move |source| ServerError::Io { what, source };
+        let poll = Poll::new().map_err(io_err("creating the poll"))?;
+        let waker =
+            Arc::new(Waker::new(poll.registry(), WAKE).map_err(io_err("creating a waker"))?);
+        poll.registry()
+            .register(
+                &mut SourceFd(&self.listener.as_fd().as_raw_fd()),
+                LISTENER,
+                Interest::READABLE,
+            )
+            .map_err(io_err("polling the listener"))?;
+        let endpoint = self.endpoint.clone();
+        let shared = Arc::clone(&self.shared);
+        info!(%endpoint, auth = self.shared.psk.is_some(), "listening");
+        let thread = std::thread::Builder::new()
+            .name("ciod-accept".into())
+            .spawn(move || self.accept_loop(poll))
+            .map_err(io_err("spawning the accept thread"))?;
+        Ok(ServerHandle {
+            endpoint,
+            shared,
+            waker,
+            thread: Some(thread),
+        })
+    }
+
+    fn accept_loop(self, mut poll: Poll) {
+        let mut events = Events::with_capacity(16);
+        let mut sessions: Vec<(Arc<Waker>, JoinHandle<()>)> = Vec::new();
+        'outer: loop {
+            if let Err(e) = poll.poll(&mut events, None) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                error!("poll failed, stopping: {e}");
+                break;
+            }
+            for ev in events.iter() {
+                if ev.token() == WAKE {
+                    break 'outer;
+                }
+            }
+            sessions.retain(|(_, t)| !t.is_finished());
+            loop {
+                let conn = match self.listener.accept() {
+                    Ok(c) => c,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        // Out of fds or similar: back off instead of spinning.
+                        error!("accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(50));
+                        break;
+                    }
+                };
+                let active = self
+                    .shared
+                    .counters
+                    .sessions
+                    .load(Ordering::Relaxed)
+                    .max(sessions.len());
+                if active >= self.shared.limits.max_sessions {
+                    warn!(peer = %conn.peer(), "refusing connection: {active} sessions already");
+                    reject(conn, self.shared.limits.max_sessions);
+                    continue;
+                }
+                match Session::new(conn, Arc::clone(&self.shared)) {
+                    Ok((session, waker)) => {
+                        match std::thread::Builder::new()
+                            .name("ciod-session".into())
+                            .spawn(move || session.run())
+                        {
+                            Ok(t) => sessions.push((waker, t)),
+                            Err(e) => error!("spawning a session thread: {e}"),
+                        }
+                    }
+                    Err(e) => error!("setting up a session: {e}"),
+                }
+            }
+        }
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        for (w, _) in &sessions {
+            let _ = w.wake();
+        }
+        for (_, t) in sessions {
+            let _ = t.join();
+        }
+        info!(endpoint = %self.endpoint, "stopped");
+    }
+}
+
+const LISTENER: Token = Token(0);
+const WAKE: Token = crate::session::WAKE;
+
+fn reject(conn: Conn, max: usize) {
+    let mut q = OutQueue::new();
+    q.push(
+        &Message::Error {
+            code: ErrorCode::LIMIT,
+            message: format!("server already serves its maximum of {max} sessions"),
+        },
+        0,
+    );
+    let _ = conn.set_write_timeout(Some(Duration::from_millis(200)));
+    let _ = q.write_to(&conn);
+}
+
+/// A running server. Dropping it shuts the server down.
+#[derive(Debug)]
+pub struct ServerHandle {
+    endpoint: Endpoint,
+    shared: Arc<Shared>,
+    waker: Arc<Waker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// Where it listens.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> Stats {
+        let c = &self.shared.counters;
+        Stats {
+            sessions: c.sessions.load(Ordering::Relaxed),
+            sessions_total: c.sessions_total.load(Ordering::Relaxed),
+            open_devices: self.shared.registry.open_count(),
+            shadow_bytes: c.shadow_bytes.load(Ordering::Relaxed),
+            irq_fds: c.irq_fds.load(Ordering::Relaxed),
+            protocol_errors: c.protocol_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until `pred` holds for the stats, for at most `timeout`
+    /// (sessions wind down on their own threads). Returns the last stats.
+    pub fn wait_stats(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&Stats) -> bool,
+    ) -> Result<Stats, Stats> {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            let s = self.stats();
+            if pred(&s) {
+                return Ok(s);
+            }
+            if std::time::Instant::now() >= end {
+                return Err(s);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stops accepting, ends every session (their devices are reset and
+    /// their DMA unmapped) and waits for all of it.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = self.waker.wake();
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
