@@ -273,6 +273,27 @@ pub enum DeviceError {
     /// The device (or the link to it) failed; the message says how.
     #[error("{0}")]
     Failed(String),
+    /// The remote backend refused the request.
+    #[error("backend refused: {message} ({})", code.name())]
+    Remote {
+        /// Protocol error code.
+        code: crate::wire::ErrorCode,
+        /// The backend's explanation.
+        message: String,
+    },
+    /// An earlier posted write failed on the backend.
+    #[error("posted write (frame {seq}) failed on the backend: {message} ({})", code.name())]
+    Posted {
+        /// Sequence number of the failed frame.
+        seq: u64,
+        /// Protocol error code.
+        code: crate::wire::ErrorCode,
+        /// The backend's explanation.
+        message: String,
+    },
+    /// The connection to the backend is gone; reconnecting may help.
+    #[error("connection to the backend lost: {0}")]
+    Disconnected(String),
 }
 
 fn widths_string(widths: u8) -> String {

@@ -47,7 +47,7 @@ pub fn recv_into(
 
 /// Waits until one of `fds` is readable (or hung up), or `timeout` passes.
 /// Returns, for each fd, whether it is ready.
-pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
+pub fn poll_readable(fds: &[&dyn AsRawFd], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|fd| libc::pollfd {
@@ -59,7 +59,8 @@ pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::R
     let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
     loop {
         // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs that
-        // poll may write `revents` into; the fds are borrowed for the call.
+        // poll may write `revents` into; the fds are borrowed for the call
+        // (and poll only reports POLLNVAL for an fd that is not open).
         let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
         if n >= 0 {
             return Ok(pfds.iter().map(|p| p.revents != 0).collect());

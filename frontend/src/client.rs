@@ -1,0 +1,647 @@
+//! A connection to a `ciod`: handshake, requests and replies, and the pump
+//! thread that delivers what arrives unasked (interrupts, device-written DMA
+//! data, errors of posted writes) and flushes posted writes.
+//!
+//! Replies are read by the thread that waits for them (no hand-off between
+//! threads on the read path); the pump reads only when no caller does.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cio_core::wire::{
+    AuthMethod, DeviceSummary, ErrorCode, Message, FEATURES, MAX_DMA_CHUNK, PROTOCOL_VERSION,
+};
+use cio_core::{DeviceError, DmaSpace, EventFd, FrameDecoder, IrqKind};
+use cio_transports::{auth, sys, Conn, Endpoint, OutQueue, Psk};
+use tracing::{debug, warn};
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+use crate::remote::RemoteDevice;
+
+/// Posted writes are sent at once when this many bytes are queued.
+const FLUSH_THRESHOLD: usize = 64 * 1024;
+
+/// How to connect.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Key to prove (and to demand the server proves).
+    pub psk: Option<Psk>,
+    /// Bound on connecting.
+    pub connect_timeout: Duration,
+    /// Bound on waiting for any reply.
+    pub reply_timeout: Duration,
+    /// Name sent in the handshake, for the server's logs.
+    pub name: String,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            psk: None,
+            connect_timeout: Duration::from_secs(5),
+            reply_timeout: Duration::from_secs(30),
+            name: format!("cio/{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+/// Frontend errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Connecting, resolving or key loading failed.
+    #[error(transparent)]
+    Transport(#[from] cio_transports::Error),
+    /// The backend refused the request.
+    #[error("backend refused: {message} ({})", code.name())]
+    Server {
+        /// Code.
+        code: ErrorCode,
+        /// Explanation.
+        message: String,
+    },
+    /// The backend requires a key and none was given.
+    #[error("the backend requires a pre-shared key: pass --psk-file")]
+    KeyRequired,
+    /// A key was given but the backend did not authenticate itself.
+    #[error("a pre-shared key was given but the backend did not ask for it: refusing an unauthenticated backend")]
+    ServerNotAuthenticated,
+    /// The backend's proof of the key did not verify.
+    #[error("the backend's key proof did not verify: it does not hold the same key")]
+    BadServerProof,
+    /// The peer broke the protocol.
+    #[error("protocol violation by the backend: {0}")]
+    Protocol(String),
+    /// The connection is gone.
+    #[error("connection to the backend lost: {0}")]
+    Disconnected(String),
+    /// No reply in time.
+    #[error("no reply from the backend within {0:?}")]
+    Timeout(Duration),
+    /// A device operation failed.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+}
+
+impl ClientError {
+    /// True if reconnecting may help.
+    pub fn should_reconnect(&self) -> bool {
+        match self {
+            Self::Transport(t) => t.should_reconnect(),
+            Self::Disconnected(_) | Self::Timeout(_) => true,
+            _ => false,
+        }
+    }
+}
+
+impl From<ClientError> for DeviceError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Server { code, message } => DeviceError::Remote { code, message },
+            ClientError::Device(d) => d,
+            e @ (ClientError::Disconnected(_) | ClientError::Timeout(_)) => {
+                DeviceError::Disconnected(e.to_string())
+            }
+            other => DeviceError::Failed(other.to_string()),
+        }
+    }
+}
+
+/// What the frontend keeps per open device: its DMA mappings (target
+/// memory) and where its interrupts go.
+#[derive(Debug, Default)]
+pub(crate) struct Target {
+    pub(crate) dma: Mutex<DmaSpace>,
+    pub(crate) irqs: Mutex<HashMap<(IrqKind, u32), EventFd>>,
+    pub(crate) irq_count: AtomicU64,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug)]
+struct Rx {
+    decoder: FrameDecoder,
+    replies: HashMap<u64, Message>,
+    posted_errors: Vec<(u64, ErrorCode, String)>,
+    closed: Option<String>,
+}
+
+/// Connection state shared by the client, its devices and the pump.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    conn: Conn,
+    session: u64,
+    features: u64,
+    reply_timeout: Duration,
+    tx: Mutex<OutQueue>,
+    rx: Mutex<Rx>,
+    pending: Mutex<HashSet<u64>>,
+    pub(crate) targets: Mutex<HashMap<u32, Arc<Target>>>,
+    kick: EventFd,
+    stop: EventFd,
+    stopping: AtomicBool,
+}
+
+impl Inner {
+    pub(crate) fn target(&self, handle: u32) -> Option<Arc<Target>> {
+        lock(&self.targets).get(&handle).cloned()
+    }
+
+    /// Queues the dirty device-readable target pages of `target` (all, or
+    /// those in `range`) as `DmaData` frames ahead of whatever comes next.
+    fn push_dirty(out: &mut OutQueue, handle: u32, target: &Target, range: Option<(u64, u64)>) {
+        let dma = lock(&target.dma);
+        for region in dma.regions() {
+            if !region.dir().device_reads() || region.dirty_pages() == 0 {
+                continue;
+            }
+            let (off, len) = match range {
+                Some((iova, len)) if region.overlaps(iova, len) => {
+                    let start = iova.max(region.iova());
+                    let end = iova.saturating_add(len).min(region.iova() + region.len());
+                    (start - region.iova(), end - start)
+                }
+                Some(_) => continue,
+                None => (0, region.len()),
+            };
+            for run in region.take_dirty(off, len, MAX_DMA_CHUNK) {
+                out.push(
+                    &Message::DmaData {
+                        handle,
+                        iova: region.iova() + run.offset,
+                        data: Bytes::from(run.data),
+                    },
+                    0,
+                );
+            }
+        }
+    }
+
+    fn check_open(&self) -> Result<(), ClientError> {
+        if self.stopping.load(Ordering::Relaxed) {
+            return Err(ClientError::Disconnected("client is closing".into()));
+        }
+        Ok(())
+    }
+
+    fn write_out(&self, out: &mut OutQueue) -> Result<(), ClientError> {
+        out.write_to(&self.conn)
+            .map(|_| ())
+            .map_err(|e| ClientError::Disconnected(format!("sending: {e}")))
+    }
+
+    /// Queues a posted frame (after the device's dirty target pages). It
+    /// leaves at the next request, when enough is queued, or when the pump
+    /// gets to it, whichever is first.
+    pub(crate) fn post(
+        &self,
+        sync: Option<(u32, &Target)>,
+        msg: &Message,
+    ) -> Result<(), ClientError> {
+        self.check_open()?;
+        let mut out = lock(&self.tx);
+        let was_empty = out.is_empty();
+        if let Some((handle, target)) = sync {
+            Self::push_dirty(&mut out, handle, target, None);
+        }
+        out.push(msg, 0);
+        if out.len() >= FLUSH_THRESHOLD {
+            self.write_out(&mut out)?;
+        } else if was_empty {
+            let _ = self.kick.write(1);
+        }
+        Ok(())
+    }
+
+    /// Sends the device's dirty target pages in `range` now.
+    pub(crate) fn sync_for_device(
+        &self,
+        handle: u32,
+        target: &Target,
+        range: (u64, u64),
+    ) -> Result<(), ClientError> {
+        self.check_open()?;
+        let mut out = lock(&self.tx);
+        Self::push_dirty(&mut out, handle, target, Some(range));
+        self.write_out(&mut out)
+    }
+
+    /// Sends a request (after all queued posted frames and, with `sync`, the
+    /// device's dirty target pages) and waits for its reply.
+    pub(crate) fn call(
+        &self,
+        sync: Option<(u32, &Target)>,
+        msg: &Message,
+    ) -> Result<Message, ClientError> {
+        self.check_open()?;
+        let seq = {
+            let mut out = lock(&self.tx);
+            if let Some((handle, target)) = sync {
+                Self::push_dirty(&mut out, handle, target, None);
+            }
+            let seq = out.next_seq();
+            lock(&self.pending).insert(seq);
+            out.push(msg, 0);
+            if let Err(e) = self.write_out(&mut out) {
+                lock(&self.pending).remove(&seq);
+                return Err(e);
+            }
+            seq
+        };
+        let reply = self.wait_reply(seq);
+        lock(&self.pending).remove(&seq);
+        let reply = reply?;
+        let mut rx = lock(&self.rx);
+        // Posted frames sent before this request failed: report it now.
+        if let Some(pos) = rx.posted_errors.iter().position(|(s, _, _)| *s < seq) {
+            let (seq, code, message) = rx.posted_errors.remove(pos);
+            return Err(DeviceError::Posted { seq, code, message }.into());
+        }
+        drop(rx);
+        match reply {
+            Message::Error { code, message } => Err(ClientError::Server { code, message }),
+            other => Ok(other),
+        }
+    }
+
+    fn wait_reply(&self, seq: u64) -> Result<Message, ClientError> {
+        let mut rx = lock(&self.rx);
+        loop {
+            if let Some(m) = rx.replies.remove(&seq) {
+                return Ok(m);
+            }
+            if let Some(why) = &rx.closed {
+                return Err(ClientError::Disconnected(why.clone()));
+            }
+            let want = rx.decoder.wanted().max(64 * 1024);
+            match self.conn.recv_into(rx.decoder.buffer(), want, false) {
+                Ok(0) => rx.closed = Some("backend closed the connection".into()),
+                Ok(_) => self.dispatch(&mut rx)?,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(ClientError::Timeout(self.reply_timeout))
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => rx.closed = Some(format!("receiving: {e}")),
+            }
+        }
+    }
+
+    /// Handles every complete frame in the receive buffer.
+    fn dispatch(&self, rx: &mut Rx) -> Result<(), ClientError> {
+        loop {
+            let frame = match rx.decoder.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    let why = format!("undecodable frame from the backend: {e}");
+                    rx.closed = Some(why.clone());
+                    let _ = self.conn.shutdown();
+                    return Err(ClientError::Protocol(why));
+                }
+            };
+            match frame.msg {
+                Message::Irq {
+                    handle,
+                    kind,
+                    vector,
+                } => match self.target(handle) {
+                    Some(t) => {
+                        t.irq_count.fetch_add(1, Ordering::Relaxed);
+                        if let Some(fd) = lock(&t.irqs).get(&(kind, vector)) {
+                            let _ = fd.write(1);
+                        }
+                    }
+                    None => debug!(handle, "interrupt for a closed handle"),
+                },
+                Message::DmaData { handle, iova, data } => {
+                    let applied = self.target(handle).map(|t| {
+                        let dma = lock(&t.dma);
+                        dma.resolve(iova, data.len() as u64)
+                            .and_then(|(r, off)| r.apply(off, &data))
+                    });
+                    match applied {
+                        Some(Ok(())) => {}
+                        Some(Err(e)) => {
+                            warn!(handle, "device-written data at {iova:#x} dropped: {e}")
+                        }
+                        None => warn!(handle, "device-written data for a closed handle dropped"),
+                    }
+                }
+                Message::Error { code, message } if frame.reply_to == 0 => {
+                    warn!("backend: {message}");
+                    rx.closed = Some(format!(
+                        "backend ended the session: {message} ({})",
+                        code.name()
+                    ));
+                }
+                Message::Goodbye => rx.closed = Some("backend said goodbye".into()),
+                msg if frame.reply_to != 0 => {
+                    if lock(&self.pending).contains(&frame.reply_to) {
+                        rx.replies.insert(frame.reply_to, msg);
+                    } else if let Message::Error { code, message } = msg {
+                        warn!("posted frame {} failed: {message}", frame.reply_to);
+                        rx.posted_errors.push((frame.reply_to, code, message));
+                    } else {
+                        debug!("unexpected reply to frame {}", frame.reply_to);
+                    }
+                }
+                other => debug!("ignoring unsolicited message {:#06x}", other.kind()),
+            }
+        }
+    }
+
+    /// Reads whatever is there without blocking (pump side).
+    fn pump_read(&self) -> bool {
+        let mut rx = lock(&self.rx);
+        loop {
+            if rx.closed.is_some() {
+                return false;
+            }
+            let want = rx.decoder.wanted().max(64 * 1024);
+            match self.conn.recv_into(rx.decoder.buffer(), want, true) {
+                Ok(0) => {
+                    rx.closed = Some("backend closed the connection".into());
+                    return false;
+                }
+                Ok(_) => {
+                    if self.dispatch(&mut rx).is_err() {
+                        return false;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    rx.closed = Some(format!("receiving: {e}"));
+                    return false;
+                }
+            }
+        }
+    }
+
+    fn pump(self: Arc<Self>) {
+        loop {
+            let ready = match sys::poll_readable(&[&self.conn, &self.kick, &self.stop], None) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!("event pump: poll failed: {e}");
+                    return;
+                }
+            };
+            if ready[2] {
+                return;
+            }
+            if ready[1] {
+                let _ = self.kick.read();
+                let mut out = lock(&self.tx);
+                if let Err(e) = self.write_out(&mut out) {
+                    debug!("event pump: {e}");
+                }
+            }
+            if ready[0] && !self.pump_read() {
+                return;
+            }
+        }
+    }
+}
+
+/// Owns the pump; the connection ends when the client and all its devices
+/// are dropped.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) inner: Arc<Inner>,
+    pump: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let inner = &self.inner;
+        {
+            let mut out = lock(&inner.tx);
+            out.push(&Message::Goodbye, 0);
+            let _ = inner.write_out(&mut out);
+        }
+        inner.stopping.store(true, Ordering::Relaxed);
+        let _ = inner.stop.write(1);
+        if let Some(t) = lock(&self.pump).take() {
+            let _ = t.join();
+        }
+        let _ = inner.conn.shutdown();
+    }
+}
+
+/// A connection to a backend.
+#[derive(Debug, Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+fn read_handshake(conn: &Conn, dec: &mut FrameDecoder) -> Result<cio_core::Frame, ClientError> {
+    loop {
+        if let Some(f) = dec
+            .next_frame()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+        {
+            if let Message::Error { code, message } = f.msg {
+                return Err(ClientError::Server { code, message });
+            }
+            return Ok(f);
+        }
+        match conn.recv_into(dec.buffer(), 4096, false) {
+            Ok(0) => {
+                return Err(ClientError::Disconnected(
+                    "backend closed the connection during the handshake".into(),
+                ))
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(ClientError::Disconnected(
+                    "no handshake reply from the backend".into(),
+                ))
+            }
+            Err(e) => return Err(ClientError::Disconnected(format!("handshake: {e}"))),
+        }
+    }
+}
+
+impl Client {
+    /// Connects to a backend and runs the handshake.
+    pub fn connect(ep: &Endpoint, opts: ClientOptions) -> Result<Self, ClientError> {
+        let conn = Conn::connect(ep, opts.connect_timeout)?;
+        Self::with_conn(conn, opts)
+    }
+
+    /// Runs the handshake on an already connected stream.
+    pub fn with_conn(conn: Conn, opts: ClientOptions) -> Result<Self, ClientError> {
+        let io_err =
+            |e: io::Error| ClientError::Disconnected(format!("configuring the socket: {e}"));
+        conn.set_read_timeout(Some(opts.reply_timeout))
+            .map_err(io_err)?;
+        conn.set_write_timeout(Some(opts.reply_timeout))
+            .map_err(io_err)?;
+        let mut out = OutQueue::new();
+        let mut dec = FrameDecoder::new();
+        let client_nonce = auth::nonce()?;
+        out.push(
+            &Message::Hello {
+                version: PROTOCOL_VERSION,
+                features: FEATURES,
+                session: 0,
+                nonce: client_nonce,
+                client: opts.name.clone(),
+            },
+            0,
+        );
+        let send = |out: &mut OutQueue| {
+            out.write_to(&conn)
+                .map_err(|e| ClientError::Disconnected(format!("handshake: {e}")))
+        };
+        send(&mut out)?;
+        let (session, features, method, server_nonce) = match read_handshake(&conn, &mut dec)?.msg {
+            Message::Welcome {
+                version,
+                features,
+                session,
+                auth,
+                nonce,
+            } => {
+                if version != PROTOCOL_VERSION {
+                    return Err(ClientError::Protocol(format!(
+                        "backend chose protocol {version}"
+                    )));
+                }
+                (session, features, auth, nonce)
+            }
+            m => {
+                return Err(ClientError::Protocol(format!(
+                    "expected Welcome, got {:#06x}",
+                    m.kind()
+                )))
+            }
+        };
+        match (method, &opts.psk) {
+            (AuthMethod::None, None) => {}
+            (AuthMethod::None, Some(_)) => return Err(ClientError::ServerNotAuthenticated),
+            (AuthMethod::PreSharedKey, None) => return Err(ClientError::KeyRequired),
+            (AuthMethod::PreSharedKey, Some(psk)) => {
+                let mac = psk.client_proof(&client_nonce, &server_nonce, session);
+                out.push(&Message::AuthProof { mac }, 0);
+                send(&mut out)?;
+                match read_handshake(&conn, &mut dec)?.msg {
+                    Message::AuthOk { mac }
+                        if psk.verify_server(&client_nonce, &server_nonce, session, &mac) => {}
+                    Message::AuthOk { .. } => return Err(ClientError::BadServerProof),
+                    m => {
+                        return Err(ClientError::Protocol(format!(
+                            "expected AuthOk, got {:#06x}",
+                            m.kind()
+                        )))
+                    }
+                }
+            }
+        }
+        let spawn_err =
+            |e: io::Error| ClientError::Disconnected(format!("starting the event pump: {e}"));
+        let inner = Arc::new(Inner {
+            conn,
+            session,
+            features,
+            reply_timeout: opts.reply_timeout,
+            tx: Mutex::new(out),
+            rx: Mutex::new(Rx {
+                decoder: dec,
+                replies: HashMap::new(),
+                posted_errors: Vec::new(),
+                closed: None,
+            }),
+            pending: Mutex::new(HashSet::new()),
+            targets: Mutex::new(HashMap::new()),
+            kick: EventFd::new(EFD_NONBLOCK).map_err(spawn_err)?,
+            stop: EventFd::new(EFD_NONBLOCK).map_err(spawn_err)?,
+            stopping: AtomicBool::new(false),
+        });
+        let pump_inner = Arc::clone(&inner);
+        let pump = std::thread::Builder::new()
+            .name("cio-pump".into())
+            .spawn(move || pump_inner.pump())
+            .map_err(spawn_err)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                inner,
+                pump: Mutex::new(Some(pump)),
+            }),
+        })
+    }
+
+    /// Session id the backend assigned.
+    pub fn session(&self) -> u64 {
+        self.shared.inner.session
+    }
+
+    /// Features both sides agreed on (`cio_core::wire::FEATURE_*`).
+    pub fn features(&self) -> u64 {
+        self.shared.inner.features
+    }
+
+    /// The devices the backend serves.
+    pub fn list(&self) -> Result<Vec<DeviceSummary>, ClientError> {
+        match self.shared.inner.call(None, &Message::ListDevices)? {
+            Message::DeviceList { devices } => Ok(devices),
+            m => Err(ClientError::Protocol(format!(
+                "expected DeviceList, got {:#06x}",
+                m.kind()
+            ))),
+        }
+    }
+
+    /// A round trip through the backend's session loop.
+    pub fn ping(&self, payload: Bytes) -> Result<Bytes, ClientError> {
+        match self.shared.inner.call(None, &Message::Ping { payload })? {
+            Message::Pong { payload } => Ok(payload),
+            m => Err(ClientError::Protocol(format!(
+                "expected Pong, got {:#06x}",
+                m.kind()
+            ))),
+        }
+    }
+
+    /// Opens a device for this session.
+    pub fn open(&self, name: &str) -> Result<RemoteDevice, ClientError> {
+        let (handle, info) = match self
+            .shared
+            .inner
+            .call(None, &Message::Open { name: name.into() })?
+        {
+            Message::Opened { handle, info } => (handle, info),
+            m => {
+                return Err(ClientError::Protocol(format!(
+                    "expected Opened, got {:#06x}",
+                    m.kind()
+                )))
+            }
+        };
+        let target = Arc::new(Target::default());
+        lock(&self.shared.inner.targets).insert(handle, Arc::clone(&target));
+        Ok(RemoteDevice::new(
+            Arc::clone(&self.shared),
+            handle,
+            info,
+            target,
+        ))
+    }
+}

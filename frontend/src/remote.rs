@@ -1,0 +1,222 @@
+//! [`RemoteDevice`]: a device on a backend, driven as if it were local.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cio_core::wire::{IrqAction, Message};
+use cio_core::{Device, DeviceError, DeviceInfo, DmaRegion, EventFd, IrqKind};
+
+use crate::client::{lock, ClientError, Shared, Target};
+
+/// A device served by a `ciod`, implementing [`Device`].
+///
+/// Accesses are checked locally against the device's description before
+/// anything is sent. Writes are posted; reads, DMA map/unmap, interrupt
+/// setup, reset and [`flush`](Device::flush) wait for the backend.
+///
+/// DMA: map a [`DmaRegion`] (target memory) and the backend keeps a shadow
+/// of it. Pages the driver changed are pushed before every later operation
+/// on the device (device-readable mappings); pages the device changed are
+/// pulled before every reply and interrupt (device-writable mappings). So a
+/// driver that writes a buffer, rings a doorbell and waits for the
+/// interrupt sees the device's results without any explicit sync call.
+#[derive(Debug)]
+pub struct RemoteDevice {
+    shared: Arc<Shared>,
+    handle: u32,
+    info: DeviceInfo,
+    target: Arc<Target>,
+}
+
+impl RemoteDevice {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        handle: u32,
+        info: DeviceInfo,
+        target: Arc<Target>,
+    ) -> Self {
+        Self {
+            shared,
+            handle,
+            info,
+            target,
+        }
+    }
+
+    /// The backend's handle for this device.
+    pub fn handle(&self) -> u32 {
+        self.handle
+    }
+
+    /// Interrupt events received so far for this device.
+    pub fn irq_events(&self) -> u64 {
+        self.target.irq_count.load(Ordering::Relaxed)
+    }
+
+    fn call(&self, msg: &Message) -> Result<Message, DeviceError> {
+        Ok(self
+            .shared
+            .inner
+            .call(Some((self.handle, &self.target)), msg)?)
+    }
+
+    fn expect_ok(&self, msg: &Message) -> Result<(), DeviceError> {
+        match self.call(msg)? {
+            Message::Ok => Ok(()),
+            m => Err(ClientError::Protocol(format!("expected Ok, got {:#06x}", m.kind())).into()),
+        }
+    }
+}
+
+impl Device for RemoteDevice {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        self.info.check_access(region, offset, data.len(), false)?;
+        let msg = Message::RegionRead {
+            handle: self.handle,
+            region,
+            offset,
+            len: data.len() as u32,
+        };
+        match self.call(&msg)? {
+            Message::ReadData { data: d } if d.len() == data.len() => {
+                data.copy_from_slice(&d);
+                Ok(())
+            }
+            m => Err(ClientError::Protocol(format!(
+                "expected {} bytes of ReadData, got message {:#06x}",
+                data.len(),
+                m.kind()
+            ))
+            .into()),
+        }
+    }
+
+    fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        self.info.check_access(region, offset, data.len(), true)?;
+        let msg = Message::RegionWrite {
+            handle: self.handle,
+            region,
+            offset,
+            data: Bytes::copy_from_slice(data),
+        };
+        Ok(self
+            .shared
+            .inner
+            .post(Some((self.handle, &self.target)), &msg)?)
+    }
+
+    fn set_irqs(&mut self, kind: IrqKind, start: u32, fds: &[EventFd]) -> Result<(), DeviceError> {
+        let count = fds.len() as u32;
+        let action = if fds.is_empty() {
+            IrqAction::Disable
+        } else {
+            IrqAction::Enable
+        };
+        let end = start.saturating_add(count);
+        if self.info.irq_count(kind) == 0 || end > self.info.irq_count(kind) {
+            return Err(DeviceError::NoIrq { kind, start, end });
+        }
+        let clones = fds
+            .iter()
+            .map(|f| {
+                f.try_clone()
+                    .map_err(|e| DeviceError::Failed(format!("duplicating eventfd: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.expect_ok(&Message::SetIrqs {
+            handle: self.handle,
+            kind,
+            start,
+            count,
+            action,
+        })?;
+        let mut irqs = lock(&self.target.irqs);
+        irqs.retain(|(k, _), _| *k != kind);
+        for (i, fd) in clones.into_iter().enumerate() {
+            irqs.insert((kind, start + i as u32), fd);
+        }
+        Ok(())
+    }
+
+    fn unmask_intx(&mut self) -> Result<(), DeviceError> {
+        self.expect_ok(&Message::SetIrqs {
+            handle: self.handle,
+            kind: IrqKind::Intx,
+            start: 0,
+            count: 1,
+            action: IrqAction::Unmask,
+        })
+    }
+
+    fn dma_map(&mut self, region: Arc<DmaRegion>) -> Result<(), DeviceError> {
+        lock(&self.target.dma).check_free(region.iova(), region.len())?;
+        self.expect_ok(&Message::DmaMap {
+            handle: self.handle,
+            iova: region.iova(),
+            len: region.len(),
+            dir: region.dir(),
+        })?;
+        Ok(lock(&self.target.dma).insert(region)?)
+    }
+
+    fn dma_unmap(&mut self, iova: u64) -> Result<Arc<DmaRegion>, DeviceError> {
+        if lock(&self.target.dma).get(iova).is_none() {
+            return Err(cio_core::DmaError::NotMapped(iova).into());
+        }
+        // The backend sends the device's last writes before its Ok.
+        self.expect_ok(&Message::DmaUnmap {
+            handle: self.handle,
+            iova,
+        })?;
+        Ok(lock(&self.target.dma).remove(iova)?)
+    }
+
+    fn sync_for_device(&mut self, iova: u64, len: u64) -> Result<(), DeviceError> {
+        Ok(self
+            .shared
+            .inner
+            .sync_for_device(self.handle, &self.target, (iova, len))?)
+    }
+
+    fn sync_for_cpu(&mut self, iova: u64, len: u64) -> Result<(), DeviceError> {
+        self.expect_ok(&Message::SyncForCpu {
+            handle: self.handle,
+            iova,
+            len,
+        })
+    }
+
+    fn flush(&mut self) -> Result<(), DeviceError> {
+        match self.call(&Message::Ping {
+            payload: Bytes::new(),
+        })? {
+            Message::Pong { .. } => Ok(()),
+            m => Err(ClientError::Protocol(format!("expected Pong, got {:#06x}", m.kind())).into()),
+        }
+    }
+
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        self.expect_ok(&Message::Reset {
+            handle: self.handle,
+        })
+    }
+}
+
+impl Drop for RemoteDevice {
+    fn drop(&mut self) {
+        // Best effort: the backend releases the device anyway when the
+        // session ends.
+        let _ = self.shared.inner.call(
+            None,
+            &Message::Close {
+                handle: self.handle,
+            },
+        );
+        lock(&self.shared.inner.targets).remove(&self.handle);
+    }
+}
