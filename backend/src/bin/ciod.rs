@@ -8,7 +8,7 @@ use cio_transports::{Endpoint, Psk, DEFAULT_PORT};
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use tracing::{error, info};
+use tracing::info;
 
 /// Serve PCI devices to cio frontends over TCP or Unix sockets.
 ///
@@ -51,11 +51,11 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e}");
             eprintln!("ciod: {e}");
             ExitCode::FAILURE
         }
