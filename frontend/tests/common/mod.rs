@@ -52,3 +52,106 @@ pub fn assert_idle(s: &ServerHandle) {
         r.unwrap_err()
     );
 }
+
+/// A client that speaks the wire protocol by hand, to send what the real
+/// client never would.
+pub struct Raw {
+    pub conn: cio_transports::Conn,
+    pub out: cio_transports::OutQueue,
+    pub dec: cio_core::FrameDecoder,
+}
+
+impl Raw {
+    pub fn connect(ep: &Endpoint) -> Self {
+        let conn = cio_transports::Conn::connect(ep, Duration::from_secs(5)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        Self {
+            conn,
+            out: cio_transports::OutQueue::new(),
+            dec: cio_core::FrameDecoder::new(),
+        }
+    }
+
+    /// Connects and completes a handshake without a key.
+    pub fn ready(ep: &Endpoint) -> Self {
+        let mut r = Self::connect(ep);
+        r.send(&cio_core::Message::Hello {
+            version: 1,
+            features: cio_core::wire::FEATURES,
+            session: 0,
+            nonce: [0; 32],
+            client: "raw".into(),
+        });
+        match r.recv().expect("welcome").msg {
+            cio_core::Message::Welcome { .. } => {}
+            m => panic!("expected Welcome, got {m:?}"),
+        }
+        r
+    }
+
+    pub fn send(&mut self, m: &cio_core::Message) -> u64 {
+        let seq = self.out.push(m, 0);
+        assert!(self.out.write_to(&self.conn).unwrap());
+        seq
+    }
+
+    pub fn send_bytes(&mut self, b: &[u8]) {
+        use std::io::Write;
+        (&self.conn).write_all(b).unwrap();
+    }
+
+    /// The next frame, or None once the server closed the connection.
+    pub fn recv(&mut self) -> Option<cio_core::Frame> {
+        loop {
+            if let Some(f) = self.dec.next_frame().unwrap() {
+                return Some(f);
+            }
+            match self.conn.recv_into(self.dec.buffer(), 65536, false) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("receiving: {e}"),
+            }
+        }
+    }
+
+    /// The next frame must be an Error with `code`; returns its message.
+    pub fn expect_error(&mut self, code: cio_core::ErrorCode) -> (u64, String) {
+        match self.recv() {
+            Some(cio_core::Frame {
+                reply_to,
+                msg: cio_core::Message::Error { code: c, message },
+                ..
+            }) => {
+                assert_eq!(c, code, "error code for {message:?}");
+                (reply_to, message)
+            }
+            other => panic!("expected an error {code:?}, got {other:?}"),
+        }
+    }
+
+    /// The server must close the connection with nothing more to say.
+    pub fn expect_closed(&mut self) {
+        if let Some(f) = self.recv() {
+            panic!("expected the connection to close, got {f:?}");
+        }
+    }
+
+    /// Opens `name` and returns its handle.
+    pub fn open(&mut self, name: &str) -> u32 {
+        self.send(&cio_core::Message::Open { name: name.into() });
+        match self.recv().unwrap().msg {
+            cio_core::Message::Opened { handle, .. } => handle,
+            m => panic!("expected Opened, got {m:?}"),
+        }
+    }
+}
+
+/// A bystander session that must keep working while others misbehave.
+pub fn bystander_works(s: &ServerHandle) {
+    use cio_core::Device;
+    let client = connect(s.endpoint());
+    let mut mem = client.open("mem0").unwrap();
+    mem.write64(0, 0x100, 0xfeed_f00d_dead_beef).unwrap();
+    assert_eq!(mem.read64(0, 0x100).unwrap(), 0xfeed_f00d_dead_beef);
+}
