@@ -366,7 +366,7 @@ fn backend_vanishing_mid_request_gives_the_caller_an_error() {
         let conn = cio_transports::Conn::Tcp(sock);
         let mut dec = cio_core::FrameDecoder::new();
         let mut out = cio_transports::OutQueue::new();
-        let mut next = |dec: &mut cio_core::FrameDecoder| loop {
+        let next = |dec: &mut cio_core::FrameDecoder| loop {
             if let Some(f) = dec.next_frame().unwrap() {
                 return f;
             }

@@ -1,4 +1,7 @@
 //! `ciod`: serves PCI devices to cio frontends.
+// The doc comments below are clap's --help text, where brackets mean
+// "optional", not rustdoc links.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

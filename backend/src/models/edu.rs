@@ -102,6 +102,12 @@ pub struct Edu {
     irqs: IrqLines,
 }
 
+/// QEMU's edu decodes 4-byte accesses everywhere and 8-byte accesses from
+/// 0x80 on; anything else reads all-ones and is ignored on write.
+fn valid_access(addr: u64, size: usize) -> bool {
+    size == 4 || (size == 8 && addr >= 0x80)
+}
+
 impl Edu {
     /// A powered-on edu served as `name`.
     pub fn new(name: &str) -> Self {
@@ -189,7 +195,7 @@ impl Edu {
     }
 
     fn mmio_read(&self, addr: u64, size: usize) -> u64 {
-        if (addr < 0x80 && size != 4) || (addr >= 0x80 && size != 4 && size != 8) {
+        if !valid_access(addr, size) {
             return !0;
         }
         match addr {
@@ -207,7 +213,7 @@ impl Edu {
     }
 
     fn mmio_write(&mut self, addr: u64, val: u64, size: usize) -> Result<(), DeviceError> {
-        if (addr < 0x80 && size != 4) || (addr >= 0x80 && size != 4 && size != 8) {
+        if !valid_access(addr, size) {
             return Ok(());
         }
         let running = self.dma_cmd & DMA_RUN != 0;

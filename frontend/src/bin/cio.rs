@@ -1,4 +1,7 @@
 //! `cio`: use PCI devices served by a `ciod` on another host.
+// The doc comments below are clap's --help text, where brackets mean
+// "optional", not rustdoc links.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
