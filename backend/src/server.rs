@@ -3,7 +3,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -143,7 +143,7 @@ impl Server {
 
     fn accept_loop(self, mut poll: Poll) {
         let mut events = Events::with_capacity(16);
-        let mut sessions: Vec<(Arc<Waker>, JoinHandle<()>)> = Vec::new();
+        let mut sessions: Vec<(Weak<Waker>, JoinHandle<()>)> = Vec::new();
         'outer: loop {
             if let Err(e) = poll.poll(&mut events, None) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -197,7 +197,9 @@ impl Server {
         }
         self.shared.stopping.store(true, Ordering::Relaxed);
         for (w, _) in &sessions {
-            let _ = w.wake();
+            if let Some(w) = w.upgrade() {
+                let _ = w.wake();
+            }
         }
         for (_, t) in sessions {
             let _ = t.join();

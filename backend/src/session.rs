@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -162,6 +162,9 @@ pub struct Session {
     next_handle: u32,
     irqs: Vec<Option<IrqSlot>>,
     read_pending: bool,
+    // Owned here so its fd closes with the session; the server keeps only a
+    // weak reference to wake the session on shutdown.
+    _waker: Arc<Waker>,
 }
 
 impl std::fmt::Debug for Session {
@@ -175,8 +178,9 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    /// Prepares a session for `conn`; returns it with the waker that stops it.
-    pub fn new(conn: Conn, shared: Arc<Shared>) -> io::Result<(Self, Arc<Waker>)> {
+    /// Prepares a session for `conn`; returns it with the waker that stops
+    /// it (valid while the session lives).
+    pub fn new(conn: Conn, shared: Arc<Shared>) -> io::Result<(Self, Weak<Waker>)> {
         conn.set_nonblocking(true)?;
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
@@ -187,6 +191,7 @@ impl Session {
         )?;
         let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
         let peer = conn.peer();
+        let weak = Arc::downgrade(&waker);
         Ok((
             Self {
                 id,
@@ -201,12 +206,14 @@ impl Session {
                 next_handle: 1,
                 irqs: Vec::new(),
                 read_pending: true,
+                _waker: waker,
             },
-            waker,
+            weak,
         ))
     }
 
     /// Serves the session until it ends, then releases everything it held.
+    /// The session counter drops only once every fd of the session is closed.
     pub fn run(mut self) {
         let shared = Arc::clone(&self.shared);
         let c = &shared.counters;
@@ -221,10 +228,8 @@ impl Session {
             info!(session = self.id, peer = %self.peer, "session ended: {}", end.reason);
         }
         self.finish();
-        self.shared
-            .counters
-            .sessions
-            .fetch_sub(1, Ordering::Relaxed);
+        drop(self);
+        shared.counters.sessions.fetch_sub(1, Ordering::Relaxed);
     }
 
     fn serve(&mut self) -> End {
