@@ -37,6 +37,10 @@ pub struct ClientOptions {
     pub reply_timeout: Duration,
     /// Name sent in the handshake, for the server's logs.
     pub name: String,
+    /// Batch posted writes (the default). When false every write leaves in
+    /// its own system call at once: lower latency for a lone doorbell,
+    /// much lower throughput for many writes.
+    pub batch_writes: bool,
 }
 
 impl Default for ClientOptions {
@@ -46,6 +50,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             reply_timeout: Duration::from_secs(30),
             name: format!("cio/{}", env!("CARGO_PKG_VERSION")),
+            batch_writes: true,
         }
     }
 }
@@ -139,6 +144,7 @@ pub(crate) struct Inner {
     session: u64,
     features: u64,
     reply_timeout: Duration,
+    batch_writes: bool,
     tx: Mutex<OutQueue>,
     rx: Mutex<Rx>,
     pending: Mutex<HashSet<u64>>,
@@ -211,7 +217,7 @@ impl Inner {
             Self::push_dirty(&mut out, handle, target, None);
         }
         out.push(msg, 0);
-        if out.len() >= FLUSH_THRESHOLD {
+        if !self.batch_writes || out.len() >= FLUSH_THRESHOLD {
             self.write_out(&mut out)?;
         } else if was_empty {
             let _ = self.kick.write(1);
@@ -562,6 +568,7 @@ impl Client {
             session,
             features,
             reply_timeout: opts.reply_timeout,
+            batch_writes: opts.batch_writes,
             tx: Mutex::new(out),
             rx: Mutex::new(Rx {
                 decoder: dec,

@@ -4,6 +4,7 @@
 //! drivers that run unchanged against either.
 #![deny(missing_docs)]
 
+pub mod bench;
 mod client;
 pub mod drivers;
 mod remote;

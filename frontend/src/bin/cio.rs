@@ -54,6 +54,28 @@ enum Cmd {
     /// Start an embedded backend with an emulated edu device and drive it
     /// through the real TCP path: factorials, interrupts, DMA round trip.
     Demo,
+    /// Measure cio against the raw transport in the same run (P1 read
+    /// latency, P2 posted writes/s, P3 DMA sync bandwidth, P4 interrupt
+    /// latency, P7 sync cost vs mapping size) and print ratios.
+    Bench {
+        /// A few seconds instead of minutes: checks the code paths, the
+        /// numbers are not meant to be read.
+        #[arg(long)]
+        quick: bool,
+        /// Transports to measure.
+        #[arg(long, value_enum, default_value = "all")]
+        transport: TransportArg,
+        /// Where to write the results as JSON.
+        #[arg(long, value_name = "FILE", default_value = "cio-bench.json")]
+        json: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TransportArg {
+    Tcp,
+    Unix,
+    All,
 }
 
 fn main() -> ExitCode {
@@ -125,6 +147,11 @@ fn run(args: Args) -> Result<(), String> {
             Ok(())
         }
         Cmd::Demo => demo(),
+        Cmd::Bench {
+            quick,
+            transport,
+            json,
+        } => bench(quick, transport, &json),
     }
 }
 
@@ -251,6 +278,37 @@ fn describe(info: &DeviceInfo) -> String {
         }
     }
     s
+}
+
+fn bench(quick: bool, transport: TransportArg, json: &std::path::Path) -> Result<(), String> {
+    use cio_frontend::bench::{self, Transport};
+    let transports = match transport {
+        TransportArg::Tcp => vec![Transport::Tcp],
+        TransportArg::Unix => vec![Transport::Unix],
+        TransportArg::All => vec![Transport::Tcp, Transport::Unix],
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "cio bench: {} run on {cores} cores; cio and its baseline alternate in one process",
+        if quick {
+            "quick (numbers not meaningful)"
+        } else {
+            "full"
+        }
+    );
+    println!("{}", bench::header());
+    let report = bench::run(&bench::Options { quick, transports }, |r| {
+        println!("{}", bench::format_row(r));
+    })?;
+    let text = serde_json::to_string_pretty(&report).map_err(|e| format!("encoding JSON: {e}"))?;
+    std::fs::write(json, text).map_err(|e| format!("writing {}: {e}", json.display()))?;
+    let missed = report.rows.iter().filter(|r| !r.met).count();
+    println!(
+        "{} rows, {missed} targets missed; JSON written to {}",
+        report.rows.len(),
+        json.display()
+    );
+    Ok(())
 }
 
 fn demo() -> Result<(), String> {

@@ -1,0 +1,687 @@
+//! `cio bench`: how much slower a remote device is than the transport it
+//! runs on. Every cio measurement is paired with a raw-transport measurement
+//! of the same shape taken in the same run, and reported as a ratio.
+//!
+//! | id | cio | raw baseline | target |
+//! |---|---|---|---|
+//! | P1 | non-posted BAR read (4 and 8 bytes) | ping-pong of the same payload | ratio ≤ 1.10 |
+//! | P2 | posted BAR writes per second, fenced by one read | the same writes one frame per syscall | ≥ 2 M/s on TCP; ≥ 20× unbatched |
+//! | P3 | DMA sync bandwidth, device → target and target → device | a raw stream of the same size | ≥ 0.90 of raw from 1 MiB |
+//! | P4 | doorbell write → interrupt eventfd readable | ping-pong of the same payload | ratio ≤ 1.20 |
+//! | P7 | one dirty 4 KiB page synced with 1 GiB mapped vs 1 MiB mapped | (the 1 MiB case) | ratio ≤ 2 |
+//!
+//! Runs alternate cio and raw in blocks so that drift on a shared machine
+//! hits both alike.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cio_backend::models::memory::{self, CMD_FROM_MEMORY, CMD_TO_MEMORY};
+use cio_backend::models::{Edu, Memory};
+use cio_backend::{Limits, Server, ServerConfig, ServerHandle};
+use cio_core::{Device, DmaDir, DmaRegion, EventFd, IrqKind, PAGE_SIZE};
+use cio_transports::{sys, Conn, Endpoint, Listener};
+use serde::Serialize;
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+use crate::{Client, ClientOptions, RemoteDevice};
+
+/// A transport to measure on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// TCP over loopback.
+    Tcp,
+    /// Unix stream socket.
+    Unix,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Unix => "unix",
+        })
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Seconds instead of minutes: few iterations, small sizes. Keeps the
+    /// code path alive in CI; its numbers are not meant to be read.
+    pub quick: bool,
+    /// Transports to measure.
+    pub transports: Vec<Transport>,
+}
+
+/// Median and 99th percentile of one series.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Stat {
+    /// Median.
+    pub median: f64,
+    /// 99th percentile (for throughputs: the 1st percentile, the slow tail).
+    pub p99: f64,
+    /// Samples.
+    pub samples: usize,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// P1, P2, …
+    pub id: &'static str,
+    /// What was measured.
+    pub what: String,
+    /// Transport.
+    pub transport: Transport,
+    /// Unit of `cio` and `raw`.
+    pub unit: &'static str,
+    /// cio's numbers.
+    pub cio: Stat,
+    /// The baseline's numbers.
+    pub raw: Stat,
+    /// What the ratio compares (cio/raw, raw/cio, …).
+    pub ratio_is: &'static str,
+    /// The ratio.
+    pub ratio: f64,
+    /// The target, as text.
+    pub target: String,
+    /// Whether the target was met.
+    pub met: bool,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Cores the machine has.
+    pub cores: usize,
+    /// Quick mode.
+    pub quick: bool,
+    /// Results.
+    pub rows: Vec<Row>,
+}
+
+fn stat(mut v: Vec<f64>, low_is_tail: bool) -> Stat {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let median = v[n / 2];
+    let tail_idx = ((n as f64) * 0.99).ceil() as usize;
+    let p99 = if low_is_tail {
+        v[(n - tail_idx.min(n)).min(n - 1)]
+    } else {
+        v[tail_idx.min(n) - 1]
+    };
+    Stat {
+        median,
+        p99,
+        samples: n,
+    }
+}
+
+type BenchResult<T> = Result<T, String>;
+
+fn err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
+    move |e| format!("{what}: {e}")
+}
+
+/// A raw-transport peer in a thread: mode `P` echoes fixed-size messages,
+/// mode `S` runs stream transfers on request.
+struct RawServer {
+    listener: Option<Listener>,
+    endpoint: Endpoint,
+}
+
+impl RawServer {
+    fn start(t: Transport, tag: &str) -> BenchResult<Self> {
+        let ep = endpoint(t, &format!("raw-{tag}"));
+        let listener = Listener::bind(&ep).map_err(err("raw listener"))?;
+        let endpoint = listener.local_endpoint().map_err(err("raw listener"))?;
+        Ok(Self {
+            listener: Some(listener),
+            endpoint,
+        })
+    }
+
+    /// Accepts one connection and serves it on a thread.
+    fn serve_one(&mut self) -> BenchResult<std::thread::JoinHandle<()>> {
+        let listener = self.listener.take().ok_or("raw server already used")?;
+        Ok(std::thread::spawn(move || {
+            let start = Instant::now();
+            let conn = loop {
+                match listener.accept() {
+                    Ok(c) => break c,
+                    Err(_) if start.elapsed() < Duration::from_secs(10) => {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    Err(_) => return,
+                }
+            };
+            let _ = raw_peer(&conn);
+            drop(listener);
+        }))
+    }
+}
+
+fn raw_peer(conn: &Conn) -> std::io::Result<()> {
+    let mut r = conn;
+    let mut mode = [0u8; 9];
+    r.read_exact(&mut mode)?;
+    let n = u64::from_le_bytes(mode[1..].try_into().expect("8 bytes")) as usize;
+    let mut buf = vec![0u8; n.max(1 << 20)];
+    if mode[0] == b'P' {
+        loop {
+            r.read_exact(&mut buf[..n])?;
+            (&*conn).write_all(&buf[..n])?;
+        }
+    }
+    loop {
+        let mut cmd = [0u8; 9];
+        r.read_exact(&mut cmd)?;
+        let mut left = u64::from_le_bytes(cmd[1..].try_into().expect("8 bytes")) as usize;
+        if cmd[0] == b'>' {
+            // Server to client.
+            while left > 0 {
+                let k = left.min(buf.len());
+                (&*conn).write_all(&buf[..k])?;
+                left -= k;
+            }
+        } else {
+            while left > 0 {
+                let k = left.min(buf.len());
+                r.read_exact(&mut buf[..k])?;
+                left -= k;
+            }
+            (&*conn).write_all(&[1])?;
+        }
+    }
+}
+
+fn raw_client(
+    srv: &mut RawServer,
+    mode: u8,
+    n: u64,
+) -> BenchResult<(Conn, std::thread::JoinHandle<()>)> {
+    let t = srv.serve_one()?;
+    let conn = Conn::connect(&srv.endpoint, Duration::from_secs(5)).map_err(err("raw connect"))?;
+    let mut hello = [0u8; 9];
+    hello[0] = mode;
+    hello[1..].copy_from_slice(&n.to_le_bytes());
+    (&conn).write_all(&hello).map_err(err("raw hello"))?;
+    Ok((conn, t))
+}
+
+fn endpoint(t: Transport, tag: &str) -> Endpoint {
+    match t {
+        Transport::Tcp => "127.0.0.1:0".parse().expect("valid"),
+        Transport::Unix => Endpoint::Unix(
+            std::env::temp_dir().join(format!("cio-bench-{}-{tag}.sock", std::process::id())),
+        ),
+    }
+}
+
+const BIG_BAR: u64 = 64 << 20;
+
+fn start_backend(t: Transport) -> BenchResult<ServerHandle> {
+    let mem = Memory::new("mem0", BIG_BAR).map_err(err("memory device"))?;
+    Server::bind(ServerConfig {
+        listen: endpoint(t, "ciod"),
+        psk: None,
+        devices: vec![Box::new(Edu::new("edu0")), Box::new(mem)],
+        limits: Limits::default(),
+    })
+    .and_then(|s| s.spawn())
+    .map_err(err("embedded backend"))
+}
+
+fn client(s: &ServerHandle, batch: bool) -> BenchResult<Client> {
+    Client::connect(
+        s.endpoint(),
+        ClientOptions {
+            batch_writes: batch,
+            ..ClientOptions::default()
+        },
+    )
+    .map_err(err("connect"))
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// Runs `a` and `b` alternately in `blocks` blocks of `per_block` calls,
+/// timing each call; returns both series in microseconds.
+fn alternate(
+    blocks: usize,
+    per_block: usize,
+    mut a: impl FnMut() -> BenchResult<()>,
+    mut b: impl FnMut() -> BenchResult<()>,
+) -> BenchResult<(Vec<f64>, Vec<f64>)> {
+    let (mut va, mut vb) = (Vec::new(), Vec::new());
+    for _ in 0..blocks {
+        for _ in 0..per_block {
+            let t = Instant::now();
+            a()?;
+            va.push(us(t.elapsed()));
+        }
+        for _ in 0..per_block {
+            let t = Instant::now();
+            b()?;
+            vb.push(us(t.elapsed()));
+        }
+    }
+    Ok((va, vb))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn row(
+    id: &'static str,
+    what: String,
+    transport: Transport,
+    unit: &'static str,
+    cio: Stat,
+    raw: Stat,
+    ratio_is: &'static str,
+    ratio: f64,
+    target: (&str, bool),
+) -> Row {
+    Row {
+        id,
+        what,
+        transport,
+        unit,
+        cio,
+        raw,
+        ratio_is,
+        ratio,
+        target: target.0.to_owned(),
+        met: target.1,
+    }
+}
+
+fn p1(
+    t: Transport,
+    quick: bool,
+    s: &ServerHandle,
+    raw: &mut RawServer,
+    width: usize,
+) -> BenchResult<Row> {
+    let (blocks, per) = if quick { (4, 200) } else { (20, 1500) };
+    let c = client(s, true)?;
+    let mut dev = c.open("mem0").map_err(err("open"))?;
+    let (conn, _t) = raw_client(raw, b'P', width as u64)?;
+    let mut buf = [0u8; 8];
+    let mut rbuf = [0u8; 8];
+    let (vc, vr) = alternate(
+        blocks,
+        per,
+        || dev.read(0, 0x40, &mut buf[..width]).map_err(err("read")),
+        || {
+            (&conn)
+                .write_all(&rbuf[..width])
+                .map_err(err("raw write"))?;
+            (&conn)
+                .read_exact(&mut rbuf[..width])
+                .map_err(err("raw read"))
+        },
+    )?;
+    let (cio, raw_s) = (stat(vc, false), stat(vr, false));
+    let ratio = cio.median / raw_s.median;
+    Ok(row(
+        "P1",
+        format!("BAR read {width} B round trip"),
+        t,
+        "us",
+        cio,
+        raw_s,
+        "cio/raw",
+        ratio,
+        ("<= 1.10", ratio <= 1.10),
+    ))
+}
+
+fn write_burst(dev: &mut RemoteDevice, n: usize) -> BenchResult<f64> {
+    let start = Instant::now();
+    for i in 0..n {
+        dev.write32(0, ((i % 1024) * 4) as u64, i as u32)
+            .map_err(err("write"))?;
+    }
+    dev.read32(0, 0).map_err(err("fence read"))?;
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+fn p2(t: Transport, quick: bool, s: &ServerHandle) -> BenchResult<Vec<Row>> {
+    let (rounds, n, n_unbatched) = if quick {
+        (3, 20_000, 2_000)
+    } else {
+        (7, 1_000_000, 50_000)
+    };
+    let batched = client(s, true)?;
+    let unbatched = client(s, false)?;
+    let mut dev = batched.open("mem0").map_err(err("open"))?;
+    let mut vb = Vec::new();
+    let mut vu = Vec::new();
+    for _ in 0..rounds {
+        vb.push(write_burst(&mut dev, n)?);
+    }
+    drop(dev);
+    let mut dev = unbatched.open("mem0").map_err(err("open"))?;
+    for _ in 0..rounds {
+        vu.push(write_burst(&mut dev, n_unbatched)?);
+    }
+    let (b, u) = (stat(vb, true), stat(vu, true));
+    let ratio = b.median / u.median;
+    let rate_target = t != Transport::Tcp || b.median >= 2e6;
+    Ok(vec![row(
+        "P2",
+        "posted 4 B writes/s, batched vs one per syscall".into(),
+        t,
+        "writes/s",
+        b,
+        u,
+        "batched/unbatched",
+        ratio,
+        (
+            if t == Transport::Tcp {
+                ">= 20x and >= 2M/s"
+            } else {
+                ">= 20x"
+            },
+            ratio >= 20.0 && rate_target,
+        ),
+    )])
+}
+
+fn mib_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / (1 << 20) as f64
+}
+
+fn size_label(n: u64) -> String {
+    if n >= 1 << 20 {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{} KiB", n >> 10)
+    }
+}
+
+fn p3(t: Transport, quick: bool, s: &ServerHandle, raw: &mut RawServer) -> BenchResult<Vec<Row>> {
+    let sizes: &[u64] = if quick {
+        &[4 << 10, 1 << 20]
+    } else {
+        &[4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
+    };
+    let c = client(s, true)?;
+    let mut dev = c.open("mem0").map_err(err("open"))?;
+    let (conn, _t) = raw_client(raw, b'S', 0)?;
+    let mut sink = vec![0u8; 1 << 20];
+    let mut rows = Vec::new();
+    let iova_base = 0x1_0000_0000u64;
+    for (k, &size) in sizes.iter().enumerate() {
+        let iters = if quick {
+            3
+        } else {
+            ((256u64 << 20) / size).clamp(8, 400) as usize
+        };
+        let from = Arc::new(
+            DmaRegion::new(iova_base + 2 * k as u64 * BIG_BAR, size, DmaDir::FromDevice)
+                .map_err(err("region"))?,
+        );
+        let to = Arc::new(
+            DmaRegion::new(
+                iova_base + (2 * k as u64 + 1) * BIG_BAR,
+                size,
+                DmaDir::ToDevice,
+            )
+            .map_err(err("region"))?,
+        );
+        dev.dma_map(Arc::clone(&from)).map_err(err("map"))?;
+        dev.dma_map(Arc::clone(&to)).map_err(err("map"))?;
+        for (dir, region, cmd, raw_dir) in [
+            ("device -> target", &from, CMD_TO_MEMORY, b'>'),
+            ("target -> device", &to, CMD_FROM_MEMORY, b'<'),
+        ] {
+            dev.write64(2, memory::reg::DMA_ADDR, region.iova())
+                .map_err(err("write"))?;
+            dev.write64(2, memory::reg::BAR_OFFSET, 0)
+                .map_err(err("write"))?;
+            dev.write64(2, memory::reg::LEN, size)
+                .map_err(err("write"))?;
+            let (vc, vr) = alternate(
+                iters,
+                1,
+                || {
+                    if cmd == CMD_FROM_MEMORY {
+                        // The driver rewrote the whole buffer.
+                        region
+                            .with_mut(0, size as usize, |_| ())
+                            .map_err(err("mark"))?;
+                    }
+                    dev.write64(2, memory::reg::CMD, cmd).map_err(err("cmd"))?;
+                    dev.read64(2, memory::reg::COMPLETED)
+                        .map(|_| ())
+                        .map_err(err("fence"))
+                },
+                || {
+                    let mut c = [raw_dir, 0, 0, 0, 0, 0, 0, 0, 0];
+                    c[1..].copy_from_slice(&size.to_le_bytes());
+                    (&conn).write_all(&c).map_err(err("raw"))?;
+                    let mut left = size as usize;
+                    if raw_dir == b'>' {
+                        while left > 0 {
+                            let k = left.min(sink.len());
+                            (&conn).read_exact(&mut sink[..k]).map_err(err("raw"))?;
+                            left -= k;
+                        }
+                    } else {
+                        while left > 0 {
+                            let k = left.min(sink.len());
+                            (&conn).write_all(&sink[..k]).map_err(err("raw"))?;
+                            left -= k;
+                        }
+                        (&conn).read_exact(&mut sink[..1]).map_err(err("raw"))?;
+                    }
+                    Ok(())
+                },
+            )?;
+            let to_bw = |v: Vec<f64>| {
+                v.into_iter()
+                    .map(|u| mib_s(size, Duration::from_secs_f64(u / 1e6)))
+                    .collect::<Vec<_>>()
+            };
+            let (cio, raw_s) = (stat(to_bw(vc), true), stat(to_bw(vr), true));
+            let ratio = cio.median / raw_s.median;
+            let (target, met) = if size >= 1 << 20 {
+                (">= 0.90", ratio >= 0.90)
+            } else {
+                ("(info)", true)
+            };
+            rows.push(row(
+                "P3",
+                format!("DMA sync {dir}, {}", size_label(size)),
+                t,
+                "MiB/s",
+                cio,
+                raw_s,
+                "cio/raw",
+                ratio,
+                (target, met),
+            ));
+        }
+        dev.dma_unmap(from.iova()).map_err(err("unmap"))?;
+        dev.dma_unmap(to.iova()).map_err(err("unmap"))?;
+    }
+    Ok(rows)
+}
+
+fn p4(t: Transport, quick: bool, s: &ServerHandle, raw: &mut RawServer) -> BenchResult<Row> {
+    let (blocks, per) = if quick { (4, 100) } else { (20, 500) };
+    let c = client(s, true)?;
+    let mut dev = c.open("mem0").map_err(err("open"))?;
+    let fd = EventFd::new(EFD_NONBLOCK).map_err(err("eventfd"))?;
+    dev.set_irqs(IrqKind::Msi, 0, std::slice::from_ref(&fd))
+        .map_err(err("irqs"))?;
+    let (conn, _t) = raw_client(raw, b'P', 4)?;
+    let mut rbuf = [0u8; 4];
+    let (vc, vr) = alternate(
+        blocks,
+        per,
+        || {
+            dev.write32(2, memory::reg::DOORBELL, 1)
+                .map_err(err("doorbell"))?;
+            let ready =
+                sys::poll_readable(&[&fd], Some(Duration::from_secs(5))).map_err(err("poll"))?;
+            if !ready[0] {
+                return Err("interrupt did not arrive within 5 s".into());
+            }
+            fd.read().map(|_| ()).map_err(err("eventfd"))
+        },
+        || {
+            (&conn).write_all(&rbuf).map_err(err("raw write"))?;
+            (&conn).read_exact(&mut rbuf).map_err(err("raw read"))
+        },
+    )?;
+    let (cio, raw_s) = (stat(vc, false), stat(vr, false));
+    let ratio = cio.median / raw_s.median;
+    Ok(row(
+        "P4",
+        "doorbell write -> interrupt eventfd".into(),
+        t,
+        "us",
+        cio,
+        raw_s,
+        "cio/raw",
+        ratio,
+        ("<= 1.20", ratio <= 1.20),
+    ))
+}
+
+fn p7(t: Transport, quick: bool, s: &ServerHandle) -> BenchResult<Row> {
+    let (blocks, per) = if quick { (3, 50) } else { (10, 500) };
+    let c = client(s, true)?;
+    let mut dev = c.open("mem0").map_err(err("open"))?;
+    let small =
+        Arc::new(DmaRegion::new(0x10_0000, 1 << 20, DmaDir::ToDevice).map_err(err("region"))?);
+    let big =
+        Arc::new(DmaRegion::new(0x1_0000_0000, 1 << 30, DmaDir::ToDevice).map_err(err("region"))?);
+    dev.dma_map(Arc::clone(&small)).map_err(err("map"))?;
+    let page = vec![0x5au8; PAGE_SIZE as usize];
+    let mut i = 0u64;
+    let mut one = |dev: &mut RemoteDevice, r: &DmaRegion| -> BenchResult<()> {
+        i += 1;
+        let pages = r.len() / PAGE_SIZE;
+        // A different page each time, spread over the whole mapping.
+        let p = (i.wrapping_mul(0x9e37_79b9)) % pages;
+        r.write(p * PAGE_SIZE, &page).map_err(err("write"))?;
+        dev.read64(2, memory::reg::COMPLETED)
+            .map(|_| ())
+            .map_err(err("read"))
+    };
+    let mut vs = Vec::new();
+    let mut vb = Vec::new();
+    // Two devices cannot share one session's IOVA space here, so measure
+    // the small mapping, then the big one, in alternating blocks.
+    for _ in 0..blocks {
+        for _ in 0..per {
+            let t0 = Instant::now();
+            one(&mut dev, &small)?;
+            vs.push(us(t0.elapsed()));
+        }
+        dev.dma_unmap(small.iova()).map_err(err("unmap"))?;
+        dev.dma_map(Arc::clone(&big)).map_err(err("map"))?;
+        for _ in 0..per {
+            let t0 = Instant::now();
+            one(&mut dev, &big)?;
+            vb.push(us(t0.elapsed()));
+        }
+        dev.dma_unmap(big.iova()).map_err(err("unmap"))?;
+        dev.dma_map(Arc::clone(&small)).map_err(err("map"))?;
+    }
+    let (b, sm) = (stat(vb, false), stat(vs, false));
+    let ratio = b.median / sm.median;
+    Ok(row(
+        "P7",
+        "sync 1 dirty page, 1 GiB mapped vs 1 MiB".into(),
+        t,
+        "us",
+        b,
+        sm,
+        "1GiB/1MiB",
+        ratio,
+        ("<= 2.0", ratio <= 2.0),
+    ))
+}
+
+/// Runs the suite.
+pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> BenchResult<Report> {
+    let mut rows = Vec::new();
+    let mut push = |r: Row, rows: &mut Vec<Row>| {
+        progress(&r);
+        rows.push(r);
+    };
+    for &t in &opts.transports {
+        let s = start_backend(t)?;
+        for width in [4, 8] {
+            let mut raw = RawServer::start(t, &format!("p1-{width}"))?;
+            push(p1(t, opts.quick, &s, &mut raw, width)?, &mut rows);
+        }
+        for r in p2(t, opts.quick, &s)? {
+            push(r, &mut rows);
+        }
+        let mut raw = RawServer::start(t, "p3")?;
+        for r in p3(t, opts.quick, &s, &mut raw)? {
+            push(r, &mut rows);
+        }
+        let mut raw = RawServer::start(t, "p4")?;
+        push(p4(t, opts.quick, &s, &mut raw)?, &mut rows);
+        push(p7(t, opts.quick, &s)?, &mut rows);
+        s.shutdown();
+    }
+    Ok(Report {
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        quick: opts.quick,
+        rows,
+    })
+}
+
+fn fmt_num(v: f64) -> String {
+    if v >= 1e5 {
+        format!("{:.3}M", v / 1e6)
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+/// Formats one row as a table line.
+pub fn format_row(r: &Row) -> String {
+    format!(
+        "{:<3} {:<5} {:<44} {:>9} {:>18} {:>18} {:>6.2} {:<18} {}",
+        r.id,
+        r.transport.to_string(),
+        r.what,
+        r.unit,
+        format!("{} / {}", fmt_num(r.cio.median), fmt_num(r.cio.p99)),
+        format!("{} / {}", fmt_num(r.raw.median), fmt_num(r.raw.p99)),
+        r.ratio,
+        format!("{} {}", r.ratio_is, r.target),
+        if r.met { "ok" } else { "MISSED" }
+    )
+}
+
+/// The table header.
+pub fn header() -> String {
+    format!(
+        "{:<3} {:<5} {:<44} {:>9} {:>18} {:>18} {:>6} {:<18} {}",
+        "id",
+        "tport",
+        "measurement",
+        "unit",
+        "cio med / tail",
+        "base med / tail",
+        "ratio",
+        "target",
+        ""
+    )
+}
