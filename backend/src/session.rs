@@ -162,6 +162,7 @@ pub struct Session {
     next_handle: u32,
     irqs: Vec<Option<IrqSlot>>,
     read_pending: bool,
+    peer_closing: bool,
     // Owned here so its fd closes with the session; the server keeps only a
     // weak reference to wake the session on shutdown.
     _waker: Arc<Waker>,
@@ -206,6 +207,7 @@ impl Session {
                 next_handle: 1,
                 irqs: Vec::new(),
                 read_pending: true,
+                peer_closing: false,
                 _waker: waker,
             },
             weak,
@@ -269,6 +271,9 @@ impl Session {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                             self.read_pending = true;
                         }
+                        if ev.is_read_closed() || ev.is_error() {
+                            self.peer_closing = true;
+                        }
                     }
                     WAKE => {
                         self.out.push(
@@ -312,15 +317,25 @@ impl Session {
                         End::clean("peer closed the connection")
                     })
                 }
-                Ok(_) => loop {
-                    match self.decoder.next_frame() {
-                        Ok(Some(frame)) => self.handle(frame)?,
-                        Ok(None) => break,
-                        Err(e) => {
-                            return Err(self.fatal(ErrorCode::MALFORMED, 0, e.to_string()));
+                Ok(n) => {
+                    loop {
+                        match self.decoder.next_frame() {
+                            Ok(Some(frame)) => self.handle(frame)?,
+                            Ok(None) => break,
+                            Err(e) => {
+                                return Err(self.fatal(ErrorCode::MALFORMED, 0, e.to_string()));
+                            }
                         }
                     }
-                },
+                    // A short read drained the socket (epoll(7)): answer now
+                    // instead of paying for a recv that returns EAGAIN. Not
+                    // when the peer's FIN came with this event: it raises no
+                    // later edge, so read on until end of stream.
+                    if n < want && !self.peer_closing {
+                        self.read_pending = false;
+                        return Ok(());
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.read_pending = false;
                     return Ok(());

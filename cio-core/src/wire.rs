@@ -511,6 +511,51 @@ fn put_string(out: &mut BytesMut, s: &str) {
     out.put_slice(&s.as_bytes()[..end]);
 }
 
+fn put_header(out: &mut BytesMut, len: u32, kind: u16, seq: u64, reply_to: u64) {
+    out.put_u32_le(len);
+    out.put_u16_le(kind);
+    out.put_u16_le(0);
+    out.put_u64_le(seq);
+    out.put_u64_le(reply_to);
+}
+
+fn put_region_write_body(out: &mut BytesMut, handle: u32, region: u32, offset: u64, data: &[u8]) {
+    out.put_u32_le(handle);
+    out.put_u32_le(region);
+    out.put_u64_le(offset);
+    put_bytes(out, data);
+}
+
+/// Appends a posted `RegionWrite` frame straight from a slice, without
+/// building a [`Message`] (the hot path of posted writes).
+pub fn encode_region_write(
+    seq: u64,
+    handle: u32,
+    region: u32,
+    offset: u64,
+    data: &[u8],
+    out: &mut BytesMut,
+) {
+    put_header(out, (20 + data.len()) as u32, kind::REGION_WRITE, seq, 0);
+    put_region_write_body(out, handle, region, offset, data);
+}
+
+/// Appends the header and fixed fields of a `DmaData` frame whose
+/// `len`-byte payload the caller sends right after (zero-copy sends).
+pub fn encode_dma_data_head(
+    seq: u64,
+    reply_to: u64,
+    handle: u32,
+    iova: u64,
+    len: usize,
+    out: &mut BytesMut,
+) {
+    put_header(out, (16 + len) as u32, kind::DMA_DATA, seq, reply_to);
+    out.put_u32_le(handle);
+    out.put_u64_le(iova);
+    out.put_u32_le(len as u32);
+}
+
 fn put_bytes(out: &mut BytesMut, b: &[u8]) {
     out.put_u32_le(b.len() as u32);
     out.put_slice(b);
@@ -551,11 +596,7 @@ impl Message {
     /// Appends the whole frame (header and body) to `out`.
     pub fn encode(&self, seq: u64, reply_to: u64, out: &mut BytesMut) {
         let start = out.len();
-        out.put_u32_le(0); // patched below
-        out.put_u16_le(self.kind());
-        out.put_u16_le(0);
-        out.put_u64_le(seq);
-        out.put_u64_le(reply_to);
+        put_header(out, 0, self.kind(), seq, reply_to); // length patched below
         self.encode_body(out);
         let len = (out.len() - start - HEADER_LEN) as u32;
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -568,14 +609,7 @@ impl Message {
         const ZERO_COPY_MIN: usize = 16 * 1024;
         match self {
             Self::DmaData { handle, iova, data } if data.len() >= ZERO_COPY_MIN => {
-                out.put_u32_le((4 + 8 + 4 + data.len()) as u32);
-                out.put_u16_le(kind::DMA_DATA);
-                out.put_u16_le(0);
-                out.put_u64_le(seq);
-                out.put_u64_le(reply_to);
-                out.put_u32_le(*handle);
-                out.put_u64_le(*iova);
-                out.put_u32_le(data.len() as u32);
+                encode_dma_data_head(seq, reply_to, *handle, *iova, data.len(), out);
                 Some(data.clone())
             }
             _ => {
@@ -649,12 +683,7 @@ impl Message {
                 region,
                 offset,
                 data,
-            } => {
-                out.put_u32_le(*handle);
-                out.put_u32_le(*region);
-                out.put_u64_le(*offset);
-                put_bytes(out, data);
-            }
+            } => put_region_write_body(out, *handle, *region, *offset, data),
             Self::SetIrqs {
                 handle,
                 kind,
@@ -1131,6 +1160,20 @@ mod tests {
         for m in msgs {
             roundtrip(m);
         }
+    }
+
+    #[test]
+    fn direct_region_write_encoding_matches_the_message() {
+        let m = Message::RegionWrite {
+            handle: 2,
+            region: 7,
+            offset: 0x44,
+            data: Bytes::from_static(&[1, 2, 3, 4]),
+        };
+        let (mut a, mut b) = (BytesMut::new(), BytesMut::new());
+        m.encode(9, 0, &mut a);
+        encode_region_write(9, 2, 7, 0x44, &[1, 2, 3, 4], &mut b);
+        assert_eq!(a, b);
     }
 
     #[test]

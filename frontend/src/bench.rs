@@ -54,6 +54,14 @@ pub struct Options {
     pub quick: bool,
     /// Transports to measure.
     pub transports: Vec<Transport>,
+    /// Only these measurements (e.g. `["P1", "P3"]`); empty runs all.
+    pub only: Vec<String>,
+}
+
+impl Options {
+    fn wants(&self, id: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o.eq_ignore_ascii_case(id))
+    }
 }
 
 /// Median and 99th percentile of one series.
@@ -621,20 +629,30 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> BenchResult<Report
     };
     for &t in &opts.transports {
         let s = start_backend(t)?;
-        for width in [4, 8] {
-            let mut raw = RawServer::start(t, &format!("p1-{width}"))?;
-            push(p1(t, opts.quick, &s, &mut raw, width)?, &mut rows);
+        if opts.wants("P1") {
+            for width in [4, 8] {
+                let mut raw = RawServer::start(t, &format!("p1-{width}"))?;
+                push(p1(t, opts.quick, &s, &mut raw, width)?, &mut rows);
+            }
         }
-        for r in p2(t, opts.quick, &s)? {
-            push(r, &mut rows);
+        if opts.wants("P2") {
+            for r in p2(t, opts.quick, &s)? {
+                push(r, &mut rows);
+            }
         }
-        let mut raw = RawServer::start(t, "p3")?;
-        for r in p3(t, opts.quick, &s, &mut raw)? {
-            push(r, &mut rows);
+        if opts.wants("P3") {
+            let mut raw = RawServer::start(t, "p3")?;
+            for r in p3(t, opts.quick, &s, &mut raw)? {
+                push(r, &mut rows);
+            }
         }
-        let mut raw = RawServer::start(t, "p4")?;
-        push(p4(t, opts.quick, &s, &mut raw)?, &mut rows);
-        push(p7(t, opts.quick, &s)?, &mut rows);
+        if opts.wants("P4") {
+            let mut raw = RawServer::start(t, "p4")?;
+            push(p4(t, opts.quick, &s, &mut raw)?, &mut rows);
+        }
+        if opts.wants("P7") {
+            push(p7(t, opts.quick, &s)?, &mut rows);
+        }
         s.shutdown();
     }
     Ok(Report {

@@ -7,10 +7,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cio_core::wire::{
@@ -25,6 +25,13 @@ use crate::remote::RemoteDevice;
 
 /// Posted writes are sent at once when this many bytes are queued.
 const FLUSH_THRESHOLD: usize = 64 * 1024;
+/// A posted write this long after the previous one is sent at once.
+const ISOLATED_NS: u64 = 20_000;
+/// The pump sends queued writes once no write was added for this long.
+const COALESCE: Duration = Duration::from_micros(20);
+/// While callers read the socket themselves the pump stops watching it and
+/// looks again this often.
+const PUMP_RECHECK: Duration = Duration::from_micros(200);
 
 /// How to connect.
 #[derive(Debug, Clone)]
@@ -152,6 +159,10 @@ pub(crate) struct Inner {
     kick: EventFd,
     stop: EventFd,
     stopping: AtomicBool,
+    /// Callers reading replies from the socket right now.
+    readers: AtomicUsize,
+    epoch: Instant,
+    last_post: AtomicU64,
 }
 
 impl Inner {
@@ -202,22 +213,29 @@ impl Inner {
             .map_err(|e| ClientError::Disconnected(format!("sending: {e}")))
     }
 
-    /// Queues a posted frame (after the device's dirty target pages). It
-    /// leaves at the next request, when enough is queued, or when the pump
-    /// gets to it, whichever is first.
-    pub(crate) fn post(
+    /// Queues a posted region write (after the device's dirty target
+    /// pages). It leaves at once when `urgent` (a doorbell), when it follows
+    /// no other write closely (a lone write gains nothing from waiting),
+    /// when enough is queued, or at the next request; otherwise the pump
+    /// sends it, together with whatever was queued meanwhile.
+    pub(crate) fn post_write(
         &self,
-        sync: Option<(u32, &Target)>,
-        msg: &Message,
+        handle: u32,
+        target: &Target,
+        region: u32,
+        offset: u64,
+        data: &[u8],
+        urgent: bool,
     ) -> Result<(), ClientError> {
         self.check_open()?;
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let isolated =
+            now.saturating_sub(self.last_post.swap(now, Ordering::Relaxed)) > ISOLATED_NS;
         let mut out = lock(&self.tx);
         let was_empty = out.is_empty();
-        if let Some((handle, target)) = sync {
-            Self::push_dirty(&mut out, handle, target, None);
-        }
-        out.push(msg, 0);
-        if !self.batch_writes || out.len() >= FLUSH_THRESHOLD {
+        Self::push_dirty(&mut out, handle, target, None);
+        out.push_region_write(handle, region, offset, data);
+        if !self.batch_writes || urgent || out.len() >= FLUSH_THRESHOLD || (was_empty && isolated) {
             self.write_out(&mut out)?;
         } else if was_empty {
             let _ = self.kick.write(1);
@@ -277,6 +295,13 @@ impl Inner {
     }
 
     fn wait_reply(&self, seq: u64) -> Result<Message, ClientError> {
+        self.readers.fetch_add(1, Ordering::AcqRel);
+        let r = self.read_until_reply(seq);
+        self.readers.fetch_sub(1, Ordering::AcqRel);
+        r
+    }
+
+    fn read_until_reply(&self, seq: u64) -> Result<Message, ClientError> {
         let mut rx = lock(&self.rx);
         loop {
             if let Some(m) = rx.replies.remove(&seq) {
@@ -368,8 +393,7 @@ impl Inner {
     }
 
     /// Reads whatever is there without blocking (pump side).
-    fn pump_read(&self) -> bool {
-        let mut rx = lock(&self.rx);
+    fn pump_read(&self, mut rx: MutexGuard<'_, Rx>) -> bool {
         loop {
             if rx.closed.is_some() {
                 return false;
@@ -395,27 +419,57 @@ impl Inner {
         }
     }
 
+    /// Sends queued posted writes once the writer has stopped adding to
+    /// them for a moment: a burst leaves in few large batches (the writer
+    /// itself sends every 64 KiB), its tail shortly after it ends.
+    fn flush_when_quiet(&self) {
+        loop {
+            let before = lock(&self.tx).len();
+            if before == 0 {
+                return;
+            }
+            std::thread::sleep(COALESCE);
+            let mut out = lock(&self.tx);
+            if out.len() == before {
+                if let Err(e) = self.write_out(&mut out) {
+                    debug!("event pump: {e}");
+                }
+                return;
+            }
+        }
+    }
+
     fn pump(self: Arc<Self>) {
         loop {
-            let ready = match sys::poll_readable(&[&self.conn, &self.kick, &self.stop], None) {
+            // A caller waiting for its reply reads and dispatches everything
+            // itself; watching the socket meanwhile would only wake this
+            // thread for each reply and make it fight the caller for the lock.
+            let watch = self.readers.load(Ordering::Acquire) == 0;
+            let polled = if watch {
+                sys::poll_readable(&[&self.stop, &self.kick, &self.conn], None)
+            } else {
+                sys::poll_readable(&[&self.stop, &self.kick], Some(PUMP_RECHECK))
+            };
+            let ready = match polled {
                 Ok(r) => r,
                 Err(e) => {
                     warn!("event pump: poll failed: {e}");
                     return;
                 }
             };
-            if ready[2] {
+            if ready[0] {
                 return;
             }
             if ready[1] {
                 let _ = self.kick.read();
-                let mut out = lock(&self.tx);
-                if let Err(e) = self.write_out(&mut out) {
-                    debug!("event pump: {e}");
-                }
+                self.flush_when_quiet();
             }
-            if ready[0] && !self.pump_read() {
-                return;
+            if ready.get(2) == Some(&true) {
+                if let Ok(rx) = self.rx.try_lock() {
+                    if !self.pump_read(rx) {
+                        return;
+                    }
+                }
             }
         }
     }
@@ -581,6 +635,9 @@ impl Client {
             kick: EventFd::new(EFD_NONBLOCK).map_err(spawn_err)?,
             stop: EventFd::new(EFD_NONBLOCK).map_err(spawn_err)?,
             stopping: AtomicBool::new(false),
+            readers: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            last_post: AtomicU64::new(0),
         });
         let pump_inner = Arc::clone(&inner);
         let pump = std::thread::Builder::new()

@@ -27,6 +27,9 @@ pub struct RemoteDevice {
     handle: u32,
     info: DeviceInfo,
     target: Arc<Target>,
+    /// Registers whose writes start device work (from the hw profile):
+    /// those writes are sent at once instead of being batched.
+    doorbells: Vec<(u32, u64)>,
 }
 
 impl RemoteDevice {
@@ -36,11 +39,25 @@ impl RemoteDevice {
         info: DeviceInfo,
         target: Arc<Target>,
     ) -> Self {
+        let doorbells = cio_hw_profiles::Profile::builtin_for(info.vendor, info.device)
+            .map(|p| {
+                p.bars
+                    .iter()
+                    .flat_map(|b| {
+                        b.registers
+                            .iter()
+                            .filter(|r| r.doorbell)
+                            .map(|r| (b.index, r.offset))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         Self {
             shared,
             handle,
             info,
             target,
+            doorbells,
         }
     }
 
@@ -98,16 +115,11 @@ impl Device for RemoteDevice {
 
     fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
         self.info.check_access(region, offset, data.len(), true)?;
-        let msg = Message::RegionWrite {
-            handle: self.handle,
-            region,
-            offset,
-            data: Bytes::copy_from_slice(data),
-        };
+        let urgent = self.doorbells.contains(&(region, offset));
         Ok(self
             .shared
             .inner
-            .post(Some((self.handle, &self.target)), &msg)?)
+            .post_write(self.handle, &self.target, region, offset, data, urgent)?)
     }
 
     fn set_irqs(&mut self, kind: IrqKind, start: u32, fds: &[EventFd]) -> Result<(), DeviceError> {

@@ -54,6 +54,17 @@ impl OutQueue {
         seq
     }
 
+    /// Queues a posted region write straight from `data`; returns its
+    /// sequence number.
+    pub fn push_region_write(&mut self, handle: u32, region: u32, offset: u64, data: &[u8]) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let before = self.head.len();
+        cio_core::wire::encode_region_write(seq, handle, region, offset, data, &mut self.head);
+        self.queued += self.head.len() - before;
+        seq
+    }
+
     /// Sequence number the next frame will get.
     pub fn next_seq(&self) -> u64 {
         self.next_seq

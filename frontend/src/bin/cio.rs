@@ -68,6 +68,9 @@ enum Cmd {
         /// Where to write the results as JSON.
         #[arg(long, value_name = "FILE", default_value = "cio-bench.json")]
         json: PathBuf,
+        /// Run only these measurements (comma-separated: P1,P2,P3,P4,P7).
+        #[arg(long, value_delimiter = ',', value_name = "IDS")]
+        only: Vec<String>,
     },
 }
 
@@ -151,7 +154,8 @@ fn run(args: Args) -> Result<(), String> {
             quick,
             transport,
             json,
-        } => bench(quick, transport, &json),
+            only,
+        } => bench(quick, transport, &json, only),
     }
 }
 
@@ -280,7 +284,12 @@ fn describe(info: &DeviceInfo) -> String {
     s
 }
 
-fn bench(quick: bool, transport: TransportArg, json: &std::path::Path) -> Result<(), String> {
+fn bench(
+    quick: bool,
+    transport: TransportArg,
+    json: &std::path::Path,
+    only: Vec<String>,
+) -> Result<(), String> {
     use cio_frontend::bench::{self, Transport};
     let transports = match transport {
         TransportArg::Tcp => vec![Transport::Tcp],
@@ -297,9 +306,16 @@ fn bench(quick: bool, transport: TransportArg, json: &std::path::Path) -> Result
         }
     );
     println!("{}", bench::header());
-    let report = bench::run(&bench::Options { quick, transports }, |r| {
-        println!("{}", bench::format_row(r));
-    })?;
+    let report = bench::run(
+        &bench::Options {
+            quick,
+            transports,
+            only,
+        },
+        |r| {
+            println!("{}", bench::format_row(r));
+        },
+    )?;
     let text = serde_json::to_string_pretty(&report).map_err(|e| format!("encoding JSON: {e}"))?;
     std::fs::write(json, text).map_err(|e| format!("writing {}: {e}", json.display()))?;
     let missed = report.rows.iter().filter(|r| !r.met).count();
