@@ -221,7 +221,7 @@ fn reject(conn: Conn, max: usize) {
         0,
     );
     let _ = conn.set_write_timeout(Some(Duration::from_millis(200)));
-    let _ = q.write_to(&conn);
+    let _ = q.write_to(&conn, Some(Duration::from_millis(200)));
 }
 
 /// A running server. Dropping it shuts the server down.

@@ -18,8 +18,8 @@ use bytes::Bytes;
 use cio_core::wire::{
     AuthMethod, ErrorCode, IrqAction, Message, FEATURES, MAX_DMA_CHUNK, NONCE_LEN, PROTOCOL_VERSION,
 };
-use cio_core::{DeviceError, DmaRegion, DmaSpace, EventFd, Frame, FrameDecoder, IrqKind};
-use cio_transports::{auth, Conn, OutQueue, Psk};
+use cio_core::{DeviceError, DmaRegion, DmaSpace, EventFd, Frame, IrqKind};
+use cio_transports::{auth, Conn, FrameReader, OutQueue, Psk};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::{debug, info, warn};
@@ -155,7 +155,7 @@ pub struct Session {
     peer: String,
     poll: Poll,
     shared: Arc<Shared>,
-    decoder: FrameDecoder,
+    reader: FrameReader,
     out: OutQueue,
     state: State,
     handles: BTreeMap<u32, OpenDevice>,
@@ -200,7 +200,7 @@ impl Session {
                 peer,
                 poll,
                 shared,
-                decoder: FrameDecoder::new(),
+                reader: FrameReader::new(),
                 out: OutQueue::new(),
                 state: State::Hello,
                 handles: BTreeMap::new(),
@@ -293,7 +293,7 @@ impl Session {
                     return end;
                 }
             }
-            if let Err(e) = self.out.write_to(&self.conn) {
+            if let Err(e) = self.out.write_to(&self.conn, None) {
                 return End::clean(format!("peer vanished while sending to it: {e}"));
             }
         }
@@ -305,10 +305,19 @@ impl Session {
             if self.out.len() >= self.shared.limits.max_queued_bytes {
                 return Ok(()); // resume once the peer drains our replies
             }
-            let want = self.decoder.wanted().max(64 * 1024);
-            match self.conn.recv_into(self.decoder.buffer(), want, true) {
-                Ok(0) => {
-                    return Err(if self.decoder.has_partial() {
+            // Large pushes of target memory go straight into the shadow.
+            let handles = &self.handles;
+            let resolve = |handle: u32, iova: u64, len: usize| {
+                let d = handles.get(&handle)?;
+                let (region, off) = d.dma.resolve(iova, len as u64).ok()?;
+                region
+                    .dir()
+                    .device_reads()
+                    .then(|| (Arc::clone(region), off))
+            };
+            match self.reader.recv(&self.conn, None, &resolve) {
+                Ok(got) if got.bytes == 0 => {
+                    return Err(if self.reader.has_partial() {
                         End {
                             reason: "peer vanished in the middle of a frame".into(),
                             protocol_error: true,
@@ -317,9 +326,9 @@ impl Session {
                         End::clean("peer closed the connection")
                     })
                 }
-                Ok(n) => {
+                Ok(got) => {
                     loop {
-                        match self.decoder.next_frame() {
+                        match self.reader.next_frame() {
                             Ok(Some(frame)) => self.handle(frame)?,
                             Ok(None) => break,
                             Err(e) => {
@@ -331,7 +340,7 @@ impl Session {
                     // instead of paying for a recv that returns EAGAIN. Not
                     // when the peer's FIN came with this event: it raises no
                     // later edge, so read on until end of stream.
-                    if n < want && !self.peer_closing {
+                    if got.drained && !self.peer_closing {
                         self.read_pending = false;
                         return Ok(());
                     }
@@ -616,7 +625,7 @@ impl Session {
         // Best effort: let the peer read why we ended.
         if !self.out.is_empty() && self.conn.set_nonblocking(false).is_ok() {
             let _ = self.conn.set_write_timeout(Some(Duration::from_secs(1)));
-            let _ = self.out.write_to(&self.conn);
+            let _ = self.out.write_to(&self.conn, Some(Duration::from_secs(1)));
         }
         let _ = self.conn.shutdown();
     }
@@ -848,15 +857,8 @@ impl Session {
                     }
                     None => (0, region.len()),
                 };
-                for run in region.take_dirty(off, len, MAX_DMA_CHUNK) {
-                    self.out.push(
-                        &Message::DmaData {
-                            handle,
-                            iova: region.iova() + run.offset,
-                            data: Bytes::from(run.data),
-                        },
-                        0,
-                    );
+                for (run, n) in region.take_dirty_runs(off, len, MAX_DMA_CHUNK) {
+                    self.out.push_dma_region(handle, region, run, n);
                 }
             }
         }

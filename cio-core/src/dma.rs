@@ -273,10 +273,40 @@ impl DmaRegion {
         self.lock().dirty_pages
     }
 
+    /// Runs `f` on the bytes at `offset..offset+len` without marking them
+    /// dirty: for applying data received from the other side in place.
+    pub fn with_mut_clean<R>(
+        &self,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Result<R, DmaError> {
+        self.check(offset, len)?;
+        let mut g = self.lock();
+        let o = offset as usize;
+        Ok(f(&mut g.mem[o..o + len]))
+    }
+
+    /// Runs `f` on the bytes at `offset..offset+len`: for sending them
+    /// without a copy. Other users of the region wait meanwhile, so `f`
+    /// must not block.
+    pub fn with_slice<R>(
+        &self,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, DmaError> {
+        self.check(offset, len)?;
+        let g = self.lock();
+        let o = offset as usize;
+        Ok(f(&g.mem[o..o + len]))
+    }
+
     /// Takes the dirty pages inside `offset..offset+len` (whole pages that
-    /// touch the range), clears their dirty bits and returns their contents
-    /// as runs of contiguous pages no longer than `max_run` bytes.
-    pub fn take_dirty(&self, offset: u64, len: u64, max_run: usize) -> Vec<DirtyRun> {
+    /// touch the range), clears their dirty bits and returns them as
+    /// `(offset, length)` runs of contiguous pages no longer than `max_run`
+    /// bytes. The caller sends the bytes of each run.
+    pub fn take_dirty_runs(&self, offset: u64, len: u64, max_run: usize) -> Vec<(u64, usize)> {
         let mut g = self.lock();
         if g.dirty_pages == 0 || len == 0 || offset >= self.len {
             return Vec::new();
@@ -309,13 +339,23 @@ impl DmaRegion {
                 g.dirty_pages -= 1;
                 page += 1;
             }
-            let (s, e) = ((start * PAGE_SIZE) as usize, (page * PAGE_SIZE) as usize);
-            runs.push(DirtyRun {
-                offset: s as u64,
-                data: g.mem[s..e].to_vec(),
-            });
+            runs.push((start * PAGE_SIZE, ((page - start) * PAGE_SIZE) as usize));
         }
         runs
+    }
+
+    /// Like [`take_dirty_runs`](Self::take_dirty_runs), with a copy of the
+    /// bytes of each run.
+    pub fn take_dirty(&self, offset: u64, len: u64, max_run: usize) -> Vec<DirtyRun> {
+        self.take_dirty_runs(offset, len, max_run)
+            .into_iter()
+            .map(|(offset, len)| DirtyRun {
+                offset,
+                data: self
+                    .with_slice(offset, len, <[u8]>::to_vec)
+                    .expect("runs lie inside the region"),
+            })
+            .collect()
     }
 
     /// Takes every dirty page; see [`take_dirty`](Self::take_dirty).

@@ -11,7 +11,7 @@ pub use device::{
     Device, DeviceError, DeviceInfo, IrqInfo, IrqKind, RegionInfo, RegionKind, CONFIG_REGION,
 };
 pub use dma::{DmaDir, DmaError, DmaRegion, DmaSpace, PAGE_SIZE};
-pub use wire::{ErrorCode, Frame, FrameDecoder, Message, WireError};
+pub use wire::{DmaHead, ErrorCode, Frame, FrameDecoder, Message, WireError};
 
 /// Eventfd type used for interrupt delivery throughout cio.
 pub use vmm_sys_util::eventfd::EventFd;

@@ -947,6 +947,20 @@ fn decode_info(r: &mut Rd<'_>) -> Result<DeviceInfo, WireError> {
     })
 }
 
+/// A `DmaData` frame whose payload is still arriving; see
+/// [`FrameDecoder::dma_head`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmaHead {
+    /// Device handle.
+    pub handle: u32,
+    /// IOVA of the first payload byte.
+    pub iova: u64,
+    /// Payload length.
+    pub len: usize,
+    /// Payload bytes already buffered.
+    pub buffered: usize,
+}
+
 /// Splits a byte stream into frames. Feed it with [`buffer`](Self::buffer)
 /// and call [`next_frame`](Self::next_frame) until it returns `None`.
 ///
@@ -990,6 +1004,49 @@ impl FrameDecoder {
     /// True if bytes of an incomplete frame are buffered.
     pub fn has_partial(&self) -> bool {
         !self.buf.is_empty()
+    }
+
+    /// If the buffer starts with the header and fixed fields of a valid
+    /// `DmaData` frame whose payload (at least `min_payload` bytes) has not
+    /// fully arrived, describes it, so that a reader can receive the rest of
+    /// the payload straight into DMA memory. Anything unusual about the frame
+    /// returns `None`: it then goes through [`next_frame`](Self::next_frame)
+    /// and its checks like any other.
+    pub fn dma_head(&self, min_payload: usize) -> Option<DmaHead> {
+        const FIXED: usize = 16;
+        if self.buf.len() < HEADER_LEN + FIXED {
+            return None;
+        }
+        let mut h = &self.buf[..HEADER_LEN + FIXED];
+        let body = h.get_u32_le() as usize;
+        let kind = h.get_u16_le();
+        let flags = h.get_u16_le();
+        let seq = h.get_u64_le();
+        let _reply_to = h.get_u64_le();
+        let handle = h.get_u32_le();
+        let iova = h.get_u64_le();
+        let len = h.get_u32_le() as usize;
+        let valid = kind == kind::DMA_DATA
+            && flags == 0
+            && seq == self.next_seq
+            && body == FIXED + len
+            && (min_payload..=MAX_DMA_CHUNK).contains(&len)
+            && self.buf.len() < HEADER_LEN + body;
+        valid.then(|| DmaHead {
+            handle,
+            iova,
+            len,
+            buffered: self.buf.len() - HEADER_LEN - FIXED,
+        })
+    }
+
+    /// Consumes the frame [`dma_head`](Self::dma_head) described (it must
+    /// have just returned `Some`) and returns the part of its payload that is
+    /// already buffered; the reader receives the rest itself.
+    pub fn begin_direct(&mut self) -> Bytes {
+        self.buf.advance(HEADER_LEN + 16);
+        self.next_seq += 1;
+        self.buf.split().freeze()
     }
 
     /// The next complete frame, `None` if more bytes are needed, or the
@@ -1191,6 +1248,59 @@ mod tests {
             .expect("payload split off");
         head.extend_from_slice(&tail);
         assert_eq!(head, plain);
+    }
+
+    #[test]
+    fn dma_head_describes_only_valid_incomplete_large_frames() {
+        let mut out = BytesMut::new();
+        Message::Ok.encode(1, 0, &mut out);
+        Message::DmaData {
+            handle: 3,
+            iova: 0x9000,
+            data: Bytes::from(vec![7; 100_000]),
+        }
+        .encode(2, 0, &mut out);
+        let mut d = FrameDecoder::new();
+        let first = HEADER_LEN;
+        d.buffer()
+            .extend_from_slice(&out[..first + HEADER_LEN + 16 + 10]);
+        // The Ok frame comes first: no DMA head until it is consumed.
+        assert_eq!(d.dma_head(1), None);
+        assert_eq!(d.next_frame().unwrap().unwrap().msg, Message::Ok);
+        let head = d.dma_head(65536).expect("large, incomplete DmaData");
+        assert_eq!(
+            head,
+            DmaHead {
+                handle: 3,
+                iova: 0x9000,
+                len: 100_000,
+                buffered: 10
+            }
+        );
+        assert_eq!(d.dma_head(200_000), None, "below the size threshold");
+        let prefix = d.begin_direct();
+        assert_eq!(&prefix[..], &[7; 10]);
+        assert!(!d.has_partial());
+        // The next frame must carry sequence number 3.
+        let mut more = BytesMut::new();
+        Message::Goodbye.encode(3, 0, &mut more);
+        d.buffer().extend_from_slice(&more);
+        assert_eq!(d.next_frame().unwrap().unwrap().msg, Message::Goodbye);
+    }
+
+    #[test]
+    fn dma_head_leaves_inconsistent_frames_to_the_normal_checks() {
+        let mut d = FrameDecoder::new();
+        let b = d.buffer();
+        b.put_u32_le(16 + 5000); // body
+        b.put_u16_le(kind::DMA_DATA);
+        b.put_u16_le(0);
+        b.put_u64_le(1);
+        b.put_u64_le(0);
+        b.put_u32_le(1);
+        b.put_u64_le(0);
+        b.put_u32_le(9000); // payload length disagrees with the body length
+        assert_eq!(d.dma_head(1), None);
     }
 
     #[test]

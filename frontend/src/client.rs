@@ -16,8 +16,8 @@ use bytes::Bytes;
 use cio_core::wire::{
     AuthMethod, DeviceSummary, ErrorCode, Message, FEATURES, MAX_DMA_CHUNK, PROTOCOL_VERSION,
 };
-use cio_core::{DeviceError, DmaSpace, EventFd, FrameDecoder, IrqKind};
-use cio_transports::{auth, sys, Conn, Endpoint, OutQueue, Psk};
+use cio_core::{DeviceError, DmaRegion, DmaSpace, EventFd, FrameDecoder, IrqKind};
+use cio_transports::{auth, sys, Conn, Endpoint, FrameReader, OutQueue, Psk};
 use tracing::{debug, warn};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
@@ -138,7 +138,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[derive(Debug)]
 struct Rx {
-    decoder: FrameDecoder,
+    reader: FrameReader,
     replies: HashMap<u64, Message>,
     posted_errors: Vec<(u64, ErrorCode, String)>,
     closed: Option<String>,
@@ -187,17 +187,18 @@ impl Inner {
                 Some(_) => continue,
                 None => (0, region.len()),
             };
-            for run in region.take_dirty(off, len, MAX_DMA_CHUNK) {
-                out.push(
-                    &Message::DmaData {
-                        handle,
-                        iova: region.iova() + run.offset,
-                        data: Bytes::from(run.data),
-                    },
-                    0,
-                );
+            for (run, n) in region.take_dirty_runs(off, len, MAX_DMA_CHUNK) {
+                out.push_dma_region(handle, region, run, n);
             }
         }
+    }
+
+    /// Where a pulled `DmaData` payload goes, for direct receives.
+    fn resolve(&self, handle: u32, iova: u64, len: usize) -> Option<(Arc<DmaRegion>, u64)> {
+        let target = self.target(handle)?;
+        let dma = lock(&target.dma);
+        let (region, off) = dma.resolve(iova, len as u64).ok()?;
+        Some((Arc::clone(region), off))
     }
 
     fn check_open(&self) -> Result<(), ClientError> {
@@ -208,7 +209,7 @@ impl Inner {
     }
 
     fn write_out(&self, out: &mut OutQueue) -> Result<(), ClientError> {
-        out.write_to(&self.conn)
+        out.write_to(&self.conn, Some(self.reply_timeout))
             .map(|_| ())
             .map_err(|e| ClientError::Disconnected(format!("sending: {e}")))
     }
@@ -310,9 +311,14 @@ impl Inner {
             if let Some(why) = &rx.closed {
                 return Err(ClientError::Disconnected(why.clone()));
             }
-            let want = rx.decoder.wanted().max(64 * 1024);
-            match self.conn.recv_into(rx.decoder.buffer(), want, false) {
-                Ok(0) => rx.closed = Some("backend closed the connection".into()),
+            let resolve = |h, iova, len| self.resolve(h, iova, len);
+            match rx
+                .reader
+                .recv(&self.conn, Some(self.reply_timeout), &resolve)
+            {
+                Ok(got) if got.bytes == 0 => {
+                    rx.closed = Some("backend closed the connection".into())
+                }
                 Ok(_) => self.dispatch(&mut rx)?,
                 Err(e)
                     if matches!(
@@ -331,7 +337,7 @@ impl Inner {
     /// Handles every complete frame in the receive buffer.
     fn dispatch(&self, rx: &mut Rx) -> Result<(), ClientError> {
         loop {
-            let frame = match rx.decoder.next_frame() {
+            let frame = match rx.reader.next_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => return Ok(()),
                 Err(e) => {
@@ -398,9 +404,9 @@ impl Inner {
             if rx.closed.is_some() {
                 return false;
             }
-            let want = rx.decoder.wanted().max(64 * 1024);
-            match self.conn.recv_into(rx.decoder.buffer(), want, true) {
-                Ok(0) => {
+            let resolve = |h, iova, len| self.resolve(h, iova, len);
+            match rx.reader.recv(&self.conn, None, &resolve) {
+                Ok(got) if got.bytes == 0 => {
                     rx.closed = Some("backend closed the connection".into());
                     return false;
                 }
@@ -568,7 +574,7 @@ impl Client {
             0,
         );
         let send = |out: &mut OutQueue| {
-            out.write_to(&conn)
+            out.write_to(&conn, Some(opts.reply_timeout))
                 .map_err(|e| ClientError::Disconnected(format!("handshake: {e}")))
         };
         send(&mut out)?;
@@ -625,7 +631,7 @@ impl Client {
             batch_writes: opts.batch_writes,
             tx: Mutex::new(out),
             rx: Mutex::new(Rx {
-                decoder: dec,
+                reader: FrameReader::from_decoder(dec),
                 replies: HashMap::new(),
                 posted_errors: Vec::new(),
                 closed: None,

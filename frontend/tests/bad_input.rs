@@ -383,7 +383,7 @@ fn backend_vanishing_mid_request_gives_the_caller_an_error() {
             },
             hello.seq,
         );
-        out.write_to(&conn).unwrap();
+        out.write_to(&conn, Some(Duration::from_secs(5))).unwrap();
         let open = next(&mut dec);
         out.push(
             &Message::Opened {
@@ -392,7 +392,7 @@ fn backend_vanishing_mid_request_gives_the_caller_an_error() {
             },
             open.seq,
         );
-        out.write_to(&conn).unwrap();
+        out.write_to(&conn, Some(Duration::from_secs(5))).unwrap();
         let _read = next(&mut dec);
         // Half a reply, then the process "crashes".
         let mut partial = BytesMut::new();

@@ -10,12 +10,14 @@ pub mod auth;
 mod conn;
 mod endpoint;
 mod out;
+mod reader;
 pub mod sys;
 
 pub use auth::Psk;
 pub use conn::{Conn, Listener};
 pub use endpoint::{Endpoint, DEFAULT_PORT};
 pub use out::OutQueue;
+pub use reader::{FrameReader, Received, Resolve, DIRECT_MIN};
 
 /// Transport errors.
 #[derive(Debug, thiserror::Error)]

@@ -1,19 +1,53 @@
 //! The send side: frames queue up and leave in batches, one vectored write
-//! for many frames, large DMA payloads without a copy.
+//! for many frames, DMA payloads straight from DMA memory without a copy.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use cio_core::Message;
+use cio_core::{DmaRegion, Message};
 
-use crate::Conn;
+use crate::{sys, Conn};
+
+/// Queued bytes: encoded frames, or a span of DMA memory sent as it is
+/// when its turn comes.
+#[derive(Debug)]
+enum Chunk {
+    Bytes(Bytes),
+    Region {
+        region: Arc<DmaRegion>,
+        offset: u64,
+        len: usize,
+    },
+}
+
+impl Chunk {
+    fn len(&self) -> usize {
+        match self {
+            Self::Bytes(b) => b.len(),
+            Self::Region { len, .. } => *len,
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        match self {
+            Self::Bytes(b) => b.advance(n),
+            Self::Region { offset, len, .. } => {
+                *offset += n as u64;
+                *len -= n;
+            }
+        }
+    }
+}
 
 /// Frames waiting to be sent, and the sender's sequence counter.
 #[derive(Debug)]
 pub struct OutQueue {
     head: BytesMut,
-    chunks: VecDeque<Bytes>,
+    chunks: VecDeque<Chunk>,
     queued: usize,
     next_seq: u64,
 }
@@ -46,8 +80,9 @@ impl OutQueue {
         let before = self.head.len();
         if let Some(payload) = msg.encode_vectored(seq, reply_to, &mut self.head) {
             self.queued += self.head.len() - before + payload.len();
-            self.chunks.push_back(self.head.split().freeze());
-            self.chunks.push_back(payload);
+            self.chunks
+                .push_back(Chunk::Bytes(self.head.split().freeze()));
+            self.chunks.push_back(Chunk::Bytes(payload));
         } else {
             self.queued += self.head.len() - before;
         }
@@ -62,6 +97,38 @@ impl OutQueue {
         let before = self.head.len();
         cio_core::wire::encode_region_write(seq, handle, region, offset, data, &mut self.head);
         self.queued += self.head.len() - before;
+        seq
+    }
+
+    /// Queues a `DmaData` frame carrying `len` bytes of `region` from
+    /// `offset`, read from the region when the frame is sent (so the newest
+    /// bytes go, and none are copied); returns its sequence number.
+    pub fn push_dma_region(
+        &mut self,
+        handle: u32,
+        region: &Arc<DmaRegion>,
+        offset: u64,
+        len: usize,
+    ) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let before = self.head.len();
+        cio_core::wire::encode_dma_data_head(
+            seq,
+            0,
+            handle,
+            region.iova() + offset,
+            len,
+            &mut self.head,
+        );
+        self.queued += self.head.len() - before + len;
+        self.chunks
+            .push_back(Chunk::Bytes(self.head.split().freeze()));
+        self.chunks.push_back(Chunk::Region {
+            region: Arc::clone(region),
+            offset,
+            len,
+        });
         seq
     }
 
@@ -80,24 +147,57 @@ impl OutQueue {
         self.queued == 0
     }
 
-    /// Writes as much as the socket takes without blocking (or everything,
-    /// on a blocking socket). Returns true once the queue is empty.
-    pub fn write_to(&mut self, conn: &Conn) -> io::Result<bool> {
+    /// Writes the queue. With `wait` = `None` it writes what the socket
+    /// takes without blocking and returns whether the queue is empty; with
+    /// a timeout it writes everything (on a blocking socket), waiting at
+    /// most that long each time the socket is full.
+    ///
+    /// DMA memory is sent without blocking while its region is locked, and
+    /// waited for with the lock released, so a full socket never keeps the
+    /// region from the thread that receives into it.
+    pub fn write_to(&mut self, conn: &Conn, wait: Option<Duration>) -> io::Result<bool> {
         if !self.head.is_empty() {
-            self.chunks.push_back(self.head.split().freeze());
+            self.chunks
+                .push_back(Chunk::Bytes(self.head.split().freeze()));
         }
-        while !self.chunks.is_empty() {
-            let iov: Vec<IoSlice<'_>> = self
-                .chunks
-                .iter()
-                .take(MAX_IOV)
-                .map(|c| IoSlice::new(c))
-                .collect();
-            let n = match (&*conn).write_vectored(&iov) {
+        while let Some(front) = self.chunks.front() {
+            let sent = match front {
+                Chunk::Region {
+                    region,
+                    offset,
+                    len,
+                } => region
+                    .with_slice(*offset, *len, |s| sys::send_nonblocking(conn.as_fd(), s))
+                    .map_err(io::Error::other)?,
+                Chunk::Bytes(_) => {
+                    let iov: Vec<IoSlice<'_>> = self
+                        .chunks
+                        .iter()
+                        .take(MAX_IOV)
+                        .map_while(|c| match c {
+                            Chunk::Bytes(b) => Some(IoSlice::new(b)),
+                            Chunk::Region { .. } => None,
+                        })
+                        .collect();
+                    (&*conn).write_vectored(&iov)
+                }
+            };
+            let n = match sent {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => match wait {
+                    None => return Ok(false),
+                    Some(t) => {
+                        if !sys::poll_writable(conn.as_fd(), t)? {
+                            return Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                format!("peer took no data for {t:?}"),
+                            ));
+                        }
+                        continue;
+                    }
+                },
                 Err(e) => return Err(e),
             };
             self.queued -= n;
@@ -140,7 +240,9 @@ mod tests {
         q.push(&Message::Ok, 7);
         let total = q.len();
         let writer = std::thread::spawn(move || {
-            assert!(q.write_to(&a).unwrap());
+            assert!(q
+                .write_to(&a, Some(std::time::Duration::from_secs(5)))
+                .unwrap());
             assert!(q.is_empty());
         });
         let mut d = FrameDecoder::new();

@@ -91,7 +91,10 @@ impl Raw {
 
     pub fn send(&mut self, m: &cio_core::Message) -> u64 {
         let seq = self.out.push(m, 0);
-        assert!(self.out.write_to(&self.conn).unwrap());
+        assert!(self
+            .out
+            .write_to(&self.conn, Some(Duration::from_secs(5)))
+            .unwrap());
         seq
     }
 
