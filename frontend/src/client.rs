@@ -5,7 +5,7 @@
 //! Replies are read by the thread that waits for them (no hand-off between
 //! threads on the read path); the pump reads only when no caller does.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -139,7 +139,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 struct Rx {
     reader: FrameReader,
-    replies: HashMap<u64, Message>,
+    /// Replies read by another thread than the one waiting for them (few:
+    /// a short list beats hashing on the request path).
+    replies: Vec<(u64, Message)>,
     posted_errors: Vec<(u64, ErrorCode, String)>,
     closed: Option<String>,
 }
@@ -154,7 +156,8 @@ pub(crate) struct Inner {
     batch_writes: bool,
     tx: Mutex<OutQueue>,
     rx: Mutex<Rx>,
-    pending: Mutex<HashSet<u64>>,
+    /// Requests sent and not yet answered (usually one).
+    pending: Mutex<Vec<u64>>,
     pub(crate) targets: Mutex<HashMap<u32, Arc<Target>>>,
     kick: EventFd,
     stop: EventFd,
@@ -271,25 +274,17 @@ impl Inner {
                 Self::push_dirty(&mut out, handle, target, None);
             }
             let seq = out.next_seq();
-            lock(&self.pending).insert(seq);
+            lock(&self.pending).push(seq);
             out.push(msg, 0);
             if let Err(e) = self.write_out(&mut out) {
-                lock(&self.pending).remove(&seq);
+                lock(&self.pending).retain(|s| *s != seq);
                 return Err(e);
             }
             seq
         };
         let reply = self.wait_reply(seq);
-        lock(&self.pending).remove(&seq);
-        let reply = reply?;
-        let mut rx = lock(&self.rx);
-        // Posted frames sent before this request failed: report it now.
-        if let Some(pos) = rx.posted_errors.iter().position(|(s, _, _)| *s < seq) {
-            let (seq, code, message) = rx.posted_errors.remove(pos);
-            return Err(DeviceError::Posted { seq, code, message }.into());
-        }
-        drop(rx);
-        match reply {
+        lock(&self.pending).retain(|s| *s != seq);
+        match reply? {
             Message::Error { code, message } => Err(ClientError::Server { code, message }),
             other => Ok(other),
         }
@@ -302,10 +297,18 @@ impl Inner {
         r
     }
 
+    /// Reads until the reply to `seq` is there. Posted frames sent before
+    /// the request that failed are reported instead (they were answered
+    /// first, since the backend handles frames in order).
     fn read_until_reply(&self, seq: u64) -> Result<Message, ClientError> {
         let mut rx = lock(&self.rx);
         loop {
-            if let Some(m) = rx.replies.remove(&seq) {
+            if let Some(i) = rx.replies.iter().position(|(s, _)| *s == seq) {
+                let (_, m) = rx.replies.swap_remove(i);
+                if let Some(pos) = rx.posted_errors.iter().position(|(s, _, _)| *s < seq) {
+                    let (seq, code, message) = rx.posted_errors.remove(pos);
+                    return Err(DeviceError::Posted { seq, code, message }.into());
+                }
                 return Ok(m);
             }
             if let Some(why) = &rx.closed {
@@ -385,7 +388,7 @@ impl Inner {
                 Message::Goodbye => rx.closed = Some("backend said goodbye".into()),
                 msg if frame.reply_to != 0 => {
                     if lock(&self.pending).contains(&frame.reply_to) {
-                        rx.replies.insert(frame.reply_to, msg);
+                        rx.replies.push((frame.reply_to, msg));
                     } else if let Message::Error { code, message } = msg {
                         warn!("posted frame {} failed: {message}", frame.reply_to);
                         rx.posted_errors.push((frame.reply_to, code, message));
@@ -632,11 +635,11 @@ impl Client {
             tx: Mutex::new(out),
             rx: Mutex::new(Rx {
                 reader: FrameReader::from_decoder(dec),
-                replies: HashMap::new(),
+                replies: Vec::new(),
                 posted_errors: Vec::new(),
                 closed: None,
             }),
-            pending: Mutex::new(HashSet::new()),
+            pending: Mutex::new(Vec::new()),
             targets: Mutex::new(HashMap::new()),
             kick: EventFd::new(EFD_NONBLOCK).map_err(spawn_err)?,
             stop: EventFd::new(EFD_NONBLOCK).map_err(spawn_err)?,

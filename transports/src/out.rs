@@ -170,16 +170,14 @@ impl OutQueue {
                     .with_slice(*offset, *len, |s| sys::send_nonblocking(conn.as_fd(), s))
                     .map_err(io::Error::other)?,
                 Chunk::Bytes(_) => {
-                    let iov: Vec<IoSlice<'_>> = self
-                        .chunks
-                        .iter()
-                        .take(MAX_IOV)
-                        .map_while(|c| match c {
-                            Chunk::Bytes(b) => Some(IoSlice::new(b)),
-                            Chunk::Region { .. } => None,
-                        })
-                        .collect();
-                    (&*conn).write_vectored(&iov)
+                    let mut iov = [IoSlice::new(&[]); MAX_IOV];
+                    let mut n = 0;
+                    for c in self.chunks.iter().take(MAX_IOV) {
+                        let Chunk::Bytes(b) = c else { break };
+                        iov[n] = IoSlice::new(b);
+                        n += 1;
+                    }
+                    (&*conn).write_vectored(&iov[..n])
                 }
             };
             let n = match sent {
