@@ -92,44 +92,41 @@ impl FrameReader {
             }
         }
         let Some(d) = &mut self.direct else {
-            let want = self.decoder.wanted().max(64 * 1024);
+            // Never more than 64 KiB into the frame buffer: a large DmaData
+            // payload then goes (almost) entirely straight to its region.
+            let want = self.decoder.wanted().clamp(1, 64 * 1024);
             let n = conn.recv_into(self.decoder.buffer(), want, wait.is_none())?;
             return Ok(Received {
                 bytes: n,
                 drained: n < want,
             });
         };
-        loop {
-            // Never block while the region is locked: another thread may
-            // need it to make progress.
-            let r = d
-                .region
-                .with_mut_clean(d.offset, d.left, |s| sys::recv_nonblocking(conn.as_fd(), s))
-                .map_err(io::Error::other)?;
-            match r {
-                Ok(n) => {
-                    let asked = d.left;
-                    d.offset += n as u64;
-                    d.left -= n;
-                    if d.left == 0 {
-                        self.direct = None;
-                    }
-                    return Ok(Received {
-                        bytes: n,
-                        drained: n < asked,
-                    });
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => match wait {
-                    None => return Err(e),
-                    Some(t) => {
-                        if !sys::poll_readable(&[conn], Some(t))?[0] {
-                            return Err(io::ErrorKind::TimedOut.into());
-                        }
-                    }
-                },
-                Err(e) => return Err(e),
+        // A non-blocking caller never waits while the region is locked. A
+        // blocking one may: the rest of this frame is already on its way
+        // and nothing the sender does depends on this region.
+        let r = d
+            .region
+            .with_mut_clean(d.offset, d.left, |s| {
+                sys::recv_slice(conn.as_fd(), s, wait.is_none())
+            })
+            .map_err(io::Error::other)?;
+        let n = match r {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && wait.is_some() => {
+                return Err(io::ErrorKind::TimedOut.into())
             }
+            r => r?,
+        };
+        let asked = d.left;
+        d.offset += n as u64;
+        d.left -= n;
+        // At end of stream the frame stays unfinished (has_partial says so).
+        if d.left == 0 {
+            self.direct = None;
         }
+        Ok(Received {
+            bytes: n,
+            drained: n < asked,
+        })
     }
 }
 

@@ -96,9 +96,11 @@ pub fn send_nonblocking(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
     }
 }
 
-/// Receives into `buf` without waiting (`MSG_DONTWAIT`). `Ok(0)` is end of
+/// Receives into `buf`; with `nonblocking`, without waiting
+/// (`MSG_DONTWAIT`), otherwise as the socket's mode says. `Ok(0)` is end of
 /// stream.
-pub fn recv_nonblocking(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+pub fn recv_slice(fd: BorrowedFd<'_>, buf: &mut [u8], nonblocking: bool) -> io::Result<usize> {
+    let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
     loop {
         // SAFETY: `buf` is a valid writable slice of `buf.len()` bytes for
         // the duration of the call; recv writes at most that many bytes.
@@ -107,7 +109,7 @@ pub fn recv_nonblocking(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize>
                 fd.as_raw_fd(),
                 buf.as_mut_ptr().cast::<libc::c_void>(),
                 buf.len(),
-                libc::MSG_DONTWAIT,
+                flags,
             )
         };
         if n >= 0 {
