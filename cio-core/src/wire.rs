@@ -991,16 +991,6 @@ impl FrameDecoder {
         &mut self.buf
     }
 
-    /// Bytes still needed to complete the frame at the head of the buffer
-    /// (at least 1 when nothing is buffered); readers use it to size reads.
-    pub fn wanted(&self) -> usize {
-        if self.buf.len() < HEADER_LEN {
-            return HEADER_LEN - self.buf.len();
-        }
-        let body = u32::from_le_bytes(self.buf[0..4].try_into().expect("4 bytes")) as usize;
-        (HEADER_LEN + body.min(MAX_BODY)).saturating_sub(self.buf.len())
-    }
-
     /// True if bytes of an incomplete frame are buffered.
     pub fn has_partial(&self) -> bool {
         !self.buf.is_empty()

@@ -92,9 +92,10 @@ impl FrameReader {
             }
         }
         let Some(d) = &mut self.direct else {
-            // Never more than 64 KiB into the frame buffer: a large DmaData
-            // payload then goes (almost) entirely straight to its region.
-            let want = self.decoder.wanted().clamp(1, 64 * 1024);
+            // Up to 64 KiB into the frame buffer, never more: a large
+            // DmaData payload then goes (almost) entirely straight to its
+            // region.
+            let want = 64 * 1024;
             let n = conn.recv_into(self.decoder.buffer(), want, wait.is_none())?;
             return Ok(Received {
                 bytes: n,
@@ -135,6 +136,25 @@ mod tests {
     use super::*;
     use crate::OutQueue;
     use cio_core::{DmaDir, Message, PAGE_SIZE};
+
+    #[test]
+    fn one_receive_takes_many_small_frames_at_once() {
+        let (a, b) = Conn::pair().unwrap();
+        let mut q = OutQueue::new();
+        for i in 0..1000 {
+            q.push_region_write(1, 0, i * 4, &[0; 4]);
+        }
+        let total = q.len();
+        assert!(q.write_to(&a, Some(Duration::from_secs(5))).unwrap());
+        let mut r = FrameReader::new();
+        let got = r.recv(&b, Some(Duration::from_secs(5)), &|_, _, _| None).unwrap();
+        assert_eq!(got.bytes, total.min(64 * 1024), "one recv, not one per frame");
+        let mut n = 0;
+        while r.next_frame().unwrap().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 1000);
+    }
 
     #[test]
     fn large_dma_payloads_land_in_their_region_and_framing_continues() {
