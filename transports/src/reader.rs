@@ -147,8 +147,14 @@ mod tests {
         let total = q.len();
         assert!(q.write_to(&a, Some(Duration::from_secs(5))).unwrap());
         let mut r = FrameReader::new();
-        let got = r.recv(&b, Some(Duration::from_secs(5)), &|_, _, _| None).unwrap();
-        assert_eq!(got.bytes, total.min(64 * 1024), "one recv, not one per frame");
+        let got = r
+            .recv(&b, Some(Duration::from_secs(5)), &|_, _, _| None)
+            .unwrap();
+        assert_eq!(
+            got.bytes,
+            total.min(64 * 1024),
+            "one recv, not one per frame"
+        );
         let mut n = 0;
         while r.next_frame().unwrap().is_some() {
             n += 1;
