@@ -1293,6 +1293,81 @@ mod tests {
         assert_eq!(d.dma_head(1), None);
     }
 
+    /// xorshift64*: deterministic pseudo-random bytes without a dependency.
+    fn rng(seed: u64) -> impl FnMut() -> u64 {
+        let mut x = seed.max(1);
+        move || {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+    }
+
+    #[test]
+    fn decoding_arbitrary_bodies_never_panics() {
+        let mut next = rng(0x5eed);
+        let kinds: Vec<u16> = (0..0x80).collect();
+        for i in 0..200_000 {
+            let len = (next() % 96) as usize;
+            let body: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let kind = kinds[i % kinds.len()];
+            // Errors are fine; panics and overlong allocations are not.
+            let _ = Message::decode(kind, Bytes::from(body));
+        }
+    }
+
+    #[test]
+    fn mutated_valid_frames_decode_or_fail_cleanly() {
+        let mut next = rng(42);
+        let mut frames = BytesMut::new();
+        let samples = [
+            Message::Hello {
+                version: 1,
+                features: 3,
+                session: 0,
+                nonce: [1; 32],
+                client: "c".into(),
+            },
+            Message::RegionWrite {
+                handle: 1,
+                region: 0,
+                offset: 8,
+                data: Bytes::from_static(&[1, 2, 3, 4]),
+            },
+            Message::DmaData {
+                handle: 1,
+                iova: 0x1000,
+                data: Bytes::from(vec![3; 300]),
+            },
+            Message::Error {
+                code: ErrorCode::BUSY,
+                message: "x".into(),
+            },
+        ];
+        for (i, m) in samples.iter().enumerate() {
+            m.encode(i as u64 + 1, 0, &mut frames);
+        }
+        for _ in 0..20_000 {
+            let mut b = frames.to_vec();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() as usize) % b.len();
+                b[at] ^= 1 << (next() % 8);
+            }
+            let cut = (next() as usize) % (b.len() + 1);
+            let mut d = FrameDecoder::new();
+            d.buffer().extend_from_slice(&b[..cut]);
+            // Drain until it wants more bytes or reports the stream invalid.
+            for _ in 0..samples.len() + 1 {
+                match d.next_frame() {
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let _ = d.dma_head(1);
+        }
+    }
+
     #[test]
     fn partial_frames_wait_for_more_bytes() {
         let mut out = BytesMut::new();

@@ -425,3 +425,32 @@ fn too_many_sessions_are_refused_with_a_reason() {
     let e = Client::connect(s.endpoint(), common::opts()).unwrap_err();
     assert!(e.to_string().contains("maximum of 1 sessions"), "{e}");
 }
+
+#[test]
+fn random_bytes_after_the_handshake_end_only_that_session() {
+    let s = common::server();
+    let c = common::connect(s.endpoint());
+    let mut held = c.open("edu0").unwrap();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..40 {
+        let mut raw = Raw::ready(s.endpoint());
+        let len = 1 + (round * 37) % 300;
+        let junk: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        raw.send_bytes(&junk);
+        let _ = raw.conn.shutdown();
+        // Whatever the bytes were, the server answers with at most an error
+        // and closes; it never wedges or dies.
+        while raw.recv().is_some() {}
+    }
+    common::assert_idle_except(&s, 1);
+    held.write32(0, 0x04, 7).unwrap();
+    assert_eq!(held.read32(0, 0x04).unwrap(), !7);
+    common::bystander_works(&s);
+}

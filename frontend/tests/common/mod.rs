@@ -158,3 +158,9 @@ pub fn bystander_works(s: &ServerHandle) {
     mem.write64(0, 0x100, 0xfeed_f00d_dead_beef).unwrap();
     assert_eq!(mem.read64(0, 0x100).unwrap(), 0xfeed_f00d_dead_beef);
 }
+
+/// Waits until only `sessions` sessions remain (their devices still open).
+pub fn assert_idle_except(s: &ServerHandle, sessions: usize) {
+    let r = s.wait_stats(Duration::from_secs(10), |st| st.sessions == sessions);
+    assert!(r.is_ok(), "sessions did not end: {:?}", r.unwrap_err());
+}
