@@ -19,7 +19,7 @@ use cio_core::wire::{
     AuthMethod, ErrorCode, IrqAction, Message, FEATURES, MAX_DMA_CHUNK, NONCE_LEN, PROTOCOL_VERSION,
 };
 use cio_core::{DeviceError, DmaRegion, DmaSpace, EventFd, Frame, IrqKind};
-use cio_transports::{auth, Conn, FrameReader, OutQueue, Psk};
+use cio_transports::{auth, Conn, FrameReader, OutQueue, Psk, Side};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::{debug, info, warn};
@@ -136,16 +136,7 @@ impl End {
 type ReqError = (ErrorCode, String);
 
 fn dev_err(code: ErrorCode) -> impl Fn(DeviceError) -> ReqError {
-    move |e| {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
-        (code, msg)
-    }
+    move |e| (code, cio_core::error_chain(&e))
 }
 
 /// A client session.
@@ -421,11 +412,11 @@ impl Session {
             (State::Proof { client, server }, Message::AuthProof { mac }) => {
                 let (client, server) = (*client, *server);
                 let psk = self.shared.psk.as_ref().expect("proof state implies a key");
-                if !psk.verify_client(&client, &server, self.id, &mac) {
+                if !psk.verify(Side::Client, &client, &server, self.id, &mac) {
                     let why = "pre-shared key proof did not verify (wrong key?)".to_string();
                     return Err(self.fatal(ErrorCode::AUTH_FAILED, seq, why));
                 }
-                let mac = psk.server_proof(&client, &server, self.id);
+                let mac = psk.proof(Side::Server, &client, &server, self.id);
                 self.out.push(&Message::AuthOk { mac }, seq);
                 self.state = State::Ready;
                 Ok(())

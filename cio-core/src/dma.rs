@@ -224,32 +224,36 @@ impl DmaRegion {
 
     /// Copies bytes at `offset` into `buf`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-        self.check(offset, buf.len())?;
-        let g = self.lock();
-        let o = offset as usize;
-        buf.copy_from_slice(&g.mem[o..o + buf.len()]);
-        Ok(())
+        self.with_slice(offset, buf.len(), |s| buf.copy_from_slice(s))
     }
 
     /// Writes `data` at `offset` and marks the pages dirty (a local change
     /// the other side has not seen).
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), DmaError> {
-        self.check(offset, data.len())?;
-        let mut g = self.lock();
-        let o = offset as usize;
-        g.mem[o..o + data.len()].copy_from_slice(data);
-        g.mark(offset, data.len() as u64);
-        Ok(())
+        self.with_mut(offset, data.len(), |s| s.copy_from_slice(data))
     }
 
     /// Writes `data` at `offset` received from the other side; not marked
     /// dirty, since both sides now agree.
     pub fn apply(&self, offset: u64, data: &[u8]) -> Result<(), DmaError> {
-        self.check(offset, data.len())?;
+        self.with_mut_clean(offset, data.len(), |s| s.copy_from_slice(data))
+    }
+
+    fn access<R>(
+        &self,
+        offset: u64,
+        len: usize,
+        mark: bool,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Result<R, DmaError> {
+        self.check(offset, len)?;
         let mut g = self.lock();
         let o = offset as usize;
-        g.mem[o..o + data.len()].copy_from_slice(data);
-        Ok(())
+        let r = f(&mut g.mem[o..o + len]);
+        if mark {
+            g.mark(offset, len as u64);
+        }
+        Ok(r)
     }
 
     /// Runs `f` on the bytes at `offset..offset+len` mutably and marks them
@@ -260,17 +264,7 @@ impl DmaRegion {
         len: usize,
         f: impl FnOnce(&mut [u8]) -> R,
     ) -> Result<R, DmaError> {
-        self.check(offset, len)?;
-        let mut g = self.lock();
-        let o = offset as usize;
-        let r = f(&mut g.mem[o..o + len]);
-        g.mark(offset, len as u64);
-        Ok(r)
-    }
-
-    /// Number of dirty pages.
-    pub fn dirty_pages(&self) -> usize {
-        self.lock().dirty_pages
+        self.access(offset, len, true, f)
     }
 
     /// Runs `f` on the bytes at `offset..offset+len` without marking them
@@ -281,10 +275,12 @@ impl DmaRegion {
         len: usize,
         f: impl FnOnce(&mut [u8]) -> R,
     ) -> Result<R, DmaError> {
-        self.check(offset, len)?;
-        let mut g = self.lock();
-        let o = offset as usize;
-        Ok(f(&mut g.mem[o..o + len]))
+        self.access(offset, len, false, f)
+    }
+
+    /// Number of dirty pages.
+    pub fn dirty_pages(&self) -> usize {
+        self.lock().dirty_pages
     }
 
     /// Runs `f` on the bytes at `offset..offset+len`: for sending them

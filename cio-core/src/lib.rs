@@ -15,3 +15,15 @@ pub use wire::{DmaHead, ErrorCode, Frame, FrameDecoder, Message, WireError};
 
 /// Eventfd type used for interrupt delivery throughout cio.
 pub use vmm_sys_util::eventfd::EventFd;
+
+/// An error and all its sources, as one `a: b: c` line for people.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

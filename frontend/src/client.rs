@@ -17,7 +17,7 @@ use cio_core::wire::{
     AuthMethod, DeviceSummary, ErrorCode, Message, FEATURES, MAX_DMA_CHUNK, PROTOCOL_VERSION,
 };
 use cio_core::{DeviceError, DmaRegion, DmaSpace, EventFd, FrameDecoder, IrqKind};
-use cio_transports::{auth, sys, Conn, Endpoint, FrameReader, OutQueue, Psk};
+use cio_transports::{auth, sys, Conn, Endpoint, FrameReader, OutQueue, Psk, Side};
 use tracing::{debug, warn};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
@@ -608,12 +608,18 @@ impl Client {
             (AuthMethod::None, Some(_)) => return Err(ClientError::ServerNotAuthenticated),
             (AuthMethod::PreSharedKey, None) => return Err(ClientError::KeyRequired),
             (AuthMethod::PreSharedKey, Some(psk)) => {
-                let mac = psk.client_proof(&client_nonce, &server_nonce, session);
+                let mac = psk.proof(Side::Client, &client_nonce, &server_nonce, session);
                 out.push(&Message::AuthProof { mac }, 0);
                 send(&mut out)?;
                 match read_handshake(&conn, &mut dec)?.msg {
                     Message::AuthOk { mac }
-                        if psk.verify_server(&client_nonce, &server_nonce, session, &mac) => {}
+                        if psk.verify(
+                            Side::Server,
+                            &client_nonce,
+                            &server_nonce,
+                            session,
+                            &mac,
+                        ) => {}
                     Message::AuthOk { .. } => return Err(ClientError::BadServerProof),
                     m => {
                         return Err(ClientError::Protocol(format!(

@@ -52,13 +52,18 @@ impl Psk {
         Self::new(key)
     }
 
+    /// `HMAC(key, label | own nonce | peer nonce | session)` for `side`.
     fn mac(
         &self,
-        label: &[u8],
-        first: &[u8; NONCE_LEN],
-        second: &[u8; NONCE_LEN],
+        side: Side,
+        client: &[u8; NONCE_LEN],
+        server: &[u8; NONCE_LEN],
         session: u64,
     ) -> Hmac<Sha256> {
+        let (label, first, second) = match side {
+            Side::Client => (&b"cio-v1 client"[..], client, server),
+            Side::Server => (&b"cio-v1 server"[..], server, client),
+        };
         let mut m = Hmac::<Sha256>::new_from_slice(&self.0).expect("hmac takes keys of any length");
         m.update(label);
         m.update(first);
@@ -67,57 +72,42 @@ impl Psk {
         m
     }
 
-    /// The client's proof.
-    pub fn client_proof(
+    /// The proof `side` sends.
+    pub fn proof(
         &self,
+        side: Side,
         client: &[u8; NONCE_LEN],
         server: &[u8; NONCE_LEN],
         session: u64,
     ) -> [u8; NONCE_LEN] {
-        self.mac(b"cio-v1 client", client, server, session)
+        self.mac(side, client, server, session)
             .finalize()
             .into_bytes()
             .into()
     }
 
-    /// The server's proof.
-    pub fn server_proof(
+    /// Checks, in constant time, a proof `side` sent.
+    pub fn verify(
         &self,
-        client: &[u8; NONCE_LEN],
-        server: &[u8; NONCE_LEN],
-        session: u64,
-    ) -> [u8; NONCE_LEN] {
-        self.mac(b"cio-v1 server", server, client, session)
-            .finalize()
-            .into_bytes()
-            .into()
-    }
-
-    /// Checks a client's proof in constant time.
-    pub fn verify_client(
-        &self,
+        side: Side,
         client: &[u8; NONCE_LEN],
         server: &[u8; NONCE_LEN],
         session: u64,
         proof: &[u8; NONCE_LEN],
     ) -> bool {
-        self.mac(b"cio-v1 client", client, server, session)
+        self.mac(side, client, server, session)
             .verify_slice(proof)
             .is_ok()
     }
+}
 
-    /// Checks a server's proof in constant time.
-    pub fn verify_server(
-        &self,
-        client: &[u8; NONCE_LEN],
-        server: &[u8; NONCE_LEN],
-        session: u64,
-        proof: &[u8; NONCE_LEN],
-    ) -> bool {
-        self.mac(b"cio-v1 server", server, client, session)
-            .verify_slice(proof)
-            .is_ok()
-    }
+/// Which end of the handshake a proof belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The connecting side.
+    Client,
+    /// The listening side.
+    Server,
 }
 
 /// A fresh random nonce.
@@ -136,14 +126,14 @@ mod tests {
         let k = Psk::new(*b"0123456789abcdef").unwrap();
         let other = Psk::new(*b"0123456789abcdeX").unwrap();
         let (c, s) = (nonce().unwrap(), nonce().unwrap());
-        let p = k.client_proof(&c, &s, 1);
-        assert!(k.verify_client(&c, &s, 1, &p));
-        assert!(!other.verify_client(&c, &s, 1, &p));
-        assert!(!k.verify_client(&s, &c, 1, &p));
-        assert!(!k.verify_client(&c, &s, 2, &p));
+        let p = k.proof(Side::Client, &c, &s, 1);
+        assert!(k.verify(Side::Client, &c, &s, 1, &p));
+        assert!(!other.verify(Side::Client, &c, &s, 1, &p));
+        assert!(!k.verify(Side::Client, &s, &c, 1, &p));
+        assert!(!k.verify(Side::Client, &c, &s, 2, &p));
         // A client proof is not a server proof.
-        assert!(!k.verify_server(&c, &s, 1, &p));
-        assert!(k.verify_server(&c, &s, 1, &k.server_proof(&c, &s, 1)));
+        assert!(!k.verify(Side::Server, &c, &s, 1, &p));
+        assert!(k.verify(Side::Server, &c, &s, 1, &k.proof(Side::Server, &c, &s, 1)));
     }
 
     #[test]
@@ -155,7 +145,10 @@ mod tests {
         std::fs::remove_file(&dir).unwrap();
         let b = Psk::new(*b"0123456789abcdef").unwrap();
         let (c, s) = ([1; 32], [2; 32]);
-        assert_eq!(a.client_proof(&c, &s, 0), b.client_proof(&c, &s, 0));
+        assert_eq!(
+            a.proof(Side::Client, &c, &s, 0),
+            b.proof(Side::Client, &c, &s, 0)
+        );
         assert!(matches!(
             Psk::from_file(Path::new("/nonexistent/key")),
             Err(Error::KeyFile { .. })

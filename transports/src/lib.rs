@@ -13,7 +13,7 @@ mod out;
 mod reader;
 pub mod sys;
 
-pub use auth::Psk;
+pub use auth::{Psk, Side};
 pub use conn::{Conn, Listener};
 pub use endpoint::{Endpoint, DEFAULT_PORT};
 pub use out::OutQueue;

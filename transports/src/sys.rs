@@ -7,6 +7,20 @@ use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 
+/// Runs a syscall returning a byte count or -1, retrying on EINTR.
+fn retry(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        let n = call();
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
 /// Receives up to `want` bytes from `fd` into the spare capacity of `buf`,
 /// without zero-filling it first. With `nonblocking`, returns `WouldBlock`
 /// instead of waiting, whatever the socket's own mode. `Ok(0)` is end of
@@ -21,28 +35,20 @@ pub fn recv_into(
     let spare = buf.chunk_mut();
     let len = spare.len().min(want.max(1));
     let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
-    loop {
-        // SAFETY: `spare` is writable, uninitialised capacity owned by `buf`
-        // of at least `len` bytes; recv writes at most `len` bytes into it and
-        // the fd is valid for the duration of the borrow.
-        let n = unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                spare.as_mut_ptr().cast::<libc::c_void>(),
-                len,
-                flags,
-            )
-        };
-        if n >= 0 {
-            // SAFETY: recv initialised exactly `n` bytes of the spare capacity.
-            unsafe { buf.advance_mut(n as usize) };
-            return Ok(n as usize);
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
+    // SAFETY: `spare` is writable, uninitialised capacity owned by `buf` of
+    // at least `len` bytes; recv writes at most `len` bytes into it and the
+    // fd is valid for the duration of the borrow.
+    let n = retry(|| unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            spare.as_mut_ptr().cast::<libc::c_void>(),
+            len,
+            flags,
+        )
+    })?;
+    // SAFETY: recv initialised exactly `n` bytes of the spare capacity.
+    unsafe { buf.advance_mut(n) };
+    Ok(n)
 }
 
 /// Waits until one of `fds` is readable (or hung up), or `timeout` passes.
@@ -75,25 +81,16 @@ pub fn poll_readable(fds: &[&dyn AsRawFd], timeout: Option<Duration>) -> io::Res
 /// Sends from `data` without waiting (`MSG_DONTWAIT`, and no SIGPIPE),
 /// whatever the socket's own mode.
 pub fn send_nonblocking(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `data` is a valid readable slice of `data.len()` bytes for
-        // the duration of the call; send only reads from it.
-        let n = unsafe {
-            libc::send(
-                fd.as_raw_fd(),
-                data.as_ptr().cast::<libc::c_void>(),
-                data.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
+    // SAFETY: `data` is a valid readable slice of `data.len()` bytes for the
+    // duration of the call; send only reads from it.
+    retry(|| unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            data.as_ptr().cast::<libc::c_void>(),
+            data.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    })
 }
 
 /// Receives into `buf`; with `nonblocking`, without waiting
@@ -101,25 +98,16 @@ pub fn send_nonblocking(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
 /// stream.
 pub fn recv_slice(fd: BorrowedFd<'_>, buf: &mut [u8], nonblocking: bool) -> io::Result<usize> {
     let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
-    loop {
-        // SAFETY: `buf` is a valid writable slice of `buf.len()` bytes for
-        // the duration of the call; recv writes at most that many bytes.
-        let n = unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr().cast::<libc::c_void>(),
-                buf.len(),
-                flags,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
+    // SAFETY: `buf` is a valid writable slice of `buf.len()` bytes for the
+    // duration of the call; recv writes at most that many bytes.
+    retry(|| unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast::<libc::c_void>(),
+            buf.len(),
+            flags,
+        )
+    })
 }
 
 /// Waits until `fd` can take more data (or has failed), or `timeout`

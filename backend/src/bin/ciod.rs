@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use cio_backend::{DeviceSpec, FileConfig, Limits, Server, ServerConfig};
+use cio_core::error_chain;
 use cio_transports::{Endpoint, Psk, DEFAULT_PORT};
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -65,17 +66,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
-
 fn run(args: Args) -> Result<(), String> {
     let file = match &args.config {
         Some(p) => FileConfig::load(p)?,
@@ -92,16 +82,16 @@ fn run(args: Args) -> Result<(), String> {
         .listen
         .or(file.listen.clone())
         .unwrap_or_else(|| format!("127.0.0.1:{DEFAULT_PORT}"));
-    let listen: Endpoint = listen.parse().map_err(|e| chain(&e))?;
+    let listen: Endpoint = listen.parse().map_err(|e| error_chain(&e))?;
     let psk = match args.psk_file.as_ref().or(file.psk_file.as_ref()) {
-        Some(p) => Some(Psk::from_file(p).map_err(|e| chain(&e))?),
+        Some(p) => Some(Psk::from_file(p).map_err(|e| error_chain(&e))?),
         None => None,
     };
     let mut devices = Vec::new();
     for s in &specs {
         let d = s
             .build()
-            .map_err(|e| format!("building {s:?}: {}", chain(&e)))?;
+            .map_err(|e| format!("building {s:?}: {}", error_chain(&e)))?;
         info!(device = %d.info().name, "serving {:04x}:{:04x}", d.info().vendor, d.info().device);
         devices.push(d);
     }
@@ -111,10 +101,10 @@ fn run(args: Args) -> Result<(), String> {
         devices,
         limits: Limits::default(),
     })
-    .map_err(|e| chain(&e))?;
+    .map_err(|e| error_chain(&e))?;
     let mut signals =
         Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("installing signal handlers: {e}"))?;
-    let handle = server.spawn().map_err(|e| chain(&e))?;
+    let handle = server.spawn().map_err(|e| error_chain(&e))?;
     if let Some(sig) = signals.forever().next() {
         info!("signal {sig}: shutting down");
     }

@@ -1,7 +1,10 @@
 //! An emulated type-0 PCI configuration header with write masks, BAR sizing
 //! and an optional MSI capability, shared by the emulated models.
 
-use cio_core::device::{REGION_64BIT, REGION_PREFETCH};
+use cio_core::device::{
+    REGION_64BIT, REGION_PREFETCH, REGION_READ, REGION_WRITE, WIDTH_1, WIDTH_2, WIDTH_4,
+};
+use cio_core::{DeviceInfo, IrqInfo, RegionInfo, RegionKind, CONFIG_REGION};
 
 /// Size of emulated config space.
 pub const CONFIG_SIZE: usize = 256;
@@ -27,6 +30,34 @@ pub struct Identity {
     pub class: u32,
     /// Revision.
     pub revision: u8,
+}
+
+impl Identity {
+    /// The description of a function with this identity, served as `name`.
+    pub fn info(&self, name: &str, regions: Vec<RegionInfo>, irqs: Vec<IrqInfo>) -> DeviceInfo {
+        DeviceInfo {
+            name: name.to_owned(),
+            vendor: self.vendor,
+            device: self.device,
+            subsystem_vendor: self.subsystem_vendor,
+            subsystem_device: self.subsystem_device,
+            class: self.class,
+            revision: self.revision,
+            regions,
+            irqs,
+        }
+    }
+}
+
+/// The region description of emulated config space.
+pub fn region_info() -> RegionInfo {
+    RegionInfo {
+        index: CONFIG_REGION,
+        kind: RegionKind::Config,
+        size: CONFIG_SIZE as u64,
+        flags: REGION_READ | REGION_WRITE,
+        widths: WIDTH_1 | WIDTH_2 | WIDTH_4,
+    }
 }
 
 /// A memory BAR: size (power of two, ≥ 16) and `REGION_*` flags.

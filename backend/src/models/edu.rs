@@ -30,13 +30,13 @@
 
 use std::sync::Arc;
 
-use cio_core::device::{REGION_READ, REGION_WRITE, WIDTH_1, WIDTH_2, WIDTH_4, WIDTH_8};
+use cio_core::device::{REGION_READ, REGION_WRITE, WIDTH_4, WIDTH_8};
 use cio_core::{
     Device, DeviceError, DeviceInfo, DmaRegion, DmaSpace, EventFd, IrqInfo, IrqKind, RegionInfo,
     RegionKind, CONFIG_REGION,
 };
 
-use super::config_space::{Bar, ConfigSpace, Identity, CONFIG_SIZE};
+use super::config_space::{self, Bar, ConfigSpace, Identity};
 use super::irq::IrqLines;
 
 /// PCI vendor id of QEMU's emulated devices.
@@ -119,15 +119,9 @@ impl Edu {
             class: 0x00ff00,
             revision: 0x10,
         };
-        let info = DeviceInfo {
-            name: name.to_owned(),
-            vendor: id.vendor,
-            device: id.device,
-            subsystem_vendor: id.subsystem_vendor,
-            subsystem_device: id.subsystem_device,
-            class: id.class,
-            revision: id.revision,
-            regions: vec![
+        let info = id.info(
+            name,
+            vec![
                 RegionInfo {
                     index: 0,
                     kind: RegionKind::Mmio,
@@ -135,15 +129,9 @@ impl Edu {
                     flags: REGION_READ | REGION_WRITE,
                     widths: WIDTH_4 | WIDTH_8,
                 },
-                RegionInfo {
-                    index: CONFIG_REGION,
-                    kind: RegionKind::Config,
-                    size: CONFIG_SIZE as u64,
-                    flags: REGION_READ | REGION_WRITE,
-                    widths: WIDTH_1 | WIDTH_2 | WIDTH_4,
-                },
+                config_space::region_info(),
             ],
-            irqs: vec![
+            vec![
                 IrqInfo {
                     kind: IrqKind::Intx,
                     count: 1,
@@ -153,7 +141,7 @@ impl Edu {
                     count: 1,
                 },
             ],
-        };
+        );
         let bars = [Bar {
             index: 0,
             size: BAR0_SIZE,

@@ -29,7 +29,7 @@ use cio_core::{
 };
 use memmap2::MmapMut;
 
-use super::config_space::{Bar, ConfigSpace, Identity, CONFIG_SIZE};
+use super::config_space::{self, Bar, ConfigSpace, Identity};
 use super::irq::IrqLines;
 
 /// Vendor id (QEMU's test range).
@@ -94,15 +94,9 @@ impl Memory {
             revision: 1,
         };
         let flags = REGION_PREFETCH | REGION_64BIT;
-        let info = DeviceInfo {
-            name: name.to_owned(),
-            vendor: id.vendor,
-            device: id.device,
-            subsystem_vendor: id.subsystem_vendor,
-            subsystem_device: id.subsystem_device,
-            class: id.class,
-            revision: id.revision,
-            regions: vec![
+        let info = id.info(
+            name,
+            vec![
                 RegionInfo {
                     index: 0,
                     kind: RegionKind::Mmio,
@@ -117,19 +111,13 @@ impl Memory {
                     flags: REGION_READ | REGION_WRITE,
                     widths: WIDTH_4 | WIDTH_8,
                 },
-                RegionInfo {
-                    index: CONFIG_REGION,
-                    kind: RegionKind::Config,
-                    size: CONFIG_SIZE as u64,
-                    flags: REGION_READ | REGION_WRITE,
-                    widths: WIDTH_1 | WIDTH_2 | WIDTH_4,
-                },
+                config_space::region_info(),
             ],
-            irqs: vec![IrqInfo {
+            vec![IrqInfo {
                 kind: IrqKind::Msi,
                 count: 1,
             }],
-        };
+        );
         let bars = [
             Bar {
                 index: 0,

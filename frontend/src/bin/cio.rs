@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use cio_backend::models::Edu;
 use cio_backend::{Limits, Server, ServerConfig};
+use cio_core::error_chain;
 use cio_core::{DeviceInfo, RegionKind};
 use cio_frontend::drivers::edu;
 use cio_frontend::{Client, ClientOptions};
@@ -99,19 +100,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
-
 fn connect(host: &str, psk: &Option<Psk>) -> Result<Client, String> {
-    let ep: Endpoint = host.parse().map_err(|e| chain(&e))?;
+    let ep: Endpoint = host.parse().map_err(|e| error_chain(&e))?;
     Client::connect(
         &ep,
         ClientOptions {
@@ -119,18 +109,18 @@ fn connect(host: &str, psk: &Option<Psk>) -> Result<Client, String> {
             ..ClientOptions::default()
         },
     )
-    .map_err(|e| chain(&e))
+    .map_err(|e| error_chain(&e))
 }
 
 fn run(args: Args) -> Result<(), String> {
     let psk = match &args.psk_file {
-        Some(p) => Some(Psk::from_file(p).map_err(|e| chain(&e))?),
+        Some(p) => Some(Psk::from_file(p).map_err(|e| error_chain(&e))?),
         None => None,
     };
     match args.cmd {
         Cmd::List { host } => {
             let client = connect(&host, &psk)?;
-            let devices = client.list().map_err(|e| chain(&e))?;
+            let devices = client.list().map_err(|e| error_chain(&e))?;
             if devices.is_empty() {
                 println!("no devices");
             }
@@ -145,7 +135,7 @@ fn run(args: Args) -> Result<(), String> {
         }
         Cmd::Info { host, device } => {
             let client = connect(&host, &psk)?;
-            let dev = client.open(&device).map_err(|e| chain(&e))?;
+            let dev = client.open(&device).map_err(|e| error_chain(&e))?;
             print!("{}", describe(cio_core::Device::info(&dev)));
             Ok(())
         }
@@ -335,21 +325,21 @@ fn demo() -> Result<(), String> {
         limits: Limits::default(),
     })
     .and_then(|s| s.spawn())
-    .map_err(|e| chain(&e))?;
+    .map_err(|e| error_chain(&e))?;
     let ep = server.endpoint().clone();
     println!("embedded ciod serving an emulated edu on {ep}");
-    let client = Client::connect(&ep, ClientOptions::default()).map_err(|e| chain(&e))?;
+    let client = Client::connect(&ep, ClientOptions::default()).map_err(|e| error_chain(&e))?;
     println!("connected over TCP: session {}", client.session());
-    for d in client.list().map_err(|e| chain(&e))? {
+    for d in client.list().map_err(|e| error_chain(&e))? {
         println!("  listed {} ({:04x}:{:04x})", d.name, d.vendor, d.device);
     }
-    let mut dev = client.open("edu0").map_err(|e| chain(&e))?;
+    let mut dev = client.open("edu0").map_err(|e| error_chain(&e))?;
     println!("opened edu0:");
     for line in describe(cio_core::Device::info(&dev)).lines().take(5) {
         println!("  {line}");
     }
-    let report =
-        edu::self_test(&mut dev, 0x10_0000, |step| println!("  {step}")).map_err(|e| chain(&e))?;
+    let report = edu::self_test(&mut dev, 0x10_0000, |step| println!("  {step}"))
+        .map_err(|e| error_chain(&e))?;
     let msi = dev.irq_events();
     drop(dev);
     drop(client);

@@ -11,39 +11,21 @@ use cio_core::{
 use cio_transports::sys;
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
-/// edu register offsets (BAR0).
-pub mod reg {
-    #![allow(missing_docs)]
-    pub const ID: u64 = 0x00;
-    pub const LIVENESS: u64 = 0x04;
-    pub const FACTORIAL: u64 = 0x08;
-    pub const STATUS: u64 = 0x20;
-    pub const IRQ_STATUS: u64 = 0x24;
-    pub const IRQ_RAISE: u64 = 0x60;
-    pub const IRQ_ACK: u64 = 0x64;
-    pub const DMA_SRC: u64 = 0x80;
-    pub const DMA_DST: u64 = 0x88;
-    pub const DMA_COUNT: u64 = 0x90;
-    pub const DMA_CMD: u64 = 0x98;
-}
-
-/// Identification register value.
-pub const EDU_ID: u32 = 0x0100_00ed;
+// The register map is the device's, shared with the emulated model.
 /// Device buffer address in the DMA engine's address space.
-pub const EDU_BUFFER: u64 = 0x40000;
+pub use cio_backend::models::edu::DMA_START as EDU_BUFFER;
+/// Identification register value.
+pub use cio_backend::models::edu::ID as EDU_ID;
+pub use cio_backend::models::edu::{reg, DMA_IRQ, FACT_IRQ};
+use cio_backend::models::edu::{
+    DMA_IRQ_ENABLE as CMD_IRQ, DMA_RUN as CMD_RUN, DMA_TO_RAM as CMD_TO_RAM, STATUS_COMPUTING,
+    STATUS_IRQFACT,
+};
+
 /// Largest transfer this driver issues (QEMU 7.2 rejects a full 4096).
 pub const MAX_TRANSFER: u64 = 4095;
-/// Interrupt status bit after a factorial.
-pub const FACT_IRQ: u32 = 0x1;
-/// Interrupt status bit after a DMA.
-pub const DMA_IRQ: u32 = 0x100;
 
 const BAR0: u32 = 0;
-const STATUS_COMPUTING: u32 = 0x1;
-const STATUS_IRQFACT: u32 = 0x80;
-const CMD_RUN: u64 = 0x1;
-const CMD_TO_RAM: u64 = 0x2;
-const CMD_IRQ: u64 = 0x4;
 const PCI_COMMAND: u64 = 0x04;
 const PCI_COMMAND_MEMORY: u16 = 0x2;
 const PCI_COMMAND_MASTER: u16 = 0x4;
