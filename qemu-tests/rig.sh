@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Builds the QEMU test rig under target/qemu-rig/ (cached: a second run only
+# rebuilds what changed):
+#   vmlinuz         Debian bookworm's 6.1 kernel, from the package archive
+#   initramfs.gz    busybox, the kernel modules the tests need, a static
+#                   ciod and the init script (qemu-tests/guest-init.sh)
+# Installs qemu-system-x86, busybox-static and cpio with apt if missing.
+# Prints the rig directory on its last line. Fails loudly on any error.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+rig="$root/target/qemu-rig"
+mkdir -p "$rig"
+
+log() { printf 'rig: %s\n' "$*" >&2; }
+
+need_pkgs=()
+command -v qemu-system-x86_64 >/dev/null || need_pkgs+=(qemu-system-x86)
+# (grep without -q: an early exit would SIGPIPE busybox and fail under pipefail)
+{ [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -x insmod >/dev/null; } || need_pkgs+=(busybox-static)
+command -v cpio >/dev/null || need_pkgs+=(cpio)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    log "installing ${need_pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null 2>&1 || {
+        apt-get update -qq >/dev/null
+        apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+    }
+fi
+# busybox-static replaces /bin/busybox with a static build.
+file -L /bin/busybox 2>/dev/null | grep -q "statically linked" || ldd /bin/busybox 2>&1 | grep -q "not a dynamic" || {
+    log "/bin/busybox is not static: install busybox-static"
+    exit 1
+}
+
+# Kernel: the newest 6.1 image package the archive has.
+if [ ! -f "$rig/vmlinuz" ]; then
+    pkg=$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' | awk '{print $1}' | sort -V | tail -n 1)
+    if [ -z "$pkg" ]; then
+        apt-get update -qq >/dev/null
+        pkg=$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' | awk '{print $1}' | sort -V | tail -n 1)
+    fi
+    [ -n "$pkg" ] || { log "no linux-image-6.1.0-*-amd64 package in the archive"; exit 1; }
+    log "kernel package $pkg"
+    rm -rf "$rig/kernel" "$rig"/*.deb
+    (cd "$rig" && apt-get download "$pkg" >/dev/null 2>&1)
+    dpkg-deb -x "$rig"/"$pkg"_*.deb "$rig/kernel"
+    rm -f "$rig"/*.deb
+    cp "$rig"/kernel/boot/vmlinuz-* "$rig/vmlinuz.tmp"
+    mv "$rig/vmlinuz.tmp" "$rig/vmlinuz"
+fi
+kver=$(ls "$rig/kernel/lib/modules" | head -n 1)
+moddir="$rig/kernel/lib/modules/$kver/kernel"
+
+# Static ciod.
+log "building static ciod"
+RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$root/target/static" \
+    cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu -p cio-backend --bin ciod
+ciod="$root/target/static/x86_64-unknown-linux-gnu/release/ciod"
+
+# Modules in load order (dependencies first).
+modules=(
+    virt/lib/irqbypass.ko
+    drivers/vfio/vfio.ko
+    drivers/vfio/vfio_iommu_type1.ko
+    drivers/vfio/vfio_virqfd.ko
+    drivers/vfio/pci/vfio-pci-core.ko
+    drivers/vfio/pci/vfio-pci.ko
+    drivers/virtio/virtio_ring.ko
+    drivers/virtio/virtio.ko
+    drivers/virtio/virtio_pci_legacy_dev.ko
+    drivers/virtio/virtio_pci_modern_dev.ko
+    drivers/virtio/virtio_pci.ko
+    net/core/failover.ko
+    drivers/net/net_failover.ko
+    drivers/net/virtio_net.ko
+)
+
+initrd="$rig/initramfs.gz"
+stamp="$rig/initramfs.inputs"
+inputs=$(sha256sum "$ciod" qemu-tests/guest-init.sh qemu-tests/rig.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$initrd" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$inputs" ]; then
+    log "initramfs up to date"
+else
+    log "building initramfs"
+    tree="$rig/initramfs"
+    rm -rf "$tree"
+    mkdir -p "$tree"/{bin,dev,proc,sys,tmp,modules}
+    cp /bin/busybox "$tree/bin/busybox"
+    cp "$ciod" "$tree/bin/ciod"
+    cp qemu-tests/guest-init.sh "$tree/init"
+    chmod +x "$tree/init"
+    : > "$tree/modules/order"
+    loaded=" "
+    for m in "${modules[@]}"; do
+        [ -f "$moddir/$m" ] || { log "module $m missing from kernel $kver"; exit 1; }
+        # Every dependency must be loaded before it.
+        deps=$(strings "$moddir/$m" | sed -n 's/^depends=//p' | tr ',-' ' _')
+        for d in $deps; do
+            case "$loaded" in *" $d "*) ;; *) log "module $m needs $d loaded first"; exit 1 ;; esac
+        done
+        name=$(basename "$m" .ko)
+        loaded="$loaded${name//-/_} "
+        cp "$moddir/$m" "$tree/modules/"
+        basename "$m" >> "$tree/modules/order"
+    done
+    (cd "$tree" && find . | cpio -o -H newc --quiet | gzip -1 > "$initrd.tmp")
+    mv "$initrd.tmp" "$initrd"
+    echo "$inputs" > "$stamp"
+fi
+echo "$rig"

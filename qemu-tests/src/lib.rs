@@ -1,0 +1,208 @@
+//! The harness for tests that need QEMU guests: boots a guest from the rig
+//! `qemu-tests/rig.sh` builds, collects its serial console, waits for the
+//! `CIO-` marker lines its init prints, and always kills QEMU.
+//!
+//! Tests find the rig through `CIO_QEMU_RIG` (set by `.ci/run`). Without it
+//! they skip with a printed reason on a developer machine, and fail loudly
+//! in CI (`CI=true`), where a missing rig is an error.
+#![deny(missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where the rig is, or why the test cannot run here. Panics in CI.
+pub fn rig() -> Option<PathBuf> {
+    let reason = match std::env::var_os("CIO_QEMU_RIG") {
+        Some(p) => {
+            let p = PathBuf::from(p);
+            if p.join("vmlinuz").is_file() && p.join("initramfs.gz").is_file() {
+                return Some(p);
+            }
+            format!(
+                "CIO_QEMU_RIG={} holds no vmlinuz and initramfs.gz",
+                p.display()
+            )
+        }
+        None => {
+            "CIO_QEMU_RIG is not set (build the rig with qemu-tests/rig.sh and export it)".into()
+        }
+    };
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("QEMU tests cannot run in CI: {reason}");
+    }
+    // Straight to stderr: libtest hides eprintln! of passing tests.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipping QEMU test: {reason}");
+    None
+}
+
+/// A running guest. Dropping it kills QEMU; if the test is failing, the
+/// console is printed first.
+#[derive(Debug)]
+pub struct Guest {
+    child: Child,
+    console: Arc<Mutex<String>>,
+    /// Host port forwarded to the guest's ciod (127.0.0.1 only).
+    pub port: u16,
+    /// Pre-shared key the guest's ciod requires.
+    pub key: String,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // Skip ESC [ ... final byte.
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl Guest {
+    /// Boots a guest with an IOMMU, user networking (restricted, one host
+    /// port forward on 127.0.0.1) and `devices` (QEMU `-device` values).
+    pub fn boot(rig: &std::path::Path, devices: &[&str]) -> Self {
+        let port = free_port();
+        let key = format!("qemu-test-key-{port}-0123456789abcdef");
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-machine",
+            "q35,kernel-irqchip=split",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+        ])
+        .args(["-m", "512", "-smp", "1", "-nographic", "-no-reboot"])
+        .args(["-device", "intel-iommu,intremap=on,caching-mode=on"])
+        .arg("-kernel")
+        .arg(rig.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(rig.join("initramfs.gz"))
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 quiet panic=-1 intel_iommu=on random.trust_cpu=on cio.psk={key}"
+        ))
+        .arg("-netdev")
+        .arg(format!(
+            "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:7451"
+        ))
+        .args(["-device", "virtio-net-pci,netdev=n0"]);
+        for d in devices {
+            cmd.args(["-device", d]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting qemu-system-x86_64");
+        let console = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stdout.take().expect("piped")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("piped")),
+        ] {
+            let console = Arc::clone(&console);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    let mut c = console.lock().unwrap_or_else(|e| e.into_inner());
+                    c.push_str(&strip_ansi(&line));
+                    c.push('\n');
+                }
+            });
+        }
+        Self {
+            child,
+            console,
+            port,
+            key,
+        }
+    }
+
+    /// The console so far, without terminal escapes.
+    pub fn console(&self) -> String {
+        self.console
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Waits until the console has a line containing `marker`; fails with
+    /// the console if it does not appear in `timeout`, QEMU exits, or the
+    /// guest reports `CIO-FAIL`.
+    pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<(), String> {
+        let end = Instant::now() + timeout;
+        loop {
+            let c = self.console();
+            if let Some(l) = c.lines().find(|l| l.contains("CIO-FAIL")) {
+                return Err(format!("guest reported a failure: {l}"));
+            }
+            if c.lines().any(|l| l.contains(marker)) {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("qemu exited ({status}) before {marker:?}"));
+            }
+            if Instant::now() >= end {
+                return Err(format!("no {marker:?} on the console within {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Console lines containing `marker`.
+    pub fn lines_with(&self, marker: &str) -> Vec<String> {
+        self.console()
+            .lines()
+            .filter(|l| l.contains(marker))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- guest console ----\n{}---- end of console ----",
+                self.console()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ansi_sequences_are_removed() {
+        assert_eq!(strip_ansi("\u{1b}[2mtime\u{1b}[0m INFO x"), "time INFO x");
+        assert_eq!(strip_ansi("plain"), "plain");
+    }
+}
