@@ -43,7 +43,11 @@ if [ ! -f "$rig/vmlinuz" ]; then
     [ -n "$pkg" ] || { log "no linux-image-6.1.0-*-amd64 package in the archive"; exit 1; }
     log "kernel package $pkg"
     rm -rf "$rig/kernel" "$rig"/*.deb
-    (cd "$rig" && apt-get download "$pkg" >/dev/null 2>&1)
+    # Stale package lists may name a version the archive no longer has.
+    (cd "$rig" && apt-get download "$pkg" >/dev/null 2>&1) || {
+        apt-get update -qq >/dev/null
+        (cd "$rig" && apt-get download "$pkg" >/dev/null)
+    }
     dpkg-deb -x "$rig"/"$pkg"_*.deb "$rig/kernel"
     rm -f "$rig"/*.deb
     cp "$rig"/kernel/boot/vmlinuz-* "$rig/vmlinuz.tmp"
