@@ -17,6 +17,8 @@ ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up || echo "CIO-FAIL netwo
 # then host port forwards cannot reach it.
 ping -c 1 -W 2 10.0.2.2 >/dev/null 2>&1 || arping -c 1 -I eth0 10.0.2.2 >/dev/null 2>&1
 
+vfio_args=""
+n=0
 for d in /sys/bus/pci/devices/*; do
     if [ "$(cat "$d/vendor")" = 0x1234 ] && [ "$(cat "$d/device")" = 0x11e8 ]; then
         bdf=${d##*/}
@@ -25,6 +27,8 @@ for d in /sys/bus/pci/devices/*; do
         group=$(basename "$(readlink "$d/iommu_group")")
         if [ -e "/dev/vfio/$group" ]; then
             echo "CIO-VFIO $bdf group $group driver $(basename "$(readlink "$d/driver")")"
+            vfio_args="$vfio_args --vfio $bdf=vedu$n"
+            n=$((n + 1))
         else
             echo "CIO-FAIL vfio bind $bdf"
         fi
@@ -36,7 +40,9 @@ for arg in $(cat /proc/cmdline); do
     case "$arg" in cio.psk=*) echo "${arg#cio.psk=}" > /tmp/psk ;; esac
 done
 chmod 600 /tmp/psk
-RUST_LOG=info /bin/ciod --listen 0.0.0.0:7451 --psk-file /tmp/psk --emulate edu &
+# Serves the emulated edu as edu0 and each real one (through VFIO) as veduN.
+# shellcheck disable=SC2086
+RUST_LOG=info /bin/ciod --listen 0.0.0.0:7451 --psk-file /tmp/psk --emulate edu $vfio_args &
 
 # Ready once port 7451 (0x1D1B) is listening.
 i=0

@@ -12,6 +12,11 @@
 //! model = "memory"                # emulated RAM BAR
 //! name = "mem0"
 //! size = "16M"
+//!
+//! [[device]]
+//! model = "vfio"                  # a real function bound to vfio-pci
+//! name = "nic0"
+//! bdf = "0000:00:03.0"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -45,6 +50,8 @@ pub struct DeviceEntry {
     pub name: Option<String>,
     /// BAR size for `memory` (e.g. `"16M"`).
     pub size: Option<String>,
+    /// PCI address for `vfio`.
+    pub bdf: Option<String>,
 }
 
 impl FileConfig {
@@ -60,12 +67,18 @@ impl FileConfig {
         self.devices
             .iter()
             .enumerate()
-            .map(|(i, d)| {
-                DeviceSpec::new(
+            .map(|(i, d)| match (d.model.as_str(), &d.bdf) {
+                ("vfio", Some(bdf)) => DeviceSpec::vfio(bdf, d.name.clone()),
+                ("vfio", None) => Err("a vfio device needs bdf = \"DDDD:BB:DD.F\"".into()),
+                (_, Some(_)) => Err(format!(
+                    "bdf is only for model = \"vfio\", not {:?}",
+                    d.model
+                )),
+                _ => DeviceSpec::new(
                     &d.model,
                     d.name.clone().unwrap_or_else(|| format!("{}{i}", d.model)),
                     d.size.as_deref(),
-                )
+                ),
             })
             .collect()
     }
@@ -86,6 +99,13 @@ pub enum DeviceSpec {
         /// BAR0 size.
         size: u64,
     },
+    /// A real PCI function bound to vfio-pci.
+    Vfio {
+        /// Name.
+        name: String,
+        /// PCI address.
+        bdf: String,
+    },
 }
 
 /// Parses `4096`, `64K`, `16M`, `1G`.
@@ -103,13 +123,34 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid size {s:?} (examples: 4096, 64K, 16M, 1G)"))
 }
 
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 || name.contains(char::is_whitespace) {
+        return Err(format!(
+            "invalid device name {name:?}: 1-64 characters, no spaces"
+        ));
+    }
+    Ok(())
+}
+
 impl DeviceSpec {
-    fn new(model: &str, name: String, size: Option<&str>) -> Result<Self, String> {
-        if name.is_empty() || name.len() > 64 || name.contains(char::is_whitespace) {
-            return Err(format!(
-                "invalid device name {name:?}: 1-64 characters, no spaces"
-            ));
+    /// A VFIO function, served as `name` (default: its PCI address).
+    pub fn vfio(bdf: &str, name: Option<String>) -> Result<Self, String> {
+        let bdf = crate::vfio::parse_bdf(bdf)?;
+        let name = name.unwrap_or_else(|| bdf.clone());
+        check_name(&name)?;
+        Ok(Self::Vfio { name, bdf })
+    }
+
+    /// Parses `BDF[=NAME]` (the `--vfio` flag).
+    pub fn parse_vfio(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((bdf, name)) => Self::vfio(bdf, Some(name.to_owned())),
+            None => Self::vfio(s, None),
         }
+    }
+
+    fn new(model: &str, name: String, size: Option<&str>) -> Result<Self, String> {
+        check_name(&name)?;
         match model {
             "edu" if size.is_none() => Ok(Self::Edu { name }),
             "edu" => Err("the edu model has a fixed size".into()),
@@ -128,6 +169,7 @@ impl DeviceSpec {
         Ok(match self {
             Self::Edu { name } => Box::new(Edu::new(name)),
             Self::Memory { name, size } => Box::new(Memory::new(name, *size)?),
+            Self::Vfio { name, bdf } => Box::new(crate::vfio::VfioPci::open(bdf, name)?),
         })
     }
 }
@@ -196,5 +238,29 @@ mod tests {
             }
         );
         assert!(toml::from_str::<FileConfig>("lisen = \"x\"").is_err());
+    }
+
+    #[test]
+    fn vfio_specs_parse() {
+        assert_eq!(
+            DeviceSpec::parse_vfio("0000:00:02.0=edu1").unwrap(),
+            DeviceSpec::Vfio {
+                name: "edu1".into(),
+                bdf: "0000:00:02.0".into()
+            }
+        );
+        assert_eq!(
+            DeviceSpec::parse_vfio("0000:00:02.0").unwrap(),
+            DeviceSpec::Vfio {
+                name: "0000:00:02.0".into(),
+                bdf: "0000:00:02.0".into()
+            }
+        );
+        assert!(DeviceSpec::parse_vfio("00:02.0").is_err());
+        let c: FileConfig = toml::from_str("[[device]]\nmodel = \"vfio\"\n").unwrap();
+        assert!(c.specs().unwrap_err().contains("needs bdf"));
+        let c: FileConfig =
+            toml::from_str("[[device]]\nmodel = \"edu\"\nbdf = \"0000:00:02.0\"\n").unwrap();
+        assert!(c.specs().unwrap_err().contains("only for"));
     }
 }

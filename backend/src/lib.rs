@@ -8,6 +8,7 @@ pub mod models;
 pub mod registry;
 pub mod server;
 pub mod session;
+pub mod vfio;
 
 pub use config::{DeviceSpec, FileConfig};
 pub use server::{Server, ServerConfig, ServerError, ServerHandle, Stats};

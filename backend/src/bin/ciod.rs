@@ -47,6 +47,13 @@ struct Args {
     /// Repeat for several devices.
     #[arg(short, long, value_name = "SPEC")]
     emulate: Vec<DeviceSpec>,
+
+    /// Serve a real PCI function bound to vfio-pci: BDF[=NAME], e.g.
+    /// 0000:00:02.0=edu0. Bind it first: echo vfio-pci >
+    /// /sys/bus/pci/devices/BDF/driver_override, unbind its driver, then
+    /// echo BDF > /sys/bus/pci/drivers_probe. DMA is not served yet.
+    #[arg(long, value_name = "BDF[=NAME]", value_parser = DeviceSpec::parse_vfio)]
+    vfio: Vec<DeviceSpec>,
 }
 
 fn main() -> ExitCode {
@@ -73,6 +80,7 @@ fn run(args: Args) -> Result<(), String> {
     };
     let mut specs = file.specs()?;
     specs.extend(args.emulate.iter().cloned());
+    specs.extend(args.vfio.iter().cloned());
     if specs.is_empty() {
         return Err(
             "no devices to serve: add --emulate edu or [[device]] tables in --config".into(),
