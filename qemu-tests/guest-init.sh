@@ -17,22 +17,33 @@ ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up || echo "CIO-FAIL netwo
 # then host port forwards cannot reach it.
 ping -c 1 -W 2 10.0.2.2 >/dev/null 2>&1 || arping -c 1 -I eth0 10.0.2.2 >/dev/null 2>&1
 
+# Bind the test devices to vfio-pci; each is served as NAME<index>.
+# For each: its config header as the kernel reads it (sysfs), and a local
+# read of one BAR0 register through VFIO (ciod probe).
 vfio_args=""
-n=0
 for d in /sys/bus/pci/devices/*; do
-    if [ "$(cat "$d/vendor")" = 0x1234 ] && [ "$(cat "$d/device")" = 0x11e8 ]; then
-        bdf=${d##*/}
-        echo vfio-pci > "$d/driver_override"
-        echo "$bdf" > /sys/bus/pci/drivers_probe
-        group=$(basename "$(readlink "$d/iommu_group")")
-        if [ -e "/dev/vfio/$group" ]; then
-            echo "CIO-VFIO $bdf group $group driver $(basename "$(readlink "$d/driver")")"
-            vfio_args="$vfio_args --vfio $bdf=vedu$n"
-            n=$((n + 1))
-        else
-            echo "CIO-FAIL vfio bind $bdf"
-        fi
+    case "$(cat "$d/vendor"):$(cat "$d/device")" in
+        0x1234:0x11e8) name=vedu; off=0; reads=2000 ;;   # QEMU edu: identification
+        0x1b36:0x0010) name=vnvme; off=8; reads=1 ;;     # QEMU nvme: VS
+        0x8086:0x10d3) name=ve1000e; off=8; reads=1 ;;   # e1000e: STATUS
+        *) continue ;;
+    esac
+    eval "i=\${count_$name:-0}"
+    eval "count_$name=$((i + 1))"
+    name="$name$i"
+    bdf=${d##*/}
+    [ -e "$d/driver" ] && echo "$bdf" > "$d/driver/unbind"
+    echo vfio-pci > "$d/driver_override"
+    echo "$bdf" > /sys/bus/pci/drivers_probe
+    group=$(basename "$(readlink "$d/iommu_group")")
+    if [ ! -e "/dev/vfio/$group" ]; then
+        echo "CIO-FAIL vfio bind $bdf"
+        continue
     fi
+    echo "CIO-VFIO $name $bdf group $group driver $(basename "$(readlink "$d/driver")")"
+    echo "CIO-CONFIG $name $(od -An -tx1 -v -N 64 "$d/config" | tr -d ' \n')"
+    echo "CIO-PROBE $name $(/bin/ciod probe "$bdf" --offset $off --reads $reads 2>&1 | tail -n 1)"
+    vfio_args="$vfio_args --vfio $bdf=$name"
 done
 
 # The test key comes on the kernel command line (cio.psk=...).

@@ -24,13 +24,18 @@ use tracing::info;
 ///   ciod --emulate edu                       # edu0 on 127.0.0.1:7451
 ///   ciod --emulate edu --emulate memory:mem0:64M --listen unix:/run/ciod.sock
 ///   ciod --listen 0.0.0.0:7451 --psk-file /etc/cio/key --config /etc/cio/ciod.toml
+///   ciod --vfio 0000:00:02.0=edu0            # a real function bound to vfio-pci
+///   ciod probe 0000:00:02.0 --reads 1000     # check and time it locally first
 ///
 /// Make a key with: head -c 32 /dev/urandom | base64 > key; chmod 600 key
 ///
 /// Log verbosity follows RUST_LOG (e.g. RUST_LOG=debug).
 #[derive(Debug, Parser)]
-#[command(version, verbatim_doc_comment)]
+#[command(version, verbatim_doc_comment, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+
     /// Where to listen: HOST:PORT, tcp:HOST:PORT or unix:PATH [default: 127.0.0.1:7451]
     #[arg(short, long)]
     listen: Option<String>,
@@ -56,6 +61,25 @@ struct Args {
     vfio: Vec<DeviceSpec>,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Open a function bound to vfio-pci here, describe it and time local
+    /// reads of one register (the local baseline for remote reads).
+    Probe {
+        /// PCI address, e.g. 0000:00:02.0.
+        bdf: String,
+        /// Region to read (0-5 for BARs, 7 for config space).
+        #[arg(long, default_value_t = 0)]
+        region: u32,
+        /// Offset of the 4-byte register to read.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// Number of timed reads.
+        #[arg(long, default_value_t = 1000)]
+        reads: usize,
+    },
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -73,7 +97,47 @@ fn main() -> ExitCode {
     }
 }
 
+fn probe(bdf: &str, region: u32, offset: u64, reads: usize) -> Result<(), String> {
+    use cio_core::Device;
+    let mut dev = cio_backend::vfio::VfioPci::open(bdf, bdf).map_err(|e| error_chain(&e))?;
+    let info = dev.info().clone();
+    println!(
+        "{bdf}: {:04x}:{:04x} rev {:02x} class {:06x}",
+        info.vendor, info.device, info.revision, info.class
+    );
+    for r in &info.regions {
+        println!(
+            "  region {}: {:?}, {:#x} bytes, widths {:#x}",
+            r.index, r.kind, r.size, r.widths
+        );
+    }
+    let mut times = Vec::with_capacity(reads.max(1));
+    let mut value = 0;
+    for _ in 0..reads.max(1) {
+        let t = std::time::Instant::now();
+        value = dev.read32(region, offset).map_err(|e| error_chain(&e))?;
+        times.push(t.elapsed().as_nanos() as u64);
+    }
+    times.sort_unstable();
+    let p99 = times[(times.len() * 99 / 100).min(times.len() - 1)];
+    println!(
+        "local 4-byte reads of region {region} at {offset:#x} = {value:#010x}: {} reads, median {} ns, p99 {p99} ns",
+        times.len(),
+        times[times.len() / 2]
+    );
+    Ok(())
+}
+
 fn run(args: Args) -> Result<(), String> {
+    if let Some(Cmd::Probe {
+        bdf,
+        region,
+        offset,
+        reads,
+    }) = &args.cmd
+    {
+        return probe(bdf, *region, *offset, *reads);
+    }
     let file = match &args.config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
