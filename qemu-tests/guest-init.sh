@@ -42,6 +42,7 @@ for d in /sys/bus/pci/devices/*; do
     fi
     echo "CIO-VFIO $name $bdf group $group driver $(basename "$(readlink "$d/driver")")"
     echo "CIO-CONFIG $name $(od -An -tx1 -v -N 64 "$d/config" | tr -d ' \n')"
+    echo "CIO-RESET $name $(cat "$d/reset_method" 2>/dev/null || echo none)"
     echo "CIO-PROBE $name $(/bin/ciod probe "$bdf" --offset $off --reads $reads 2>&1 | tail -n 1)"
     vfio_args="$vfio_args --vfio $bdf=$name"
 done
