@@ -443,9 +443,9 @@ impl Session {
                 data,
             } => {
                 let r = self.open_dev(handle).and_then(|d| {
-                    d.lease
-                        .device()
-                        .write(region, offset, &data)
+                    let dev = d.lease.device();
+                    dev.prepare_dma().map_err(dev_err(ErrorCode::DMA))?;
+                    dev.write(region, offset, &data)
                         .map_err(dev_err(ErrorCode::ACCESS))
                 });
                 return self.posted(seq, r);
@@ -468,9 +468,9 @@ impl Session {
                 len,
             } => self.open_dev(handle).and_then(|d| {
                 let mut buf = vec![0u8; len as usize];
-                d.lease
-                    .device()
-                    .read(region, offset, &mut buf)
+                let dev = d.lease.device();
+                dev.prepare_dma().map_err(dev_err(ErrorCode::DMA))?;
+                dev.read(region, offset, &mut buf)
                     .map(|()| Message::ReadData {
                         data: Bytes::from(buf),
                     })
@@ -829,6 +829,17 @@ impl Session {
     /// Queues `DmaData` for every shadow page the device wrote since the last
     /// pull, in device-writable mappings (of one range, or everywhere).
     fn pull_dirty(&mut self, only: Option<(u32, u64, u64)>) {
+        for (&handle, d) in self.handles.iter_mut() {
+            if only.is_some_and(|(h, _, _)| h != handle) || d.dma.regions().is_empty() {
+                continue;
+            }
+            if let Err(e) = d.lease.device().collect_dma() {
+                warn!(
+                    session = self.id,
+                    handle, "collecting device-written DMA data: {e}"
+                );
+            }
+        }
         for (&handle, d) in &self.handles {
             if only.is_some_and(|(h, _, _)| h != handle) {
                 continue;

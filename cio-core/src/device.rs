@@ -359,6 +359,20 @@ pub trait Device: Send {
         Ok(())
     }
 
+    /// Called by a server before an access that may start device work: a
+    /// device that DMAs from its own copy of the mapped memory brings that
+    /// copy up to date with what was applied to the mappings.
+    fn prepare_dma(&mut self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
+    /// Called by a server before it sends device-written data: a device that
+    /// DMAs into its own copy writes the pages it changed into the mappings
+    /// (which marks them dirty).
+    fn collect_dma(&mut self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
     /// Waits until every posted write has reached the device and reports the
     /// first error any of them got.
     fn flush(&mut self) -> Result<(), DeviceError> {

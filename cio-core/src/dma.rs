@@ -127,14 +127,21 @@ pub struct DirtyRun {
     pub data: Vec<u8>,
 }
 
+/// A page bitmap with a count of set pages.
 #[derive(Debug)]
-struct Inner {
-    mem: MmapMut,
-    dirty: Vec<u64>,
-    dirty_pages: usize,
+struct Pages {
+    bits: Vec<u64>,
+    count: usize,
 }
 
-impl Inner {
+impl Pages {
+    fn new(pages: u64) -> Self {
+        Self {
+            bits: vec![0; pages.div_ceil(64) as usize],
+            count: 0,
+        }
+    }
+
     fn mark(&mut self, offset: u64, len: u64) {
         if len == 0 {
             return;
@@ -143,12 +150,54 @@ impl Inner {
         let last = (offset + len - 1) / PAGE_SIZE;
         for page in first..=last {
             let (w, b) = ((page / 64) as usize, page % 64);
-            if self.dirty[w] & (1 << b) == 0 {
-                self.dirty[w] |= 1 << b;
-                self.dirty_pages += 1;
+            if self.bits[w] & (1 << b) == 0 {
+                self.bits[w] |= 1 << b;
+                self.count += 1;
             }
         }
     }
+
+    /// Clears the set pages among `first..last` and returns them as runs of
+    /// at most `max_pages` contiguous pages.
+    fn take_runs(&mut self, first: u64, last: u64, max_pages: u64) -> Vec<(u64, usize)> {
+        let mut runs = Vec::new();
+        let mut page = first;
+        while page < last && self.count > 0 {
+            let w = (page / 64) as usize;
+            // Skip clean words quickly: this keeps the scan cheap for huge,
+            // mostly clean regions.
+            if page % 64 == 0 && self.bits[w] == 0 {
+                page += 64;
+                continue;
+            }
+            if self.bits[w] & (1 << (page % 64)) == 0 {
+                page += 1;
+                continue;
+            }
+            let start = page;
+            while page < last && page - start < max_pages {
+                let (w, b) = ((page / 64) as usize, page % 64);
+                if self.bits[w] & (1 << b) == 0 {
+                    break;
+                }
+                self.bits[w] &= !(1 << b);
+                self.count -= 1;
+                page += 1;
+            }
+            runs.push((start * PAGE_SIZE, ((page - start) * PAGE_SIZE) as usize));
+        }
+        runs
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    mem: MmapMut,
+    /// Pages changed locally since the last sync (to send).
+    dirty: Pages,
+    /// Pages received from the other side since a device last took them
+    /// (for devices that DMA from their own copy).
+    applied: Pages,
 }
 
 /// Anonymous memory at an IOVA range with page-level dirty tracking.
@@ -174,8 +223,8 @@ impl DmaRegion {
             dir,
             inner: Mutex::new(Inner {
                 mem,
-                dirty: vec![0; pages.div_ceil(64) as usize],
-                dirty_pages: 0,
+                dirty: Pages::new(pages),
+                applied: Pages::new(pages),
             }),
         })
     }
@@ -251,7 +300,9 @@ impl DmaRegion {
         let o = offset as usize;
         let r = f(&mut g.mem[o..o + len]);
         if mark {
-            g.mark(offset, len as u64);
+            g.dirty.mark(offset, len as u64);
+        } else {
+            g.applied.mark(offset, len as u64);
         }
         Ok(r)
     }
@@ -280,7 +331,7 @@ impl DmaRegion {
 
     /// Number of dirty pages.
     pub fn dirty_pages(&self) -> usize {
-        self.lock().dirty_pages
+        self.lock().dirty.count
     }
 
     /// Runs `f` on the bytes at `offset..offset+len`: for sending them
@@ -304,40 +355,25 @@ impl DmaRegion {
     /// bytes. The caller sends the bytes of each run.
     pub fn take_dirty_runs(&self, offset: u64, len: u64, max_run: usize) -> Vec<(u64, usize)> {
         let mut g = self.lock();
-        if g.dirty_pages == 0 || len == 0 || offset >= self.len {
+        if g.dirty.count == 0 || len == 0 || offset >= self.len {
             return Vec::new();
         }
         let end = offset.saturating_add(len).min(self.len);
-        let first = offset / PAGE_SIZE;
-        let last = end.div_ceil(PAGE_SIZE); // exclusive
         let max_pages = (max_run as u64 / PAGE_SIZE).max(1);
-        let mut runs = Vec::new();
-        let mut page = first;
-        while page < last && g.dirty_pages > 0 {
-            let w = (page / 64) as usize;
-            // Skip clean words quickly: this keeps the scan cheap for huge,
-            // mostly clean regions.
-            if page % 64 == 0 && g.dirty[w] == 0 {
-                page += 64;
-                continue;
-            }
-            if g.dirty[w] & (1 << (page % 64)) == 0 {
-                page += 1;
-                continue;
-            }
-            let start = page;
-            while page < last && page - start < max_pages {
-                let (w, b) = ((page / 64) as usize, page % 64);
-                if g.dirty[w] & (1 << b) == 0 {
-                    break;
-                }
-                g.dirty[w] &= !(1 << b);
-                g.dirty_pages -= 1;
-                page += 1;
-            }
-            runs.push((start * PAGE_SIZE, ((page - start) * PAGE_SIZE) as usize));
+        g.dirty
+            .take_runs(offset / PAGE_SIZE, end.div_ceil(PAGE_SIZE), max_pages)
+    }
+
+    /// Takes the pages data from the other side was applied to since the
+    /// last call (runs of at most `max_run` bytes): for a device that DMAs
+    /// from its own copy of the memory and must bring it up to date.
+    pub fn take_applied_runs(&self, max_run: usize) -> Vec<(u64, usize)> {
+        let mut g = self.lock();
+        if g.applied.count == 0 {
+            return Vec::new();
         }
-        runs
+        let max_pages = (max_run as u64 / PAGE_SIZE).max(1);
+        g.applied.take_runs(0, self.len / PAGE_SIZE, max_pages)
     }
 
     /// Like [`take_dirty_runs`](Self::take_dirty_runs), with a copy of the
@@ -526,6 +562,22 @@ mod tests {
         let mut b = [0; 8];
         r.read(8, &mut b).unwrap();
         assert_eq!(b, [9; 8]);
+    }
+
+    #[test]
+    fn applied_pages_are_tracked_apart_from_dirty_ones() {
+        let r = DmaRegion::new(0, 4 * PAGE_SIZE, DmaDir::Bidirectional).unwrap();
+        r.apply(PAGE_SIZE + 5, &[1; 10]).unwrap();
+        r.write(3 * PAGE_SIZE, &[2]).unwrap();
+        assert_eq!(
+            r.take_applied_runs(1 << 20),
+            vec![(PAGE_SIZE, PAGE_SIZE as usize)]
+        );
+        assert!(r.take_applied_runs(1 << 20).is_empty());
+        assert_eq!(
+            r.take_dirty_runs(0, r.len(), 1 << 20),
+            vec![(3 * PAGE_SIZE, 4096)]
+        );
     }
 
     #[test]

@@ -6,10 +6,14 @@
 //! Interrupts go to eventfds through `VFIO_DEVICE_SET_IRQS`. Reset uses
 //! `VFIO_DEVICE_RESET` and says so when the function has no reset method.
 //!
-//! DMA is not served yet: mapping memory for a device that writes it behind
-//! the CPU's back needs shadow memory accessed only through raw pointers and
-//! system calls (vfio-ioctls' `vfio_dma_map` contract), and a way to find
-//! the pages the device wrote. `dma_map` says so instead of pretending.
+//! DMA: every mapping gets its own buffer ([`sys::RawBuf`]), mapped into the
+//! VFIO container at the mapping's IOVA and touched only through volatile
+//! copies (vfio-ioctls forbids Rust references to DMA memory). The session's
+//! shadow `DmaRegion` stays ordinary memory: `prepare_dma` copies the pages
+//! the frontend pushed into the buffer before the device is accessed, and
+//! `collect_dma` copies pages the device changed back into the shadow
+//! (found by comparing, page by page: cost follows mapped bytes of
+//! device-writable mappings, which IOMMU dirty tracking could improve).
 
 mod sys;
 
@@ -31,13 +35,21 @@ const VFIO_REGION_READ: u32 = 1;
 /// VFIO region flag: writable.
 const VFIO_REGION_WRITE: u32 = 2;
 
+/// A DMA mapping: the shadow the protocol syncs, and the buffer the device
+/// really uses.
+struct Mapping {
+    region: Arc<DmaRegion>,
+    buf: sys::RawBuf,
+}
+
 /// A PCI function bound to vfio-pci.
 pub struct VfioPci {
     info: DeviceInfo,
     bdf: String,
     device: VfioDevice,
     offsets: Vec<(u32, u64)>,
-    _container: Arc<VfioContainer>,
+    mappings: Vec<Mapping>,
+    container: Arc<VfioContainer>,
 }
 
 impl std::fmt::Debug for VfioPci {
@@ -184,7 +196,8 @@ impl VfioPci {
             bdf,
             device,
             offsets,
-            _container: container,
+            mappings: Vec::new(),
+            container,
         })
     }
 
@@ -278,14 +291,86 @@ impl Device for VfioPci {
             .map_err(|e| failed(format!("{}: unmasking INTx: {e}", self.bdf)))
     }
 
-    fn dma_map(&mut self, _region: Arc<DmaRegion>) -> Result<(), DeviceError> {
-        Err(DeviceError::Unsupported(
-            "DMA through VFIO (not implemented yet)",
-        ))
+    fn dma_map(&mut self, region: Arc<DmaRegion>) -> Result<(), DeviceError> {
+        if let Some(m) = self
+            .mappings
+            .iter()
+            .find(|m| m.region.overlaps(region.iova(), region.len()))
+        {
+            return Err(DmaError::Overlap {
+                iova: region.iova(),
+                len: region.len(),
+                existing: m.region.iova(),
+                existing_len: m.region.len(),
+            }
+            .into());
+        }
+        let len = region.len() as usize;
+        let buf = sys::RawBuf::new(len)
+            .map_err(|e| failed(format!("allocating {len:#x} bytes of DMA memory: {e}")))?;
+        let mut page = vec![0u8; cio_core::PAGE_SIZE as usize];
+        for off in (0..len).step_by(page.len()) {
+            region.read(off as u64, &mut page)?;
+            buf.write(off, &page);
+        }
+        buf.dma_map(&self.container, region.iova()).map_err(|e| {
+            failed(format!(
+                "{}: mapping {:#x}+{len:#x} for DMA: {e}",
+                self.bdf,
+                region.iova()
+            ))
+        })?;
+        // What was applied so far is in the buffer now.
+        region.take_applied_runs(usize::MAX);
+        self.mappings.push(Mapping { region, buf });
+        Ok(())
     }
 
     fn dma_unmap(&mut self, iova: u64) -> Result<Arc<DmaRegion>, DeviceError> {
-        Err(DmaError::NotMapped(iova).into())
+        let i = self
+            .mappings
+            .iter()
+            .position(|m| m.region.iova() == iova)
+            .ok_or(DmaError::NotMapped(iova))?;
+        self.collect_dma()?;
+        let m = &self.mappings[i];
+        self.container
+            .vfio_dma_unmap(iova, m.buf.len())
+            .map_err(|e| failed(format!("{}: unmapping {iova:#x}: {e}", self.bdf)))?;
+        Ok(self.mappings.remove(i).region)
+    }
+
+    fn prepare_dma(&mut self) -> Result<(), DeviceError> {
+        for m in &self.mappings {
+            if !m.region.dir().device_reads() {
+                continue;
+            }
+            for (off, n) in m.region.take_applied_runs(usize::MAX) {
+                m.region
+                    .with_slice(off, n, |s| m.buf.write(off as usize, s))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn collect_dma(&mut self) -> Result<(), DeviceError> {
+        self.prepare_dma()?;
+        let mut page = vec![0u8; cio_core::PAGE_SIZE as usize];
+        for m in &self.mappings {
+            if !m.region.dir().device_writes() {
+                continue;
+            }
+            for off in (0..m.buf.len()).step_by(page.len()) {
+                m.buf.read(off, &mut page);
+                if !m
+                    .region
+                    .with_slice(off as u64, page.len(), |s| s == page.as_slice())?
+                {
+                    m.region.write(off as u64, &page)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn reset(&mut self) -> Result<(), DeviceError> {
@@ -298,9 +383,33 @@ impl Device for VfioPci {
     }
 }
 
+impl Drop for VfioPci {
+    fn drop(&mut self) {
+        // The IOMMU must forget the buffers before they are unmapped.
+        for m in &self.mappings {
+            if let Err(e) = self.container.vfio_dma_unmap(m.region.iova(), m.buf.len()) {
+                tracing::warn!(
+                    "{}: unmapping {:#x} on close: {e}",
+                    self.bdf,
+                    m.region.iova()
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_buffers_copy_both_ways() {
+        let b = sys::RawBuf::new(8192).unwrap();
+        b.write(4090, &[1, 2, 3, 4, 5, 6]);
+        let mut out = [0u8; 8];
+        b.read(4088, &mut out);
+        assert_eq!(out, [0, 0, 1, 2, 3, 4, 5, 6]);
+    }
 
     #[test]
     fn pci_addresses_are_checked() {

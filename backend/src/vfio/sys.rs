@@ -61,3 +61,102 @@ mod tests {
         assert_eq!(super::VFIO_DEVICE_RESET, 0x3b6f);
     }
 }
+
+/// Anonymous memory a device DMAs into and out of. vfio-ioctls'
+/// `vfio_dma_map` forbids Rust references to such memory (the device
+/// changes it at any time), so it is only ever touched through the volatile
+/// copies below.
+pub struct RawBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone and only accessed through
+// volatile copies; moving it to another thread moves nothing but the pointer.
+unsafe impl Send for RawBuf {}
+
+impl std::fmt::Debug for RawBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawBuf").field("len", &self.len).finish()
+    }
+}
+
+impl RawBuf {
+    /// Maps `len` zeroed bytes.
+    pub fn new(len: usize) -> io::Result<Self> {
+        // SAFETY: an anonymous private mapping at an address of the
+        // kernel's choosing; no existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    fn span(&self, off: usize, n: usize) -> *mut u8 {
+        assert!(
+            off.checked_add(n).is_some_and(|e| e <= self.len),
+            "raw buffer access out of range"
+        );
+        // SAFETY: in bounds of the mapping, checked above.
+        unsafe { self.ptr.add(off) }
+    }
+
+    /// Copies bytes at `off` into `buf`.
+    pub fn read(&self, off: usize, buf: &mut [u8]) {
+        let src = self.span(off, buf.len());
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `src + i` lies in the mapping (span checked the range);
+            // a volatile read is a permitted access to DMA memory.
+            *b = unsafe { src.add(i).read_volatile() };
+        }
+    }
+
+    /// Copies `data` to `off`.
+    pub fn write(&self, off: usize, data: &[u8]) {
+        let dst = self.span(off, data.len());
+        for (i, b) in data.iter().enumerate() {
+            // SAFETY: `dst + i` lies in the mapping (span checked the range);
+            // a volatile write is a permitted access to DMA memory.
+            unsafe { dst.add(i).write_volatile(*b) };
+        }
+    }
+
+    /// Maps this memory at `iova` in the container's IOMMU domain. The
+    /// caller unmaps it before dropping the buffer.
+    pub fn dma_map(
+        &self,
+        container: &vfio_ioctls::VfioContainer,
+        iova: u64,
+    ) -> Result<(), vfio_ioctls::VfioError> {
+        // SAFETY: the memory is only touched through volatile copies (no
+        // Rust references exist to it) and stays mapped until the caller's
+        // vfio_dma_unmap, which VfioPci does before dropping the buffer.
+        unsafe { container.vfio_dma_map(iova, self.len, self.ptr) }
+    }
+}
+
+impl Drop for RawBuf {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` created; no references
+        // into it exist.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}

@@ -122,7 +122,7 @@ impl<'a, D: Device + ?Sized> Edu<'a, D> {
             let v = if offset == reg::STATUS {
                 u64::from(self.dev.read32(BAR0, offset)?)
             } else {
-                self.dev.read64(BAR0, offset)?
+                self.read_reg64(offset)?
             };
             if v & bit == 0 {
                 return Ok(());
@@ -132,6 +132,34 @@ impl<'a, D: Device + ?Sized> Edu<'a, D> {
             }
             std::thread::sleep(Duration::from_micros(100));
         }
+    }
+
+    fn wide(&self) -> bool {
+        self.dev
+            .info()
+            .region(BAR0)
+            .is_some_and(|r| r.accepts_width(8))
+    }
+
+    /// Writes a 64-bit register; with a 4-byte access when the path refuses
+    /// 8-byte ones (VFIO): edu then takes the value as the whole register.
+    fn write_reg64(&mut self, offset: u64, value: u64) -> Result<(), EduError> {
+        if self.wide() {
+            return Ok(self.dev.write64(BAR0, offset, value)?);
+        }
+        let v = u32::try_from(value).map_err(|_| {
+            EduError::Check(format!(
+                "{value:#x} does not fit the 4-byte access this path allows"
+            ))
+        })?;
+        Ok(self.dev.write32(BAR0, offset, v)?)
+    }
+
+    fn read_reg64(&mut self, offset: u64) -> Result<u64, EduError> {
+        if self.wide() {
+            return Ok(self.dev.read64(BAR0, offset)?);
+        }
+        Ok(u64::from(self.dev.read32(BAR0, offset)?))
     }
 
     /// Computes `n!` (mod 2^32), polling the status register.
@@ -176,18 +204,18 @@ impl<'a, D: Device + ?Sized> Edu<'a, D> {
         check(count <= MAX_TRANSFER, || {
             format!("transfer of {count} bytes is over {MAX_TRANSFER}")
         })?;
-        self.dev.write64(BAR0, reg::DMA_SRC, src)?;
-        self.dev.write64(BAR0, reg::DMA_DST, dst)?;
-        self.dev.write64(BAR0, reg::DMA_COUNT, count)?;
+        self.write_reg64(reg::DMA_SRC, src)?;
+        self.write_reg64(reg::DMA_DST, dst)?;
+        self.write_reg64(reg::DMA_COUNT, count)?;
         let mut cmd = CMD_RUN;
         if to_ram {
             cmd |= CMD_TO_RAM;
         }
         if irq {
             cmd |= CMD_IRQ;
-            return Ok(self.dev.write64(BAR0, reg::DMA_CMD, cmd)?);
+            return self.write_reg64(reg::DMA_CMD, cmd);
         }
-        self.dev.write64(BAR0, reg::DMA_CMD, cmd)?;
+        self.write_reg64(reg::DMA_CMD, cmd)?;
         self.wait_status_clear(reg::DMA_CMD, CMD_RUN, "the DMA")
     }
 }
