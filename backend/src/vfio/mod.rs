@@ -6,7 +6,7 @@
 //! Interrupts go to eventfds through `VFIO_DEVICE_SET_IRQS`. Reset uses
 //! `VFIO_DEVICE_RESET` and says so when the function has no reset method.
 //!
-//! DMA: every mapping gets its own buffer ([`sys::RawBuf`]), mapped into the
+//! DMA: every mapping gets its own buffer (`sys::RawBuf`), mapped into the
 //! VFIO container at the mapping's IOVA and touched only through volatile
 //! copies (vfio-ioctls forbids Rust references to DMA memory). The session's
 //! shadow `DmaRegion` stays ordinary memory: `prepare_dma` copies the pages

@@ -54,14 +54,6 @@ pub fn reset(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn reset_ioctl_number_matches_the_kernel_header() {
-        assert_eq!(super::VFIO_DEVICE_RESET, 0x3b6f);
-    }
-}
-
 /// Anonymous memory a device DMAs into and out of. vfio-ioctls'
 /// `vfio_dma_map` forbids Rust references to such memory (the device
 /// changes it at any time), so it is only ever touched through the volatile
@@ -158,5 +150,13 @@ impl Drop for RawBuf {
         // SAFETY: unmaps exactly the mapping `new` created; no references
         // into it exist.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reset_ioctl_number_matches_the_kernel_header() {
+        assert_eq!(super::VFIO_DEVICE_RESET, 0x3b6f);
     }
 }
