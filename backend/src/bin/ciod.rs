@@ -56,7 +56,7 @@ struct Args {
     /// Serve a real PCI function bound to vfio-pci: BDF[=NAME], e.g.
     /// 0000:00:02.0=edu0. Bind it first: echo vfio-pci >
     /// /sys/bus/pci/devices/BDF/driver_override, unbind its driver, then
-    /// echo BDF > /sys/bus/pci/drivers_probe. DMA is not served yet.
+    /// echo BDF > /sys/bus/pci/drivers_probe.
     #[arg(long, value_name = "BDF[=NAME]", value_parser = DeviceSpec::parse_vfio)]
     vfio: Vec<DeviceSpec>,
 }
