@@ -82,6 +82,91 @@ fn script(dev: &mut dyn Device) -> Vec<(String, u64)> {
     out
 }
 
+/// A client that authenticates, opens `device`, posts a write, makes sure it
+/// was applied, then disappears without a Goodbye (as a killed process).
+fn killed_session_writes(ep: &Endpoint, key: &[u8], device: &str, offset: u64, value: u32) {
+    use cio_core::wire::Message;
+    use cio_core::FrameDecoder;
+    use cio_transports::{Conn, OutQueue, Side};
+    let conn = Conn::connect(ep, Duration::from_secs(5)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let (mut out, mut dec) = (OutQueue::new(), FrameDecoder::new());
+    let next = |dec: &mut FrameDecoder| loop {
+        if let Some(f) = dec.next_frame().unwrap() {
+            return f.msg;
+        }
+        assert!(
+            conn.recv_into(dec.buffer(), 4096, false).unwrap() > 0,
+            "backend closed"
+        );
+    };
+    let psk = Psk::new(key.to_vec()).unwrap();
+    let nonce = [7u8; 32];
+    let send = |out: &mut OutQueue, m: &Message| {
+        out.push(m, 0);
+        out.write_to(&conn, Some(Duration::from_secs(5))).unwrap();
+    };
+    send(
+        &mut out,
+        &Message::Hello {
+            version: 1,
+            features: cio_core::wire::FEATURES,
+            session: 0,
+            nonce,
+            client: "killed".into(),
+        },
+    );
+    let Message::Welcome {
+        session,
+        nonce: server,
+        ..
+    } = next(&mut dec)
+    else {
+        panic!("no Welcome")
+    };
+    send(
+        &mut out,
+        &Message::AuthProof {
+            mac: psk.proof(Side::Client, &nonce, &server, session),
+        },
+    );
+    assert!(matches!(next(&mut dec), Message::AuthOk { .. }));
+    send(
+        &mut out,
+        &Message::Open {
+            name: device.into(),
+        },
+    );
+    let Message::Opened { handle, .. } = next(&mut dec) else {
+        panic!("no Opened")
+    };
+    send(
+        &mut out,
+        &Message::RegionWrite {
+            handle,
+            region: 0,
+            offset,
+            data: bytes::Bytes::copy_from_slice(&value.to_le_bytes()),
+        },
+    );
+    send(
+        &mut out,
+        &Message::RegionRead {
+            handle,
+            region: 0,
+            offset,
+            len: 4,
+        },
+    );
+    let Message::ReadData { data } = next(&mut dec) else {
+        panic!("no ReadData")
+    };
+    assert_eq!(&data[..], &value.to_le_bytes());
+    // Gone: the socket closes with no Goodbye and the device still open.
+    drop(conn);
+}
+
 /// The rest of the console line `MARKER NAME rest`.
 fn guest_value(g: &Guest, marker: &str, name: &str) -> String {
     let prefix = format!("{marker} {name} ");
@@ -224,10 +309,61 @@ fn guest_serves_real_and_emulated_edu_over_user_net() {
     nic.write32(0, 0x2800, 0x0abc_d000).unwrap();
     assert_eq!(nic.read32(0, 0x2800).unwrap(), 0x0abc_d000);
     eprintln!(
-        "e1000e reset method: {}",
-        guest_value(&g, "CIO-RESET", "ve1000e0")
+        "reset methods: e1000e {}, nvme {}, edu {}",
+        guest_value(&g, "CIO-RESET", "ve1000e0"),
+        guest_value(&g, "CIO-RESET", "vnvme0"),
+        guest_value(&g, "CIO-RESET", "vedu0")
     );
     drop(nic);
+
+    // Reset on disconnect, proven on nvme (its reset method is FLR): what a
+    // session wrote is gone for the next one, whether the first left
+    // cleanly or was killed mid-session. CC (0x14, controller configuration;
+    // written here with EN clear) is 0 after reset.
+    const CC: u64 = 0x14;
+    {
+        let c = Client::connect(&ep, opts(g.key.as_bytes())).unwrap();
+        let mut nvme = c.open("vnvme0").unwrap();
+        nvme.write32(0, CC, 0x0046_0000).unwrap();
+        assert_eq!(nvme.read32(0, CC).unwrap(), 0x0046_0000);
+    } // clean disconnect: Goodbye
+    let check_clean = |what: &str| {
+        let c = Client::connect(&ep, opts(g.key.as_bytes())).unwrap();
+        let mut nvme = c.open("vnvme0").unwrap();
+        assert_eq!(
+            nvme.read32(0, CC).unwrap(),
+            0,
+            "nvme not reset after a {what}"
+        );
+    };
+    check_clean("clean disconnect");
+    killed_session_writes(&ep, g.key.as_bytes(), "vnvme0", CC, 0x0046_0000);
+    // The backend notices the vanished peer and releases the device.
+    let start = Instant::now();
+    loop {
+        let c = Client::connect(&ep, opts(g.key.as_bytes())).unwrap();
+        match c.open("vnvme0") {
+            Ok(mut nvme) => {
+                assert_eq!(
+                    nvme.read32(0, CC).unwrap(),
+                    0,
+                    "nvme not reset after a killed session"
+                );
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "never released: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    assert!(
+        g.console().contains("peer vanished") || g.console().contains("peer closed"),
+        "the backend logged the killed session"
+    );
 
     // Remote read latency of the real edu vs the guest's own local read
     // (both under TCG: the ratio is what means something). Printed, not
