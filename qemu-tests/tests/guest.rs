@@ -255,6 +255,9 @@ fn guest_serves_real_and_emulated_edu_over_user_net() {
             .and_then(|v| v.split(':').next())
             .and_then(|v| u32::from_str_radix(v.trim_start_matches("0x"), 16).ok())
             .unwrap_or_else(|| panic!("{name}: no value in probe line {probe:?}"));
+        if name == "vedu0" {
+            assert!(probe.contains("via mmap"), "edu BAR0 is mappable: {probe}");
+        }
         let remote = dev.read32(0, bar0_offset).unwrap();
         assert_eq!(remote, local, "{name}: BAR0 register {bar0_offset:#x}");
         if name == "vnvme0" {

@@ -121,7 +121,8 @@ fn probe(bdf: &str, region: u32, offset: u64, reads: usize) -> Result<(), String
     times.sort_unstable();
     let p99 = times[(times.len() * 99 / 100).min(times.len() - 1)];
     println!(
-        "local 4-byte reads of region {region} at {offset:#x} = {value:#010x}: {} reads, median {} ns, p99 {p99} ns",
+        "local 4-byte reads of region {region} at {offset:#x} via {} = {value:#010x}: {} reads, median {} ns, p99 {p99} ns",
+        if dev.mapped_regions().contains(&region) { "mmap" } else { "read/write" },
         times.len(),
         times[times.len() / 2]
     );

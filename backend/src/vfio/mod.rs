@@ -1,8 +1,10 @@
 //! Real PCI functions through the kernel's VFIO: the `Device` for a
 //! function bound to `vfio-pci` (see `ciod --help` for binding).
 //!
-//! Regions are read and written with positioned I/O on the device fd (each
-//! access checked against the region first, and its result checked).
+//! BARs VFIO lets us map whole (no sparse areas such as an MSI-X table) are
+//! mapped, and an access is one load or store of its width; other regions
+//! are read and written with positioned I/O on the device fd. Every access
+//! is checked against the region first.
 //! Interrupts go to eventfds through `VFIO_DEVICE_SET_IRQS`. Reset uses
 //! `VFIO_DEVICE_RESET` and says so when the function has no reset method.
 //!
@@ -34,6 +36,8 @@ use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
 const VFIO_REGION_READ: u32 = 1;
 /// VFIO region flag: writable.
 const VFIO_REGION_WRITE: u32 = 2;
+/// VFIO region flag: mmap-able.
+const VFIO_REGION_MMAP: u32 = 4;
 
 /// A DMA mapping: the shadow the protocol syncs, and the buffer the device
 /// really uses.
@@ -46,9 +50,13 @@ struct Mapping {
 pub struct VfioPci {
     info: DeviceInfo,
     bdf: String,
-    device: VfioDevice,
     offsets: Vec<(u32, u64)>,
+    // Fields drop in this order: BAR mappings and DMA buffers (unmapped
+    // from the IOMMU in `drop`) go before the device and its container,
+    // which cannot release the group while the device fd is still mapped.
+    mmio: Vec<(u32, sys::MmioMap)>,
     mappings: Vec<Mapping>,
+    device: VfioDevice,
     container: Arc<VfioContainer>,
 }
 
@@ -81,6 +89,11 @@ fn failed(what: impl std::fmt::Display) -> DeviceError {
 }
 
 impl VfioPci {
+    /// Regions accessed through a mapping rather than read/write calls.
+    pub fn mapped_regions(&self) -> Vec<u32> {
+        self.mmio.iter().map(|(i, _)| *i).collect()
+    }
+
     /// Opens the function at `bdf` (which must be bound to vfio-pci) and
     /// serves it as `name`.
     pub fn open(bdf: &str, name: &str) -> Result<Self, DeviceError> {
@@ -123,6 +136,7 @@ impl VfioPci {
         let profile = cio_hw_profiles::Profile::builtin_for(vendor, dev_id);
         let mut regions = Vec::new();
         let mut offsets = Vec::new();
+        let mut mmio = Vec::new();
         for index in 0..6u32 {
             let size = device.get_region_size(index);
             if size == 0 {
@@ -164,6 +178,22 @@ impl VfioPci {
                 widths,
             });
             offsets.push((index, device.get_region_offset(index)));
+            let sparse = device
+                .get_region_caps(index)
+                .iter()
+                .any(|c| matches!(c, vfio_ioctls::VfioRegionInfoCap::SparseMmap(_)));
+            if !io && !sparse && device.get_region_flags(index) & VFIO_REGION_MMAP != 0 {
+                match sys::MmioMap::new(
+                    device.as_raw_fd(),
+                    device.get_region_offset(index),
+                    size as usize,
+                ) {
+                    Ok(m) => mmio.push((index, m)),
+                    Err(e) => {
+                        tracing::debug!("{bdf}: BAR {index} not mapped ({e}); using read/write")
+                    }
+                }
+            }
         }
         regions.push(RegionInfo {
             index: CONFIG_REGION,
@@ -196,6 +226,7 @@ impl VfioPci {
             bdf,
             device,
             offsets,
+            mmio,
             mappings: Vec::new(),
             container,
         })
@@ -234,6 +265,10 @@ impl Device for VfioPci {
 
     fn read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
         self.info.check_access(region, offset, data.len(), false)?;
+        if let Some((_, m)) = self.mmio.iter().find(|(i, _)| *i == region) {
+            m.read(offset, data);
+            return Ok(());
+        }
         sys::pread(
             self.device.as_raw_fd(),
             data,
@@ -249,6 +284,10 @@ impl Device for VfioPci {
 
     fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
         self.info.check_access(region, offset, data.len(), true)?;
+        if let Some((_, m)) = self.mmio.iter().find(|(i, _)| *i == region) {
+            m.write(offset, data);
+            return Ok(());
+        }
         sys::pwrite(
             self.device.as_raw_fd(),
             data,

@@ -153,6 +153,99 @@ impl Drop for RawBuf {
     }
 }
 
+/// A BAR mapped from the device fd: accesses become single loads and
+/// stores of exactly the access width, with no system call.
+pub struct MmioMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone and only accessed through
+// volatile loads and stores.
+unsafe impl Send for MmioMap {}
+
+impl std::fmt::Debug for MmioMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioMap").field("len", &self.len).finish()
+    }
+}
+
+impl MmioMap {
+    /// Maps `len` bytes of the device fd at `offset` (a region's offset).
+    pub fn new(fd: RawFd, offset: u64, len: usize) -> io::Result<Self> {
+        // SAFETY: a shared mapping of the device fd at an address of the
+        // kernel's choosing; no existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                offset as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    fn at(&self, off: u64, width: usize) -> *mut u8 {
+        assert!(
+            off as usize % width == 0
+                && (off as usize)
+                    .checked_add(width)
+                    .is_some_and(|e| e <= self.len),
+            "MMIO access out of range or unaligned"
+        );
+        // SAFETY: in bounds of the mapping, checked above.
+        unsafe { self.ptr.add(off as usize) }
+    }
+
+    /// One read of `data.len()` (1, 2 or 4) bytes at `off`.
+    pub fn read(&self, off: u64, data: &mut [u8]) {
+        let p = self.at(off, data.len());
+        // SAFETY: `p` is in the mapping and aligned to the width (checked by
+        // `at`); a volatile load of that width is one device access.
+        match data.len() {
+            1 => data[0] = unsafe { p.read_volatile() },
+            2 => data.copy_from_slice(&unsafe { p.cast::<u16>().read_volatile() }.to_le_bytes()),
+            4 => data.copy_from_slice(&unsafe { p.cast::<u32>().read_volatile() }.to_le_bytes()),
+            n => panic!("unsupported MMIO width {n}"),
+        }
+    }
+
+    /// One write of `data.len()` (1, 2 or 4) bytes at `off`.
+    pub fn write(&self, off: u64, data: &[u8]) {
+        let p = self.at(off, data.len());
+        // SAFETY: `p` is in the mapping and aligned to the width (checked by
+        // `at`); a volatile store of that width is one device access.
+        match data.len() {
+            1 => unsafe { p.write_volatile(data[0]) },
+            2 => unsafe {
+                p.cast::<u16>()
+                    .write_volatile(u16::from_le_bytes([data[0], data[1]]))
+            },
+            4 => unsafe {
+                p.cast::<u32>()
+                    .write_volatile(u32::from_le_bytes(data.try_into().expect("4 bytes")))
+            },
+            n => panic!("unsupported MMIO width {n}"),
+        }
+    }
+}
+
+impl Drop for MmioMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` created.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
