@@ -209,12 +209,24 @@ impl MmioMap {
     /// One read of `data.len()` (1, 2 or 4) bytes at `off`.
     pub fn read(&self, off: u64, data: &mut [u8]) {
         let p = self.at(off, data.len());
-        // SAFETY: `p` is in the mapping and aligned to the width (checked by
-        // `at`); a volatile load of that width is one device access.
         match data.len() {
-            1 => data[0] = unsafe { p.read_volatile() },
-            2 => data.copy_from_slice(&unsafe { p.cast::<u16>().read_volatile() }.to_le_bytes()),
-            4 => data.copy_from_slice(&unsafe { p.cast::<u32>().read_volatile() }.to_le_bytes()),
+            1 => {
+                // SAFETY: `p` is in the mapping (checked by `at`); one
+                // volatile byte load is one device access.
+                data[0] = unsafe { p.read_volatile() };
+            }
+            2 => {
+                // SAFETY: `p` is in the mapping and 2-byte aligned (checked
+                // by `at`); one volatile load of that width.
+                let v = unsafe { p.cast::<u16>().read_volatile() };
+                data.copy_from_slice(&v.to_le_bytes());
+            }
+            4 => {
+                // SAFETY: `p` is in the mapping and 4-byte aligned (checked
+                // by `at`); one volatile load of that width.
+                let v = unsafe { p.cast::<u32>().read_volatile() };
+                data.copy_from_slice(&v.to_le_bytes());
+            }
             n => panic!("unsupported MMIO width {n}"),
         }
     }
@@ -222,18 +234,24 @@ impl MmioMap {
     /// One write of `data.len()` (1, 2 or 4) bytes at `off`.
     pub fn write(&self, off: u64, data: &[u8]) {
         let p = self.at(off, data.len());
-        // SAFETY: `p` is in the mapping and aligned to the width (checked by
-        // `at`); a volatile store of that width is one device access.
         match data.len() {
-            1 => unsafe { p.write_volatile(data[0]) },
-            2 => unsafe {
-                p.cast::<u16>()
-                    .write_volatile(u16::from_le_bytes([data[0], data[1]]))
-            },
-            4 => unsafe {
-                p.cast::<u32>()
-                    .write_volatile(u32::from_le_bytes(data.try_into().expect("4 bytes")))
-            },
+            1 => {
+                // SAFETY: `p` is in the mapping (checked by `at`); one
+                // volatile byte store is one device access.
+                unsafe { p.write_volatile(data[0]) };
+            }
+            2 => {
+                let v = u16::from_le_bytes([data[0], data[1]]);
+                // SAFETY: `p` is in the mapping and 2-byte aligned (checked
+                // by `at`); one volatile store of that width.
+                unsafe { p.cast::<u16>().write_volatile(v) };
+            }
+            4 => {
+                let v = u32::from_le_bytes(data.try_into().expect("4 bytes"));
+                // SAFETY: `p` is in the mapping and 4-byte aligned (checked
+                // by `at`); one volatile store of that width.
+                unsafe { p.cast::<u32>().write_volatile(v) };
+            }
             n => panic!("unsupported MMIO width {n}"),
         }
     }
