@@ -44,7 +44,11 @@ for d in /sys/bus/pci/devices/*; do
     echo "CIO-CONFIG $name $(od -An -tx1 -v -N 64 "$d/config" | tr -d ' \n')"
     echo "CIO-RESET $name $(cat "$d/reset_method" 2>/dev/null || echo none)"
     echo "CIO-PROBE $name $(/bin/ciod probe "$bdf" --offset $off --reads $reads 2>&1 | tail -n 1)"
-    vfio_args="$vfio_args --vfio $bdf=$name"
+    # e1000e by vendor:device id, the others by PCI address: both forms.
+    case "$name" in
+        ve1000e*) vfio_args="$vfio_args --vfio 8086:10d3=$name" ;;
+        *) vfio_args="$vfio_args --vfio $bdf=$name" ;;
+    esac
 done
 
 # The test key comes on the kernel command line (cio.psk=...).

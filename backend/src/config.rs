@@ -103,7 +103,7 @@ pub enum DeviceSpec {
     Vfio {
         /// Name.
         name: String,
-        /// PCI address.
+        /// PCI address, or a `vendor:device` id resolved when opened.
         bdf: String,
     },
 }
@@ -133,9 +133,13 @@ fn check_name(name: &str) -> Result<(), String> {
 }
 
 impl DeviceSpec {
-    /// A VFIO function, served as `name` (default: its PCI address).
+    /// A VFIO function by PCI address or `vendor:device` id, served as
+    /// `name` (default: what identifies it).
     pub fn vfio(bdf: &str, name: Option<String>) -> Result<Self, String> {
-        let bdf = crate::vfio::parse_bdf(bdf)?;
+        let bdf = match crate::vfio::parse_id(bdf) {
+            Ok(_) => bdf.to_ascii_lowercase(),
+            Err(_) => crate::vfio::parse_bdf(bdf)?,
+        };
         let name = name.unwrap_or_else(|| bdf.clone());
         check_name(&name)?;
         Ok(Self::Vfio { name, bdf })
@@ -257,6 +261,13 @@ mod tests {
             }
         );
         assert!(DeviceSpec::parse_vfio("00:02.0").is_err());
+        assert_eq!(
+            DeviceSpec::parse_vfio("8086:10D3=nic").unwrap(),
+            DeviceSpec::Vfio {
+                name: "nic".into(),
+                bdf: "8086:10d3".into()
+            }
+        );
         let c: FileConfig = toml::from_str("[[device]]\nmodel = \"vfio\"\n").unwrap();
         assert!(c.specs().unwrap_err().contains("needs bdf"));
         let c: FileConfig =

@@ -54,10 +54,11 @@ struct Args {
     emulate: Vec<DeviceSpec>,
 
     /// Serve a real PCI function bound to vfio-pci: BDF[=NAME], e.g.
-    /// 0000:00:02.0=edu0. Bind it first: echo vfio-pci >
+    /// 0000:00:02.0=edu0, or VENDOR:DEVICE[=NAME] for the one function with
+    /// that id, e.g. 8086:10d3=nic0. Bind it first: echo vfio-pci >
     /// /sys/bus/pci/devices/BDF/driver_override, unbind its driver, then
     /// echo BDF > /sys/bus/pci/drivers_probe.
-    #[arg(long, value_name = "BDF[=NAME]", value_parser = DeviceSpec::parse_vfio)]
+    #[arg(long, value_name = "BDF|ID[=NAME]", value_parser = DeviceSpec::parse_vfio)]
     vfio: Vec<DeviceSpec>,
 }
 

@@ -84,6 +84,68 @@ pub fn parse_bdf(bdf: &str) -> Result<String, String> {
     }
 }
 
+/// Checks a `vendor:device` id (`VVVV:DDDD`, hex).
+pub fn parse_id(id: &str) -> Result<(u16, u16), String> {
+    let parsed = id.split_once(':').and_then(|(v, d)| {
+        (v.len() == 4 && d.len() == 4)
+            .then(|| {
+                Some((
+                    u16::from_str_radix(v, 16).ok()?,
+                    u16::from_str_radix(d, 16).ok()?,
+                ))
+            })
+            .flatten()
+    });
+    parsed.ok_or_else(|| format!("{id:?} is not a vendor:device id (VVVV:DDDD, e.g. 8086:10d3)"))
+}
+
+/// The PCI address of the one function with `vendor:device` bound to
+/// vfio-pci; an error if there is none or more than one.
+pub fn find_by_id(vendor: u16, device: u16) -> Result<String, String> {
+    let read_hex = |p: &Path| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| u16::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok())
+    };
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/sys/bus/pci/devices")
+        .map_err(|e| format!("listing PCI devices: {e}"))?
+    {
+        let Ok(e) = e else { continue };
+        let p = e.path();
+        if read_hex(&p.join("vendor")) == Some(vendor)
+            && read_hex(&p.join("device")) == Some(device)
+        {
+            let driver = std::fs::read_link(p.join("driver"))
+                .ok()
+                .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()));
+            found.push((e.file_name().to_string_lossy().into_owned(), driver));
+        }
+    }
+    let bound: Vec<&String> = found
+        .iter()
+        .filter(|(_, d)| d.as_deref() == Some("vfio-pci"))
+        .map(|(b, _)| b)
+        .collect();
+    match bound.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] if found.is_empty() => Err(format!("no PCI function {vendor:04x}:{device:04x} on this host")),
+        [] => Err(format!(
+            "no {vendor:04x}:{device:04x} function is bound to vfio-pci (found: {})",
+            found
+                .iter()
+                .map(|(b, d)| format!("{b} on {}", d.as_deref().unwrap_or("no driver")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        many => Err(format!(
+            "{} functions {vendor:04x}:{device:04x} are bound to vfio-pci ({}): name one by its PCI address",
+            many.len(),
+            many.iter().map(|b| b.as_str()).collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
 fn failed(what: impl std::fmt::Display) -> DeviceError {
     DeviceError::Failed(what.to_string())
 }
@@ -94,10 +156,14 @@ impl VfioPci {
         self.mmio.iter().map(|(i, _)| *i).collect()
     }
 
-    /// Opens the function at `bdf` (which must be bound to vfio-pci) and
-    /// serves it as `name`.
+    /// Opens the function at `bdf` (a PCI address, or a `vendor:device` id
+    /// that exactly one function bound to vfio-pci has) and serves it as
+    /// `name`.
     pub fn open(bdf: &str, name: &str) -> Result<Self, DeviceError> {
-        let bdf = parse_bdf(bdf).map_err(failed)?;
+        let bdf = match parse_id(bdf) {
+            Ok((v, d)) => find_by_id(v, d).map_err(failed)?,
+            Err(_) => parse_bdf(bdf).map_err(failed)?,
+        };
         let sysfs = PathBuf::from("/sys/bus/pci/devices").join(&bdf);
         if !sysfs.exists() {
             return Err(failed(format!("no PCI function {bdf} on this host")));
@@ -463,6 +529,22 @@ mod tests {
         ] {
             assert!(parse_bdf(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn vendor_device_ids_are_checked() {
+        assert_eq!(parse_id("8086:10d3").unwrap(), (0x8086, 0x10d3));
+        for bad in [
+            "8086",
+            "8086:10d",
+            "80861:10d3",
+            "zzzz:10d3",
+            "0000:00:02.0",
+        ] {
+            assert!(parse_id(bad).is_err(), "{bad}");
+        }
+        let e = VfioPci::open("abcd:ef01", "x").unwrap_err().to_string();
+        assert!(e.contains("no PCI function abcd:ef01"), "{e}");
     }
 
     #[test]
