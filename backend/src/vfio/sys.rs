@@ -54,6 +54,28 @@ pub fn reset(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// A read-write mapping of `len` bytes of `fd` at `offset` (or anonymous
+/// memory with `fd` = -1 and `MAP_ANONYMOUS`), at an address of the
+/// kernel's choosing.
+fn map(len: usize, flags: libc::c_int, fd: RawFd, offset: u64) -> io::Result<*mut libc::c_void> {
+    // SAFETY: a new mapping at an address the kernel chooses affects no
+    // existing memory; the result is checked before use.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd,
+            offset as libc::off_t,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ptr)
+}
+
 /// Anonymous memory a device DMAs into and out of. vfio-ioctls'
 /// `vfio_dma_map` forbids Rust references to such memory (the device
 /// changes it at any time), so it is only ever touched through the volatile
@@ -76,21 +98,7 @@ impl std::fmt::Debug for RawBuf {
 impl RawBuf {
     /// Maps `len` zeroed bytes.
     pub fn new(len: usize) -> io::Result<Self> {
-        // SAFETY: an anonymous private mapping at an address of the
-        // kernel's choosing; no existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let ptr = map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)?;
         Ok(Self {
             ptr: ptr.cast(),
             len,
@@ -173,21 +181,7 @@ impl std::fmt::Debug for MmioMap {
 impl MmioMap {
     /// Maps `len` bytes of the device fd at `offset` (a region's offset).
     pub fn new(fd: RawFd, offset: u64, len: usize) -> io::Result<Self> {
-        // SAFETY: a shared mapping of the device fd at an address of the
-        // kernel's choosing; no existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let ptr = map(len, libc::MAP_SHARED, fd, offset)?;
         Ok(Self {
             ptr: ptr.cast(),
             len,
