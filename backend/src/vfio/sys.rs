@@ -54,69 +54,89 @@ pub fn reset(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// A read-write mapping of `len` bytes of `fd` at `offset` (or anonymous
-/// memory with `fd` = -1 and `MAP_ANONYMOUS`), at an address of the
-/// kernel's choosing.
-fn map(len: usize, flags: libc::c_int, fd: RawFd, offset: u64) -> io::Result<*mut libc::c_void> {
-    // SAFETY: a new mapping at an address the kernel chooses affects no
-    // existing memory; the result is checked before use.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags,
-            fd,
-            offset as libc::off_t,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(ptr)
-}
-
-/// Anonymous memory a device DMAs into and out of. vfio-ioctls'
-/// `vfio_dma_map` forbids Rust references to such memory (the device
-/// changes it at any time), so it is only ever touched through the volatile
-/// copies below.
-pub struct RawBuf {
+/// An owned read-write mapping: unmapped on drop. Only ever accessed
+/// through raw pointers by the types built on it.
+struct Mapped {
     ptr: *mut u8,
     len: usize,
 }
 
-// SAFETY: the mapping is owned by this value alone and only accessed through
-// volatile copies; moving it to another thread moves nothing but the pointer.
-unsafe impl Send for RawBuf {}
+// SAFETY: the mapping is owned by this value alone and its users only touch
+// it through volatile accesses; moving it to another thread moves nothing
+// but the pointer.
+unsafe impl Send for Mapped {}
 
-impl std::fmt::Debug for RawBuf {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RawBuf").field("len", &self.len).finish()
-    }
-}
-
-impl RawBuf {
-    /// Maps `len` zeroed bytes.
-    pub fn new(len: usize) -> io::Result<Self> {
-        let ptr = map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)?;
+impl Mapped {
+    /// Maps `len` bytes of `fd` at `offset` (or anonymous memory with `fd`
+    /// = -1 and `MAP_ANONYMOUS`), at an address of the kernel's choosing.
+    fn new(len: usize, flags: libc::c_int, fd: RawFd, offset: u64) -> io::Result<Self> {
+        // SAFETY: a new mapping at an address the kernel chooses affects no
+        // existing memory; the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                offset as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
         Ok(Self {
             ptr: ptr.cast(),
             len,
         })
     }
 
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    fn span(&self, off: usize, n: usize) -> *mut u8 {
+    /// A pointer to `n` bytes at `off`, which must lie inside (and be
+    /// aligned to `align`).
+    fn at(&self, off: usize, n: usize, align: usize) -> *mut u8 {
         assert!(
-            off.checked_add(n).is_some_and(|e| e <= self.len),
-            "raw buffer access out of range"
+            off % align == 0 && off.checked_add(n).is_some_and(|e| e <= self.len),
+            "mapped memory access out of range or unaligned"
         );
         // SAFETY: in bounds of the mapping, checked above.
         unsafe { self.ptr.add(off) }
+    }
+}
+
+impl std::fmt::Debug for Mapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mapped").field("len", &self.len).finish()
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` created; its users hold
+        // no references into it.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Anonymous memory a device DMAs into and out of. vfio-ioctls'
+/// `vfio_dma_map` forbids Rust references to such memory (the device
+/// changes it at any time), so it is only ever touched through the volatile
+/// copies below.
+#[derive(Debug)]
+pub struct RawBuf(Mapped);
+
+impl RawBuf {
+    /// Maps `len` zeroed bytes.
+    pub fn new(len: usize) -> io::Result<Self> {
+        Mapped::new(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0).map(Self)
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len
+    }
+
+    fn span(&self, off: usize, n: usize) -> *mut u8 {
+        self.0.at(off, n, 1)
     }
 
     /// Copies bytes at `off` into `buf`.
@@ -149,55 +169,23 @@ impl RawBuf {
         // SAFETY: the memory is only touched through volatile copies (no
         // Rust references exist to it) and stays mapped until the caller's
         // vfio_dma_unmap, which VfioPci does before dropping the buffer.
-        unsafe { container.vfio_dma_map(iova, self.len, self.ptr) }
-    }
-}
-
-impl Drop for RawBuf {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping `new` created; no references
-        // into it exist.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        unsafe { container.vfio_dma_map(iova, self.0.len, self.0.ptr) }
     }
 }
 
 /// A BAR mapped from the device fd: accesses become single loads and
 /// stores of exactly the access width, with no system call.
-pub struct MmioMap {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is owned by this value alone and only accessed through
-// volatile loads and stores.
-unsafe impl Send for MmioMap {}
-
-impl std::fmt::Debug for MmioMap {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MmioMap").field("len", &self.len).finish()
-    }
-}
+#[derive(Debug)]
+pub struct MmioMap(Mapped);
 
 impl MmioMap {
     /// Maps `len` bytes of the device fd at `offset` (a region's offset).
     pub fn new(fd: RawFd, offset: u64, len: usize) -> io::Result<Self> {
-        let ptr = map(len, libc::MAP_SHARED, fd, offset)?;
-        Ok(Self {
-            ptr: ptr.cast(),
-            len,
-        })
+        Mapped::new(len, libc::MAP_SHARED, fd, offset).map(Self)
     }
 
     fn at(&self, off: u64, width: usize) -> *mut u8 {
-        assert!(
-            off as usize % width == 0
-                && (off as usize)
-                    .checked_add(width)
-                    .is_some_and(|e| e <= self.len),
-            "MMIO access out of range or unaligned"
-        );
-        // SAFETY: in bounds of the mapping, checked above.
-        unsafe { self.ptr.add(off as usize) }
+        self.0.at(off as usize, width, width)
     }
 
     /// One read of `data.len()` (1, 2 or 4) bytes at `off`.
@@ -248,13 +236,6 @@ impl MmioMap {
             }
             n => panic!("unsupported MMIO width {n}"),
         }
-    }
-}
-
-impl Drop for MmioMap {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping `new` created.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 
