@@ -848,16 +848,10 @@ impl Session {
                 if !region.dir().device_writes() || region.dirty_pages() == 0 {
                     continue;
                 }
-                let (off, len) = match only {
-                    Some((_, iova, len)) => {
-                        if !region.overlaps(iova, len) {
-                            continue;
-                        }
-                        let start = iova.max(region.iova());
-                        let end = iova.saturating_add(len).min(region.iova() + region.len());
-                        (start - region.iova(), end - start)
-                    }
-                    None => (0, region.len()),
+                let Some((off, len)) = only.map_or(Some((0, region.len())), |(_, iova, len)| {
+                    region.clip(iova, len)
+                }) else {
+                    continue;
                 };
                 for (run, n) in region.take_dirty_runs(off, len, MAX_DMA_CHUNK) {
                     self.out.push_dma_region(handle, region, run, n);

@@ -254,6 +254,17 @@ impl DmaRegion {
         iova < self.iova + self.len && self.iova < iova.saturating_add(len)
     }
 
+    /// The part of `iova..iova+len` inside this region, as `(offset, len)`
+    /// in the region; `None` if they do not overlap.
+    pub fn clip(&self, iova: u64, len: u64) -> Option<(u64, u64)> {
+        if !self.overlaps(iova, len) {
+            return None;
+        }
+        let start = iova.max(self.iova);
+        let end = iova.saturating_add(len).min(self.iova + self.len);
+        Some((start - self.iova, end - start))
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A poisoned lock only means another thread panicked mid-copy; the
         // bytes are still memory, so keep serving them.
@@ -578,6 +589,16 @@ mod tests {
             r.take_dirty_runs(0, r.len(), 1 << 20),
             vec![(3 * PAGE_SIZE, 4096)]
         );
+    }
+
+    #[test]
+    fn clip_keeps_the_overlapping_part() {
+        let r = DmaRegion::new(0x10000, 4 * PAGE_SIZE, DmaDir::ToDevice).unwrap();
+        assert_eq!(r.clip(0, 0x11000), Some((0, 0x1000)));
+        assert_eq!(r.clip(0x12000, u64::MAX), Some((0x2000, 0x2000)));
+        assert_eq!(r.clip(0x11000, 0x100), Some((0x1000, 0x100)));
+        assert_eq!(r.clip(0x14000, 0x1000), None);
+        assert_eq!(r.clip(0, 0x10000), None);
     }
 
     #[test]

@@ -181,14 +181,10 @@ impl Inner {
             if !region.dir().device_reads() || region.dirty_pages() == 0 {
                 continue;
             }
-            let (off, len) = match range {
-                Some((iova, len)) if region.overlaps(iova, len) => {
-                    let start = iova.max(region.iova());
-                    let end = iova.saturating_add(len).min(region.iova() + region.len());
-                    (start - region.iova(), end - start)
-                }
-                Some(_) => continue,
-                None => (0, region.len()),
+            let Some((off, len)) = range.map_or(Some((0, region.len())), |(iova, len)| {
+                region.clip(iova, len)
+            }) else {
+                continue;
             };
             for (run, n) in region.take_dirty_runs(off, len, MAX_DMA_CHUNK) {
                 out.push_dma_region(handle, region, run, n);
