@@ -8,6 +8,7 @@ pub mod models;
 pub mod registry;
 pub mod server;
 pub mod session;
+pub mod usb;
 pub mod vfio;
 
 pub use config::{DeviceSpec, FileConfig};

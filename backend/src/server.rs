@@ -17,6 +17,7 @@ use tracing::{error, info, warn};
 
 use crate::registry::Registry;
 use crate::session::{Counters, Limits, Session, Shared};
+use crate::usb::UsbProvider;
 
 /// What a server serves and how.
 #[derive(Debug)]
@@ -30,6 +31,8 @@ pub struct ServerConfig {
     pub devices: Vec<Box<dyn Device>>,
     /// Limits.
     pub limits: Limits,
+    /// USB devices to export (default: none).
+    pub usb: Arc<UsbProvider>,
 }
 
 /// Server errors.
@@ -99,6 +102,7 @@ impl Server {
             endpoint,
             shared: Arc::new(Shared {
                 registry,
+                usb: cfg.usb,
                 psk: cfg.psk,
                 limits: cfg.limits,
                 counters: Counters::default(),

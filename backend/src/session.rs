@@ -8,15 +8,16 @@
 //! shadow freed and is reset before it goes back to the registry.
 
 use std::collections::BTreeMap;
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use cio_core::wire::{
-    AuthMethod, ErrorCode, IrqAction, Message, FEATURES, MAX_DMA_CHUNK, NONCE_LEN, PROTOCOL_VERSION,
+    AuthMethod, ErrorCode, IrqAction, Message, FEATURES, MAX_DMA_CHUNK, MAX_USB_CHUNK, NONCE_LEN,
+    PROTOCOL_VERSION,
 };
 use cio_core::{DeviceError, DmaRegion, DmaSpace, EventFd, Frame, IrqKind};
 use cio_transports::{auth, Conn, FrameReader, OutQueue, Psk, Side};
@@ -26,6 +27,7 @@ use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 use crate::registry::{Lease, OpenError, Registry};
+use crate::usb::{UsbError, UsbExport, UsbProvider};
 
 /// Per-session limits.
 #[derive(Debug, Clone)]
@@ -79,6 +81,8 @@ pub struct Counters {
 pub struct Shared {
     /// The devices.
     pub registry: Arc<Registry>,
+    /// The USB devices.
+    pub usb: Arc<UsbProvider>,
     /// Key clients must prove, if any.
     pub psk: Option<Psk>,
     /// Limits.
@@ -95,6 +99,7 @@ const CONN: Token = Token(0);
 /// Token of the shutdown waker of a session's poll.
 pub const WAKE: Token = Token(1);
 const IRQ_BASE: usize = 2;
+const USB: Token = Token(usize::MAX);
 
 enum State {
     Hello,
@@ -108,6 +113,14 @@ enum State {
 struct OpenDevice {
     lease: Lease,
     dma: DmaSpace,
+}
+
+/// The USB/IP stream of an imported USB device, relayed in `UsbData` frames.
+struct UsbLink {
+    export: UsbExport,
+    /// Bytes from the client the device side has not taken yet.
+    pending: BytesMut,
+    readable: bool,
 }
 
 struct IrqSlot {
@@ -154,6 +167,7 @@ pub struct Session {
     irqs: Vec<Option<IrqSlot>>,
     read_pending: bool,
     peer_closing: bool,
+    usb: Option<UsbLink>,
     // Owned here so its fd closes with the session; the server keeps only a
     // weak reference to wake the session on shutdown.
     _waker: Arc<Waker>,
@@ -199,6 +213,7 @@ impl Session {
                 irqs: Vec::new(),
                 read_pending: true,
                 peer_closing: false,
+                usb: None,
                 _waker: waker,
             },
             weak,
@@ -229,7 +244,7 @@ impl Session {
         let deadline = Instant::now() + self.shared.limits.handshake_timeout;
         let mut events = Events::with_capacity(64);
         loop {
-            let can_read = self.out.len() < self.shared.limits.max_queued_bytes;
+            let can_read = self.can_read();
             let timeout = if self.read_pending && can_read {
                 Some(Duration::ZERO)
             } else if matches!(self.state, State::Ready) {
@@ -276,11 +291,22 @@ impl Session {
                         );
                         return End::clean("server shutting down");
                     }
+                    USB => {
+                        if let Some(u) = &mut self.usb {
+                            u.readable |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                        }
+                    }
                     Token(t) => self.on_irq(t - IRQ_BASE),
                 }
             }
-            if self.read_pending && self.out.len() < self.shared.limits.max_queued_bytes {
+            if let Err(end) = self.usb_io() {
+                return end;
+            }
+            if self.read_pending && self.can_read() {
                 if let Err(end) = self.read_and_handle() {
+                    return end;
+                }
+                if let Err(end) = self.usb_io() {
                     return end;
                 }
             }
@@ -291,9 +317,84 @@ impl Session {
     }
 
     /// Reads what the socket has and handles every complete frame.
+    /// True while neither our replies nor bytes for the USB device have
+    /// piled up beyond the limit.
+    fn can_read(&self) -> bool {
+        let max = self.shared.limits.max_queued_bytes;
+        self.out.len() < max && self.usb.as_ref().is_none_or(|u| u.pending.len() < max)
+    }
+
+    /// Moves USB/IP stream bytes: client bytes to the device side, device
+    /// bytes into `UsbData` frames.
+    fn usb_io(&mut self) -> Result<(), End> {
+        let max = self.shared.limits.max_queued_bytes;
+        let Some(u) = &mut self.usb else {
+            return Ok(());
+        };
+        let mut stream = u.export.stream();
+        while !u.pending.is_empty() {
+            match stream.write(&u.pending) {
+                Ok(n) => {
+                    let _ = u.pending.split_to(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(End::clean(format!("USB device stream failed: {e}"))),
+            }
+        }
+        let mut buf = vec![0u8; MAX_USB_CHUNK];
+        while u.readable && self.out.len() < max {
+            match stream.read(&mut buf) {
+                Ok(0) => return Err(End::clean("the USB device side closed the stream")),
+                Ok(n) => {
+                    let data = Bytes::copy_from_slice(&buf[..n]);
+                    self.out.push(&Message::UsbData { data }, 0);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => u.readable = false,
+                Err(e) => return Err(End::clean(format!("USB device stream failed: {e}"))),
+            }
+        }
+        Ok(())
+    }
+
+    fn usb_import(&mut self, busid: &str) -> Result<Message, ReqError> {
+        if self.usb.is_some() || !self.handles.is_empty() {
+            return Err((
+                ErrorCode::STATE,
+                "a USB import needs a session of its own (this one already holds a device)".into(),
+            ));
+        }
+        let export = self.shared.usb.import(busid, &self.peer).map_err(|e| {
+            let code = match e {
+                UsbError::NoDevice(_) => ErrorCode::NO_DEVICE,
+                UsbError::Busy(_) => ErrorCode::BUSY,
+                _ => ErrorCode::USB,
+            };
+            (code, cio_core::error_chain(&e))
+        })?;
+        let fd = export.stream().as_raw_fd();
+        let registered = export.stream().set_nonblocking(true).and_then(|()| {
+            self.poll.registry().register(
+                &mut SourceFd(&fd),
+                USB,
+                Interest::READABLE | Interest::WRITABLE,
+            )
+        });
+        if let Err(e) = registered {
+            return Err((ErrorCode::USB, format!("relaying the USB stream: {e}")));
+        }
+        let device = export.device.clone();
+        info!(session = self.id, busid, "USB device imported");
+        self.usb = Some(UsbLink {
+            export,
+            pending: BytesMut::new(),
+            readable: true,
+        });
+        Ok(Message::UsbImported { device })
+    }
+
     fn read_and_handle(&mut self) -> Result<(), End> {
         loop {
-            if self.out.len() >= self.shared.limits.max_queued_bytes {
+            if !self.can_read() {
                 return Ok(()); // resume once the peer drains our replies
             }
             // Large pushes of target memory go straight into the shadow.
@@ -454,6 +555,24 @@ impl Session {
                 let r = self.apply_dma(handle, iova, &data);
                 return self.posted(seq, r);
             }
+            Message::UsbData { data } => {
+                let r = match &mut self.usb {
+                    Some(u) => {
+                        u.pending.extend_from_slice(&data);
+                        Ok(())
+                    }
+                    None => Err((ErrorCode::STATE, "no USB device is imported".to_string())),
+                };
+                return self.posted(seq, r);
+            }
+            Message::UsbList => Ok(Message::UsbDeviceList {
+                devices: self.shared.usb.list(),
+            }),
+            Message::UsbImport { busid } => self.usb_import(&busid),
+            Message::Open { .. } if self.usb.is_some() => Err((
+                ErrorCode::STATE,
+                "this session carries a USB device; open PCI devices in another session".into(),
+            )),
             Message::Goodbye => return Err(End::clean("client said goodbye")),
             Message::Ping { payload } => Ok(Message::Pong { payload }),
             Message::ListDevices => Ok(Message::DeviceList {
@@ -619,6 +738,8 @@ impl Session {
             let _ = self.out.write_to(&self.conn, Some(Duration::from_secs(1)));
         }
         let _ = self.conn.shutdown();
+        // Closes the USB stream and restores the device's driver.
+        self.usb = None;
     }
 
     fn drop_irqs(&mut self, handle: u32, kind: IrqKind) {

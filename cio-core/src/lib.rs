@@ -5,6 +5,7 @@
 
 pub mod device;
 pub mod dma;
+pub mod usbip;
 pub mod wire;
 
 pub use device::{

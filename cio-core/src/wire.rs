@@ -21,6 +21,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::device::{DeviceInfo, IrqInfo, IrqKind, RegionInfo, RegionKind};
 use crate::dma::DmaDir;
+use crate::usbip::{UsbDevice, UsbInterface, UsbSpeed, BUSID_LEN};
 
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 24;
@@ -32,6 +33,8 @@ pub const MAX_BODY: usize = MAX_DMA_CHUNK + 64;
 pub const MAX_IO: usize = 4096;
 /// Largest ping payload.
 pub const MAX_PING: usize = 64 * 1024;
+/// Largest chunk of a USB/IP stream in one `UsbData` frame.
+pub const MAX_USB_CHUNK: usize = 256 * 1024;
 /// Largest string (names, error messages).
 pub const MAX_STRING: usize = 1024;
 /// Largest number of devices in a list, regions or irq kinds in an info.
@@ -105,6 +108,8 @@ impl ErrorCode {
     pub const STATE: Self = Self(14);
     /// The server is shutting down.
     pub const SHUTDOWN: Self = Self(15);
+    /// A USB export failed on the server (sysfs, usbip-host).
+    pub const USB: Self = Self(16);
 
     /// Short name for logs and messages.
     pub fn name(self) -> &'static str {
@@ -124,6 +129,7 @@ impl ErrorCode {
             13 => "limit exceeded",
             14 => "wrong state",
             15 => "shutting down",
+            16 => "usb export failed",
             _ => "unknown error",
         }
     }
@@ -312,6 +318,30 @@ pub enum Message {
         /// Handle.
         handle: u32,
     },
+    /// Client → server: list the USB devices the server exports.
+    UsbList,
+    /// Answer to `UsbList`.
+    UsbDeviceList {
+        /// Devices, each with its bus id.
+        devices: Vec<UsbDevice>,
+    },
+    /// Client → server: import a USB device. Answered by `UsbImported`;
+    /// from then on the session carries that device's USB/IP URB stream in
+    /// `UsbData` frames (and `Ping`, `Goodbye`), nothing else.
+    UsbImport {
+        /// Bus id.
+        busid: String,
+    },
+    /// Answer to `UsbImport`: the device is bound and the stream is open.
+    UsbImported {
+        /// The device.
+        device: UsbDevice,
+    },
+    /// Posted, either direction: the next bytes of the USB/IP URB stream.
+    UsbData {
+        /// Stream bytes (any split; frames are not URB-aligned).
+        data: Bytes,
+    },
     /// Success answer with no data.
     Ok,
     /// Failure: the answer to a request, or an asynchronous report for a
@@ -349,6 +379,11 @@ pub mod kind {
     pub const DMA_DATA: u16 = 0x0042;
     pub const SYNC_FOR_CPU: u16 = 0x0043;
     pub const RESET: u16 = 0x0050;
+    pub const USB_LIST: u16 = 0x0060;
+    pub const USB_DEVICE_LIST: u16 = 0x0061;
+    pub const USB_IMPORT: u16 = 0x0062;
+    pub const USB_IMPORTED: u16 = 0x0063;
+    pub const USB_DATA: u16 = 0x0064;
     pub const OK: u16 = 0x007e;
     pub const ERROR: u16 = 0x007f;
 }
@@ -588,6 +623,11 @@ impl Message {
             Self::DmaData { .. } => DMA_DATA,
             Self::SyncForCpu { .. } => SYNC_FOR_CPU,
             Self::Reset { .. } => RESET,
+            Self::UsbList => USB_LIST,
+            Self::UsbDeviceList { .. } => USB_DEVICE_LIST,
+            Self::UsbImport { .. } => USB_IMPORT,
+            Self::UsbImported { .. } => USB_IMPORTED,
+            Self::UsbData { .. } => USB_DATA,
             Self::Ok => OK,
             Self::Error { .. } => ERROR,
         }
@@ -648,7 +688,7 @@ impl Message {
                 out.put_slice(nonce);
             }
             Self::AuthProof { mac } | Self::AuthOk { mac } => out.put_slice(mac),
-            Self::Goodbye | Self::ListDevices | Self::Ok => {}
+            Self::Goodbye | Self::ListDevices | Self::UsbList | Self::Ok => {}
             Self::Ping { payload } | Self::Pong { payload } => put_bytes(out, payload),
             Self::DeviceList { devices } => {
                 out.put_u32_le(devices.len() as u32);
@@ -735,6 +775,15 @@ impl Message {
                 out.put_u32_le(code.0);
                 put_string(out, message);
             }
+            Self::UsbDeviceList { devices } => {
+                out.put_u32_le(devices.len() as u32);
+                for d in devices {
+                    put_usb_device(out, d);
+                }
+            }
+            Self::UsbImport { busid } => put_string(out, busid),
+            Self::UsbImported { device } => put_usb_device(out, device),
+            Self::UsbData { data } => put_bytes(out, data),
         }
     }
 
@@ -870,6 +919,28 @@ impl Message {
             RESET => Self::Reset {
                 handle: r.u32("handle")?,
             },
+            USB_LIST => Self::UsbList,
+            USB_DEVICE_LIST => {
+                let n = r.count("device count")?;
+                let mut devices = Vec::with_capacity(n.min(64));
+                for _ in 0..n {
+                    devices.push(decode_usb_device(&mut r)?);
+                }
+                Self::UsbDeviceList { devices }
+            }
+            USB_IMPORT => {
+                let busid = r.string("busid")?;
+                if busid.is_empty() || busid.len() >= BUSID_LEN {
+                    return Err(r.invalid("busid"));
+                }
+                Self::UsbImport { busid }
+            }
+            USB_IMPORTED => Self::UsbImported {
+                device: decode_usb_device(&mut r)?,
+            },
+            USB_DATA => Self::UsbData {
+                data: r.bytes(&body, MAX_USB_CHUNK, "data")?,
+            },
             OK => Self::Ok,
             ERROR => Self::Error {
                 code: ErrorCode(r.u32("code")?),
@@ -880,6 +951,57 @@ impl Message {
         r.end()?;
         Ok(msg)
     }
+}
+
+fn put_usb_device(out: &mut BytesMut, d: &UsbDevice) {
+    put_string(out, &d.busid);
+    put_string(out, &d.path);
+    put_string(out, &d.product_name);
+    out.put_u32_le(d.busnum);
+    out.put_u32_le(d.devnum);
+    out.put_u32_le(d.speed as u32);
+    out.put_u16_le(d.vendor);
+    out.put_u16_le(d.product);
+    out.put_u16_le(d.bcd_device);
+    out.put_slice(&[d.class, d.subclass, d.protocol]);
+    out.put_u8(d.configuration);
+    out.put_u8(d.num_configurations);
+    out.put_u8(d.interfaces.len() as u8);
+    for i in &d.interfaces {
+        out.put_slice(&[i.class, i.subclass, i.protocol]);
+    }
+}
+
+fn decode_usb_device(r: &mut Rd<'_>) -> Result<UsbDevice, WireError> {
+    let busid = r.string("busid")?;
+    let path = r.string("path")?;
+    let product_name = r.string("product name")?;
+    let mut d = UsbDevice {
+        busid,
+        path,
+        product_name,
+        busnum: r.u32("busnum")?,
+        devnum: r.u32("devnum")?,
+        speed: UsbSpeed::from_u32(r.u32("speed")?),
+        vendor: r.u16("vendor")?,
+        product: r.u16("product")?,
+        bcd_device: r.u16("bcdDevice")?,
+        class: r.u8("class")?,
+        subclass: r.u8("subclass")?,
+        protocol: r.u8("protocol")?,
+        configuration: r.u8("configuration")?,
+        num_configurations: r.u8("configurations")?,
+        interfaces: Vec::new(),
+    };
+    let n = r.u8("interface count")?;
+    for _ in 0..n {
+        d.interfaces.push(UsbInterface {
+            class: r.u8("interface class")?,
+            subclass: r.u8("interface subclass")?,
+            protocol: r.u8("interface protocol")?,
+        });
+    }
+    Ok(d)
 }
 
 fn encode_info(out: &mut BytesMut, info: &DeviceInfo) {
@@ -1111,6 +1233,27 @@ mod tests {
                 count: 1,
             }],
         };
+        let usb = UsbDevice {
+            path: "/sys/devices/usb1/1-1".into(),
+            busid: "1-1".into(),
+            busnum: 1,
+            devnum: 2,
+            speed: UsbSpeed::High,
+            vendor: 0x1d6b,
+            product: 0x0104,
+            bcd_device: 0x0100,
+            class: 2,
+            subclass: 0,
+            protocol: 0,
+            configuration: 1,
+            num_configurations: 1,
+            interfaces: vec![UsbInterface {
+                class: 2,
+                subclass: 2,
+                protocol: 1,
+            }],
+            product_name: "cio CDC-ACM".into(),
+        };
         let msgs = vec![
             Message::Hello {
                 version: 1,
@@ -1149,6 +1292,17 @@ mod tests {
                 name: "edu0".into(),
             },
             Message::Opened { handle: 4, info },
+            Message::UsbList,
+            Message::UsbDeviceList {
+                devices: vec![usb.clone(), usb.clone()],
+            },
+            Message::UsbImport {
+                busid: "1-1.2".into(),
+            },
+            Message::UsbImported { device: usb },
+            Message::UsbData {
+                data: Bytes::from_static(&[0, 0, 0, 3]),
+            },
             Message::Close { handle: 4 },
             Message::RegionRead {
                 handle: 1,

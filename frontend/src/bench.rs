@@ -312,6 +312,7 @@ fn start_backend(t: Transport) -> BenchResult<(ServerHandle, Arc<std::sync::atom
         psk: None,
         devices: vec![Box::new(Edu::new("edu0")), Box::new(mem)],
         limits: Limits::default(),
+        usb: Default::default(),
     })
     .and_then(|s| s.spawn())
     .map_err(err("embedded backend"))?;

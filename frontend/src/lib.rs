@@ -8,6 +8,7 @@ pub mod bench;
 mod client;
 pub mod drivers;
 mod remote;
+pub mod usb;
 
 pub use client::{Client, ClientError, ClientOptions};
 pub use remote::RemoteDevice;

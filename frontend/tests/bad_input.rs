@@ -325,6 +325,7 @@ fn non_loopback_listen_without_key_is_refused() {
         psk: None,
         devices: vec![],
         limits: Limits::default(),
+        usb: Default::default(),
     })
     .unwrap_err();
     assert!(e.to_string().contains("without a pre-shared key"), "{e}");

@@ -283,6 +283,7 @@ fn unix_socket_transport_runs_the_same_driver() {
         psk: None,
         devices: vec![Box::new(cio_backend::models::Edu::new("edu0"))],
         limits: Default::default(),
+        usb: Default::default(),
     })
     .unwrap()
     .spawn()

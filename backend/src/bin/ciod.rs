@@ -6,15 +6,20 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use cio_backend::usb::{stock::UsbipServer, CdcAcmEcho, UsbFilter, UsbModel, UsbProvider};
 use cio_backend::{DeviceSpec, FileConfig, Limits, Server, ServerConfig};
 use cio_core::error_chain;
+use cio_core::usbip::USBIP_PORT;
 use cio_transports::{Endpoint, Psk, DEFAULT_PORT};
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing::info;
 
-/// Serve PCI devices to cio frontends over TCP or Unix sockets.
+/// Serve PCI and USB devices to cio frontends over TCP or Unix sockets.
 ///
 /// Devices come from `--emulate` specs and/or a TOML config file. By default
 /// ciod listens on 127.0.0.1 only; any other address needs `--psk-file`, and
@@ -26,6 +31,8 @@ use tracing::info;
 ///   ciod --listen 0.0.0.0:7451 --psk-file /etc/cio/key --config /etc/cio/ciod.toml
 ///   ciod --vfio 0000:00:02.0=edu0            # a real function bound to vfio-pci
 ///   ciod probe 0000:00:02.0 --reads 1000     # check and time it locally first
+///   ciod --usb 1-1 --usbip-listen 127.0.0.1   # a USB device, also to stock usbip
+///   ciod --emulate-usb cdc-acm               # an emulated USB serial port (emu-1)
 ///
 /// Make a key with: head -c 32 /dev/urandom | base64 > key; chmod 600 key
 ///
@@ -60,6 +67,31 @@ struct Args {
     /// echo BDF > /sys/bus/pci/drivers_probe.
     #[arg(long, value_name = "BDF|ID[=NAME]", value_parser = DeviceSpec::parse_vfio)]
     vfio: Vec<DeviceSpec>,
+
+    /// Export real USB devices through the kernel's usbip-host: a bus id
+    /// (1-1.2), a vendor:product id (0781:5567) or `all` (every device but
+    /// hubs). Repeatable. Needs the usbip-host module. A device goes back to
+    /// its own driver when its import ends, however it ends.
+    #[arg(long, value_name = "BUSID|VID:PID|all")]
+    usb: Vec<UsbFilter>,
+
+    /// Export an emulated USB device (bus id emu-N): cdc-acm (a serial port
+    /// that echoes what is written to it). Repeatable.
+    #[arg(long, value_name = "MODEL")]
+    emulate_usb: Vec<UsbModelName>,
+
+    /// Also answer plain USB/IP (the stock `usbip` client) on ADDR, e.g.
+    /// 0.0.0.0:3240 or 127.0.0.1 (port 3240 if omitted). Plain USB/IP has no
+    /// authentication: use it only where every peer is trusted.
+    #[arg(long, value_name = "ADDR")]
+    usbip_listen: Option<String>,
+}
+
+/// Emulated USB models `--emulate-usb` knows.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum UsbModelName {
+    /// CDC-ACM serial port that echoes its input.
+    CdcAcm,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -147,11 +179,32 @@ fn run(args: Args) -> Result<(), String> {
     let mut specs = file.specs()?;
     specs.extend(args.emulate.iter().cloned());
     specs.extend(args.vfio.iter().cloned());
-    if specs.is_empty() {
+    let models: Vec<Arc<dyn UsbModel>> = args
+        .emulate_usb
+        .iter()
+        .map(|m| match m {
+            UsbModelName::CdcAcm => Arc::new(CdcAcmEcho) as Arc<dyn UsbModel>,
+        })
+        .collect();
+    let usb = Arc::new(UsbProvider::new(args.usb.clone(), models));
+    if specs.is_empty() && usb.is_empty() {
         return Err(
-            "no devices to serve: add --emulate edu or [[device]] tables in --config".into(),
+            "no devices to serve: add --emulate edu, --usb BUSID, --emulate-usb cdc-acm or [[device]] tables in --config".into(),
         );
     }
+    for d in usb.list() {
+        info!(busid = %d.busid, "exporting USB {:04x}:{:04x} {}", d.vendor, d.product, d.product_name);
+    }
+    let usbip_addr: Option<SocketAddr> = match &args.usbip_listen {
+        None => None,
+        Some(a) => Some(
+            a.parse()
+                .or_else(|_| format!("{a}:{USBIP_PORT}").parse())
+                .map_err(|_| {
+                    format!("--usbip-listen {a:?}: expected IP[:PORT], e.g. 0.0.0.0:3240")
+                })?,
+        ),
+    };
     let listen = args
         .listen
         .or(file.listen.clone())
@@ -174,13 +227,26 @@ fn run(args: Args) -> Result<(), String> {
         psk,
         devices,
         limits: Limits::default(),
+        usb: Arc::clone(&usb),
     })
     .map_err(|e| error_chain(&e))?;
     let mut signals =
         Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("installing signal handlers: {e}"))?;
+    let usbip = match usbip_addr {
+        Some(a) => Some(
+            UsbipServer::bind(a, Arc::clone(&usb))
+                .and_then(UsbipServer::spawn)
+                .map_err(|e| e.to_string())?,
+        ),
+        None => None,
+    };
     let handle = server.spawn().map_err(|e| error_chain(&e))?;
     if let Some(sig) = signals.forever().next() {
         info!("signal {sig}: shutting down");
+    }
+    // Both end their USB imports, which gives the devices back.
+    if let Some(u) = usbip {
+        u.shutdown();
     }
     handle.shutdown();
     Ok(())

@@ -11,12 +11,13 @@ use cio_backend::{Limits, Server, ServerConfig};
 use cio_core::error_chain;
 use cio_core::{DeviceInfo, RegionKind};
 use cio_frontend::drivers::edu;
+use cio_frontend::usb::{self, RelayEnd, UsbSource, Vhci};
 use cio_frontend::{Client, ClientOptions};
 use cio_hw_profiles::Profile;
 use cio_transports::{Endpoint, Psk};
 use clap::{Parser, Subcommand};
 
-/// Use PCI devices served by a ciod on another host, as if they were local.
+/// Use PCI and USB devices served by a ciod on another host, as if they were local.
 ///
 /// HOST is HOST[:PORT] (default port 7451), tcp:HOST:PORT or unix:PATH.
 ///
@@ -25,6 +26,7 @@ use clap::{Parser, Subcommand};
 ///   cio list 127.0.0.1
 ///   cio info 127.0.0.1 edu0
 ///   cio --psk-file key list 192.0.2.10:7451
+///   cio usb list 192.0.2.10          # USB devices; see cio usb --help
 ///
 /// Log verbosity follows RUST_LOG (e.g. RUST_LOG=debug).
 #[derive(Debug, Parser)]
@@ -73,6 +75,49 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', value_name = "IDS")]
         only: Vec<String>,
     },
+    /// USB devices of another host, attached here through vhci-hcd.
+    ///
+    /// SOURCE is a ciod (HOST[:PORT], unix:PATH; authenticated, relayed by
+    /// `cio usb attach`, which keeps running while the device is attached)
+    /// or a stock USB/IP server (usbip://HOST[:PORT], port 3240 by default;
+    /// the kernel carries the device, attach returns at once).
+    ///
+    /// Examples:
+    ///   cio usb list 192.0.2.10
+    ///   cio --psk-file key usb attach 192.0.2.10 1-1 &
+    ///   cio usb attach usbip://192.0.2.11 2-1.4
+    ///   cio usb port
+    ///   cio usb detach 15
+    #[command(verbatim_doc_comment)]
+    Usb {
+        #[command(subcommand)]
+        cmd: UsbCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UsbCmd {
+    /// List the USB devices SOURCE exports.
+    List {
+        /// ciod address or usbip://HOST[:PORT].
+        source: String,
+    },
+    /// Attach a device of SOURCE to this host (needs root and vhci-hcd).
+    /// With a ciod it stays in the foreground carrying the device and exits
+    /// when the device is detached (0) or the link is lost (1).
+    Attach {
+        /// ciod address or usbip://HOST[:PORT].
+        source: String,
+        /// Bus id of the device (from `cio usb list`).
+        busid: String,
+    },
+    /// Detach the device on a vhci port (from `cio usb port`).
+    Detach {
+        /// Port number.
+        port: u32,
+    },
+    /// Show the devices attached through vhci-hcd.
+    Port,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -118,6 +163,7 @@ fn run(args: Args) -> Result<(), String> {
         None => None,
     };
     match args.cmd {
+        Cmd::Usb { cmd } => usb_cmd(cmd, psk),
         Cmd::List { host } => {
             let client = connect(&host, &psk)?;
             let devices = client.list().map_err(|e| error_chain(&e))?;
@@ -323,6 +369,7 @@ fn demo() -> Result<(), String> {
         psk: None,
         devices: vec![Box::new(Edu::new("edu0"))],
         limits: Limits::default(),
+        usb: Default::default(),
     })
     .and_then(|s| s.spawn())
     .map_err(|e| error_chain(&e))?;
@@ -353,4 +400,117 @@ fn demo() -> Result<(), String> {
         report.dma_checksum
     );
     Ok(())
+}
+
+fn usb_cmd(cmd: UsbCmd, psk: Option<Psk>) -> Result<(), String> {
+    let opts = ClientOptions {
+        psk,
+        ..ClientOptions::default()
+    };
+    let source = |s: &str| s.parse::<UsbSource>();
+    let e = |e: usb::UsbError| error_chain(&e);
+    match cmd {
+        UsbCmd::List { source: s } => {
+            let src = source(&s)?;
+            let devices = usb::list(&src, &opts).map_err(e)?;
+            println!("Exportable USB devices at {src}");
+            println!("======================");
+            if devices.is_empty() {
+                println!(" (none)");
+            }
+            for d in devices {
+                let name = if d.product_name.is_empty() {
+                    "unknown product"
+                } else {
+                    &d.product_name
+                };
+                println!(
+                    " - {}: {name} ({:04x}:{:04x})",
+                    d.busid, d.vendor, d.product
+                );
+                println!("   {:>w$}: {}", "", d.speed.name(), w = d.busid.len());
+                println!(
+                    "   {:>w$}: bus/dev {:03}/{:03}, class {:02x}/{:02x}/{:02x}",
+                    "",
+                    d.busnum,
+                    d.devnum,
+                    d.class,
+                    d.subclass,
+                    d.protocol,
+                    w = d.busid.len()
+                );
+                for (i, f) in d.interfaces.iter().enumerate() {
+                    println!(
+                        "   {:>w$}: {i} - class {:02x}/{:02x}/{:02x}",
+                        "",
+                        f.class,
+                        f.subclass,
+                        f.protocol,
+                        w = d.busid.len()
+                    );
+                }
+            }
+            Ok(())
+        }
+        UsbCmd::Attach { source: s, busid } => {
+            let src = source(&s)?;
+            let vhci = Vhci::default();
+            vhci.ports().map_err(e)?; // fail before importing if vhci is missing
+            let imported = usb::import(&src, &busid, &opts).map_err(e)?;
+            let attached = imported.attach(&vhci).map_err(e)?;
+            println!(
+                "port {}: attached {}/{} ({:04x}:{:04x} {})",
+                attached.port,
+                attached.source,
+                busid,
+                attached.device.vendor,
+                attached.device.product,
+                attached.device.product_name
+            );
+            if !attached.needs_relay() {
+                return Ok(());
+            }
+            let port = attached.port;
+            match attached.relay() {
+                RelayEnd::Detached => {
+                    println!("port {port}: detached");
+                    Ok(())
+                }
+                RelayEnd::Lost(why) => Err(format!("port {port}: {why}; the port was freed")),
+            }
+        }
+        UsbCmd::Detach { port } => {
+            Vhci::default().detach(port).map_err(e)?;
+            println!("port {port}: detached");
+            Ok(())
+        }
+        UsbCmd::Port => {
+            let ports = Vhci::default().ports().map_err(e)?;
+            println!("Imported USB devices");
+            println!("====================");
+            for p in ports.iter().filter(|p| !p.is_free()) {
+                println!("Port {:02}: <Port in Use> at {}", p.port, p.speed.name());
+                let dev = std::path::Path::new("/sys/bus/usb/devices").join(&p.local_busid);
+                let attr = |n: &str| {
+                    std::fs::read_to_string(dev.join(n))
+                        .map(|s| s.trim().to_owned())
+                        .unwrap_or_default()
+                };
+                println!(
+                    "       {}:{} {}",
+                    attr("idVendor"),
+                    attr("idProduct"),
+                    attr("product")
+                );
+                let from = usb::port_record(p.port).unwrap_or_else(|| "(unknown source)".into());
+                println!("       {} -> {}", p.local_busid, from.trim());
+                println!(
+                    "           -> remote bus/dev {:03}/{:03}",
+                    p.devid >> 16,
+                    p.devid & 0xffff
+                );
+            }
+            Ok(())
+        }
+    }
 }

@@ -25,6 +25,7 @@ pub fn server_with(psk: Option<Psk>, limits: Limits) -> ServerHandle {
             Box::new(Memory::new("mem0", 1 << 20).unwrap()),
         ],
         limits,
+        usb: Default::default(),
     };
     Server::bind(cfg).unwrap().spawn().unwrap()
 }
