@@ -46,6 +46,10 @@ pub struct Limits {
     pub max_queued_bytes: usize,
     /// Concurrent sessions per server.
     pub max_sessions: usize,
+    /// A session carrying a USB device ends when the client sends nothing
+    /// (not even the pings frontends send every few seconds) for this long:
+    /// the link is taken as lost and the device is given back.
+    pub usb_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -57,6 +61,7 @@ impl Default for Limits {
             max_mapped_bytes: 64 << 30,
             max_queued_bytes: 32 << 20,
             max_sessions: 64,
+            usb_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -168,6 +173,7 @@ pub struct Session {
     read_pending: bool,
     peer_closing: bool,
     usb: Option<UsbLink>,
+    last_rx: Instant,
     // Owned here so its fd closes with the session; the server keeps only a
     // weak reference to wake the session on shutdown.
     _waker: Arc<Waker>,
@@ -214,6 +220,7 @@ impl Session {
                 read_pending: true,
                 peer_closing: false,
                 usb: None,
+                last_rx: Instant::now(),
                 _waker: waker,
             },
             weak,
@@ -247,6 +254,9 @@ impl Session {
             let can_read = self.can_read();
             let timeout = if self.read_pending && can_read {
                 Some(Duration::ZERO)
+            } else if self.usb.is_some() {
+                let idle = self.shared.limits.usb_idle_timeout;
+                Some((self.last_rx + idle).saturating_duration_since(Instant::now()))
             } else if matches!(self.state, State::Ready) {
                 None
             } else {
@@ -270,6 +280,13 @@ impl Session {
                     reason: "handshake timed out".into(),
                     protocol_error: true,
                 };
+            }
+            let idle = self.shared.limits.usb_idle_timeout;
+            if self.usb.is_some() && events.is_empty() && self.last_rx.elapsed() >= idle {
+                return End::clean(format!(
+                    "USB client sent nothing for {}s: link lost",
+                    idle.as_secs()
+                ));
             }
             for ev in events.iter() {
                 match ev.token() {
@@ -419,6 +436,7 @@ impl Session {
                     })
                 }
                 Ok(got) => {
+                    self.last_rx = Instant::now();
                     loop {
                         match self.reader.next_frame() {
                             Ok(Some(frame)) => self.handle(frame)?,

@@ -48,6 +48,9 @@ pub struct ClientOptions {
     /// its own system call at once: lower latency for a lone doorbell,
     /// much lower throughput for many writes.
     pub batch_writes: bool,
+    /// Long-lived USB relays ping an idle backend this often, and give the
+    /// link up after four intervals without a frame from it.
+    pub keepalive: Duration,
 }
 
 impl Default for ClientOptions {
@@ -58,6 +61,7 @@ impl Default for ClientOptions {
             reply_timeout: Duration::from_secs(30),
             name: format!("cio/{}", env!("CARGO_PKG_VERSION")),
             batch_writes: true,
+            keepalive: Duration::from_secs(5),
         }
     }
 }

@@ -7,7 +7,8 @@
 //! kernel gets the TCP socket itself, as with `usbip attach`).
 //!
 //! The relay watches the link: it pings the backend when the device is
-//! idle and gives up when the backend stays silent for [`LINK_TIMEOUT`].
+//! idle ([`ClientOptions::keepalive`]) and gives up when the backend stays
+//! silent for four of those intervals.
 //! Whichever side ends (detach here, link loss, backend gone), the relay
 //! closes the other, so the vhci port is freed here and the device goes
 //! back to its driver on the source.
@@ -35,10 +36,6 @@ use tracing::{debug, info, warn};
 
 use crate::client::{handshake, read_frame, ClientError, ClientOptions, Handshake};
 
-/// The relay pings an idle backend this often.
-pub const PING_EVERY: Duration = Duration::from_secs(5);
-/// The relay gives the link up after this long without a frame.
-pub const LINK_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default vhci-hcd sysfs directory (all controllers' attributes live here).
 pub const VHCI_DIR: &str = "/sys/devices/platform/vhci_hcd.0";
 /// Where attached ports are recorded for `cio usb port`.
@@ -210,6 +207,7 @@ pub struct Imported {
     /// Where it came from.
     pub source: UsbSource,
     link: Link,
+    keepalive: Duration,
 }
 
 enum Link {
@@ -239,6 +237,7 @@ pub fn import(source: &UsbSource, busid: &str, opts: &ClientOptions) -> Result<I
                     device,
                     source: source.clone(),
                     link: Link::Cio { conn, hs },
+                    keepalive: opts.keepalive,
                 }),
                 m => Err(unexpected("UsbImported", &m)),
             }
@@ -263,6 +262,7 @@ pub fn import(source: &UsbSource, busid: &str, opts: &ClientOptions) -> Result<I
                 device,
                 source: source.clone(),
                 link: Link::Stock(s),
+                keepalive: opts.keepalive,
             })
         }
     }
@@ -446,6 +446,7 @@ pub struct Attached {
     /// Where it came from.
     pub source: UsbSource,
     relay: Option<(Conn, Handshake, UnixStream)>,
+    keepalive: Duration,
 }
 
 /// How a relay ended.
@@ -458,6 +459,27 @@ pub enum RelayEnd {
 }
 
 impl Imported {
+    /// The URB stream itself, for a userspace USB/IP client instead of the
+    /// kernel (tests, userspace drivers). A cio import is relayed by a
+    /// background thread that ends with the stream.
+    pub fn into_stream(
+        self,
+    ) -> Result<(UrbStream, Option<std::thread::JoinHandle<RelayEnd>>), UsbError> {
+        match self.link {
+            Link::Stock(tcp) => Ok((UrbStream::Tcp(tcp), None)),
+            Link::Cio { conn, hs } => {
+                let (ours, theirs) =
+                    UnixStream::pair().map_err(io_err("creating a socket pair"))?;
+                let keepalive = self.keepalive;
+                let t = std::thread::Builder::new()
+                    .name("cio-usb-relay".into())
+                    .spawn(move || relay(conn, hs, ours, keepalive))
+                    .map_err(io_err("starting the relay"))?;
+                Ok((UrbStream::Relayed(theirs), Some(t)))
+            }
+        }
+    }
+
     /// Attaches the device to a free vhci port of the right speed.
     pub fn attach(self, vhci: &Vhci) -> Result<Attached, UsbError> {
         let dev = &self.device;
@@ -498,6 +520,7 @@ impl Imported {
                         device: self.device,
                         source: self.source,
                         relay,
+                        keepalive: self.keepalive,
                     });
                 }
                 Err(e) => last = Some(e),
@@ -510,6 +533,54 @@ impl Imported {
 enum Kernel {
     Unix(UnixStream),
     Tcp(TcpStream),
+}
+
+/// The URB stream of an imported device, for a userspace USB/IP client.
+#[derive(Debug)]
+pub enum UrbStream {
+    /// Relayed from a cio session by a background thread.
+    Relayed(UnixStream),
+    /// Straight from a stock USB/IP server.
+    Tcp(TcpStream),
+}
+
+impl UrbStream {
+    /// Ends the import (the relay, if any, closes the session).
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Self::Relayed(s) => s.shutdown(Shutdown::Both),
+            Self::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// Bounds blocking reads.
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Self::Relayed(s) => s.set_read_timeout(t),
+            Self::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for UrbStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Relayed(s) => s.read(buf),
+            Self::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for UrbStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Relayed(s) => s.write(buf),
+            Self::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Attached {
@@ -525,15 +596,16 @@ impl Attached {
         let Some((conn, hs, stream)) = self.relay.take() else {
             return RelayEnd::Detached;
         };
-        let end = relay(conn, hs, stream);
+        let end = relay(conn, hs, stream, self.keepalive);
         let _ = fs::remove_file(Path::new(STATE_DIR).join(format!("port{}", self.port)));
         end
     }
 }
 
 /// Moves the URB stream between `stream` (vhci) and the session.
-fn relay(conn: Conn, hs: Handshake, stream: UnixStream) -> RelayEnd {
+fn relay(conn: Conn, hs: Handshake, stream: UnixStream, keepalive: Duration) -> RelayEnd {
     let Handshake { out, dec, .. } = hs;
+    let link_timeout = keepalive * 4;
     let conn = Arc::new(conn);
     let out = Arc::new(Mutex::new(out));
     let send = {
@@ -541,11 +613,11 @@ fn relay(conn: Conn, hs: Handshake, stream: UnixStream) -> RelayEnd {
         move |m: &Message| -> io::Result<()> {
             let mut q = out.lock().unwrap_or_else(|e| e.into_inner());
             q.push(m, 0);
-            q.write_to(&conn, Some(LINK_TIMEOUT)).map(|_| ())
+            q.write_to(&conn, Some(link_timeout)).map(|_| ())
         }
     };
-    let _ = conn.set_read_timeout(Some(LINK_TIMEOUT));
-    let _ = conn.set_write_timeout(Some(LINK_TIMEOUT));
+    let _ = conn.set_read_timeout(Some(link_timeout));
+    let _ = conn.set_write_timeout(Some(link_timeout));
     let Ok(down_stream) = stream.try_clone() else {
         return RelayEnd::Lost("cloning the vhci stream".into());
     };
@@ -556,7 +628,7 @@ fn relay(conn: Conn, hs: Handshake, stream: UnixStream) -> RelayEnd {
         std::thread::Builder::new()
             .name("cio-usb-down".into())
             .spawn(move || {
-                let end = downstream(&conn, dec, &down_stream, &send);
+                let end = downstream(&conn, dec, &down_stream, &send, link_timeout);
                 let _ = down_stream.shutdown(Shutdown::Both);
                 let _ = conn.shutdown();
                 end
@@ -567,7 +639,7 @@ fn relay(conn: Conn, hs: Handshake, stream: UnixStream) -> RelayEnd {
         Err(e) => return RelayEnd::Lost(format!("starting the relay: {e}")),
     };
     // Kernel to backend, here.
-    let _ = stream.set_read_timeout(Some(PING_EVERY));
+    let _ = stream.set_read_timeout(Some(keepalive));
     let mut buf = vec![0u8; MAX_USB_CHUNK];
     let up_end = loop {
         match (&stream).read(&mut buf) {
@@ -614,6 +686,7 @@ fn downstream(
     mut dec: FrameDecoder,
     mut stream: &UnixStream,
     send: &impl Fn(&Message) -> io::Result<()>,
+    link_timeout: Duration,
 ) -> RelayEnd {
     loop {
         loop {
@@ -637,10 +710,12 @@ fn downstream(
                 Message::Error { code, message } => {
                     return RelayEnd::Lost(format!("backend: {message} ({})", code.name()))
                 }
-                m => return RelayEnd::Lost(format!(
+                m => {
+                    return RelayEnd::Lost(format!(
                     "protocol violation by the backend: message type {:#06x} during a USB import",
                     m.kind()
-                )),
+                ))
+                }
             }
         }
         match conn.recv_into(dec.buffer(), MAX_USB_CHUNK + 64, false) {
@@ -653,8 +728,8 @@ fn downstream(
                 ) =>
             {
                 return RelayEnd::Lost(format!(
-                    "no word from the backend for {}s: link lost",
-                    LINK_TIMEOUT.as_secs()
+                    "no word from the backend for {:?}: link lost",
+                    link_timeout
                 ))
             }
             Err(e) => {

@@ -305,6 +305,7 @@ fn in_process_pair_transport() {
             cio_backend::models::Edu::new("edu0"),
         )])
         .unwrap(),
+        usb: Default::default(),
         psk: None,
         limits: Default::default(),
         counters: Default::default(),

@@ -151,6 +151,11 @@ impl UsbProvider {
         self.filters.is_empty() && self.emulated.is_empty()
     }
 
+    /// Number of devices exported right now.
+    pub fn exported(&self) -> usize {
+        lock(&self.busy).len()
+    }
+
     /// The exportable devices present now.
     pub fn list(&self) -> Vec<UsbDevice> {
         let mut out = Vec::new();

@@ -16,6 +16,35 @@ pub fn server() -> ServerHandle {
     server_with(None, Limits::default())
 }
 
+/// A server exporting one emulated CDC-ACM USB device (emu-1), edu0 and mem0.
+pub fn usb_server(
+    psk: Option<Psk>,
+) -> (ServerHandle, std::sync::Arc<cio_backend::usb::UsbProvider>) {
+    usb_server_with(psk, Limits::default())
+}
+
+pub fn usb_server_with(
+    psk: Option<Psk>,
+    limits: Limits,
+) -> (ServerHandle, std::sync::Arc<cio_backend::usb::UsbProvider>) {
+    use cio_backend::usb::{CdcAcmEcho, UsbProvider};
+    let usb = std::sync::Arc::new(UsbProvider::new(
+        vec![],
+        vec![std::sync::Arc::new(CdcAcmEcho)],
+    ));
+    let cfg = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        psk,
+        devices: vec![
+            Box::new(Edu::new("edu0")),
+            Box::new(Memory::new("mem0", 1 << 20).unwrap()),
+        ],
+        limits,
+        usb: usb.clone(),
+    };
+    (Server::bind(cfg).unwrap().spawn().unwrap(), usb)
+}
+
 pub fn server_with(psk: Option<Psk>, limits: Limits) -> ServerHandle {
     let cfg = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
