@@ -1,6 +1,7 @@
 #!/bin/busybox sh
 # Init of the QEMU test guest. Loads the modules, binds every edu
-# (1234:11e8) to vfio-pci, brings up the user-net NIC and starts ciod.
+# (1234:11e8) to vfio-pci, brings up the user-net NIC and starts ciod; or,
+# with cio.test=usb on the kernel command line, runs the USB scenario.
 # Lines starting with CIO- are read by the harness.
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -12,6 +13,14 @@ for m in $(cat /modules/order); do
 done
 
 ip link set lo up
+# The USB guest runs its whole scenario inside (qemu-tests/guest-usb.sh).
+case " $(cat /proc/cmdline) " in
+    *" cio.test=usb "*)
+        . /usb-test.sh
+        echo "CIO-EXIT"
+        poweroff -f
+        ;;
+esac
 ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up || echo "CIO-FAIL network"
 # User-net learns the guest's MAC address from its first packet; until
 # then host port forwards cannot reach it.

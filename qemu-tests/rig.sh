@@ -2,9 +2,11 @@
 # Builds the QEMU test rig under target/qemu-rig/ (cached: a second run only
 # rebuilds what changed):
 #   vmlinuz         Debian bookworm's 6.1 kernel, from the package archive
-#   initramfs.gz    busybox, the kernel modules the tests need, a static
-#                   ciod and the init script (qemu-tests/guest-init.sh)
-# Installs qemu-system-x86, busybox-static and cpio with apt if missing.
+#   initramfs.gz    busybox, the kernel modules the tests need, static ciod
+#                   and cio, Debian's usbip/usbipd with their libraries, and
+#                   the init scripts (qemu-tests/guest-init.sh, guest-usb.sh)
+# Installs qemu-system-x86, busybox-static, cpio, usbip and usb.ids with apt
+# if missing.
 # Prints the rig directory on its last line. Fails loudly on any error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +21,8 @@ command -v qemu-system-x86_64 >/dev/null || need_pkgs+=(qemu-system-x86)
 # (grep without -q: an early exit would SIGPIPE busybox and fail under pipefail)
 { [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -x insmod >/dev/null; } || need_pkgs+=(busybox-static)
 command -v cpio >/dev/null || need_pkgs+=(cpio)
+[ -x /usr/sbin/usbipd ] || need_pkgs+=(usbip)
+[ -e /usr/share/misc/usb.ids ] || need_pkgs+=(usb.ids)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -56,11 +60,13 @@ fi
 kver=$(ls "$rig/kernel/lib/modules" | head -n 1)
 moddir="$rig/kernel/lib/modules/$kver/kernel"
 
-# Static ciod.
-log "building static ciod"
+# Static ciod and cio.
+log "building static ciod and cio"
 RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$root/target/static" \
-    cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu -p cio-backend --bin ciod
+    cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu \
+    -p cio-backend --bin ciod -p cio-frontend --bin cio
 ciod="$root/target/static/x86_64-unknown-linux-gnu/release/ciod"
+cio="$root/target/static/x86_64-unknown-linux-gnu/release/cio"
 
 # Modules in load order (dependencies first).
 modules=(
@@ -78,11 +84,29 @@ modules=(
     net/core/failover.ko
     drivers/net/net_failover.ko
     drivers/net/virtio_net.ko
+    drivers/usb/common/usb-common.ko
+    drivers/usb/core/usbcore.ko
+    drivers/usb/host/xhci-hcd.ko
+    drivers/usb/host/xhci-pci.ko
+    drivers/scsi/scsi_common.ko
+    drivers/scsi/scsi_mod.ko
+    crypto/crct10dif_common.ko
+    lib/crc-t10dif.ko
+    lib/crc64.ko
+    lib/crc64-rocksoft.ko
+    block/t10-pi.ko
+    drivers/scsi/sd_mod.ko
+    drivers/usb/storage/usb-storage.ko
+    drivers/usb/class/cdc-acm.ko
+    drivers/usb/usbip/usbip-core.ko
+    drivers/usb/usbip/usbip-host.ko
+    drivers/usb/usbip/vhci-hcd.ko
 )
 
 initrd="$rig/initramfs.gz"
 stamp="$rig/initramfs.inputs"
-inputs=$(sha256sum "$ciod" qemu-tests/guest-init.sh qemu-tests/rig.sh | sha256sum | cut -d' ' -f1)
+inputs=$(sha256sum "$ciod" "$cio" qemu-tests/guest-init.sh qemu-tests/guest-usb.sh qemu-tests/rig.sh \
+    /usr/sbin/usbip /usr/sbin/usbipd | sha256sum | cut -d' ' -f1)
 if [ -f "$initrd" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$inputs" ]; then
     log "initramfs up to date"
 else
@@ -92,8 +116,21 @@ else
     mkdir -p "$tree"/{bin,dev,proc,sys,tmp,modules}
     cp /bin/busybox "$tree/bin/busybox"
     cp "$ciod" "$tree/bin/ciod"
+    cp "$cio" "$tree/bin/cio"
     cp qemu-tests/guest-init.sh "$tree/init"
-    chmod +x "$tree/init"
+    cp qemu-tests/guest-usb.sh "$tree/usb-test.sh"
+    chmod +x "$tree/init" "$tree/usb-test.sh"
+    # Debian's usbip tools (the stock client and server) with their
+    # libraries at the same paths, and what they read at run time.
+    mkdir -p "$tree/usr/sbin" "$tree/usr/share/misc" "$tree/var/run/vhci_hcd"
+    for b in /usr/sbin/usbip /usr/sbin/usbipd; do
+        cp "$b" "$tree$b"
+        for lib in $(ldd "$b" | grep -o '/[^ ]*\.so[^ ]*'); do
+            mkdir -p "$tree$(dirname "$lib")"
+            cp -L "$lib" "$tree$lib"
+        done
+    done
+    cp -L /usr/share/misc/usb.ids "$tree/usr/share/misc/usb.ids"
     : > "$tree/modules/order"
     loaded=" "
     for m in "${modules[@]}"; do

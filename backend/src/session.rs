@@ -126,6 +126,8 @@ struct UsbLink {
     /// Bytes from the client the device side has not taken yet.
     pending: BytesMut,
     readable: bool,
+    /// Receive buffer for the device side.
+    buf: Vec<u8>,
 }
 
 struct IrqSlot {
@@ -358,12 +360,11 @@ impl Session {
                 Err(e) => return Err(End::clean(format!("USB device stream failed: {e}"))),
             }
         }
-        let mut buf = vec![0u8; MAX_USB_CHUNK];
         while u.readable && self.out.len() < max {
-            match stream.read(&mut buf) {
+            match stream.read(&mut u.buf) {
                 Ok(0) => return Err(End::clean("the USB device side closed the stream")),
                 Ok(n) => {
-                    let data = Bytes::copy_from_slice(&buf[..n]);
+                    let data = Bytes::copy_from_slice(&u.buf[..n]);
                     self.out.push(&Message::UsbData { data }, 0);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => u.readable = false,
@@ -405,6 +406,7 @@ impl Session {
             export,
             pending: BytesMut::new(),
             readable: true,
+            buf: vec![0; MAX_USB_CHUNK],
         });
         Ok(Message::UsbImported { device })
     }

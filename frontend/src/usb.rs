@@ -621,17 +621,30 @@ fn relay(conn: Conn, hs: Handshake, stream: UnixStream, keepalive: Duration) -> 
     let Ok(down_stream) = stream.try_clone() else {
         return RelayEnd::Lost("cloning the vhci stream".into());
     };
+    // Each side shuts both streams when it ends, which ends the other side
+    // too; what ended first is what happened.
+    let first: Arc<Mutex<Option<RelayEnd>>> = Arc::default();
+    let record = {
+        let first = Arc::clone(&first);
+        move |end: RelayEnd| {
+            first
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(end)
+                .clone()
+        }
+    };
     // Backend to kernel, on its own thread.
     let down = {
         let conn = Arc::clone(&conn);
         let send = send.clone();
+        let record = record.clone();
         std::thread::Builder::new()
             .name("cio-usb-down".into())
             .spawn(move || {
-                let end = downstream(&conn, dec, &down_stream, &send, link_timeout);
+                record(downstream(&conn, dec, &down_stream, &send, link_timeout));
                 let _ = down_stream.shutdown(Shutdown::Both);
                 let _ = conn.shutdown();
-                end
             })
     };
     let down = match down {
@@ -644,7 +657,9 @@ fn relay(conn: Conn, hs: Handshake, stream: UnixStream, keepalive: Duration) -> 
     let up_end = loop {
         match (&stream).read(&mut buf) {
             Ok(0) => {
-                let _ = send(&Message::Goodbye);
+                if record(RelayEnd::Detached) == RelayEnd::Detached {
+                    let _ = send(&Message::Goodbye);
+                }
                 break RelayEnd::Detached;
             }
             Ok(n) => {
@@ -669,16 +684,11 @@ fn relay(conn: Conn, hs: Handshake, stream: UnixStream, keepalive: Duration) -> 
             Err(e) => break RelayEnd::Lost(format!("vhci stream: {e}")),
         }
     };
+    let end = record(up_end);
     let _ = stream.shutdown(Shutdown::Both);
     let _ = conn.shutdown();
-    let down_end = down
-        .join()
-        .unwrap_or(RelayEnd::Lost("relay thread panicked".into()));
-    match (up_end, down_end) {
-        (RelayEnd::Detached, _) => RelayEnd::Detached,
-        (_, RelayEnd::Lost(why)) => RelayEnd::Lost(why),
-        (up, RelayEnd::Detached) => up,
-    }
+    let _ = down.join();
+    end
 }
 
 fn downstream(

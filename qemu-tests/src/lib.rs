@@ -84,6 +84,13 @@ impl Guest {
     /// Boots a guest with an IOMMU, user networking (restricted, one host
     /// port forward on 127.0.0.1) and `devices` (QEMU `-device` values).
     pub fn boot(rig: &std::path::Path, devices: &[&str]) -> Self {
+        let args: Vec<&str> = devices.iter().flat_map(|d| ["-device", d]).collect();
+        Self::boot_with(rig, &args, "")
+    }
+
+    /// Like [`boot`](Self::boot) with raw QEMU arguments and words added
+    /// to the kernel command line (`cio.test=usb` runs the USB scenario).
+    pub fn boot_with(rig: &std::path::Path, qemu_args: &[&str], cmdline: &str) -> Self {
         let port = free_port();
         let key = format!("qemu-test-key-{port}-0123456789abcdef");
         let mut cmd = Command::new("qemu-system-x86_64");
@@ -103,16 +110,14 @@ impl Guest {
         .arg(rig.join("initramfs.gz"))
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet panic=-1 intel_iommu=on random.trust_cpu=on cio.psk={key}"
+            "console=ttyS0 quiet panic=-1 intel_iommu=on random.trust_cpu=on cio.psk={key} {cmdline}"
         ))
         .arg("-netdev")
         .arg(format!(
             "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:7451"
         ))
         .args(["-device", "virtio-net-pci,netdev=n0"]);
-        for d in devices {
-            cmd.args(["-device", d]);
-        }
+        cmd.args(qemu_args);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

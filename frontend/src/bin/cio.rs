@@ -17,6 +17,22 @@ use cio_hw_profiles::Profile;
 use cio_transports::{Endpoint, Psk};
 use clap::{Parser, Subcommand};
 
+/// `println!` that does not panic when stdout is gone (`cio usb list | grep -q`).
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `print!` that does not panic when stdout is gone.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+
 /// Use PCI and USB devices served by a ciod on another host, as if they were local.
 ///
 /// HOST is HOST[:PORT] (default port 7451), tcp:HOST:PORT or unix:PATH.
@@ -168,13 +184,16 @@ fn run(args: Args) -> Result<(), String> {
             let client = connect(&host, &psk)?;
             let devices = client.list().map_err(|e| error_chain(&e))?;
             if devices.is_empty() {
-                println!("no devices");
+                outln!("no devices");
             }
             for d in devices {
                 let state = if d.busy { "in use" } else { "free" };
-                println!(
+                outln!(
                     "{:<16} {:04x}:{:04x}  class {:06x}  {state}",
-                    d.name, d.vendor, d.device, d.class
+                    d.name,
+                    d.vendor,
+                    d.device,
+                    d.class
                 );
             }
             Ok(())
@@ -182,7 +201,7 @@ fn run(args: Args) -> Result<(), String> {
         Cmd::Info { host, device } => {
             let client = connect(&host, &psk)?;
             let dev = client.open(&device).map_err(|e| error_chain(&e))?;
-            print!("{}", describe(cio_core::Device::info(&dev)));
+            out!("{}", describe(cio_core::Device::info(&dev)));
             Ok(())
         }
         Cmd::Demo => demo(),
@@ -333,7 +352,7 @@ fn bench(
         TransportArg::All => vec![Transport::Tcp, Transport::Unix],
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!(
+    outln!(
         "cio bench: {} run on {cores} cores; cio and its baseline alternate in one process",
         if quick {
             "quick (numbers not meaningful)"
@@ -341,7 +360,7 @@ fn bench(
             "full"
         }
     );
-    println!("{}", bench::header());
+    outln!("{}", bench::header());
     let report = bench::run(
         &bench::Options {
             quick,
@@ -349,13 +368,13 @@ fn bench(
             only,
         },
         |r| {
-            println!("{}", bench::format_row(r));
+            outln!("{}", bench::format_row(r));
         },
     )?;
     let text = serde_json::to_string_pretty(&report).map_err(|e| format!("encoding JSON: {e}"))?;
     std::fs::write(json, text).map_err(|e| format!("writing {}: {e}", json.display()))?;
     let missed = report.rows.iter().filter(|r| !r.met).count();
-    println!(
+    outln!(
         "{} rows, {missed} targets missed; JSON written to {}",
         report.rows.len(),
         json.display()
@@ -374,24 +393,24 @@ fn demo() -> Result<(), String> {
     .and_then(|s| s.spawn())
     .map_err(|e| error_chain(&e))?;
     let ep = server.endpoint().clone();
-    println!("embedded ciod serving an emulated edu on {ep}");
+    outln!("embedded ciod serving an emulated edu on {ep}");
     let client = Client::connect(&ep, ClientOptions::default()).map_err(|e| error_chain(&e))?;
-    println!("connected over TCP: session {}", client.session());
+    outln!("connected over TCP: session {}", client.session());
     for d in client.list().map_err(|e| error_chain(&e))? {
-        println!("  listed {} ({:04x}:{:04x})", d.name, d.vendor, d.device);
+        outln!("  listed {} ({:04x}:{:04x})", d.name, d.vendor, d.device);
     }
     let mut dev = client.open("edu0").map_err(|e| error_chain(&e))?;
-    println!("opened edu0:");
+    outln!("opened edu0:");
     for line in describe(cio_core::Device::info(&dev)).lines().take(5) {
-        println!("  {line}");
+        outln!("  {line}");
     }
-    let report = edu::self_test(&mut dev, 0x10_0000, |step| println!("  {step}"))
+    let report = edu::self_test(&mut dev, 0x10_0000, |step| outln!("  {step}"))
         .map_err(|e| error_chain(&e))?;
     let msi = dev.irq_events();
     drop(dev);
     drop(client);
     server.shutdown();
-    println!(
+    outln!(
         "demo passed: {} factorials, {} interrupts ({} delivered as events), {} DMA bytes, checksum {:#018x}",
         report.factorials.len(),
         report.interrupts,
@@ -413,10 +432,10 @@ fn usb_cmd(cmd: UsbCmd, psk: Option<Psk>) -> Result<(), String> {
         UsbCmd::List { source: s } => {
             let src = source(&s)?;
             let devices = usb::list(&src, &opts).map_err(e)?;
-            println!("Exportable USB devices at {src}");
-            println!("======================");
+            outln!("Exportable USB devices at {src}");
+            outln!("======================");
             if devices.is_empty() {
-                println!(" (none)");
+                outln!(" (none)");
             }
             for d in devices {
                 let name = if d.product_name.is_empty() {
@@ -424,12 +443,14 @@ fn usb_cmd(cmd: UsbCmd, psk: Option<Psk>) -> Result<(), String> {
                 } else {
                     &d.product_name
                 };
-                println!(
+                outln!(
                     " - {}: {name} ({:04x}:{:04x})",
-                    d.busid, d.vendor, d.product
+                    d.busid,
+                    d.vendor,
+                    d.product
                 );
-                println!("   {:>w$}: {}", "", d.speed.name(), w = d.busid.len());
-                println!(
+                outln!("   {:>w$}: {}", "", d.speed.name(), w = d.busid.len());
+                outln!(
                     "   {:>w$}: bus/dev {:03}/{:03}, class {:02x}/{:02x}/{:02x}",
                     "",
                     d.busnum,
@@ -440,7 +461,7 @@ fn usb_cmd(cmd: UsbCmd, psk: Option<Psk>) -> Result<(), String> {
                     w = d.busid.len()
                 );
                 for (i, f) in d.interfaces.iter().enumerate() {
-                    println!(
+                    outln!(
                         "   {:>w$}: {i} - class {:02x}/{:02x}/{:02x}",
                         "",
                         f.class,
@@ -458,7 +479,7 @@ fn usb_cmd(cmd: UsbCmd, psk: Option<Psk>) -> Result<(), String> {
             vhci.ports().map_err(e)?; // fail before importing if vhci is missing
             let imported = usb::import(&src, &busid, &opts).map_err(e)?;
             let attached = imported.attach(&vhci).map_err(e)?;
-            println!(
+            outln!(
                 "port {}: attached {}/{} ({:04x}:{:04x} {})",
                 attached.port,
                 attached.source,
@@ -473,7 +494,7 @@ fn usb_cmd(cmd: UsbCmd, psk: Option<Psk>) -> Result<(), String> {
             let port = attached.port;
             match attached.relay() {
                 RelayEnd::Detached => {
-                    println!("port {port}: detached");
+                    outln!("port {port}: detached");
                     Ok(())
                 }
                 RelayEnd::Lost(why) => Err(format!("port {port}: {why}; the port was freed")),
@@ -481,30 +502,30 @@ fn usb_cmd(cmd: UsbCmd, psk: Option<Psk>) -> Result<(), String> {
         }
         UsbCmd::Detach { port } => {
             Vhci::default().detach(port).map_err(e)?;
-            println!("port {port}: detached");
+            outln!("port {port}: detached");
             Ok(())
         }
         UsbCmd::Port => {
             let ports = Vhci::default().ports().map_err(e)?;
-            println!("Imported USB devices");
-            println!("====================");
+            outln!("Imported USB devices");
+            outln!("====================");
             for p in ports.iter().filter(|p| !p.is_free()) {
-                println!("Port {:02}: <Port in Use> at {}", p.port, p.speed.name());
+                outln!("Port {:02}: <Port in Use> at {}", p.port, p.speed.name());
                 let dev = std::path::Path::new("/sys/bus/usb/devices").join(&p.local_busid);
                 let attr = |n: &str| {
                     std::fs::read_to_string(dev.join(n))
                         .map(|s| s.trim().to_owned())
                         .unwrap_or_default()
                 };
-                println!(
+                outln!(
                     "       {}:{} {}",
                     attr("idVendor"),
                     attr("idProduct"),
                     attr("product")
                 );
                 let from = usb::port_record(p.port).unwrap_or_else(|| "(unknown source)".into());
-                println!("       {} -> {}", p.local_busid, from.trim());
-                println!(
+                outln!("       {} -> {}", p.local_busid, from.trim());
+                outln!(
                     "           -> remote bus/dev {:03}/{:03}",
                     p.devid >> 16,
                     p.devid & 0xffff
