@@ -82,6 +82,16 @@ wait $ATT; say "DETACH cio exit $? $(tail -n 1 /tmp/attach.out)"
 waitfor 100 restored || fail "device not restored after detach"
 say "RESTORED detach"
 
+# 1b. The same, direct: after the handshake both kernels speak USB/IP on
+# the session's connection.
+$CIO usb attach --direct 127.0.0.1 "$BUSID" >/dev/null || fail "cio usb attach --direct"
+waitfor 300 disk vhci || fail "no disk through cio --direct"
+say "SUM direct $(sum_known)"
+bench direct
+vhci_port && cio usb detach "$PORT" >/dev/null || fail "cio usb detach (direct)"
+waitfor 100 restored || fail "device not restored after a direct import"
+say "RESTORED direct"
+
 # 2. Stock usbip client -> ciod's plain USB/IP.
 usbip list -r 127.0.0.1 2>&1 | grep -q "$BUSID" && say "LIST stock-client ok" || fail "usbip list -r"
 usbip attach -r 127.0.0.1 -b "$BUSID" 2>&1 || fail "usbip attach"
@@ -107,7 +117,7 @@ usbip unbind -b "$BUSID" >/dev/null 2>&1 || fail "usbip unbind"
 killall usbipd 2>/dev/null
 waitfor 100 restored || fail "device not restored after usbip unbind"
 
-# 4. The cio path once more, for the same-run ratio against 3.
+# 4. The cio paths once more, for the same-run ratio against 3.
 $CIO usb attach 127.0.0.1 "$BUSID" >/dev/null 2>&1 &
 ATT=$!
 waitfor 300 disk vhci || fail "no disk through cio (2)"
@@ -115,6 +125,11 @@ bench cio
 vhci_port && cio usb detach "$PORT" >/dev/null
 wait $ATT
 waitfor 100 restored || fail "device not restored (2)"
+$CIO usb attach --direct 127.0.0.1 "$BUSID" >/dev/null || fail "cio usb attach --direct (2)"
+waitfor 300 disk vhci || fail "no disk through cio --direct (2)"
+bench direct
+vhci_port && cio usb detach "$PORT" >/dev/null
+waitfor 100 restored || fail "device not restored (direct 2)"
 
 # 5. The link dies mid-transfer: the relay on the target is killed.
 $CIO usb attach 127.0.0.1 "$BUSID" >/dev/null 2>&1 &

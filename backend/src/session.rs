@@ -175,6 +175,8 @@ pub struct Session {
     read_pending: bool,
     peer_closing: bool,
     usb: Option<UsbLink>,
+    /// A direct USB import: usbip-host owns the connection.
+    direct: Option<UsbExport>,
     last_rx: Instant,
     // Owned here so its fd closes with the session; the server keeps only a
     // weak reference to wake the session on shutdown.
@@ -222,6 +224,7 @@ impl Session {
                 read_pending: true,
                 peer_closing: false,
                 usb: None,
+                direct: None,
                 last_rx: Instant::now(),
                 _waker: waker,
             },
@@ -350,7 +353,9 @@ impl Session {
         let Some(u) = &mut self.usb else {
             return Ok(());
         };
-        let mut stream = u.export.stream();
+        let Some(mut stream) = u.export.stream() else {
+            return Ok(());
+        };
         while !u.pending.is_empty() {
             match stream.write(&u.pending) {
                 Ok(n) => {
@@ -374,23 +379,108 @@ impl Session {
         Ok(())
     }
 
-    fn usb_import(&mut self, busid: &str) -> Result<Message, ReqError> {
+    fn usb_state(&self) -> Result<(), ReqError> {
         if self.usb.is_some() || !self.handles.is_empty() {
             return Err((
                 ErrorCode::STATE,
                 "a USB import needs a session of its own (this one already holds a device)".into(),
             ));
         }
-        let export = self.shared.usb.import(busid, &self.peer).map_err(|e| {
-            let code = match e {
-                UsbError::NoDevice(_) => ErrorCode::NO_DEVICE,
-                UsbError::Busy(_) => ErrorCode::BUSY,
-                _ => ErrorCode::USB,
-            };
-            (code, cio_core::error_chain(&e))
-        })?;
-        let fd = export.stream().as_raw_fd();
-        let registered = export.stream().set_nonblocking(true).and_then(|()| {
+        Ok(())
+    }
+
+    fn usb_error(e: UsbError) -> ReqError {
+        let code = match e {
+            UsbError::NoDevice(_) => ErrorCode::NO_DEVICE,
+            UsbError::Busy(_) => ErrorCode::BUSY,
+            _ => ErrorCode::USB,
+        };
+        (code, cio_core::error_chain(&e))
+    }
+
+    /// A direct import: usbip-host gets this very connection; once the
+    /// reply is out the session stops reading it and only waits for the
+    /// kernel's connection to end (see `finish`).
+    fn usb_import_direct(&mut self, seq: u64, busid: &str) -> Result<(), End> {
+        if let Err((code, message)) = self.usb_state() {
+            self.reply(seq, &Message::Error { code, message });
+            return Ok(());
+        }
+        if self.reader.has_partial() || !self.out.is_empty() {
+            let why = "a direct USB import must be the last frame in flight".to_string();
+            return Err(self.fatal(ErrorCode::STATE, seq, why));
+        }
+        // The kernel notices a vanished peer only through TCP keepalive.
+        if let Err(e) = self
+            .conn
+            .set_keepalive(Duration::from_secs(10), Duration::from_secs(5), 3)
+        {
+            warn!(session = self.id, "TCP keepalive: {e}");
+        }
+        let export = match self.shared.usb.import_direct(busid, &self.peer, &self.conn) {
+            Ok(e) => e,
+            Err(e) => {
+                let (code, message) = Self::usb_error(e);
+                self.reply(seq, &Message::Error { code, message });
+                return Ok(());
+            }
+        };
+        self.out.push(
+            &Message::UsbImported {
+                device: export.device.clone(),
+            },
+            seq,
+        );
+        let sent = self
+            .conn
+            .set_nonblocking(false)
+            .and_then(|()| self.conn.set_write_timeout(Some(Duration::from_secs(5))))
+            .and_then(|()| self.out.write_to(&self.conn, Some(Duration::from_secs(5))));
+        self.direct = Some(export);
+        match sent {
+            Ok(_) => Err(End::clean(format!(
+                "USB device {busid} handed to usbip-host on this connection"
+            ))),
+            Err(e) => {
+                // The client never learns of the import: end it now.
+                if let Some(x) = &self.direct {
+                    x.hang_up();
+                }
+                Err(End::clean(format!("sending the direct import reply: {e}")))
+            }
+        }
+    }
+
+    /// Waits until usbip-host's connection of a direct import ends (peer
+    /// detached, link lost, or server shutdown), then restores the device.
+    fn await_direct(&mut self, export: UsbExport) {
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&self.conn.as_raw_fd()));
+        let mut events = Events::with_capacity(4);
+        info!(session = self.id, busid = %export.device.busid, "serving directly through usbip-host");
+        while export.kernel_connected() {
+            let _ = self
+                .poll
+                .poll(&mut events, Some(Duration::from_millis(250)));
+            if self.shared.stopping.load(Ordering::Relaxed) {
+                export.hang_up();
+            }
+        }
+        info!(session = self.id, busid = %export.device.busid, "usbip-host's connection ended");
+    }
+
+    fn usb_import(&mut self, busid: &str) -> Result<Message, ReqError> {
+        self.usb_state()?;
+        let export = self
+            .shared
+            .usb
+            .import(busid, &self.peer)
+            .map_err(Self::usb_error)?;
+        let stream = export.stream().expect("a relayed export has a stream");
+        let fd = stream.as_raw_fd();
+        let registered = stream.set_nonblocking(true).and_then(|()| {
             self.poll.registry().register(
                 &mut SourceFd(&fd),
                 USB,
@@ -588,7 +678,14 @@ impl Session {
             Message::UsbList => Ok(Message::UsbDeviceList {
                 devices: self.shared.usb.list(),
             }),
-            Message::UsbImport { busid } => self.usb_import(&busid),
+            Message::UsbImport {
+                busid,
+                direct: false,
+            } => self.usb_import(&busid),
+            Message::UsbImport {
+                busid,
+                direct: true,
+            } => return self.usb_import_direct(seq, &busid),
             Message::Open { .. } if self.usb.is_some() => Err((
                 ErrorCode::STATE,
                 "this session carries a USB device; open PCI devices in another session".into(),
@@ -748,6 +845,12 @@ impl Session {
     }
 
     fn finish(&mut self) {
+        if let Some(export) = self.direct.take() {
+            // Not a byte more from us on this socket, and no shutdown: the
+            // kernel is using it.
+            self.await_direct(export);
+            return;
+        }
         let handles: Vec<u32> = self.handles.keys().copied().collect();
         for h in handles {
             self.release(h);

@@ -327,10 +327,15 @@ pub enum Message {
     },
     /// Client → server: import a USB device. Answered by `UsbImported`;
     /// from then on the session carries that device's USB/IP URB stream in
-    /// `UsbData` frames (and `Ping`, `Goodbye`), nothing else.
+    /// `UsbData` frames (and `Ping`, `Goodbye`), nothing else. With
+    /// `direct`, the URB stream instead flows as plain USB/IP on this
+    /// connection itself right after `UsbImported`: both ends hand the
+    /// socket to their kernel (usbip-host, vhci-hcd) and no frame follows.
     UsbImport {
         /// Bus id.
         busid: String,
+        /// Hand the connection to the kernels after the reply.
+        direct: bool,
     },
     /// Answer to `UsbImport`: the device is bound and the stream is open.
     UsbImported {
@@ -781,7 +786,10 @@ impl Message {
                     put_usb_device(out, d);
                 }
             }
-            Self::UsbImport { busid } => put_string(out, busid),
+            Self::UsbImport { busid, direct } => {
+                put_string(out, busid);
+                out.put_u8(*direct as u8);
+            }
             Self::UsbImported { device } => put_usb_device(out, device),
             Self::UsbData { data } => put_bytes(out, data),
         }
@@ -933,7 +941,12 @@ impl Message {
                 if busid.is_empty() || busid.len() >= BUSID_LEN {
                     return Err(r.invalid("busid"));
                 }
-                Self::UsbImport { busid }
+                let direct = match r.u8("direct")? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(r.invalid("direct")),
+                };
+                Self::UsbImport { busid, direct }
             }
             USB_IMPORTED => Self::UsbImported {
                 device: decode_usb_device(&mut r)?,
@@ -1298,6 +1311,7 @@ mod tests {
             },
             Message::UsbImport {
                 busid: "1-1.2".into(),
+                direct: true,
             },
             Message::UsbImported { device: usb },
             Message::UsbData {

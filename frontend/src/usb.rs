@@ -211,7 +211,12 @@ pub struct Imported {
 }
 
 enum Link {
-    Cio { conn: Conn, hs: Handshake },
+    Cio {
+        conn: Conn,
+        hs: Handshake,
+    },
+    /// A direct cio import: plain USB/IP follows on the connection.
+    Direct(Conn),
     Stock(TcpStream),
 }
 
@@ -219,28 +224,63 @@ impl fmt::Debug for Link {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Cio { .. } => "Link::Cio",
+            Self::Direct(_) => "Link::Direct",
             Self::Stock(_) => "Link::Stock",
         })
     }
 }
 
-/// Imports `busid` from `source`.
-pub fn import(source: &UsbSource, busid: &str, opts: &ClientOptions) -> Result<Imported, UsbError> {
+/// TCP keepalive for sockets the kernel owns: a vanished peer is noticed
+/// after about 25 s.
+const KA_IDLE: Duration = Duration::from_secs(10);
+const KA_INTERVAL: Duration = Duration::from_secs(5);
+const KA_RETRIES: u32 = 3;
+
+fn kernel_keepalive(conn: &Conn) {
+    if let Err(e) = conn.set_keepalive(KA_IDLE, KA_INTERVAL, KA_RETRIES) {
+        warn!("TCP keepalive: {e}");
+    }
+}
+
+/// Imports `busid` from `source`. A `direct` cio import skips the relay:
+/// after the authenticated handshake both kernels talk plain USB/IP on the
+/// session's own connection (fastest; cio no longer watches the link, TCP
+/// keepalive does). Stock USB/IP sources are always direct.
+pub fn import(
+    source: &UsbSource,
+    busid: &str,
+    opts: &ClientOptions,
+    direct: bool,
+) -> Result<Imported, UsbError> {
     match source {
         UsbSource::Cio(ep) => {
             let (conn, mut hs) = cio_session(ep, opts)?;
             let msg = Message::UsbImport {
                 busid: busid.into(),
+                direct,
             };
-            match call(&conn, &mut hs, &msg, opts.reply_timeout)? {
-                Message::UsbImported { device } => Ok(Imported {
-                    device,
-                    source: source.clone(),
-                    link: Link::Cio { conn, hs },
-                    keepalive: opts.keepalive,
-                }),
-                m => Err(unexpected("UsbImported", &m)),
-            }
+            let device = match call(&conn, &mut hs, &msg, opts.reply_timeout)? {
+                Message::UsbImported { device } => device,
+                m => return Err(unexpected("UsbImported", &m)),
+            };
+            let link = if direct {
+                if hs.dec.has_partial() {
+                    return Err(ClientError::Protocol(
+                        "bytes after the direct import reply".into(),
+                    )
+                    .into());
+                }
+                kernel_keepalive(&conn);
+                Link::Direct(conn)
+            } else {
+                Link::Cio { conn, hs }
+            };
+            Ok(Imported {
+                device,
+                source: source.clone(),
+                link,
+                keepalive: opts.keepalive,
+            })
         }
         UsbSource::Usbip(addr) => {
             let mut s = stock_connect(*addr, opts.reply_timeout)?;
@@ -258,6 +298,10 @@ pub fn import(source: &UsbSource, busid: &str, opts: &ClientOptions) -> Result<I
             }
             s.set_read_timeout(None).map_err(io_err("socket"))?;
             s.set_write_timeout(None).map_err(io_err("socket"))?;
+            if let Err(e) = cio_transports::set_tcp_keepalive(&s, KA_IDLE, KA_INTERVAL, KA_RETRIES)
+            {
+                warn!("TCP keepalive: {e}");
+            }
             Ok(Imported {
                 device,
                 source: source.clone(),
@@ -467,6 +511,8 @@ impl Imported {
     ) -> Result<(UrbStream, Option<std::thread::JoinHandle<RelayEnd>>), UsbError> {
         match self.link {
             Link::Stock(tcp) => Ok((UrbStream::Tcp(tcp), None)),
+            Link::Direct(Conn::Tcp(tcp)) => Ok((UrbStream::Tcp(tcp), None)),
+            Link::Direct(Conn::Unix(s)) => Ok((UrbStream::Unix(s), None)),
             Link::Cio { conn, hs } => {
                 let (ours, theirs) =
                     UnixStream::pair().map_err(io_err("creating a socket pair"))?;
@@ -475,7 +521,7 @@ impl Imported {
                     .name("cio-usb-relay".into())
                     .spawn(move || relay(conn, hs, ours, keepalive))
                     .map_err(io_err("starting the relay"))?;
-                Ok((UrbStream::Relayed(theirs), Some(t)))
+                Ok((UrbStream::Unix(theirs), Some(t)))
             }
         }
     }
@@ -490,6 +536,7 @@ impl Imported {
                 (Kernel::Unix(theirs), Some((conn, hs, ours)))
             }
             Link::Stock(tcp) => (Kernel::Tcp(tcp), None),
+            Link::Direct(conn) => (Kernel::Conn(conn), None),
         };
         // Another attach may take the port between the look and the write:
         // try the next free one a few times.
@@ -499,6 +546,7 @@ impl Imported {
             let r = match &kernel_end {
                 Kernel::Unix(s) => vhci.attach(port, s, dev.devid(), dev.speed),
                 Kernel::Tcp(s) => vhci.attach(port, s, dev.devid(), dev.speed),
+                Kernel::Conn(s) => vhci.attach(port, s, dev.devid(), dev.speed),
             };
             match r {
                 Ok(()) => {
@@ -533,13 +581,15 @@ impl Imported {
 enum Kernel {
     Unix(UnixStream),
     Tcp(TcpStream),
+    Conn(Conn),
 }
 
 /// The URB stream of an imported device, for a userspace USB/IP client.
 #[derive(Debug)]
 pub enum UrbStream {
-    /// Relayed from a cio session by a background thread.
-    Relayed(UnixStream),
+    /// A Unix stream: relayed from a cio session by a background thread,
+    /// or a direct import over a Unix socket.
+    Unix(UnixStream),
     /// Straight from a stock USB/IP server.
     Tcp(TcpStream),
 }
@@ -548,7 +598,7 @@ impl UrbStream {
     /// Ends the import (the relay, if any, closes the session).
     pub fn shutdown(&self) {
         let _ = match self {
-            Self::Relayed(s) => s.shutdown(Shutdown::Both),
+            Self::Unix(s) => s.shutdown(Shutdown::Both),
             Self::Tcp(s) => s.shutdown(Shutdown::Both),
         };
     }
@@ -556,7 +606,7 @@ impl UrbStream {
     /// Bounds blocking reads.
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
-            Self::Relayed(s) => s.set_read_timeout(t),
+            Self::Unix(s) => s.set_read_timeout(t),
             Self::Tcp(s) => s.set_read_timeout(t),
         }
     }
@@ -565,7 +615,7 @@ impl UrbStream {
 impl Read for UrbStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Self::Relayed(s) => s.read(buf),
+            Self::Unix(s) => s.read(buf),
             Self::Tcp(s) => s.read(buf),
         }
     }
@@ -574,7 +624,7 @@ impl Read for UrbStream {
 impl Write for UrbStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Self::Relayed(s) => s.write(buf),
+            Self::Unix(s) => s.write(buf),
             Self::Tcp(s) => s.write(buf),
         }
     }

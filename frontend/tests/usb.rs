@@ -188,7 +188,7 @@ fn emulated_device_through_a_cio_session() {
     assert_eq!(list[0].busid, "emu-1");
     assert_eq!(list[0].speed, UsbSpeed::High);
     assert_eq!(list[0].interfaces.len(), 2);
-    let imp = usb::import(&src, "emu-1", &opts()).unwrap();
+    let imp = usb::import(&src, "emu-1", &opts(), false).unwrap();
     assert_eq!(p.exported(), 1);
     let devid = imp.device.devid();
     let (stream, relay) = imp.into_stream().unwrap();
@@ -196,7 +196,7 @@ fn emulated_device_through_a_cio_session() {
     assert_eq!(relay.unwrap().join().unwrap(), usb::RelayEnd::Detached);
     wait_unexported(&p);
     // Re-importable at once, and PCI devices are still served.
-    drop(usb::import(&src, "emu-1", &opts()).unwrap());
+    drop(usb::import(&src, "emu-1", &opts(), false).unwrap());
     wait_unexported(&p);
     common::bystander_works(&s);
 }
@@ -212,14 +212,14 @@ fn emulated_device_through_plain_usbip() {
     let list = usb::list(&src, &opts()).unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!((list[0].vendor, list[0].product), (0x1209, 0x0001));
-    let imp = usb::import(&src, "emu-1", &opts()).unwrap();
+    let imp = usb::import(&src, "emu-1", &opts(), false).unwrap();
     let devid = imp.device.devid();
     let (stream, relay) = imp.into_stream().unwrap();
     assert!(relay.is_none());
     drive_cdc_acm(Host::new(stream, devid));
     wait_unexported(&p);
     // Stopping the server ends imports (and restores their devices).
-    let imp = usb::import(&src, "emu-1", &opts()).unwrap();
+    let imp = usb::import(&src, "emu-1", &opts(), false).unwrap();
     assert_eq!(p.exported(), 1);
     u.shutdown();
     assert_eq!(p.exported(), 0);
@@ -245,10 +245,10 @@ fn usb_bad_input_gets_clear_errors_and_the_server_keeps_serving() {
         psk: Some(Psk::new(b"another-key-0123456789".to_vec()).unwrap()),
         ..opts()
     };
-    assert!(usb::import(&src, "emu-1", &wrong).is_err());
+    assert!(usb::import(&src, "emu-1", &wrong, false).is_err());
     assert_eq!(p.exported(), 0);
     // Unknown device.
-    let e = usb::import(&src, "9-9", &keyed).unwrap_err();
+    let e = usb::import(&src, "9-9", &keyed, false).unwrap_err();
     match e {
         UsbError::Client(ClientError::Server { code, message }) => {
             assert_eq!(code, ErrorCode::NO_DEVICE);
@@ -256,16 +256,20 @@ fn usb_bad_input_gets_clear_errors_and_the_server_keeps_serving() {
         }
         e => panic!("{e}"),
     }
+    // Emulated devices have no kernel side to hand the connection to.
+    let e = usb::import(&src, "emu-1", &keyed, true).unwrap_err();
+    assert!(e.to_string().contains("usbip-host"), "{e}");
+    assert_eq!(p.exported(), 0);
     // Busy while imported; free again once the importer vanishes.
-    let first = usb::import(&src, "emu-1", &keyed).unwrap();
-    let e = usb::import(&src, "emu-1", &keyed).unwrap_err();
+    let first = usb::import(&src, "emu-1", &keyed, false).unwrap();
+    let e = usb::import(&src, "emu-1", &keyed, false).unwrap_err();
     assert!(
         matches!(&e, UsbError::Client(ClientError::Server { code, .. }) if *code == ErrorCode::BUSY),
         "{e}"
     );
     drop(first); // the connection closes without a goodbye
     wait_unexported(&p);
-    drop(usb::import(&src, "emu-1", &keyed).unwrap());
+    drop(usb::import(&src, "emu-1", &keyed, false).unwrap());
     wait_unexported(&p);
 }
 
@@ -283,11 +287,13 @@ fn usb_session_state_errors() {
     raw.open("edu0");
     raw.send(&Message::UsbImport {
         busid: "emu-1".into(),
+        direct: false,
     });
     raw.expect_error(ErrorCode::STATE);
     let mut raw2 = Raw::ready(s.endpoint());
     raw2.send(&Message::UsbImport {
         busid: "emu-1".into(),
+        direct: false,
     });
     assert!(matches!(
         raw2.recv().unwrap().msg,
@@ -322,7 +328,7 @@ fn plain_usbip_bad_requests_are_refused() {
     let mut b = Vec::new();
     assert_eq!(c.read_to_end(&mut b).unwrap(), 0);
     // Unknown bus id: status 1.
-    let e = usb::import(&UsbSource::Usbip(addr), "7-7", &opts()).unwrap_err();
+    let e = usb::import(&UsbSource::Usbip(addr), "7-7", &opts(), false).unwrap_err();
     assert!(
         matches!(e, UsbError::Usbip(cio_core::usbip::UsbipError::Refused(1))),
         "{e}"
@@ -346,6 +352,7 @@ fn a_silent_usb_client_is_dropped_and_its_device_released() {
     let mut raw = Raw::ready(s.endpoint());
     raw.send(&Message::UsbImport {
         busid: "emu-1".into(),
+        direct: false,
     });
     assert!(matches!(
         raw.recv().unwrap().msg,
@@ -366,7 +373,7 @@ fn a_silent_usb_client_is_dropped_and_its_device_released() {
         keepalive: Duration::from_millis(50),
         ..opts()
     };
-    let imp = usb::import(&cio_source(s.endpoint()), "emu-1", &pinging).unwrap();
+    let imp = usb::import(&cio_source(s.endpoint()), "emu-1", &pinging, false).unwrap();
     let (stream, _relay) = imp.into_stream().unwrap();
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(p.exported(), 1, "a live import was dropped");

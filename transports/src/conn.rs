@@ -99,6 +99,22 @@ impl Conn {
         }
     }
 
+    /// Turns on TCP keepalive (probes after `idle` without traffic, every
+    /// `interval`, `retries` times) so a peer that vanished without a word
+    /// is noticed even by a kernel that owns the socket. No-op on Unix
+    /// sockets.
+    pub fn set_keepalive(
+        &self,
+        idle: Duration,
+        interval: Duration,
+        retries: u32,
+    ) -> io::Result<()> {
+        if let Self::Tcp(s) = self {
+            set_tcp_keepalive(s, idle, interval, retries)?;
+        }
+        Ok(())
+    }
+
     /// Shuts both directions down (the peer sees end of stream).
     pub fn shutdown(&self) -> io::Result<()> {
         match self {
@@ -248,4 +264,18 @@ impl Drop for Listener {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// TCP keepalive on any TCP socket; see [`Conn::set_keepalive`].
+pub fn set_tcp_keepalive(
+    s: &std::net::TcpStream,
+    idle: Duration,
+    interval: Duration,
+    retries: u32,
+) -> io::Result<()> {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(interval)
+        .with_retries(retries);
+    socket2::SockRef::from(s).set_tcp_keepalive(&ka)
 }

@@ -17,6 +17,7 @@ pub mod sysfs;
 use std::collections::HashSet;
 use std::fmt;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -183,6 +184,27 @@ impl UsbProvider {
     /// Exports the device with `busid`: binds it to `usbip-host` (or starts
     /// its emulator) and returns the stream end to relay.
     pub fn import(self: &Arc<Self>, busid: &str, peer: &str) -> Result<UsbExport, UsbError> {
+        self.export(busid, peer, None)
+    }
+
+    /// Exports the device with `busid` straight onto `sock` (a connected
+    /// stream socket the kernel's usbip-host then owns): no relay, the
+    /// returned export has no stream. Real devices only.
+    pub fn import_direct(
+        self: &Arc<Self>,
+        busid: &str,
+        peer: &str,
+        sock: &impl AsRawFd,
+    ) -> Result<UsbExport, UsbError> {
+        self.export(busid, peer, Some(sock.as_raw_fd()))
+    }
+
+    fn export(
+        self: &Arc<Self>,
+        busid: &str,
+        peer: &str,
+        direct: Option<RawFd>,
+    ) -> Result<UsbExport, UsbError> {
         let device = self
             .list()
             .into_iter()
@@ -199,15 +221,27 @@ impl UsbProvider {
             let what = what.to_owned();
             move |e: io::Error| UsbError::Io(format!("{what}: {e}"))
         };
-        let (ours, theirs) = UnixStream::pair().map_err(io("creating a socket pair"))?;
-        let binding = match self.emulated.iter().find(|(b, _)| b == busid) {
-            Some((_, model)) => {
+        let emulated = self.emulated.iter().find(|(b, _)| b == busid);
+        let (stream, binding) = match (emulated, direct) {
+            (Some(_), Some(_)) => {
+                return Err(UsbError::Io(format!(
+                    "{busid} is emulated: only devices exported through usbip-host can be imported directly"
+                )))
+            }
+            (Some((_, model)), None) => {
+                let (ours, theirs) = UnixStream::pair().map_err(io("creating a socket pair"))?;
                 Arc::clone(model)
                     .serve(theirs, device.devid())
                     .map_err(io("starting the emulated device"))?;
-                None
+                (Some(ours), None)
             }
-            None => Some(sysfs::Binding::export(&self.sysfs, busid, theirs)?),
+            (None, None) => {
+                let (ours, theirs) = UnixStream::pair().map_err(io("creating a socket pair"))?;
+                // usbip-host takes its own reference to `theirs`.
+                let b = sysfs::Binding::export(&self.sysfs, busid, theirs.as_raw_fd())?;
+                (Some(ours), Some(b))
+            }
+            (None, Some(fd)) => (None, Some(sysfs::Binding::export(&self.sysfs, busid, fd)?)),
         };
         info!(
             busid,
@@ -215,7 +249,7 @@ impl UsbProvider {
         );
         Ok(UsbExport {
             device,
-            stream: Some(ours),
+            stream,
             binding,
             _busy: guard,
         })
@@ -256,9 +290,22 @@ impl fmt::Debug for UsbExport {
 }
 
 impl UsbExport {
-    /// The URB stream (kernel or emulator on the other end).
-    pub fn stream(&self) -> &UnixStream {
-        self.stream.as_ref().expect("stream lives until drop")
+    /// The URB stream to relay (kernel or emulator on the other end); none
+    /// for a direct export, whose stream the kernel owns.
+    pub fn stream(&self) -> Option<&UnixStream> {
+        self.stream.as_ref()
+    }
+
+    /// True while usbip-host still serves the connection it was given.
+    pub fn kernel_connected(&self) -> bool {
+        self.binding.as_ref().is_some_and(sysfs::Binding::connected)
+    }
+
+    /// Makes usbip-host drop its connection (server shutdown).
+    pub fn hang_up(&self) {
+        if let Some(b) = &self.binding {
+            b.hang_up();
+        }
     }
 }
 

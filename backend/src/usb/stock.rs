@@ -247,7 +247,8 @@ fn serve(conn: &TcpStream, provider: &Arc<UsbProvider>, peer: &str) -> io::Resul
             conn.set_read_timeout(None)?;
             let _ = conn.set_nodelay(true);
             info!(peer, busid, "USB/IP import started");
-            let (rx, tx) = relay(conn, export.stream())?;
+            let stream = export.stream().expect("a relayed export has a stream");
+            let (rx, tx) = relay(conn, stream)?;
             info!(peer, busid, rx, tx, "USB/IP import ended");
             Ok(())
         }

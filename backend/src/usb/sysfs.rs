@@ -10,8 +10,7 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -160,8 +159,9 @@ pub struct Binding {
 }
 
 impl Binding {
-    /// Binds `busid` to `usbip-host` and hands it `stream`.
-    pub fn export(root: &Path, busid: &str, stream: UnixStream) -> Result<Self, UsbError> {
+    /// Binds `busid` to `usbip-host` and hands it the connected stream
+    /// socket `fd` (usbip-host takes its own reference to it).
+    pub fn export(root: &Path, busid: &str, fd: RawFd) -> Result<Self, UsbError> {
         let dev = root.join("bus/usb/devices").join(busid);
         if !dev.exists() {
             return Err(UsbError::NoDevice(busid.to_owned()));
@@ -213,16 +213,26 @@ impl Binding {
             b.restore();
             return Err(UsbError::Io(why));
         }
-        // usbip-host takes its own reference to the socket; our copy of
-        // this end closes when `stream` drops below.
-        let fd = stream.as_raw_fd().to_string();
-        if let Err(e) = write_attr(&b.dev.join("usbip_sockfd"), &fd) {
+        if let Err(e) = write_attr(&b.dev.join("usbip_sockfd"), &fd.to_string()) {
             b.restore();
             return Err(e);
         }
-        drop(stream);
         info!(busid, original = ?b.original, "bound to usbip-host and connected");
         Ok(b)
+    }
+
+    /// True while usbip-host serves a connection for the device.
+    pub fn connected(&self) -> bool {
+        status(&self.dev) == Some(SDEV_USED)
+    }
+
+    /// Makes usbip-host drop its connection.
+    pub fn hang_up(&self) {
+        if self.connected() {
+            if let Err(e) = write_attr(&self.dev.join("usbip_sockfd"), "-1") {
+                warn!(busid = %self.busid, "{}", cio_core::error_chain(&e));
+            }
+        }
     }
 
     /// Ends the export and gives the device back to its original driver.

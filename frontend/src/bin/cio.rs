@@ -126,6 +126,12 @@ enum UsbCmd {
         source: String,
         /// Bus id of the device (from `cio usb list`).
         busid: String,
+        /// ciod only: after the authenticated handshake, let both kernels
+        /// speak USB/IP on the session's connection (no relay, fastest,
+        /// returns at once; a lost link is noticed by TCP keepalive, about
+        /// 25 s). Real (usbip-host) devices only.
+        #[arg(long)]
+        direct: bool,
     },
     /// Detach the device on a vhci port (from `cio usb port`).
     Detach {
@@ -473,11 +479,15 @@ fn usb_cmd(cmd: UsbCmd, psk: Option<Psk>) -> Result<(), String> {
             }
             Ok(())
         }
-        UsbCmd::Attach { source: s, busid } => {
+        UsbCmd::Attach {
+            source: s,
+            busid,
+            direct,
+        } => {
             let src = source(&s)?;
             let vhci = Vhci::default();
             vhci.ports().map_err(e)?; // fail before importing if vhci is missing
-            let imported = usb::import(&src, &busid, &opts).map_err(e)?;
+            let imported = usb::import(&src, &busid, &opts, direct).map_err(e)?;
             let attached = imported.attach(&vhci).map_err(e)?;
             outln!(
                 "port {}: attached {}/{} ({:04x}:{:04x} {})",
