@@ -55,7 +55,7 @@ say "SUM local $(sum_known)"
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > /tmp/psk
 chmod 600 /tmp/psk
 RUST_LOG=info ciod --listen 127.0.0.1:7451 --psk-file /tmp/psk --usb "$BUSID" \
-    --usbip-listen 127.0.0.1:3240 2>/tmp/ciod.log &
+    --emulate-usb cdc-acm --usbip-listen 127.0.0.1:3240 2>/tmp/ciod.log &
 CIOD=$!
 waitfor 100 grep -q ':1D1B 00000000:0000 0A' /proc/net/tcp || fail "ciod did not listen"
 CIO="cio --psk-file /tmp/psk"
@@ -146,6 +146,17 @@ $CIO usb attach 127.0.0.1 "$BUSID" >/dev/null 2>&1 &
 ATT=$!
 waitfor 300 disk vhci || fail "not re-exportable after the link died"
 say "SUM reexport $(sum_known)"
+
+# 5b. The emulated CDC-ACM device through the same path: the kernel's
+# cdc_acm driver binds it and bytes written to the tty come back.
+$CIO usb attach 127.0.0.1 emu-1 >/dev/null 2>&1 &
+EMU=$!
+waitfor 300 test -c /dev/ttyACM0 || fail "no /dev/ttyACM0 from the emulated device"
+stty -F /dev/ttyACM0 raw -echo || fail "stty"
+(sleep 0.5; printf 'hello through cio\n' > /dev/ttyACM0) &
+say "ACM $(timeout 10 head -n 1 /dev/ttyACM0)"
+kill $EMU
+waitfor 100 sh -c "! kill -0 $EMU 2>/dev/null" || fail "emulated attach did not stop"
 
 # 6. The backend goes away mid-transfer (ciod stopped).
 dd if="/dev/$DISK" of=/dev/null bs=1M count=64 iflag=direct 2>/dev/null &

@@ -132,6 +132,16 @@ fn usb_storage_through_cio_and_stock_usbip_in_both_directions() {
     ] {
         assert!(kills.iter().any(|k| k == want), "{want}: {kills:?}");
     }
+    // The emulated CDC-ACM device, attached the same way, echoes through
+    // the guest's cdc_acm tty.
+    assert_eq!(
+        g.lines_with("CIO-USB ACM")
+            .first()
+            .map(|l| l.trim_end().ends_with("ACM hello through cio")),
+        Some(true),
+        "{:?}",
+        g.lines_with("CIO-USB ACM")
+    );
     // Throughput: cio vs the kernel's own usbip-host/vhci-hcd over TCP.
     let best = |path: &str| {
         let r = rates(&g, path);
