@@ -12,20 +12,6 @@ use cio_core::{Device, DmaDir, DmaRegion, EventFd, IrqKind};
 use cio_frontend::drivers::edu;
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
-/// Open file descriptors, with what they point at.
-fn fds() -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .map(|t| t.display().to_string())
-        // The directory listing itself.
-        .filter(|t| !t.starts_with("/proc/"))
-        .collect();
-    v.sort();
-    v
-}
-
 /// Virtual size of the process in bytes (VmSize in /proc/self/status).
 fn vm_size() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -47,7 +33,7 @@ fn sessions_of_every_kind_leave_no_fds_or_shadow_memory_behind() {
     // Warm up lazily created process state (thread-locals, resolver).
     drop(common::connect(s.endpoint()));
     common::assert_idle(&s);
-    let before = fds();
+    let before = common::fds();
     let vm = vm_size();
 
     for round in 0..5 {
@@ -96,7 +82,7 @@ fn sessions_of_every_kind_leave_no_fds_or_shadow_memory_behind() {
         }
         common::assert_idle(&s);
     }
-    assert_eq!(fds(), before, "file descriptors leaked");
+    assert_eq!(common::fds(), before, "file descriptors leaked");
     let grown = vm_size().saturating_sub(vm);
     assert!(
         grown < BIG,

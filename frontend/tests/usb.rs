@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use cio_backend::usb::stock::UsbipServer;
+use cio_backend::usb::stock::{UsbipHandle, UsbipServer};
 use cio_backend::usb::UsbProvider;
 use cio_core::usbip::{cmd, UrbHeader, UsbSpeed, URB_HEADER_LEN};
 use cio_core::wire::Message;
@@ -167,6 +167,13 @@ fn drive_cdc_acm(mut h: Host) {
     h.s.shutdown();
 }
 
+fn usbip_server(p: &Arc<UsbProvider>) -> UsbipHandle {
+    UsbipServer::bind("127.0.0.1:0".parse().unwrap(), Arc::clone(p))
+        .unwrap()
+        .spawn()
+        .unwrap()
+}
+
 fn cio_source(ep: &Endpoint) -> UsbSource {
     UsbSource::Cio(ep.clone())
 }
@@ -204,10 +211,7 @@ fn emulated_device_through_a_cio_session() {
 #[test]
 fn emulated_device_through_plain_usbip() {
     let (_s, p) = usb_server(None);
-    let u = UsbipServer::bind("127.0.0.1:0".parse().unwrap(), p.clone())
-        .unwrap()
-        .spawn()
-        .unwrap();
+    let u = usbip_server(&p);
     let src = UsbSource::Usbip(u.local_addr());
     let list = usb::list(&src, &opts()).unwrap();
     assert_eq!(list.len(), 1);
@@ -316,10 +320,7 @@ fn usb_session_state_errors() {
 #[test]
 fn plain_usbip_bad_requests_are_refused() {
     let (_s, p) = usb_server(None);
-    let u = UsbipServer::bind("127.0.0.1:0".parse().unwrap(), p.clone())
-        .unwrap()
-        .spawn()
-        .unwrap();
+    let u = usbip_server(&p);
     let addr = u.local_addr();
     // Wrong version: closed without a reply.
     let mut c = TcpStream::connect(addr).unwrap();
@@ -339,7 +340,6 @@ fn plain_usbip_bad_requests_are_refused() {
         1
     );
     assert_eq!(p.exported(), 0);
-    drop(Arc::clone(&p));
 }
 
 #[test]

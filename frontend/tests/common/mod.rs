@@ -32,20 +32,18 @@ pub fn usb_server_with(
         vec![],
         vec![std::sync::Arc::new(CdcAcmEcho)],
     ));
-    let cfg = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        psk,
-        devices: vec![
-            Box::new(Edu::new("edu0")),
-            Box::new(Memory::new("mem0", 1 << 20).unwrap()),
-        ],
-        limits,
-        usb: usb.clone(),
-    };
-    (Server::bind(cfg).unwrap().spawn().unwrap(), usb)
+    (spawn(psk, limits, usb.clone()), usb)
 }
 
 pub fn server_with(psk: Option<Psk>, limits: Limits) -> ServerHandle {
+    spawn(psk, limits, Default::default())
+}
+
+fn spawn(
+    psk: Option<Psk>,
+    limits: Limits,
+    usb: std::sync::Arc<cio_backend::usb::UsbProvider>,
+) -> ServerHandle {
     let cfg = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         psk,
@@ -54,7 +52,7 @@ pub fn server_with(psk: Option<Psk>, limits: Limits) -> ServerHandle {
             Box::new(Memory::new("mem0", 1 << 20).unwrap()),
         ],
         limits,
-        usb: Default::default(),
+        usb,
     };
     Server::bind(cfg).unwrap().spawn().unwrap()
 }
@@ -193,4 +191,18 @@ pub fn bystander_works(s: &ServerHandle) {
 pub fn assert_idle_except(s: &ServerHandle, sessions: usize) {
     let r = s.wait_stats(Duration::from_secs(10), |st| st.sessions == sessions);
     assert!(r.is_ok(), "sessions did not end: {:?}", r.unwrap_err());
+}
+
+/// Open file descriptors, with what they point at.
+pub fn fds() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|t| t.display().to_string())
+        // The directory listing itself.
+        .filter(|t| !t.starts_with("/proc/"))
+        .collect();
+    v.sort();
+    v
 }
