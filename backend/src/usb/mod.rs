@@ -322,3 +322,46 @@ impl Drop for UsbExport {
         info!(busid = %self.device.busid, "USB export ended");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_parse_and_explain() {
+        assert_eq!("all".parse::<UsbFilter>(), Ok(UsbFilter::All));
+        assert_eq!(
+            "1-1.2".parse::<UsbFilter>(),
+            Ok(UsbFilter::BusId("1-1.2".into()))
+        );
+        assert_eq!(
+            "0781:5567".parse::<UsbFilter>(),
+            Ok(UsbFilter::Id(0x0781, 0x5567))
+        );
+        for bad in ["07811:1", "xyz", "1-1:1.0", ":", "usb1"] {
+            let e = bad.parse::<UsbFilter>().unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn emulated_devices_are_listed_and_exported_once_at_a_time() {
+        let p = Arc::new(UsbProvider::new(vec![], vec![Arc::new(CdcAcmEcho)]));
+        let list = p.list();
+        assert_eq!(list.len(), 1);
+        assert_eq!(
+            (list[0].busid.as_str(), list[0].devid()),
+            ("emu-1", 100 << 16 | 1)
+        );
+        let x = p.import("emu-1", "test").unwrap();
+        assert!(matches!(p.import("emu-1", "test"), Err(UsbError::Busy(_))));
+        assert!(matches!(
+            p.import("emu-2", "test"),
+            Err(UsbError::NoDevice(_))
+        ));
+        assert!(x.stream().is_some() && !x.kernel_connected());
+        drop(x);
+        assert_eq!(p.exported(), 0);
+        drop(p.import("emu-1", "test").unwrap());
+    }
+}

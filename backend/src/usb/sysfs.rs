@@ -342,6 +342,18 @@ mod tests {
         assert!(list_missing_is_empty());
     }
 
+    #[test]
+    fn export_explains_a_missing_driver_and_device() {
+        let root = std::env::temp_dir().join(format!("cio-sysfs-x-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fake_device(&root, "1-1", &[("busnum", "1")]);
+        let e = Binding::export(&root, "1-1", 0).unwrap_err();
+        assert!(e.to_string().contains("modprobe usbip-host"), "{e}");
+        let e = Binding::export(&root, "1-9", 0).unwrap_err();
+        assert!(matches!(e, UsbError::NoDevice(_)), "{e}");
+        fs::remove_dir_all(&root).unwrap();
+    }
+
     fn list_missing_is_empty() -> bool {
         list(Path::new("/nonexistent-cio-sysfs"))
             .unwrap()
