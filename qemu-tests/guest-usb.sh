@@ -169,4 +169,24 @@ waitfor 300 sh -c "! kill -0 $DD 2>/dev/null" || fail "reader hung after ciod st
 waitfor 100 no_vhci_port && say "KILL ciod port-freed" || fail "vhci port still in use after ciod stopped"
 waitfor 100 restored && say "KILL ciod source-restored" || fail "source not restored after ciod stopped"
 grep -c "device restored" /tmp/ciod.log | sed 's/^/CIO-USB RESTORES /'
+
+# 7. ciod killed outright (no chance to clean up): the device stays on
+# usbip-host until the next ciod starts and gives it back.
+start_ciod() {
+    RUST_LOG=info ciod --listen 127.0.0.1:7451 --psk-file /tmp/psk --usb "$BUSID" 2>>/tmp/ciod.log &
+    CIOD=$!
+    waitfor 100 grep -q ':1D1B 00000000:0000 0A' /proc/net/tcp || fail "ciod did not listen again"
+}
+start_ciod
+$CIO usb attach 127.0.0.1 "$BUSID" >/dev/null 2>&1 &
+ATT=$!
+waitfor 300 disk vhci || fail "no disk through cio (4)"
+kill -9 $CIOD
+waitfor 300 sh -c "! kill -0 $ATT 2>/dev/null" || fail "cio attach kept running after ciod was killed"
+waitfor 100 no_vhci_port || fail "vhci port still in use after ciod was killed"
+sleep 1
+driver_is usbip-host && say "KILL9 left-on-usbip-host"
+start_ciod
+waitfor 100 restored && say "KILL9 recovered-at-start" || fail "a new ciod did not give the device back"
+kill $CIOD
 say "DONE"

@@ -122,13 +122,16 @@ fn usb_storage_through_cio_and_stock_usbip_in_both_directions() {
         "cio attach exits 0 after a detach: {detach:?}"
     );
     // Link loss: port freed, device back on its driver, exportable again.
-    let kills: Vec<String> = fields(&g, "KILL").iter().map(|f| f.join(" ")).collect();
+    let mut kills: Vec<String> = fields(&g, "KILL").iter().map(|f| f.join(" ")).collect();
+    kills.extend(fields(&g, "KILL9").iter().map(|f| f.join(" ")));
     for want in [
         "relay port-freed",
         "relay source-restored",
         "ciod attach-exit 1",
         "ciod port-freed",
         "ciod source-restored",
+        "left-on-usbip-host",
+        "recovered-at-start",
     ] {
         assert!(kills.iter().any(|k| k == want), "{want}: {kills:?}");
     }

@@ -192,6 +192,12 @@ fn run(args: Args) -> Result<(), String> {
             "no devices to serve: add --emulate edu, --usb BUSID, --emulate-usb cdc-acm or [[device]] tables in --config".into(),
         );
     }
+    for busid in usb.recover() {
+        info!(
+            busid,
+            "gave back a USB device an earlier ciod left on usbip-host"
+        );
+    }
     for d in usb.list() {
         info!(busid = %d.busid, "exporting USB {:04x}:{:04x} {}", d.vendor, d.product, d.product_name);
     }

@@ -104,6 +104,7 @@ impl UsbFilter {
 /// The USB devices a server exports.
 pub struct UsbProvider {
     sysfs: PathBuf,
+    state: PathBuf,
     filters: Vec<UsbFilter>,
     emulated: Vec<(String, Arc<dyn UsbModel>)>,
     busy: Mutex<HashSet<String>>,
@@ -131,6 +132,7 @@ impl UsbProvider {
     pub fn new(filters: Vec<UsbFilter>, models: Vec<Arc<dyn UsbModel>>) -> Self {
         Self {
             sysfs: PathBuf::from("/sys"),
+            state: PathBuf::from(sysfs::STATE_DIR),
             filters,
             emulated: models
                 .into_iter()
@@ -144,7 +146,14 @@ impl UsbProvider {
     /// Reads devices from another sysfs root (tests).
     pub fn with_sysfs(mut self, root: impl Into<PathBuf>) -> Self {
         self.sysfs = root.into();
+        self.state = self.sysfs.join("cio-state");
         self
+    }
+
+    /// Gives back the devices an earlier, killed ciod left bound to
+    /// usbip-host; returns their bus ids. Call once at start.
+    pub fn recover(&self) -> Vec<String> {
+        sysfs::recover(&self.sysfs, &self.state)
     }
 
     /// True if nothing could ever be exported.
@@ -238,10 +247,14 @@ impl UsbProvider {
             (None, None) => {
                 let (ours, theirs) = UnixStream::pair().map_err(io("creating a socket pair"))?;
                 // usbip-host takes its own reference to `theirs`.
-                let b = sysfs::Binding::export(&self.sysfs, busid, theirs.as_raw_fd())?;
+                let b =
+                    sysfs::Binding::export(&self.sysfs, &self.state, busid, theirs.as_raw_fd())?;
                 (Some(ours), Some(b))
             }
-            (None, Some(fd)) => (None, Some(sysfs::Binding::export(&self.sysfs, busid, fd)?)),
+            (None, Some(fd)) => (
+                None,
+                Some(sysfs::Binding::export(&self.sysfs, &self.state, busid, fd)?),
+            ),
         };
         info!(
             busid,

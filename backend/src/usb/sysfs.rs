@@ -19,6 +19,9 @@ use tracing::{debug, info, warn};
 
 use super::UsbError;
 
+/// Where ciod records the driver each exported device had, so that a
+/// restarted ciod can give back devices a crashed one left on usbip-host.
+pub const STATE_DIR: &str = "/run/cio/ciod-usb";
 /// bDeviceClass of hubs (never exported).
 pub const CLASS_HUB: u8 = 9;
 const HOST_DRIVER: &str = "usbip-host";
@@ -156,12 +159,15 @@ pub struct Binding {
     busid: String,
     /// The driver it had before (None: none; `usbip-host`: leave it bound).
     original: Option<String>,
+    /// Record of `original` (see [`STATE_DIR`]).
+    record: PathBuf,
 }
 
 impl Binding {
     /// Binds `busid` to `usbip-host` and hands it the connected stream
-    /// socket `fd` (usbip-host takes its own reference to it).
-    pub fn export(root: &Path, busid: &str, fd: RawFd) -> Result<Self, UsbError> {
+    /// socket `fd` (usbip-host takes its own reference to it). The original
+    /// driver is recorded under `state` until the device is restored.
+    pub fn export(root: &Path, state: &Path, busid: &str, fd: RawFd) -> Result<Self, UsbError> {
         let dev = root.join("bus/usb/devices").join(busid);
         if !dev.exists() {
             return Err(UsbError::NoDevice(busid.to_owned()));
@@ -178,6 +184,7 @@ impl Binding {
             host,
             busid: busid.to_owned(),
             original: original.clone(),
+            record: state.join(busid),
         };
         match original.as_deref() {
             Some(HOST_DRIVER) => {
@@ -190,6 +197,15 @@ impl Binding {
             other => {
                 // From here on, restore() undoes whatever was done.
                 let bound = (|| {
+                    let recorded = fs::create_dir_all(state)
+                        .and_then(|()| fs::write(&b.record, other.unwrap_or("")));
+                    if let Err(e) = recorded {
+                        warn!(
+                            busid,
+                            "recording the original driver in {}: {e}",
+                            state.display()
+                        );
+                    }
                     write_attr(&b.host.join("match_busid"), &format!("add {busid}"))?;
                     if let Some(d) = other {
                         let unbind = b.dev.join("driver/unbind");
@@ -268,8 +284,47 @@ impl Binding {
             write_attr(&probe, busid)
         };
         warn_on(r);
+        let _ = fs::remove_file(&self.record);
         info!(busid, driver = ?driver_of(&self.dev), "device restored");
     }
+}
+
+/// Gives back devices a previous ciod left bound to usbip-host (it was
+/// killed before it could restore them); returns their bus ids. Devices
+/// usbip-host still serves are left alone.
+pub fn recover(root: &Path, state: &Path) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(state) else {
+        return Vec::new();
+    };
+    let mut restored = Vec::new();
+    for e in entries.filter_map(|e| e.ok()) {
+        let busid = e.file_name().to_string_lossy().into_owned();
+        let record = e.path();
+        let dev = root.join("bus/usb/devices").join(&busid);
+        if !is_busid(&busid) || driver_of(&dev).as_deref() != Some(HOST_DRIVER) {
+            let _ = fs::remove_file(&record); // gone, or already given back
+            continue;
+        }
+        if status(&dev) == Some(SDEV_USED) {
+            warn!(
+                busid,
+                "left on usbip-host by an earlier ciod and still in use: not touched"
+            );
+            continue;
+        }
+        let original = fs::read_to_string(&record).unwrap_or_default();
+        let original = original.trim();
+        Binding {
+            dev,
+            host: root.join("bus/usb/drivers").join(HOST_DRIVER),
+            busid: busid.clone(),
+            original: (!original.is_empty()).then(|| original.to_owned()),
+            record,
+        }
+        .restore();
+        restored.push(busid);
+    }
+    restored
 }
 
 #[cfg(test)]
@@ -347,10 +402,41 @@ mod tests {
         let root = std::env::temp_dir().join(format!("cio-sysfs-x-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         fake_device(&root, "1-1", &[("busnum", "1")]);
-        let e = Binding::export(&root, "1-1", 0).unwrap_err();
+        let state = root.join("state");
+        let e = Binding::export(&root, &state, "1-1", 0).unwrap_err();
         assert!(e.to_string().contains("modprobe usbip-host"), "{e}");
-        let e = Binding::export(&root, "1-9", 0).unwrap_err();
+        let e = Binding::export(&root, &state, "1-9", 0).unwrap_err();
         assert!(matches!(e, UsbError::NoDevice(_)), "{e}");
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn recovery_gives_back_what_a_killed_ciod_left_on_usbip_host() {
+        let root = std::env::temp_dir().join(format!("cio-sysfs-r-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let host = root.join("bus/usb/drivers/usbip-host");
+        fs::create_dir_all(&host).unwrap();
+        fs::write(host.join("rebind"), "").unwrap();
+        fake_device(&root, "1-1", &[("usbip_status", "1")]);
+        fake_device(&root, "1-2", &[("usbip_status", "2")]); // still serving
+        for d in ["1-1", "1-2"] {
+            std::os::unix::fs::symlink(&host, root.join("bus/usb/devices").join(d).join("driver"))
+                .unwrap();
+        }
+        let state = root.join("state");
+        fs::create_dir_all(&state).unwrap();
+        for (busid, driver) in [("1-1", "usb"), ("1-2", "usb"), ("4-4", "usb")] {
+            fs::write(state.join(busid), driver).unwrap();
+        }
+        assert_eq!(recover(&root, &state), vec!["1-1".to_string()]);
+        assert_eq!(
+            fs::read_to_string(host.join("match_busid")).unwrap(),
+            "del 1-1"
+        );
+        assert_eq!(fs::read_to_string(host.join("rebind")).unwrap(), "1-1");
+        // 1-1 done and 4-4 gone: records removed; 1-2 in use: kept.
+        assert!(!state.join("1-1").exists() && !state.join("4-4").exists());
+        assert!(state.join("1-2").exists());
         fs::remove_dir_all(&root).unwrap();
     }
 
