@@ -155,7 +155,9 @@ fn usb_storage_through_cio_and_stock_usbip_in_both_directions() {
     let (relayed, all_relayed) = best("cio");
     let (direct, all_direct) = best("direct");
     let (stock_client, _) = best("stock-client");
-    eprintln!(
+    // Straight to stderr: libtest hides eprintln! of passing tests.
+    let _ = writeln!(
+        std::io::stderr(),
         "USB bulk read (16 MiB, O_DIRECT, TCG guest, best of runs): kernel usbip-host/vhci over TCP {kernel:.1} MiB/s; \
          cio relayed {all_relayed:.1?} -> ratio {:.2}; cio --direct {all_direct:.1?} -> ratio {:.2}; \
          stock usbip client via ciod {stock_client:.1} -> ratio {:.2}",
