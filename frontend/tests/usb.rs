@@ -295,14 +295,7 @@ fn usb_session_state_errors() {
     });
     raw.expect_error(ErrorCode::STATE);
     let mut raw2 = Raw::ready(s.endpoint());
-    raw2.send(&Message::UsbImport {
-        busid: "emu-1".into(),
-        direct: false,
-    });
-    assert!(matches!(
-        raw2.recv().unwrap().msg,
-        Message::UsbImported { .. }
-    ));
+    raw2.usb_import("emu-1");
     raw2.send(&Message::Open {
         name: "edu0".into(),
     });
@@ -350,14 +343,7 @@ fn a_silent_usb_client_is_dropped_and_its_device_released() {
     };
     let (s, p) = common::usb_server_with(None, limits);
     let mut raw = Raw::ready(s.endpoint());
-    raw.send(&Message::UsbImport {
-        busid: "emu-1".into(),
-        direct: false,
-    });
-    assert!(matches!(
-        raw.recv().unwrap().msg,
-        Message::UsbImported { .. }
-    ));
+    raw.usb_import("emu-1");
     assert_eq!(p.exported(), 1);
     // The link goes quiet (no pings): the backend gives the device back.
     let t = Instant::now();

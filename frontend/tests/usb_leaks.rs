@@ -6,7 +6,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use cio_backend::usb::stock::UsbipServer;
-use cio_core::wire::Message;
 use cio_frontend::usb::{self, UsbSource};
 
 #[test]
@@ -44,14 +43,7 @@ fn usb_imports_leave_no_fds_behind() {
         settle("plain");
         // A raw client that imports and vanishes.
         let mut raw = common::Raw::ready(s.endpoint());
-        raw.send(&Message::UsbImport {
-            busid: "emu-1".into(),
-            direct: false,
-        });
-        assert!(matches!(
-            raw.recv().unwrap().msg,
-            Message::UsbImported { .. }
-        ));
+        raw.usb_import("emu-1");
         drop(raw);
         // Lists of both kinds.
         usb::list(&cio, &common::opts()).unwrap();

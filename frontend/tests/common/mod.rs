@@ -176,6 +176,18 @@ impl Raw {
             m => panic!("expected Opened, got {m:?}"),
         }
     }
+
+    /// Imports USB device `busid` (relayed) and checks it was granted.
+    pub fn usb_import(&mut self, busid: &str) {
+        self.send(&cio_core::Message::UsbImport {
+            busid: busid.into(),
+            direct: false,
+        });
+        match self.recv().unwrap().msg {
+            cio_core::Message::UsbImported { device } => assert_eq!(device.busid, busid),
+            m => panic!("expected UsbImported, got {m:?}"),
+        }
+    }
 }
 
 /// A bystander session that must keep working while others misbehave.
