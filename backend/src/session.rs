@@ -257,7 +257,11 @@ impl Session {
         let mut events = Events::with_capacity(64);
         loop {
             let can_read = self.can_read();
-            let timeout = if self.read_pending && can_read {
+            // The device side has bytes we stopped reading while replies
+            // piled up: no edge will announce them again.
+            let usb_left = self.usb.as_ref().is_some_and(|u| u.readable)
+                && self.out.len() < self.shared.limits.max_queued_bytes;
+            let timeout = if (self.read_pending && can_read) || usb_left {
                 Some(Duration::ZERO)
             } else if self.usb.is_some() {
                 let idle = self.shared.limits.usb_idle_timeout;
@@ -338,7 +342,6 @@ impl Session {
         }
     }
 
-    /// Reads what the socket has and handles every complete frame.
     /// True while neither our replies nor bytes for the USB device have
     /// piled up beyond the limit.
     fn can_read(&self) -> bool {
@@ -501,6 +504,7 @@ impl Session {
         Ok(Message::UsbImported { device })
     }
 
+    /// Reads what the socket has and handles every complete frame.
     fn read_and_handle(&mut self) -> Result<(), End> {
         loop {
             if !self.can_read() {

@@ -366,3 +366,36 @@ fn a_silent_usb_client_is_dropped_and_its_device_released() {
     stream.shutdown();
     wait_unexported(&p);
 }
+
+#[test]
+fn small_queue_limits_do_not_stall_the_usb_stream() {
+    // Every device->client chunk fills the reply queue: the session has to
+    // stop and resume reading the device side and still move every byte.
+    let limits = cio_backend::Limits {
+        max_queued_bytes: 4096,
+        ..Default::default()
+    };
+    let (s, p) = common::usb_server_with(None, limits);
+    let imp = usb::import(&cio_source(s.endpoint()), "emu-1", &opts(), false).unwrap();
+    let devid = imp.device.devid();
+    let (stream, relay) = imp.into_stream().unwrap();
+    let mut h = Host::new(stream, devid);
+    // 1 MiB written, then 16 reads queued at once: the device answers with
+    // about 1 MiB in one go, far more than one read of its stream.
+    let payload: Vec<u8> = (0..1u32 << 20).map(|i| (i ^ (i >> 9)) as u8).collect();
+    for chunk in payload.chunks(64 * 1024) {
+        h.submit(2, false, [0; 8], chunk, 0);
+        assert_eq!(h.ret(false).status, 0);
+    }
+    for _ in 0..16 {
+        h.submit(2, true, [0; 8], &[], 64 * 1024);
+    }
+    let mut echoed = Vec::new();
+    for _ in 0..16 {
+        echoed.extend_from_slice(&h.ret(true).data);
+    }
+    assert!(echoed == payload, "echo differs");
+    h.s.shutdown();
+    relay.unwrap().join().unwrap();
+    wait_unexported(&p);
+}
