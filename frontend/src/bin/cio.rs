@@ -101,6 +101,7 @@ enum Cmd {
     /// Examples:
     ///   cio usb list 192.0.2.10
     ///   cio --psk-file key usb attach 192.0.2.10 1-1 &
+    ///   cio --psk-file key usb attach --direct 192.0.2.10 1-1
     ///   cio usb attach usbip://192.0.2.11 2-1.4
     ///   cio usb port
     ///   cio usb detach 15
