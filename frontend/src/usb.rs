@@ -54,7 +54,7 @@ pub enum UsbError {
     #[error("{0}")]
     Vhci(String),
     /// An OS call failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
