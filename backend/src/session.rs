@@ -8,8 +8,8 @@
 //! shadow freed and is reset before it goes back to the registry.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -20,7 +20,7 @@ use cio_core::wire::{
     PROTOCOL_VERSION,
 };
 use cio_core::{DeviceError, DmaRegion, DmaSpace, EventFd, Frame, IrqKind};
-use cio_transports::{auth, Conn, FrameReader, OutQueue, Psk, Side};
+use cio_transports::{auth, sys, Conn, FrameReader, OutQueue, Psk, Side};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::{debug, info, warn};
@@ -126,8 +126,8 @@ struct UsbLink {
     /// Bytes from the client the device side has not taken yet.
     pending: BytesMut,
     readable: bool,
-    /// Receive buffer for the device side.
-    buf: Vec<u8>,
+    /// Receive buffer for the device side (frames share its bytes).
+    rx: BytesMut,
 }
 
 struct IrqSlot {
@@ -369,10 +369,10 @@ impl Session {
             }
         }
         while u.readable && self.out.len() < max {
-            match stream.read(&mut u.buf) {
+            match sys::recv_into(stream.as_fd(), &mut u.rx, MAX_USB_CHUNK, true) {
                 Ok(0) => return Err(End::clean("the USB device side closed the stream")),
-                Ok(n) => {
-                    let data = Bytes::copy_from_slice(&u.buf[..n]);
+                Ok(_) => {
+                    let data = u.rx.split().freeze();
                     self.out.push(&Message::UsbData { data }, 0);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => u.readable = false,
@@ -499,7 +499,7 @@ impl Session {
             export,
             pending: BytesMut::new(),
             readable: true,
-            buf: vec![0; MAX_USB_CHUNK],
+            rx: BytesMut::new(),
         });
         Ok(Message::UsbImported { device })
     }

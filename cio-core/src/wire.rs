@@ -647,7 +647,7 @@ impl Message {
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     }
 
-    /// Like [`encode`](Self::encode), but a large DMA payload is not copied:
+    /// Like [`encode`](Self::encode), but a large DMA or USB payload is not copied:
     /// the frame's head goes into `out` and the payload is returned, to be
     /// sent right after it (with a vectored write).
     pub fn encode_vectored(&self, seq: u64, reply_to: u64, out: &mut BytesMut) -> Option<Bytes> {
@@ -655,6 +655,11 @@ impl Message {
         match self {
             Self::DmaData { handle, iova, data } if data.len() >= ZERO_COPY_MIN => {
                 encode_dma_data_head(seq, reply_to, *handle, *iova, data.len(), out);
+                Some(data.clone())
+            }
+            Self::UsbData { data } if data.len() >= ZERO_COPY_MIN => {
+                put_header(out, (4 + data.len()) as u32, kind::USB_DATA, seq, reply_to);
+                out.put_u32_le(data.len() as u32);
                 Some(data.clone())
             }
             _ => {
@@ -1393,19 +1398,24 @@ mod tests {
 
     #[test]
     fn vectored_encoding_matches_plain_encoding() {
-        let m = Message::DmaData {
+        let dma = Message::DmaData {
             handle: 3,
             iova: 0x5000,
             data: Bytes::from(vec![0xa5; 70_000]),
         };
-        let mut plain = BytesMut::new();
-        m.encode(4, 2, &mut plain);
-        let mut head = BytesMut::new();
-        let tail = m
-            .encode_vectored(4, 2, &mut head)
-            .expect("payload split off");
-        head.extend_from_slice(&tail);
-        assert_eq!(head, plain);
+        let usb = Message::UsbData {
+            data: Bytes::from(vec![0x5a; 200_000]),
+        };
+        for m in [dma, usb] {
+            let mut plain = BytesMut::new();
+            m.encode(4, 2, &mut plain);
+            let mut head = BytesMut::new();
+            let tail = m
+                .encode_vectored(4, 2, &mut head)
+                .expect("payload split off");
+            head.extend_from_slice(&tail);
+            assert_eq!(head, plain);
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::fmt;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -515,7 +515,7 @@ impl Imported {
             Link::Direct(Conn::Unix(s)) => Ok((UrbStream::Unix(s), None)),
             Link::Cio { conn, hs } => {
                 let (ours, theirs) =
-                    UnixStream::pair().map_err(io_err("creating a socket pair"))?;
+                    cio_transports::relay_pair().map_err(io_err("creating a socket pair"))?;
                 let keepalive = self.keepalive;
                 let t = std::thread::Builder::new()
                     .name("cio-usb-relay".into())
@@ -532,7 +532,7 @@ impl Imported {
         let (kernel_end, relay) = match self.link {
             Link::Cio { conn, hs } => {
                 let (ours, theirs) =
-                    UnixStream::pair().map_err(io_err("creating a socket pair"))?;
+                    cio_transports::relay_pair().map_err(io_err("creating a socket pair"))?;
                 (Kernel::Unix(theirs), Some((conn, hs, ours)))
             }
             Link::Stock(tcp) => (Kernel::Tcp(tcp), None),
@@ -703,17 +703,17 @@ fn relay(conn: Conn, hs: Handshake, stream: UnixStream, keepalive: Duration) -> 
     };
     // Kernel to backend, here.
     let _ = stream.set_read_timeout(Some(keepalive));
-    let mut buf = vec![0u8; MAX_USB_CHUNK];
+    let mut rx = BytesMut::new();
     let up_end = loop {
-        match (&stream).read(&mut buf) {
+        match cio_transports::sys::recv_into(stream.as_fd(), &mut rx, MAX_USB_CHUNK, false) {
             Ok(0) => {
                 if record(RelayEnd::Detached) == RelayEnd::Detached {
                     let _ = send(&Message::Goodbye);
                 }
                 break RelayEnd::Detached;
             }
-            Ok(n) => {
-                let data = Bytes::copy_from_slice(&buf[..n]);
+            Ok(_) => {
+                let data = rx.split().freeze();
                 if let Err(e) = send(&Message::UsbData { data }) {
                     break RelayEnd::Lost(format!("sending to the backend: {e}"));
                 }

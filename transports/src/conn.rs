@@ -279,3 +279,18 @@ pub fn set_tcp_keepalive(
         .with_retries(retries);
     socket2::SockRef::from(s).set_tcp_keepalive(&ka)
 }
+
+/// Send buffer of [`relay_pair`] sockets.
+pub const RELAY_BUFFER: usize = 4 << 20;
+
+/// A connected Unix stream pair for relaying a bulk stream between a kernel
+/// driver and this process: each end's send buffer is [`RELAY_BUFFER`] (as
+/// far as the process may raise it), so a megabyte transfer wakes the
+/// reader once instead of once per default-sized buffer.
+pub fn relay_pair() -> io::Result<(UnixStream, UnixStream)> {
+    let (a, b) = UnixStream::pair()?;
+    for s in [&a, &b] {
+        crate::sys::set_send_buffer(s.as_fd(), RELAY_BUFFER)?;
+    }
+    Ok((a, b))
+}

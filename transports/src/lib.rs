@@ -14,7 +14,7 @@ mod reader;
 pub mod sys;
 
 pub use auth::{Psk, Side};
-pub use conn::{set_tcp_keepalive, Conn, Listener};
+pub use conn::{relay_pair, set_tcp_keepalive, Conn, Listener, RELAY_BUFFER};
 pub use endpoint::{Endpoint, DEFAULT_PORT};
 pub use out::OutQueue;
 pub use reader::{FrameReader, Received, Resolve, DIRECT_MIN};

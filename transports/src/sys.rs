@@ -132,3 +132,27 @@ pub fn poll_writable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> 
         }
     }
 }
+
+/// Sets a socket's send buffer to `bytes`, beyond `net.core.wmem_max` when
+/// the process may (SO_SNDBUFFORCE needs CAP_NET_ADMIN), else as far as
+/// SO_SNDBUF allows.
+pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    let val = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    for opt in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
+        // SAFETY: `val` is a live c_int and the length passed is its size;
+        // the fd is valid for the duration of the borrow.
+        let r = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&val as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+    }
+    Err(io::Error::last_os_error())
+}

@@ -238,14 +238,14 @@ impl UsbProvider {
                 )))
             }
             (Some((_, model)), None) => {
-                let (ours, theirs) = UnixStream::pair().map_err(io("creating a socket pair"))?;
+                let (ours, theirs) = cio_transports::relay_pair().map_err(io("creating a socket pair"))?;
                 Arc::clone(model)
                     .serve(theirs, device.devid())
                     .map_err(io("starting the emulated device"))?;
                 (Some(ours), None)
             }
             (None, None) => {
-                let (ours, theirs) = UnixStream::pair().map_err(io("creating a socket pair"))?;
+                let (ours, theirs) = cio_transports::relay_pair().map_err(io("creating a socket pair"))?;
                 // usbip-host takes its own reference to `theirs`.
                 let b =
                     sysfs::Binding::export(&self.sysfs, &self.state, busid, theirs.as_raw_fd())?;
