@@ -117,13 +117,15 @@ usbip unbind -b "$BUSID" >/dev/null 2>&1 || fail "usbip unbind"
 killall usbipd 2>/dev/null
 waitfor 100 restored || fail "device not restored after usbip unbind"
 
-# 4. The cio paths once more, for the same-run ratio against 3.
-$CIO usb attach 127.0.0.1 "$BUSID" >/dev/null 2>&1 &
-ATT=$!
+# 4. The cio paths once more, for the same-run ratio against 3; the
+# relayed one from a background relay this time.
+$CIO usb attach --background 127.0.0.1 "$BUSID" > /tmp/bg.out || fail "cio usb attach --background"
+ATT=$(sed -n 's/.*relay pid \([0-9]*\).*/\1/p' /tmp/bg.out)
+say "BACKGROUND $(cat /tmp/bg.out)"
 waitfor 300 disk vhci || fail "no disk through cio (2)"
 bench cio
 vhci_port && cio usb detach "$PORT" >/dev/null
-wait $ATT
+waitfor 100 sh -c "! kill -0 $ATT 2>/dev/null" || fail "background relay did not exit after detach"
 waitfor 100 restored || fail "device not restored (2)"
 $CIO usb attach --direct 127.0.0.1 "$BUSID" >/dev/null || fail "cio usb attach --direct (2)"
 waitfor 300 disk vhci || fail "no disk through cio --direct (2)"

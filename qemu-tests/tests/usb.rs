@@ -116,6 +116,8 @@ fn usb_storage_through_cio_and_stock_usbip_in_both_directions() {
         .map(|f| f[0].clone())
         .collect();
     assert_eq!(restored, ["detach", "direct", "stock-client"]);
+    let bg = g.lines_with("CIO-USB BACKGROUND").join(" ");
+    assert!(bg.contains("attached") && bg.contains("relay pid"), "{bg}");
     let detach = &fields(&g, "DETACH")[0];
     assert_eq!(
         detach[2], "0",

@@ -100,7 +100,7 @@ enum Cmd {
     ///
     /// Examples:
     ///   cio usb list 192.0.2.10
-    ///   cio --psk-file key usb attach 192.0.2.10 1-1 &
+    ///   cio --psk-file key usb attach --background 192.0.2.10 1-1
     ///   cio --psk-file key usb attach --direct 192.0.2.10 1-1
     ///   cio usb attach usbip://192.0.2.11 2-1.4
     ///   cio usb port
@@ -133,6 +133,10 @@ enum UsbCmd {
         /// 25 s). Real (usbip-host) devices only.
         #[arg(long)]
         direct: bool,
+        /// ciod only, relayed: carry the device from a background process
+        /// and return once it is attached (its log goes to /run/cio/usb).
+        #[arg(long, conflicts_with = "direct")]
+        background: bool,
     },
     /// Detach the device on a vhci port (from `cio usb port`).
     Detach {
@@ -186,7 +190,7 @@ fn run(args: Args) -> Result<(), String> {
         None => None,
     };
     match args.cmd {
-        Cmd::Usb { cmd } => usb_cmd(cmd, psk),
+        Cmd::Usb { cmd } => usb_cmd(cmd, psk, args.psk_file.as_deref()),
         Cmd::List { host } => {
             let client = connect(&host, &psk)?;
             let devices = client.list().map_err(|e| error_chain(&e))?;
@@ -428,7 +432,57 @@ fn demo() -> Result<(), String> {
     Ok(())
 }
 
-fn usb_cmd(cmd: UsbCmd, psk: Option<Psk>) -> Result<(), String> {
+/// Runs `cio usb attach SOURCE BUSID` again as a detached process (own
+/// process group, log in the state directory), waits for it to report the
+/// port, and leaves it carrying the device.
+fn attach_in_background(
+    source: &str,
+    busid: &str,
+    psk_file: Option<&std::path::Path>,
+) -> Result<(), String> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let dir = std::path::Path::new(usb::STATE_DIR);
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let log_path = dir.join(format!("attach-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path)
+        .map_err(|e| format!("creating {}: {e}", log_path.display()))?;
+    let exe = std::env::current_exe().map_err(|e| format!("finding this program: {e}"))?;
+    let mut cmd = std::process::Command::new(exe);
+    if let Some(p) = psk_file {
+        cmd.arg("--psk-file").arg(p);
+    }
+    let mut child = cmd
+        .args(["usb", "attach", source, busid])
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("starting the relay: {e}"))?;
+    let mut line = String::new();
+    let out = child.stdout.take().expect("piped");
+    let _ = std::io::BufReader::new(out).read_line(&mut line);
+    if line.starts_with("port ") {
+        outln!(
+            "{} (relay pid {}, log {})",
+            line.trim_end(),
+            child.id(),
+            log_path.display()
+        );
+        return Ok(());
+    }
+    let _ = child.wait();
+    let why = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&log_path);
+    Err(why.trim().trim_start_matches("cio: ").to_owned())
+}
+
+fn usb_cmd(
+    cmd: UsbCmd,
+    psk: Option<Psk>,
+    psk_file: Option<&std::path::Path>,
+) -> Result<(), String> {
     let opts = ClientOptions {
         psk,
         ..ClientOptions::default()
@@ -484,8 +538,12 @@ fn usb_cmd(cmd: UsbCmd, psk: Option<Psk>) -> Result<(), String> {
             source: s,
             busid,
             direct,
+            background,
         } => {
             let src = source(&s)?;
+            if background && !direct && matches!(src, UsbSource::Cio(_)) {
+                return attach_in_background(&s, &busid, psk_file);
+            }
             let vhci = Vhci::default();
             vhci.ports().map_err(e)?; // fail before importing if vhci is missing
             let imported = usb::import(&src, &busid, &opts, direct).map_err(e)?;
