@@ -230,22 +230,22 @@ impl UsbProvider {
             let what = what.to_owned();
             move |e: io::Error| UsbError::Io(format!("{what}: {e}"))
         };
+        let pair = || cio_transports::relay_pair().map_err(io("creating a socket pair"));
         let emulated = self.emulated.iter().find(|(b, _)| b == busid);
         let (stream, binding) = match (emulated, direct) {
             (Some(_), Some(_)) => {
-                return Err(UsbError::Io(format!(
-                    "{busid} is emulated: only devices exported through usbip-host can be imported directly"
-                )))
+                let why = "only devices exported through usbip-host can be imported directly";
+                return Err(UsbError::Io(format!("{busid} is emulated: {why}")));
             }
             (Some((_, model)), None) => {
-                let (ours, theirs) = cio_transports::relay_pair().map_err(io("creating a socket pair"))?;
+                let (ours, theirs) = pair()?;
                 Arc::clone(model)
                     .serve(theirs, device.devid())
                     .map_err(io("starting the emulated device"))?;
                 (Some(ours), None)
             }
             (None, None) => {
-                let (ours, theirs) = cio_transports::relay_pair().map_err(io("creating a socket pair"))?;
+                let (ours, theirs) = pair()?;
                 // usbip-host takes its own reference to `theirs`.
                 let b =
                     sysfs::Binding::export(&self.sysfs, &self.state, busid, theirs.as_raw_fd())?;
