@@ -175,7 +175,7 @@ grep -c "device restored" /tmp/ciod.log | sed 's/^/CIO-USB RESTORES /'
 # 7. ciod killed outright (no chance to clean up): the device stays on
 # usbip-host until the next ciod starts and gives it back.
 start_ciod() {
-    RUST_LOG=info ciod --listen 127.0.0.1:7451 --psk-file /tmp/psk --usb "$BUSID" 2>>/tmp/ciod.log &
+    RUST_LOG=info ciod --listen 127.0.0.1:7451 --psk-file /tmp/psk --usb "$BUSID" "$@" 2>>/tmp/ciod.log &
     CIOD=$!
     waitfor 100 grep -q ':1D1B 00000000:0000 0A' /proc/net/tcp || fail "ciod did not listen again"
 }
@@ -188,7 +188,31 @@ waitfor 300 sh -c "! kill -0 $ATT 2>/dev/null" || fail "cio attach kept running 
 waitfor 100 no_vhci_port || fail "vhci port still in use after ciod was killed"
 sleep 1
 driver_is usbip-host && say "KILL9 left-on-usbip-host"
-start_ciod
+start_ciod --usb-idle-timeout 3
 waitfor 100 restored && say "KILL9 recovered-at-start" || fail "a new ciod did not give the device back"
+
+# 8. Silent link loss (no FIN, no RST): one side stops answering.
+# The backend freezes: the relay's pings go unanswered (1 s keepalive, so
+# 4 s), it gives up and frees the port; once ciod runs again it sees the
+# closed connection and gives the device back.
+$CIO usb attach --keepalive 1 127.0.0.1 "$BUSID" >/dev/null 2>&1 &
+ATT=$!
+waitfor 300 disk vhci || fail "no disk through cio (5)"
+T0=$(cs)
+kill -STOP $CIOD
+waitfor 200 sh -c "! kill -0 $ATT 2>/dev/null" || fail "relay hung on a silent backend"
+wait $ATT; say "SILENT backend attach-exit $? after $(( $(cs) - T0 ))cs"
+waitfor 100 no_vhci_port && say "SILENT backend port-freed" || fail "port kept after a silent backend"
+kill -CONT $CIOD
+waitfor 100 restored && say "SILENT backend restored" || fail "device not restored after a silent backend"
+# The frontend freezes: ciod hears nothing for its 3 s idle limit, ends the
+# import and gives the device back; the frozen relay, once gone, frees the port.
+$CIO usb attach --keepalive 1 127.0.0.1 "$BUSID" >/dev/null 2>&1 &
+ATT=$!
+waitfor 300 disk vhci || fail "no disk through cio (6)"
+kill -STOP $ATT
+waitfor 150 restored && say "SILENT frontend restored" || fail "device not restored after a silent frontend"
+kill -KILL $ATT
+waitfor 100 no_vhci_port && say "SILENT frontend port-freed" || fail "port kept after a silent frontend"
 kill $CIOD
 say "DONE"

@@ -137,6 +137,23 @@ fn usb_storage_through_cio_and_stock_usbip_in_both_directions() {
     ] {
         assert!(kills.iter().any(|k| k == want), "{want}: {kills:?}");
     }
+    // Silent link loss on either side is detected by the keepalive pings and
+    // the backend's idle limit; nothing stays stuck.
+    let silent: Vec<String> = fields(&g, "SILENT").iter().map(|f| f.join(" ")).collect();
+    for want in [
+        "backend port-freed",
+        "backend restored",
+        "frontend restored",
+        "frontend port-freed",
+    ] {
+        assert!(silent.iter().any(|k| k == want), "{want}: {silent:?}");
+    }
+    assert!(
+        silent
+            .iter()
+            .any(|k| k.starts_with("backend attach-exit 1 ")),
+        "{silent:?}"
+    );
     // The emulated CDC-ACM device, attached the same way, echoes through
     // the guest's cdc_acm tty.
     assert_eq!(
@@ -167,4 +184,5 @@ fn usb_storage_through_cio_and_stock_usbip_in_both_directions() {
         direct / kernel,
         stock_client / kernel
     );
+    let _ = writeln!(std::io::stderr(), "USB silent link loss: {silent:?}");
 }

@@ -85,6 +85,11 @@ struct Args {
     /// authentication: use it only where every peer is trusted.
     #[arg(long, value_name = "ADDR")]
     usbip_listen: Option<String>,
+
+    /// End a USB import whose client sent nothing (not even its keepalive
+    /// pings) for SECS seconds, and give the device back.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    usb_idle_timeout: u64,
 }
 
 /// Emulated USB models `--emulate-usb` knows.
@@ -232,7 +237,10 @@ fn run(args: Args) -> Result<(), String> {
         listen,
         psk,
         devices,
-        limits: Limits::default(),
+        limits: Limits {
+            usb_idle_timeout: std::time::Duration::from_secs(args.usb_idle_timeout),
+            ..Limits::default()
+        },
         usb: Arc::clone(&usb),
     })
     .map_err(|e| error_chain(&e))?;

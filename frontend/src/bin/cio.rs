@@ -137,6 +137,11 @@ enum UsbCmd {
         /// and return once it is attached (its log goes to /run/cio/usb).
         #[arg(long, conflicts_with = "direct")]
         background: bool,
+        /// Relayed: ping an idle backend every SECS seconds and give the
+        /// link up after four intervals without a word from it (keep it
+        /// below the backend's --usb-idle-timeout).
+        #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        keepalive: u64,
     },
     /// Detach the device on a vhci port (from `cio usb port`).
     Detach {
@@ -439,6 +444,7 @@ fn attach_in_background(
     source: &str,
     busid: &str,
     psk_file: Option<&std::path::Path>,
+    keepalive: u64,
 ) -> Result<(), String> {
     use std::io::BufRead;
     use std::os::unix::process::CommandExt;
@@ -453,7 +459,14 @@ fn attach_in_background(
         cmd.arg("--psk-file").arg(p);
     }
     let mut child = cmd
-        .args(["usb", "attach", source, busid])
+        .args([
+            "usb",
+            "attach",
+            "--keepalive",
+            &keepalive.to_string(),
+            source,
+            busid,
+        ])
         .process_group(0)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -539,11 +552,16 @@ fn usb_cmd(
             busid,
             direct,
             background,
+            keepalive,
         } => {
             let src = source(&s)?;
             if background && !direct && matches!(src, UsbSource::Cio(_)) {
-                return attach_in_background(&s, &busid, psk_file);
+                return attach_in_background(&s, &busid, psk_file, keepalive);
             }
+            let opts = ClientOptions {
+                keepalive: std::time::Duration::from_secs(keepalive),
+                ..opts
+            };
             let vhci = Vhci::default();
             vhci.ports().map_err(e)?; // fail before importing if vhci is missing
             let imported = usb::import(&src, &busid, &opts, direct).map_err(e)?;
