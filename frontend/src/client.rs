@@ -323,14 +323,7 @@ impl Inner {
                     rx.closed = Some("backend closed the connection".into())
                 }
                 Ok(_) => self.dispatch(&mut rx)?,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(ClientError::Timeout(self.reply_timeout))
-                }
+                Err(e) if timed_out(&e) => return Err(ClientError::Timeout(self.reply_timeout)),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => rx.closed = Some(format!("receiving: {e}")),
             }
@@ -515,6 +508,15 @@ pub struct Client {
     shared: Arc<Shared>,
 }
 
+/// True if a blocking socket call gave up because its timeout expired
+/// (SO_RCVTIMEO / SO_SNDTIMEO report EAGAIN).
+pub(crate) fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
 /// Reads the next frame synchronously (handshake and other one-off
 /// exchanges); an `Error` frame becomes [`ClientError::Server`].
 pub(crate) fn read_frame(
@@ -538,12 +540,7 @@ pub(crate) fn read_frame(
                 ))
             }
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if timed_out(&e) => {
                 return Err(ClientError::Disconnected(
                     "no reply from the backend in time".into(),
                 ))

@@ -17,7 +17,7 @@ use std::fmt;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -34,7 +34,7 @@ use cio_core::FrameDecoder;
 use cio_transports::{Conn, Endpoint};
 use tracing::{debug, info, warn};
 
-use crate::client::{handshake, read_frame, ClientError, ClientOptions, Handshake};
+use crate::client::{handshake, read_frame, timed_out, ClientError, ClientOptions, Handshake};
 
 /// Default vhci-hcd sysfs directory (all controllers' attributes live here).
 pub const VHCI_DIR: &str = "/sys/devices/platform/vhci_hcd.0";
@@ -533,22 +533,18 @@ impl Imported {
             Link::Cio { conn, hs } => {
                 let (ours, theirs) =
                     cio_transports::relay_pair().map_err(io_err("creating a socket pair"))?;
-                (Kernel::Unix(theirs), Some((conn, hs, ours)))
+                (OwnedFd::from(theirs), Some((conn, hs, ours)))
             }
-            Link::Stock(tcp) => (Kernel::Tcp(tcp), None),
-            Link::Direct(conn) => (Kernel::Conn(conn), None),
+            Link::Stock(tcp) => (OwnedFd::from(tcp), None),
+            Link::Direct(Conn::Tcp(s)) => (OwnedFd::from(s), None),
+            Link::Direct(Conn::Unix(s)) => (OwnedFd::from(s), None),
         };
         // Another attach may take the port between the look and the write:
         // try the next free one a few times.
         let mut last = None;
         for _ in 0..4 {
             let port = vhci.free_port(dev.speed)?;
-            let r = match &kernel_end {
-                Kernel::Unix(s) => vhci.attach(port, s, dev.devid(), dev.speed),
-                Kernel::Tcp(s) => vhci.attach(port, s, dev.devid(), dev.speed),
-                Kernel::Conn(s) => vhci.attach(port, s, dev.devid(), dev.speed),
-            };
-            match r {
+            match vhci.attach(port, &kernel_end, dev.devid(), dev.speed) {
                 Ok(()) => {
                     drop(kernel_end); // the kernel holds its own reference
                     record_port(
@@ -576,12 +572,6 @@ impl Imported {
         }
         Err(last.expect("at least one attempt"))
     }
-}
-
-enum Kernel {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-    Conn(Conn),
 }
 
 /// The URB stream of an imported device, for a userspace USB/IP client.
@@ -718,12 +708,7 @@ fn relay(conn: Conn, hs: Handshake, stream: UnixStream, keepalive: Duration) -> 
                     break RelayEnd::Lost(format!("sending to the backend: {e}"));
                 }
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if timed_out(&e) => {
                 if let Err(e) = send(&Message::Ping {
                     payload: Bytes::new(),
                 }) {
@@ -781,12 +766,7 @@ fn downstream(
         match conn.recv_into(dec.buffer(), MAX_USB_CHUNK + 64, false) {
             Ok(0) => return RelayEnd::Lost("the backend closed the connection".into()),
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if timed_out(&e) => {
                 return RelayEnd::Lost(format!(
                     "no word from the backend for {:?}: link lost",
                     link_timeout
