@@ -1,0 +1,695 @@
+//! What a PCI session owns: the devices it opened (each a [`Lease`] with
+//! its shadow DMA space), where their interrupts are routed, and the
+//! requests that act on them.
+//!
+//! Nothing here touches a socket. Frames go out through an [`Outbox`] and
+//! interrupt eventfds are handed to an [`IrqWatch`] to be polled, so the
+//! owned state can outlive the connection that currently carries it.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cio_core::wire::{ErrorCode, IrqAction, Message, MAX_DMA_CHUNK};
+use cio_core::{DeviceError, DmaDir, DmaError, DmaRegion, DmaSpace, EventFd, IrqKind};
+use cio_transports::OutQueue;
+use mio::unix::SourceFd;
+use mio::{Interest, Token};
+use tracing::{debug, info, warn};
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+use super::{ReqError, Shared};
+use crate::registry::{Lease, OpenError};
+
+/// Where a session's outgoing frames go.
+pub(crate) trait Outbox {
+    /// Queues `msg` answering `reply_to` (0 for none).
+    fn push(&mut self, msg: &Message, reply_to: u64);
+    /// Queues `len` bytes of `region` from `offset` as `DmaData`.
+    fn push_dma_region(&mut self, handle: u32, region: &Arc<DmaRegion>, offset: u64, len: usize);
+}
+
+impl Outbox for OutQueue {
+    fn push(&mut self, msg: &Message, reply_to: u64) {
+        OutQueue::push(self, msg, reply_to);
+    }
+
+    fn push_dma_region(&mut self, handle: u32, region: &Arc<DmaRegion>, offset: u64, len: usize) {
+        OutQueue::push_dma_region(self, handle, region, offset, len);
+    }
+}
+
+/// Who polls interrupt eventfds for a session: slot `n` is reported back
+/// as [`Devices::on_irq`]`(n)`.
+pub(crate) trait IrqWatch {
+    /// Starts watching `fd` as slot `slot`.
+    fn watch(&self, slot: usize, fd: &EventFd) -> io::Result<()>;
+    /// Stops watching `fd`.
+    fn unwatch(&self, fd: &EventFd);
+}
+
+/// First poll token of interrupt slots.
+pub(crate) const IRQ_BASE: usize = 2;
+
+impl IrqWatch for mio::Registry {
+    fn watch(&self, slot: usize, fd: &EventFd) -> io::Result<()> {
+        self.register(
+            &mut SourceFd(&fd.as_raw_fd()),
+            Token(IRQ_BASE + slot),
+            Interest::READABLE,
+        )
+    }
+
+    fn unwatch(&self, fd: &EventFd) {
+        let _ = self.deregister(&mut SourceFd(&fd.as_raw_fd()));
+    }
+}
+
+fn dev_err(code: ErrorCode) -> impl Fn(DeviceError) -> ReqError {
+    move |e| (code, cio_core::error_chain(&e))
+}
+
+fn dma_err(e: DmaError) -> ReqError {
+    (ErrorCode::DMA, e.to_string())
+}
+
+struct OpenDevice {
+    lease: Lease,
+    dma: DmaSpace,
+}
+
+struct IrqSlot {
+    handle: u32,
+    kind: IrqKind,
+    vector: u32,
+    fd: EventFd,
+}
+
+/// The devices a session holds open, with their interrupt routes and DMA
+/// shadows.
+pub(crate) struct Devices {
+    session: u64,
+    shared: Arc<Shared>,
+    handles: BTreeMap<u32, OpenDevice>,
+    next_handle: u32,
+    irqs: Vec<Option<IrqSlot>>,
+}
+
+/// The result of offering a message to [`Devices::handle`].
+pub(crate) enum Handled {
+    /// Answered (or, if posted, executed).
+    Done,
+    /// Not a device request: the caller deals with it.
+    NotMine(Message),
+}
+
+impl Devices {
+    /// Nothing open yet.
+    pub(crate) fn new(session: u64, shared: Arc<Shared>) -> Self {
+        Self {
+            session,
+            shared,
+            handles: BTreeMap::new(),
+            next_handle: 1,
+            irqs: Vec::new(),
+        }
+    }
+
+    /// Number of open devices.
+    pub(crate) fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// True when no device is open.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// Where a pushed `DmaData` payload of `len` bytes at `iova` goes, for
+    /// receiving it straight into the shadow.
+    pub(crate) fn shadow_for(
+        &self,
+        handle: u32,
+        iova: u64,
+        len: usize,
+    ) -> Option<(Arc<DmaRegion>, u64)> {
+        let d = self.handles.get(&handle)?;
+        let (region, off) = d.dma.resolve(iova, len as u64).ok()?;
+        region
+            .dir()
+            .device_reads()
+            .then(|| (Arc::clone(region), off))
+    }
+
+    /// Executes a device request, queueing its answer (posted requests
+    /// are answered only when they fail).
+    pub(crate) fn handle(
+        &mut self,
+        seq: u64,
+        msg: Message,
+        out: &mut dyn Outbox,
+        watch: &dyn IrqWatch,
+    ) -> Handled {
+        let answer: Result<Message, ReqError> = match msg {
+            Message::RegionWrite {
+                handle,
+                region,
+                offset,
+                data,
+            } => {
+                let r = self.open_dev(handle).and_then(|d| {
+                    let dev = d.lease.device();
+                    dev.prepare_dma().map_err(dev_err(ErrorCode::DMA))?;
+                    dev.write(region, offset, &data)
+                        .map_err(dev_err(ErrorCode::ACCESS))
+                });
+                self.posted(seq, r, out);
+                return Handled::Done;
+            }
+            Message::DmaData { handle, iova, data } => {
+                let r = self.apply_dma(handle, iova, &data);
+                self.posted(seq, r, out);
+                return Handled::Done;
+            }
+            Message::Open { name } => self.open(&name),
+            Message::Close { handle } => self.close(handle, watch).map(|()| Message::Ok),
+            Message::RegionRead {
+                handle,
+                region,
+                offset,
+                len,
+            } => self.open_dev(handle).and_then(|d| {
+                let mut buf = vec![0u8; len as usize];
+                let dev = d.lease.device();
+                dev.prepare_dma().map_err(dev_err(ErrorCode::DMA))?;
+                dev.read(region, offset, &mut buf)
+                    .map(|()| Message::ReadData {
+                        data: Bytes::from(buf),
+                    })
+                    .map_err(dev_err(ErrorCode::ACCESS))
+            }),
+            Message::SetIrqs {
+                handle,
+                kind,
+                start,
+                count,
+                action,
+            } => self
+                .set_irqs(handle, kind, start, count, action, watch)
+                .map(|()| Message::Ok),
+            Message::DmaMap {
+                handle,
+                iova,
+                len,
+                dir,
+            } => self.dma_map(handle, iova, len, dir).map(|()| Message::Ok),
+            Message::DmaUnmap { handle, iova } => {
+                self.dma_unmap(handle, iova, out).map(|()| Message::Ok)
+            }
+            Message::SyncForCpu { handle, iova, len } => match self.open_dev(handle) {
+                Ok(_) => {
+                    self.pull_dirty(Some((handle, iova, len)), out);
+                    Ok(Message::Ok)
+                }
+                Err(e) => Err(e),
+            },
+            Message::Reset { handle } => self.open_dev(handle).and_then(|d| {
+                d.lease
+                    .device()
+                    .reset()
+                    .map(|()| Message::Ok)
+                    .map_err(dev_err(ErrorCode::DEVICE))
+            }),
+            other => return Handled::NotMine(other),
+        };
+        let reply = answer.unwrap_or_else(|(code, message)| {
+            debug!(session = self.session, "request {seq} failed: {message}");
+            Message::Error { code, message }
+        });
+        self.reply(seq, &reply, out);
+        Handled::Done
+    }
+
+    /// Reports a failed posted frame asynchronously; the session goes on.
+    fn posted(&mut self, seq: u64, r: Result<(), ReqError>, out: &mut dyn Outbox) {
+        if let Err((code, message)) = r {
+            debug!(
+                session = self.session,
+                "posted frame {seq} failed: {message}"
+            );
+            self.reply(seq, &Message::Error { code, message }, out);
+        }
+    }
+
+    /// Queues a completion, after the device-written DMA data it orders behind.
+    pub(crate) fn reply(&mut self, seq: u64, msg: &Message, out: &mut dyn Outbox) {
+        self.pull_dirty(None, out);
+        out.push(msg, seq);
+    }
+
+    fn open_dev(&mut self, handle: u32) -> Result<&mut OpenDevice, ReqError> {
+        self.handles.get_mut(&handle).ok_or((
+            ErrorCode::BAD_HANDLE,
+            format!("handle {handle} is not open in this session"),
+        ))
+    }
+
+    fn open(&mut self, name: &str) -> Result<Message, ReqError> {
+        let max = self.shared.limits.max_handles;
+        if self.handles.len() >= max {
+            return Err((
+                ErrorCode::LIMIT,
+                format!("a session may hold at most {max} devices open"),
+            ));
+        }
+        let mut lease = self.shared.registry.open(name, self.session).map_err(|e| {
+            let code = match e {
+                OpenError::NotFound(_) => ErrorCode::NO_DEVICE,
+                OpenError::Busy { .. } => ErrorCode::BUSY,
+            };
+            (code, e.to_string())
+        })?;
+        let handle = self.next_handle;
+        self.next_handle += 1;
+        let info = lease.device().info().clone();
+        info!(session = self.session, device = name, handle, "opened");
+        self.handles.insert(
+            handle,
+            OpenDevice {
+                lease,
+                dma: DmaSpace::new(),
+            },
+        );
+        Ok(Message::Opened { handle, info })
+    }
+
+    fn close(&mut self, handle: u32, watch: &dyn IrqWatch) -> Result<(), ReqError> {
+        self.open_dev(handle)?;
+        self.release(handle, watch);
+        Ok(())
+    }
+
+    /// Disables interrupts, unmaps DMA and resets the device, then returns
+    /// it to the registry.
+    fn release(&mut self, handle: u32, watch: &dyn IrqWatch) {
+        for kind in [IrqKind::Intx, IrqKind::Msi, IrqKind::Msix] {
+            self.drop_irqs(handle, kind, watch);
+        }
+        let Some(mut d) = self.handles.remove(&handle) else {
+            return;
+        };
+        let name = d.lease.device().info().name.clone();
+        for region in d.dma.clear() {
+            if let Err(e) = d.lease.device().dma_unmap(region.iova()) {
+                warn!(session = self.session, device = %name, "unmapping {:#x}: {e}", region.iova());
+            }
+            self.shared
+                .counters
+                .shadow_bytes
+                .fetch_sub(region.len(), Ordering::Relaxed);
+        }
+        if let Err(e) = d.lease.device().reset() {
+            warn!(session = self.session, device = %name, "reset on release failed: {e}");
+        }
+        info!(session = self.session, device = %name, handle, "released");
+    }
+
+    /// Releases every open device.
+    pub(crate) fn release_all(&mut self, watch: &dyn IrqWatch) {
+        let handles: Vec<u32> = self.handles.keys().copied().collect();
+        for h in handles {
+            self.release(h, watch);
+        }
+    }
+
+    fn drop_irqs(&mut self, handle: u32, kind: IrqKind, watch: &dyn IrqWatch) {
+        let mut any = false;
+        for slot in self.irqs.iter_mut() {
+            if slot
+                .as_ref()
+                .is_some_and(|s| s.handle == handle && s.kind == kind)
+            {
+                let s = slot.take().expect("checked");
+                watch.unwatch(&s.fd);
+                self.shared.counters.irq_fds.fetch_sub(1, Ordering::Relaxed);
+                any = true;
+            }
+        }
+        if any {
+            if let Some(d) = self.handles.get_mut(&handle) {
+                if let Err(e) = d.lease.device().set_irqs(kind, 0, &[]) {
+                    warn!(session = self.session, "disabling {kind}: {e}");
+                }
+            }
+        }
+    }
+
+    fn set_irqs(
+        &mut self,
+        handle: u32,
+        kind: IrqKind,
+        start: u32,
+        count: u32,
+        action: IrqAction,
+        watch: &dyn IrqWatch,
+    ) -> Result<(), ReqError> {
+        let available = self.open_dev(handle)?.lease.device().info().irq_count(kind);
+        match action {
+            IrqAction::Disable => {
+                self.drop_irqs(handle, kind, watch);
+                Ok(())
+            }
+            IrqAction::Unmask => {
+                if kind != IrqKind::Intx {
+                    return Err((
+                        ErrorCode::IRQ,
+                        format!("only INTx can be unmasked, not {kind}"),
+                    ));
+                }
+                self.open_dev(handle)?
+                    .lease
+                    .device()
+                    .unmask_intx()
+                    .map_err(dev_err(ErrorCode::IRQ))
+            }
+            IrqAction::Enable => {
+                let end = start
+                    .checked_add(count)
+                    .filter(|e| count > 0 && *e <= available);
+                if end.is_none() {
+                    return Err((
+                        ErrorCode::IRQ,
+                        format!(
+                            "device has {available} {kind} vectors; cannot enable {count} from {start}"
+                        ),
+                    ));
+                }
+                self.drop_irqs(handle, kind, watch);
+                let fds = (0..count)
+                    .map(|_| EventFd::new(EFD_NONBLOCK))
+                    .collect::<io::Result<Vec<_>>>()
+                    .map_err(|e| (ErrorCode::IRQ, format!("creating eventfds: {e}")))?;
+                self.open_dev(handle)?
+                    .lease
+                    .device()
+                    .set_irqs(kind, start, &fds)
+                    .map_err(dev_err(ErrorCode::IRQ))?;
+                for (i, fd) in fds.into_iter().enumerate() {
+                    let idx = match self.irqs.iter().position(Option::is_none) {
+                        Some(i) => i,
+                        None => {
+                            self.irqs.push(None);
+                            self.irqs.len() - 1
+                        }
+                    };
+                    if let Err(e) = watch.watch(idx, &fd) {
+                        self.drop_irqs(handle, kind, watch);
+                        return Err((ErrorCode::IRQ, format!("polling eventfd: {e}")));
+                    }
+                    self.shared.counters.irq_fds.fetch_add(1, Ordering::Relaxed);
+                    self.irqs[idx] = Some(IrqSlot {
+                        handle,
+                        kind,
+                        vector: start + i as u32,
+                        fd,
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Interrupt slot `idx` fired: queues an `Irq` frame behind the DMA
+    /// data the device wrote before raising it.
+    pub(crate) fn on_irq(&mut self, idx: usize, out: &mut dyn Outbox) {
+        let Some(Some(slot)) = self.irqs.get(idx) else {
+            return;
+        };
+        // Non-blocking read: resets the counter; several raises since the
+        // last read coalesce into one event, as with MSI.
+        if slot.fd.read().is_err() {
+            return;
+        }
+        let msg = Message::Irq {
+            handle: slot.handle,
+            kind: slot.kind,
+            vector: slot.vector,
+        };
+        self.pull_dirty(None, out);
+        out.push(&msg, 0);
+    }
+
+    fn dma_map(&mut self, handle: u32, iova: u64, len: u64, dir: DmaDir) -> Result<(), ReqError> {
+        let limits = self.shared.limits.clone();
+        let session_bytes: u64 = self.handles.values().map(|d| d.dma.mapped_bytes()).sum();
+        let d = self.open_dev(handle)?;
+        if d.dma.regions().len() >= limits.max_mappings {
+            return Err((
+                ErrorCode::LIMIT,
+                format!("at most {} dma mappings per device", limits.max_mappings),
+            ));
+        }
+        if session_bytes.saturating_add(len) > limits.max_mapped_bytes {
+            return Err((
+                ErrorCode::LIMIT,
+                format!(
+                    "mapping {len:#x} bytes would exceed the session's {:#x}-byte dma limit",
+                    limits.max_mapped_bytes
+                ),
+            ));
+        }
+        d.dma.check_free(iova, len).map_err(dma_err)?;
+        let region = Arc::new(DmaRegion::new(iova, len, dir).map_err(dma_err)?);
+        d.lease
+            .device()
+            .dma_map(Arc::clone(&region))
+            .map_err(dev_err(ErrorCode::DMA))?;
+        d.dma.insert(region).map_err(dma_err)?;
+        self.shared
+            .counters
+            .shadow_bytes
+            .fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn dma_unmap(&mut self, handle: u32, iova: u64, out: &mut dyn Outbox) -> Result<(), ReqError> {
+        let d = self.open_dev(handle)?;
+        let len = d.dma.get(iova).map(|r| r.len()).ok_or((
+            ErrorCode::DMA,
+            format!("no dma mapping starts at {iova:#x}"),
+        ))?;
+        // The device's last writes reach the target before the mapping goes.
+        self.pull_dirty(Some((handle, iova, len)), out);
+        let d = self.open_dev(handle)?;
+        d.lease
+            .device()
+            .dma_unmap(iova)
+            .map_err(dev_err(ErrorCode::DMA))?;
+        d.dma.remove(iova).map_err(dma_err)?;
+        self.shared
+            .counters
+            .shadow_bytes
+            .fetch_sub(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Target memory pushed by the client: copy it into the shadow.
+    fn apply_dma(&mut self, handle: u32, iova: u64, data: &[u8]) -> Result<(), ReqError> {
+        let d = self.open_dev(handle)?;
+        let (region, off) = d.dma.resolve(iova, data.len() as u64).map_err(dma_err)?;
+        if !region.dir().device_reads() {
+            return Err((
+                ErrorCode::DMA,
+                format!(
+                    "mapping at {:#x} is device-write-only; target data cannot be pushed into it",
+                    region.iova()
+                ),
+            ));
+        }
+        region.apply(off, data).map_err(dma_err)
+    }
+
+    /// Queues `DmaData` for every shadow page the device wrote since the last
+    /// pull, in device-writable mappings (of one range, or everywhere).
+    pub(crate) fn pull_dirty(&mut self, only: Option<(u32, u64, u64)>, out: &mut dyn Outbox) {
+        for (&handle, d) in self.handles.iter_mut() {
+            if only.is_some_and(|(h, _, _)| h != handle) || d.dma.regions().is_empty() {
+                continue;
+            }
+            if let Err(e) = d.lease.device().collect_dma() {
+                warn!(
+                    session = self.session,
+                    handle, "collecting device-written DMA data: {e}"
+                );
+            }
+        }
+        for (&handle, d) in &self.handles {
+            if only.is_some_and(|(h, _, _)| h != handle) {
+                continue;
+            }
+            for region in d.dma.regions() {
+                if !region.dir().device_writes() || region.dirty_pages() == 0 {
+                    continue;
+                }
+                let Some((off, len)) = only.map_or(Some((0, region.len())), |(_, iova, len)| {
+                    region.clip(iova, len)
+                }) else {
+                    continue;
+                };
+                for (run, n) in region.take_dirty_runs(off, len, MAX_DMA_CHUNK) {
+                    out.push_dma_region(handle, region, run, n);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+
+    use super::*;
+    use crate::models::edu::{self, reg};
+    use crate::models::Edu;
+    use crate::registry::Registry;
+    use crate::session::{Counters, Limits};
+    use crate::usb::UsbProvider;
+
+    /// Records frames instead of sending them.
+    #[derive(Default)]
+    struct Frames(Vec<(Message, u64)>);
+
+    impl Outbox for Frames {
+        fn push(&mut self, msg: &Message, reply_to: u64) {
+            self.0.push((msg.clone(), reply_to));
+        }
+        fn push_dma_region(&mut self, handle: u32, region: &Arc<DmaRegion>, off: u64, len: usize) {
+            let mut data = vec![0; len];
+            region.read(off, &mut data).unwrap();
+            let iova = region.iova() + off;
+            let data = Bytes::from(data);
+            self.0.push((Message::DmaData { handle, iova, data }, 0));
+        }
+    }
+
+    /// Records which slots are watched.
+    #[derive(Default)]
+    struct Watched(RefCell<Vec<usize>>);
+
+    impl IrqWatch for Watched {
+        fn watch(&self, slot: usize, _fd: &EventFd) -> io::Result<()> {
+            self.0.borrow_mut().push(slot);
+            Ok(())
+        }
+        fn unwatch(&self, _fd: &EventFd) {
+            self.0.borrow_mut().pop();
+        }
+    }
+
+    fn shared() -> Arc<Shared> {
+        Arc::new(Shared {
+            registry: Registry::new(vec![Box::new(Edu::new("edu0"))]).unwrap(),
+            usb: Arc::new(UsbProvider::new(Vec::new(), Vec::new())),
+            psk: None,
+            limits: Limits::default(),
+            counters: Counters::default(),
+            next_session: AtomicU64::new(1),
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    fn request(d: &mut Devices, seq: u64, msg: Message, w: &Watched) -> Vec<(Message, u64)> {
+        let mut out = Frames::default();
+        assert!(matches!(d.handle(seq, msg, &mut out, w), Handled::Done));
+        out.0
+    }
+
+    #[test]
+    fn requests_interrupts_and_release_without_a_socket() {
+        let shared = shared();
+        let (mut d, w) = (Devices::new(7, Arc::clone(&shared)), Watched::default());
+        let name = "edu0".to_string();
+        let got = request(&mut d, 1, Message::Open { name }, &w);
+        let [(Message::Opened { handle, .. }, 1)] = got[..] else {
+            panic!("{got:?}")
+        };
+        assert_eq!(shared.registry.open_count(), 1);
+        // A posted write is answered only if it fails.
+        let data = Bytes::copy_from_slice(&5u32.to_le_bytes());
+        let write = Message::RegionWrite {
+            handle,
+            region: 0,
+            offset: reg::FACTORIAL,
+            data,
+        };
+        assert!(request(&mut d, 2, write, &w).is_empty());
+        let read = |offset| Message::RegionRead {
+            handle,
+            region: 0,
+            offset,
+            len: 4,
+        };
+        let got = request(&mut d, 3, read(reg::FACTORIAL), &w);
+        assert!(
+            matches!(&got[..], [(Message::ReadData { data }, 3)] if data[..] == 120u32.to_le_bytes()),
+            "{got:?}"
+        );
+        // Interrupt routes are handed to the watcher, and a raise becomes a frame.
+        let enable = Message::SetIrqs {
+            handle,
+            kind: IrqKind::Msi,
+            start: 0,
+            count: 1,
+            action: IrqAction::Enable,
+        };
+        assert!(matches!(
+            &request(&mut d, 4, enable, &w)[..],
+            [(Message::Ok, 4)]
+        ));
+        assert_eq!(*w.0.borrow(), [0]);
+        let raise = Message::RegionWrite {
+            handle,
+            region: 0,
+            offset: reg::IRQ_RAISE,
+            data: Bytes::copy_from_slice(&edu::FACT_IRQ.to_le_bytes()),
+        };
+        assert!(request(&mut d, 5, raise, &w).is_empty());
+        let mut out = Frames::default();
+        d.on_irq(0, &mut out);
+        assert!(
+            matches!(
+                &out.0[..],
+                [(
+                    Message::Irq {
+                        kind: IrqKind::Msi,
+                        vector: 0,
+                        ..
+                    },
+                    0
+                )]
+            ),
+            "{:?}",
+            out.0
+        );
+        // A bad handle is an error reply, not the end of anything.
+        let got = request(&mut d, 6, Message::Reset { handle: 99 }, &w);
+        assert!(matches!(
+            &got[..],
+            [(
+                Message::Error {
+                    code: ErrorCode::BAD_HANDLE,
+                    ..
+                },
+                6
+            )]
+        ));
+        d.release_all(&w);
+        assert!(w.0.borrow().is_empty(), "release stops watching");
+        assert_eq!(shared.registry.open_count(), 0);
+        assert_eq!(shared.counters.irq_fds.load(Ordering::Relaxed), 0);
+    }
+}

@@ -1,0 +1,46 @@
+//! The connection that currently carries a session: the socket, the
+//! partial frame being received, and what the poll loop knows about it.
+
+use std::io;
+use std::time::Instant;
+
+use cio_transports::{Conn, FrameReader, Received, Resolve};
+
+/// A session's connection.
+pub(crate) struct Link {
+    pub(crate) conn: Conn,
+    /// The peer's address, for logs.
+    pub(crate) peer: String,
+    pub(crate) reader: FrameReader,
+    /// The socket may have bytes we have not read.
+    pub(crate) read_pending: bool,
+    /// The peer shut its side down (or the socket failed).
+    pub(crate) peer_closing: bool,
+    /// When the last bytes came in.
+    pub(crate) last_rx: Instant,
+}
+
+impl Link {
+    /// A link over `conn`, nothing received yet.
+    pub(crate) fn new(conn: Conn) -> Self {
+        let peer = conn.peer();
+        Self {
+            conn,
+            peer,
+            reader: FrameReader::new(),
+            read_pending: true,
+            peer_closing: false,
+            last_rx: Instant::now(),
+        }
+    }
+
+    /// Receives what the socket has without blocking; large `DmaData`
+    /// payloads go straight into the region `resolve` names.
+    pub(crate) fn recv(&mut self, resolve: Resolve<'_>) -> io::Result<Received> {
+        let got = self.reader.recv(&self.conn, None, resolve)?;
+        if got.bytes > 0 {
+            self.last_rx = Instant::now();
+        }
+        Ok(got)
+    }
+}
