@@ -1,9 +1,8 @@
-//! A connection to a `ciod`: handshake, requests and replies, and the pump
-//! thread that delivers what arrives unasked (interrupts, device-written DMA
-//! data, errors of posted writes) and flushes posted writes.
-//!
-//! Replies are read by the thread that waits for them (no hand-off between
-//! threads on the read path); the pump reads only when no caller does.
+//! The connection a client's session runs on: requests and their replies
+//! (read by the thread that waits for them), posted-write batching, and the
+//! pump thread that delivers what arrives unasked (interrupts,
+//! device-written DMA data, errors of posted writes) and flushes posted
+//! writes.
 
 use std::collections::HashMap;
 use std::io;
@@ -12,16 +11,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use cio_core::wire::{
-    AuthMethod, DeviceSummary, ErrorCode, Message, FEATURES, MAX_DMA_CHUNK, PROTOCOL_VERSION,
-};
-use cio_core::{DeviceError, DmaRegion, DmaSpace, EventFd, FrameDecoder, IrqKind};
-use cio_transports::{auth, sys, Conn, Endpoint, FrameReader, OutQueue, Psk, Side};
+use cio_core::wire::{ErrorCode, Message, MAX_DMA_CHUNK};
+use cio_core::{DeviceError, DmaRegion, EventFd};
+use cio_transports::{sys, Conn, FrameReader, OutQueue};
 use tracing::{debug, warn};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
-use crate::remote::RemoteDevice;
+use super::target::{lock, Target};
+use super::{timed_out, ClientError, ClientOptions, Handshake};
 
 /// Posted writes are sent at once when this many bytes are queued.
 const FLUSH_THRESHOLD: usize = 64 * 1024;
@@ -33,115 +30,8 @@ const COALESCE: Duration = Duration::from_micros(20);
 /// looks again this often.
 const PUMP_RECHECK: Duration = Duration::from_micros(200);
 
-/// How to connect.
-#[derive(Debug, Clone)]
-pub struct ClientOptions {
-    /// Key to prove (and to demand the server proves).
-    pub psk: Option<Psk>,
-    /// Bound on connecting.
-    pub connect_timeout: Duration,
-    /// Bound on waiting for any reply.
-    pub reply_timeout: Duration,
-    /// Name sent in the handshake, for the server's logs.
-    pub name: String,
-    /// Batch posted writes (the default). When false every write leaves in
-    /// its own system call at once: lower latency for a lone doorbell,
-    /// much lower throughput for many writes.
-    pub batch_writes: bool,
-    /// Long-lived USB relays ping an idle backend this often, and give the
-    /// link up after four intervals without a frame from it.
-    pub keepalive: Duration,
-}
-
-impl Default for ClientOptions {
-    fn default() -> Self {
-        Self {
-            psk: None,
-            connect_timeout: Duration::from_secs(5),
-            reply_timeout: Duration::from_secs(30),
-            name: format!("cio/{}", env!("CARGO_PKG_VERSION")),
-            batch_writes: true,
-            keepalive: Duration::from_secs(5),
-        }
-    }
-}
-
-/// Frontend errors.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// Connecting, resolving or key loading failed.
-    #[error(transparent)]
-    Transport(#[from] cio_transports::Error),
-    /// The backend refused the request.
-    #[error("backend refused: {message} ({})", code.name())]
-    Server {
-        /// Code.
-        code: ErrorCode,
-        /// Explanation.
-        message: String,
-    },
-    /// The backend requires a key and none was given.
-    #[error("the backend requires a pre-shared key: pass --psk-file")]
-    KeyRequired,
-    /// A key was given but the backend did not authenticate itself.
-    #[error("a pre-shared key was given but the backend did not ask for it: refusing an unauthenticated backend")]
-    ServerNotAuthenticated,
-    /// The backend's proof of the key did not verify.
-    #[error("the backend's key proof did not verify: it does not hold the same key")]
-    BadServerProof,
-    /// The peer broke the protocol.
-    #[error("protocol violation by the backend: {0}")]
-    Protocol(String),
-    /// The connection is gone.
-    #[error("connection to the backend lost: {0}")]
-    Disconnected(String),
-    /// No reply in time.
-    #[error("no reply from the backend within {0:?}")]
-    Timeout(Duration),
-    /// A device operation failed.
-    #[error(transparent)]
-    Device(#[from] DeviceError),
-}
-
-impl ClientError {
-    /// True if reconnecting may help.
-    pub fn should_reconnect(&self) -> bool {
-        match self {
-            Self::Transport(t) => t.should_reconnect(),
-            Self::Disconnected(_) | Self::Timeout(_) => true,
-            _ => false,
-        }
-    }
-}
-
-impl From<ClientError> for DeviceError {
-    fn from(e: ClientError) -> Self {
-        match e {
-            ClientError::Server { code, message } => DeviceError::Remote { code, message },
-            ClientError::Device(d) => d,
-            e @ (ClientError::Disconnected(_) | ClientError::Timeout(_)) => {
-                DeviceError::Disconnected(e.to_string())
-            }
-            other => DeviceError::Failed(other.to_string()),
-        }
-    }
-}
-
-/// What the frontend keeps per open device: its DMA mappings (target
-/// memory) and where its interrupts go.
-#[derive(Debug, Default)]
-pub(crate) struct Target {
-    pub(crate) dma: Mutex<DmaSpace>,
-    pub(crate) irqs: Mutex<HashMap<(IrqKind, u32), EventFd>>,
-    pub(crate) irq_count: AtomicU64,
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[derive(Debug)]
-struct Rx {
+pub(crate) struct Rx {
     reader: FrameReader,
     /// Replies read by another thread than the one waiting for them (few:
     /// a short list beats hashing on the request path).
@@ -154,8 +44,8 @@ struct Rx {
 #[derive(Debug)]
 pub(crate) struct Inner {
     conn: Conn,
-    session: u64,
-    features: u64,
+    pub(crate) session: u64,
+    pub(crate) features: u64,
     reply_timeout: Duration,
     batch_writes: bool,
     tx: Mutex<OutQueue>,
@@ -173,6 +63,48 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// The state of a session whose handshake `hs` completed on `conn`.
+    pub(crate) fn new(conn: Conn, hs: Handshake, opts: &ClientOptions) -> io::Result<Self> {
+        Ok(Self {
+            conn,
+            session: hs.session,
+            features: hs.features,
+            reply_timeout: opts.reply_timeout,
+            batch_writes: opts.batch_writes,
+            tx: Mutex::new(hs.out),
+            rx: Mutex::new(Rx {
+                reader: FrameReader::from_decoder(hs.dec),
+                replies: Vec::new(),
+                posted_errors: Vec::new(),
+                closed: None,
+            }),
+            pending: Mutex::new(Vec::new()),
+            targets: Mutex::new(HashMap::new()),
+            kick: EventFd::new(EFD_NONBLOCK)?,
+            stop: EventFd::new(EFD_NONBLOCK)?,
+            stopping: AtomicBool::new(false),
+            readers: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            last_post: AtomicU64::new(0),
+        })
+    }
+
+    /// Says goodbye, stops the pump (`pump` is its thread) and shuts the
+    /// connection down.
+    pub(crate) fn close(&self, pump: Option<JoinHandle<()>>) {
+        {
+            let mut out = lock(&self.tx);
+            out.push(&Message::Goodbye, 0);
+            let _ = self.write_out(&mut out);
+        }
+        self.stopping.store(true, Ordering::Relaxed);
+        let _ = self.stop.write(1);
+        if let Some(t) = pump {
+            let _ = t.join();
+        }
+        let _ = self.conn.shutdown();
+    }
+
     pub(crate) fn target(&self, handle: u32) -> Option<Arc<Target>> {
         lock(&self.targets).get(&handle).cloned()
     }
@@ -441,7 +373,8 @@ impl Inner {
         }
     }
 
-    fn pump(self: Arc<Self>) {
+    /// The pump thread's body.
+    pub(crate) fn pump(self: Arc<Self>) {
         loop {
             // A caller waiting for its reply reads and dispatches everything
             // itself; watching the socket meanwhile would only wake this
@@ -474,273 +407,5 @@ impl Inner {
                 }
             }
         }
-    }
-}
-
-/// Owns the pump; the connection ends when the client and all its devices
-/// are dropped.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) inner: Arc<Inner>,
-    pump: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        let inner = &self.inner;
-        {
-            let mut out = lock(&inner.tx);
-            out.push(&Message::Goodbye, 0);
-            let _ = inner.write_out(&mut out);
-        }
-        inner.stopping.store(true, Ordering::Relaxed);
-        let _ = inner.stop.write(1);
-        if let Some(t) = lock(&self.pump).take() {
-            let _ = t.join();
-        }
-        let _ = inner.conn.shutdown();
-    }
-}
-
-/// A connection to a backend.
-#[derive(Debug, Clone)]
-pub struct Client {
-    shared: Arc<Shared>,
-}
-
-/// True if a blocking socket call gave up because its timeout expired
-/// (SO_RCVTIMEO / SO_SNDTIMEO report EAGAIN).
-pub(crate) fn timed_out(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
-}
-
-/// Reads the next frame synchronously (handshake and other one-off
-/// exchanges); an `Error` frame becomes [`ClientError::Server`].
-pub(crate) fn read_frame(
-    conn: &Conn,
-    dec: &mut FrameDecoder,
-) -> Result<cio_core::Frame, ClientError> {
-    loop {
-        if let Some(f) = dec
-            .next_frame()
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
-        {
-            if let Message::Error { code, message } = f.msg {
-                return Err(ClientError::Server { code, message });
-            }
-            return Ok(f);
-        }
-        match conn.recv_into(dec.buffer(), 4096, false) {
-            Ok(0) => {
-                return Err(ClientError::Disconnected(
-                    "backend closed the connection".into(),
-                ))
-            }
-            Ok(_) => {}
-            Err(e) if timed_out(&e) => {
-                return Err(ClientError::Disconnected(
-                    "no reply from the backend in time".into(),
-                ))
-            }
-            Err(e) => return Err(ClientError::Disconnected(format!("receiving: {e}"))),
-        }
-    }
-}
-
-/// A session after a successful handshake.
-#[derive(Debug)]
-pub(crate) struct Handshake {
-    pub(crate) out: OutQueue,
-    pub(crate) dec: FrameDecoder,
-    pub(crate) session: u64,
-    pub(crate) features: u64,
-}
-
-/// Runs the handshake (and key proofs) on `conn`.
-pub(crate) fn handshake(conn: &Conn, opts: &ClientOptions) -> Result<Handshake, ClientError> {
-    let io_err = |e: io::Error| ClientError::Disconnected(format!("configuring the socket: {e}"));
-    conn.set_read_timeout(Some(opts.reply_timeout))
-        .map_err(io_err)?;
-    conn.set_write_timeout(Some(opts.reply_timeout))
-        .map_err(io_err)?;
-    let mut out = OutQueue::new();
-    let mut dec = FrameDecoder::new();
-    let client_nonce = auth::nonce()?;
-    out.push(
-        &Message::Hello {
-            version: PROTOCOL_VERSION,
-            features: FEATURES,
-            session: 0,
-            nonce: client_nonce,
-            client: opts.name.clone(),
-        },
-        0,
-    );
-    let send = |out: &mut OutQueue| {
-        out.write_to(conn, Some(opts.reply_timeout))
-            .map_err(|e| ClientError::Disconnected(format!("handshake: {e}")))
-    };
-    send(&mut out)?;
-    let (session, features, method, server_nonce) = match read_frame(conn, &mut dec)?.msg {
-        Message::Welcome {
-            version,
-            features,
-            session,
-            auth,
-            nonce,
-        } => {
-            if version != PROTOCOL_VERSION {
-                return Err(ClientError::Protocol(format!(
-                    "backend chose protocol {version}"
-                )));
-            }
-            (session, features, auth, nonce)
-        }
-        m => {
-            return Err(ClientError::Protocol(format!(
-                "expected Welcome, got {:#06x}",
-                m.kind()
-            )))
-        }
-    };
-    match (method, &opts.psk) {
-        (AuthMethod::None, None) => {}
-        (AuthMethod::None, Some(_)) => return Err(ClientError::ServerNotAuthenticated),
-        (AuthMethod::PreSharedKey, None) => return Err(ClientError::KeyRequired),
-        (AuthMethod::PreSharedKey, Some(psk)) => {
-            let mac = psk.proof(Side::Client, &client_nonce, &server_nonce, session);
-            out.push(&Message::AuthProof { mac }, 0);
-            send(&mut out)?;
-            match read_frame(conn, &mut dec)?.msg {
-                Message::AuthOk { mac }
-                    if psk.verify(Side::Server, &client_nonce, &server_nonce, session, &mac) => {}
-                Message::AuthOk { .. } => return Err(ClientError::BadServerProof),
-                m => {
-                    return Err(ClientError::Protocol(format!(
-                        "expected AuthOk, got {:#06x}",
-                        m.kind()
-                    )))
-                }
-            }
-        }
-    }
-    Ok(Handshake {
-        out,
-        dec,
-        session,
-        features,
-    })
-}
-
-impl Client {
-    /// Connects to a backend and runs the handshake.
-    pub fn connect(ep: &Endpoint, opts: ClientOptions) -> Result<Self, ClientError> {
-        let conn = Conn::connect(ep, opts.connect_timeout)?;
-        Self::with_conn(conn, opts)
-    }
-
-    /// Runs the handshake on an already connected stream.
-    pub fn with_conn(conn: Conn, opts: ClientOptions) -> Result<Self, ClientError> {
-        let Handshake {
-            out,
-            dec,
-            session,
-            features,
-        } = handshake(&conn, &opts)?;
-        let spawn_err =
-            |e: io::Error| ClientError::Disconnected(format!("starting the event pump: {e}"));
-        let inner = Arc::new(Inner {
-            conn,
-            session,
-            features,
-            reply_timeout: opts.reply_timeout,
-            batch_writes: opts.batch_writes,
-            tx: Mutex::new(out),
-            rx: Mutex::new(Rx {
-                reader: FrameReader::from_decoder(dec),
-                replies: Vec::new(),
-                posted_errors: Vec::new(),
-                closed: None,
-            }),
-            pending: Mutex::new(Vec::new()),
-            targets: Mutex::new(HashMap::new()),
-            kick: EventFd::new(EFD_NONBLOCK).map_err(spawn_err)?,
-            stop: EventFd::new(EFD_NONBLOCK).map_err(spawn_err)?,
-            stopping: AtomicBool::new(false),
-            readers: AtomicUsize::new(0),
-            epoch: Instant::now(),
-            last_post: AtomicU64::new(0),
-        });
-        let pump_inner = Arc::clone(&inner);
-        let pump = std::thread::Builder::new()
-            .name("cio-pump".into())
-            .spawn(move || pump_inner.pump())
-            .map_err(spawn_err)?;
-        Ok(Self {
-            shared: Arc::new(Shared {
-                inner,
-                pump: Mutex::new(Some(pump)),
-            }),
-        })
-    }
-
-    /// Session id the backend assigned.
-    pub fn session(&self) -> u64 {
-        self.shared.inner.session
-    }
-
-    /// Features both sides agreed on (`cio_core::wire::FEATURE_*`).
-    pub fn features(&self) -> u64 {
-        self.shared.inner.features
-    }
-
-    /// The devices the backend serves.
-    pub fn list(&self) -> Result<Vec<DeviceSummary>, ClientError> {
-        match self.shared.inner.call(None, &Message::ListDevices)? {
-            Message::DeviceList { devices } => Ok(devices),
-            m => Err(ClientError::Protocol(format!(
-                "expected DeviceList, got {:#06x}",
-                m.kind()
-            ))),
-        }
-    }
-
-    /// A round trip through the backend's session loop.
-    pub fn ping(&self, payload: Bytes) -> Result<Bytes, ClientError> {
-        match self.shared.inner.call(None, &Message::Ping { payload })? {
-            Message::Pong { payload } => Ok(payload),
-            m => Err(ClientError::Protocol(format!(
-                "expected Pong, got {:#06x}",
-                m.kind()
-            ))),
-        }
-    }
-
-    /// Opens a device for this session.
-    pub fn open(&self, name: &str) -> Result<RemoteDevice, ClientError> {
-        let (handle, info) = match self
-            .shared
-            .inner
-            .call(None, &Message::Open { name: name.into() })?
-        {
-            Message::Opened { handle, info } => (handle, info),
-            m => {
-                return Err(ClientError::Protocol(format!(
-                    "expected Opened, got {:#06x}",
-                    m.kind()
-                )))
-            }
-        };
-        let target = Arc::new(Target::default());
-        lock(&self.shared.inner.targets).insert(handle, Arc::clone(&target));
-        Ok(RemoteDevice::new(
-            Arc::clone(&self.shared),
-            handle,
-            info,
-            target,
-        ))
     }
 }

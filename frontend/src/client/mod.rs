@@ -1,0 +1,234 @@
+//! A connection to a `ciod` as a library user sees it: [`Client`] (list,
+//! open, ping), its options and errors.
+//!
+//! - `handshake`: `Hello`/`Welcome` and the key proofs;
+//! - `link`: the connection (requests, replies, posted-write batching,
+//!   the pump thread);
+//! - `target`: what the frontend keeps per open device (target DMA
+//!   memory, interrupt routes), independent of the connection.
+
+mod handshake;
+mod link;
+mod target;
+
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cio_core::wire::{DeviceSummary, ErrorCode, Message};
+use cio_core::DeviceError;
+use cio_transports::{Conn, Endpoint, Psk};
+
+use crate::remote::RemoteDevice;
+pub(crate) use handshake::{handshake, read_frame, Handshake};
+pub(crate) use link::Inner;
+pub(crate) use target::{lock, Target};
+
+/// How to connect.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Key to prove (and to demand the server proves).
+    pub psk: Option<Psk>,
+    /// Bound on connecting.
+    pub connect_timeout: Duration,
+    /// Bound on waiting for any reply.
+    pub reply_timeout: Duration,
+    /// Name sent in the handshake, for the server's logs.
+    pub name: String,
+    /// Batch posted writes (the default). When false every write leaves in
+    /// its own system call at once: lower latency for a lone doorbell,
+    /// much lower throughput for many writes.
+    pub batch_writes: bool,
+    /// Long-lived USB relays ping an idle backend this often, and give the
+    /// link up after four intervals without a frame from it.
+    pub keepalive: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            psk: None,
+            connect_timeout: Duration::from_secs(5),
+            reply_timeout: Duration::from_secs(30),
+            name: format!("cio/{}", env!("CARGO_PKG_VERSION")),
+            batch_writes: true,
+            keepalive: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Frontend errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Connecting, resolving or key loading failed.
+    #[error(transparent)]
+    Transport(#[from] cio_transports::Error),
+    /// The backend refused the request.
+    #[error("backend refused: {message} ({})", code.name())]
+    Server {
+        /// Code.
+        code: ErrorCode,
+        /// Explanation.
+        message: String,
+    },
+    /// The backend requires a key and none was given.
+    #[error("the backend requires a pre-shared key: pass --psk-file")]
+    KeyRequired,
+    /// A key was given but the backend did not authenticate itself.
+    #[error("a pre-shared key was given but the backend did not ask for it: refusing an unauthenticated backend")]
+    ServerNotAuthenticated,
+    /// The backend's proof of the key did not verify.
+    #[error("the backend's key proof did not verify: it does not hold the same key")]
+    BadServerProof,
+    /// The peer broke the protocol.
+    #[error("protocol violation by the backend: {0}")]
+    Protocol(String),
+    /// The connection is gone.
+    #[error("connection to the backend lost: {0}")]
+    Disconnected(String),
+    /// No reply in time.
+    #[error("no reply from the backend within {0:?}")]
+    Timeout(Duration),
+    /// A device operation failed.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+}
+
+impl ClientError {
+    /// True if reconnecting may help.
+    pub fn should_reconnect(&self) -> bool {
+        match self {
+            Self::Transport(t) => t.should_reconnect(),
+            Self::Disconnected(_) | Self::Timeout(_) => true,
+            _ => false,
+        }
+    }
+}
+
+impl From<ClientError> for DeviceError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Server { code, message } => DeviceError::Remote { code, message },
+            ClientError::Device(d) => d,
+            e @ (ClientError::Disconnected(_) | ClientError::Timeout(_)) => {
+                DeviceError::Disconnected(e.to_string())
+            }
+            other => DeviceError::Failed(other.to_string()),
+        }
+    }
+}
+
+/// Owns the pump; the connection ends when the client and all its devices
+/// are dropped.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) inner: Arc<Inner>,
+    pump: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.inner.close(lock(&self.pump).take());
+    }
+}
+
+/// A connection to a backend.
+#[derive(Debug, Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+/// True if a blocking socket call gave up because its timeout expired
+/// (SO_RCVTIMEO / SO_SNDTIMEO report EAGAIN).
+pub(crate) fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+impl Client {
+    /// Connects to a backend and runs the handshake.
+    pub fn connect(ep: &Endpoint, opts: ClientOptions) -> Result<Self, ClientError> {
+        let conn = Conn::connect(ep, opts.connect_timeout)?;
+        Self::with_conn(conn, opts)
+    }
+
+    /// Runs the handshake on an already connected stream.
+    pub fn with_conn(conn: Conn, opts: ClientOptions) -> Result<Self, ClientError> {
+        let hs = handshake(&conn, &opts)?;
+        let spawn_err =
+            |e: io::Error| ClientError::Disconnected(format!("starting the event pump: {e}"));
+        let inner = Arc::new(Inner::new(conn, hs, &opts).map_err(spawn_err)?);
+        let pump_inner = Arc::clone(&inner);
+        let pump = std::thread::Builder::new()
+            .name("cio-pump".into())
+            .spawn(move || pump_inner.pump())
+            .map_err(spawn_err)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                inner,
+                pump: Mutex::new(Some(pump)),
+            }),
+        })
+    }
+
+    /// Session id the backend assigned.
+    pub fn session(&self) -> u64 {
+        self.shared.inner.session
+    }
+
+    /// Features both sides agreed on (`cio_core::wire::FEATURE_*`).
+    pub fn features(&self) -> u64 {
+        self.shared.inner.features
+    }
+
+    /// The devices the backend serves.
+    pub fn list(&self) -> Result<Vec<DeviceSummary>, ClientError> {
+        match self.shared.inner.call(None, &Message::ListDevices)? {
+            Message::DeviceList { devices } => Ok(devices),
+            m => Err(ClientError::Protocol(format!(
+                "expected DeviceList, got {:#06x}",
+                m.kind()
+            ))),
+        }
+    }
+
+    /// A round trip through the backend's session loop.
+    pub fn ping(&self, payload: Bytes) -> Result<Bytes, ClientError> {
+        match self.shared.inner.call(None, &Message::Ping { payload })? {
+            Message::Pong { payload } => Ok(payload),
+            m => Err(ClientError::Protocol(format!(
+                "expected Pong, got {:#06x}",
+                m.kind()
+            ))),
+        }
+    }
+
+    /// Opens a device for this session.
+    pub fn open(&self, name: &str) -> Result<RemoteDevice, ClientError> {
+        let (handle, info) = match self
+            .shared
+            .inner
+            .call(None, &Message::Open { name: name.into() })?
+        {
+            Message::Opened { handle, info } => (handle, info),
+            m => {
+                return Err(ClientError::Protocol(format!(
+                    "expected Opened, got {:#06x}",
+                    m.kind()
+                )))
+            }
+        };
+        let target = Arc::new(Target::default());
+        lock(&self.shared.inner.targets).insert(handle, Arc::clone(&target));
+        Ok(RemoteDevice::new(
+            Arc::clone(&self.shared),
+            handle,
+            info,
+            target,
+        ))
+    }
+}
