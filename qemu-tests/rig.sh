@@ -64,7 +64,7 @@ moddir="$rig/kernel/lib/modules/$kver/kernel"
 log "building static ciod and cio"
 RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$root/target/static" \
     cargo build --quiet --release --locked --target x86_64-unknown-linux-gnu \
-    -p cio-backend --bin ciod -p cio-frontend --bin cio
+    -p cio-backend --bin ciod -p cio-cli --bin cio
 ciod="$root/target/static/x86_64-unknown-linux-gnu/release/ciod"
 cio="$root/target/static/x86_64-unknown-linux-gnu/release/cio"
 

@@ -4,7 +4,6 @@
 //! drivers that run unchanged against either.
 #![deny(missing_docs)]
 
-pub mod bench;
 mod client;
 pub mod drivers;
 mod remote;

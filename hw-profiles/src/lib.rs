@@ -9,6 +9,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+pub mod edu;
+
 /// Profiles compiled into the binary.
 const BUILTIN: &[(&str, &str)] = &[
     ("edu.toml", include_str!("../profiles/edu.toml")),

@@ -43,7 +43,7 @@ impl Outbox for OutQueue {
 }
 
 /// Who polls interrupt eventfds for a session: slot `n` is reported back
-/// as [`Devices::on_irq`]`(n)`.
+/// as `Devices::on_irq(n)`.
 pub(crate) trait IrqWatch {
     /// Starts watching `fd` as slot `slot`.
     fn watch(&self, slot: usize, fd: &EventFd) -> io::Result<()>;

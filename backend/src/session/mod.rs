@@ -3,11 +3,11 @@
 //!
 //! A session is cut in two so that what it owns can outlive the connection
 //! that carries it:
-//! - [`link`]: the connection (socket, partial frame, readiness);
-//! - [`handshake`]: `Hello`/`Welcome` and the key proofs;
-//! - [`devices`]: what the session owns (open devices, interrupt routes,
+//! - `link`: the connection (socket, partial frame, readiness);
+//! - `handshake`: `Hello`/`Welcome` and the key proofs;
+//! - `devices`: what the session owns (open devices, interrupt routes,
 //!   DMA shadows) and the PCI requests on them, with no socket in sight;
-//! - [`usb`]: the two ways a session carries a USB device.
+//! - `usb`: the two ways a session carries a USB device.
 //!
 //! Each session runs on its own thread with its own mio poll over the
 //! socket, the interrupt eventfds of its devices and a waker for shutdown.

@@ -11,13 +11,14 @@ use cio_core::{
 use cio_transports::sys;
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
-// The register map is the device's, shared with the emulated model.
+// The register map is the device's, shared with the emulated model
+// through cio-hw-profiles.
 /// Device buffer address in the DMA engine's address space.
-pub use cio_backend::models::edu::DMA_START as EDU_BUFFER;
+pub use cio_hw_profiles::edu::DMA_START as EDU_BUFFER;
 /// Identification register value.
-pub use cio_backend::models::edu::ID as EDU_ID;
-pub use cio_backend::models::edu::{reg, DMA_IRQ, FACT_IRQ};
-use cio_backend::models::edu::{
+pub use cio_hw_profiles::edu::ID as EDU_ID;
+pub use cio_hw_profiles::edu::{reg, DMA_IRQ, FACT_IRQ};
+use cio_hw_profiles::edu::{
     DMA_IRQ_ENABLE as CMD_IRQ, DMA_RUN as CMD_RUN, DMA_TO_RAM as CMD_TO_RAM, STATUS_COMPUTING,
     STATUS_IRQFACT,
 };

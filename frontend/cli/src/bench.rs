@@ -25,7 +25,7 @@ use cio_transports::{sys, Conn, Endpoint, Listener};
 use serde::Serialize;
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
-use crate::{Client, ClientOptions, RemoteDevice};
+use cio_frontend::{Client, ClientOptions, RemoteDevice};
 
 /// A transport to measure on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

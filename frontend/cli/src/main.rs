@@ -3,6 +3,8 @@
 // "optional", not rustdoc links.
 #![allow(rustdoc::broken_intra_doc_links)]
 
+mod bench;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -361,7 +363,7 @@ fn bench(
     json: &std::path::Path,
     only: Vec<String>,
 ) -> Result<(), String> {
-    use cio_frontend::bench::{self, Transport};
+    use crate::bench::{self, Transport};
     let transports = match transport {
         TransportArg::Tcp => vec![Transport::Tcp],
         TransportArg::Unix => vec![Transport::Unix],
