@@ -3,3 +3,4 @@
 //! backend host) a VFIO device.
 
 pub mod edu;
+pub mod nvme;
