@@ -178,6 +178,23 @@ impl Guest {
         }
     }
 
+    /// Waits until QEMU exits (after the guest powers off, or a QMP
+    /// `quit`) and returns its status; fails if it still runs after
+    /// `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus, String> {
+        let end = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) if Instant::now() >= end => {
+                    return Err(format!("qemu still runs after {timeout:?}"))
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => return Err(format!("waiting for qemu: {e}")),
+            }
+        }
+    }
+
     /// Console lines containing `marker`.
     pub fn lines_with(&self, marker: &str) -> Vec<String> {
         self.console()
