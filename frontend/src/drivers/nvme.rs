@@ -352,7 +352,7 @@ impl Command {
             opcode: admin::CREATE_CQ,
             prp1: base,
             cdw: [
-                u32::from(entries - 1) << 16 | u32::from(qid),
+                u32::from(entries.saturating_sub(1)) << 16 | u32::from(qid),
                 u32::from(vector) << 16 | u32::from(irq) << 1 | 1,
                 0,
                 0,
@@ -370,7 +370,7 @@ impl Command {
             opcode: admin::CREATE_SQ,
             prp1: base,
             cdw: [
-                u32::from(entries - 1) << 16 | u32::from(qid),
+                u32::from(entries.saturating_sub(1)) << 16 | u32::from(qid),
                 u32::from(cqid) << 16 | 1,
                 0,
                 0,
