@@ -2,7 +2,7 @@
 //! each, until shut down.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use tracing::{error, info, warn};
 
 use crate::registry::Registry;
-use crate::session::{Counters, Limits, Session, Shared};
+use crate::session::{Limits, Session, Shared};
 use crate::usb::UsbProvider;
 
 /// What a server serves and how.
@@ -81,6 +81,10 @@ pub struct Stats {
     pub irq_fds: usize,
     /// Sessions ended by a protocol error.
     pub protocol_errors: u64,
+    /// Sessions parked now: link lost, waiting for a resume.
+    pub parked: usize,
+    /// Connections that took a session over since start.
+    pub resumes: u64,
 }
 
 impl Server {
@@ -100,15 +104,7 @@ impl Server {
         Ok(Self {
             listener,
             endpoint,
-            shared: Arc::new(Shared {
-                registry,
-                usb: cfg.usb,
-                psk: cfg.psk,
-                limits: cfg.limits,
-                counters: Counters::default(),
-                next_session: AtomicU64::new(1),
-                stopping: AtomicBool::new(false),
-            }),
+            shared: Arc::new(Shared::new(registry, cfg.usb, cfg.psk, cfg.limits)),
         })
     }
 
@@ -253,6 +249,8 @@ impl ServerHandle {
             shadow_bytes: c.shadow_bytes.load(Ordering::Relaxed),
             irq_fds: c.irq_fds.load(Ordering::Relaxed),
             protocol_errors: c.protocol_errors.load(Ordering::Relaxed),
+            parked: c.parked.load(Ordering::Relaxed),
+            resumes: c.resumes.load(Ordering::Relaxed),
         }
     }
 

@@ -42,14 +42,22 @@ pub const MAX_ITEMS: usize = 4096;
 /// Length of handshake nonces and MACs.
 pub const NONCE_LEN: usize = 32;
 
-/// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Highest protocol version spoken by this build. Version 2 adds
+/// acknowledgements (`Ack`) and resumable sessions (`Resume`, `Resumed`).
+pub const PROTOCOL_VERSION: u16 = 2;
+/// Oldest protocol version still spoken (plain sessions, no resume).
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Feature: posted (unacknowledged) region writes.
 pub const FEATURE_POSTED_WRITES: u64 = 1 << 0;
 /// Feature: DMA mappings with shadow sync (`DmaMap`, `DmaData`, `SyncForCpu`).
 pub const FEATURE_DMA_SYNC: u64 = 1 << 1;
+/// Feature (version 2): the session survives its connection. Both sides
+/// keep what they sent until the peer acknowledges it (`Ack`), and a new
+/// connection can take the session over (`Resume`), replaying exactly the
+/// frames the peer has not received.
+pub const FEATURE_RESUME: u64 = 1 << 2;
 /// Every feature this build implements.
-pub const FEATURES: u64 = FEATURE_POSTED_WRITES | FEATURE_DMA_SYNC;
+pub const FEATURES: u64 = FEATURE_POSTED_WRITES | FEATURE_DMA_SYNC | FEATURE_RESUME;
 
 /// Authentication the server demands, announced in `Welcome`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,7 +158,7 @@ pub struct DeviceSummary {
     pub busy: bool,
 }
 
-/// Every message of protocol version 1. The type code of each is given by
+/// Every message of protocol versions 1 and 2. The type code of each is given by
 /// [`Message::kind`]; `docs/protocol.md` lists the layouts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -160,7 +168,7 @@ pub enum Message {
         version: u16,
         /// Features the client wants.
         features: u64,
-        /// Session to resume, or 0 for a new one (resume is reserved).
+        /// Session to resume, or 0 for a new one.
         session: u64,
         /// Client challenge.
         nonce: [u8; NONCE_LEN],
@@ -192,6 +200,29 @@ pub enum Message {
     },
     /// Either side: orderly end of the session.
     Goodbye,
+    /// Either side (version 2, posted): every frame up to sequence number
+    /// `received` arrived and was handled; the sender may forget them.
+    Ack {
+        /// Highest sequence number received, cumulative.
+        received: u64,
+    },
+    /// Client → server, instead of `AuthProof` when `Hello` names a
+    /// session: takes the session over on this connection.
+    Resume {
+        /// Highest sequence number the client received from the server.
+        received: u64,
+        /// MAC with the session's resume key over both new nonces, the
+        /// session id and `received`.
+        mac: [u8; NONCE_LEN],
+    },
+    /// Server → client: the session continues on this connection; the
+    /// server now replays what the client has not received.
+    Resumed {
+        /// Highest sequence number the server received from the client.
+        received: u64,
+        /// The server's MAC, as for `Resume`.
+        mac: [u8; NONCE_LEN],
+    },
     /// Either side: echo request.
     Ping {
         /// Echoed back.
@@ -369,6 +400,9 @@ pub mod kind {
     pub const GOODBYE: u16 = 0x0005;
     pub const PING: u16 = 0x0006;
     pub const PONG: u16 = 0x0007;
+    pub const ACK: u16 = 0x0008;
+    pub const RESUME: u16 = 0x0009;
+    pub const RESUMED: u16 = 0x000a;
     pub const LIST_DEVICES: u16 = 0x0010;
     pub const DEVICE_LIST: u16 = 0x0011;
     pub const OPEN: u16 = 0x0012;
@@ -611,6 +645,9 @@ impl Message {
             Self::AuthProof { .. } => AUTH_PROOF,
             Self::AuthOk { .. } => AUTH_OK,
             Self::Goodbye => GOODBYE,
+            Self::Ack { .. } => ACK,
+            Self::Resume { .. } => RESUME,
+            Self::Resumed { .. } => RESUMED,
             Self::Ping { .. } => PING,
             Self::Pong { .. } => PONG,
             Self::ListDevices => LIST_DEVICES,
@@ -698,6 +735,11 @@ impl Message {
                 out.put_slice(nonce);
             }
             Self::AuthProof { mac } | Self::AuthOk { mac } => out.put_slice(mac),
+            Self::Ack { received } => out.put_u64_le(*received),
+            Self::Resume { received, mac } | Self::Resumed { received, mac } => {
+                out.put_u64_le(*received);
+                out.put_slice(mac);
+            }
             Self::Goodbye | Self::ListDevices | Self::UsbList | Self::Ok => {}
             Self::Ping { payload } | Self::Pong { payload } => put_bytes(out, payload),
             Self::DeviceList { devices } => {
@@ -830,6 +872,17 @@ impl Message {
                 mac: r.array("mac")?,
             },
             GOODBYE => Self::Goodbye,
+            ACK => Self::Ack {
+                received: r.u64("received")?,
+            },
+            RESUME => Self::Resume {
+                received: r.u64("received")?,
+                mac: r.array("mac")?,
+            },
+            RESUMED => Self::Resumed {
+                received: r.u64("received")?,
+                mac: r.array("mac")?,
+            },
             PING => Self::Ping {
                 payload: r.bytes(&body, MAX_PING, "payload")?,
             },
@@ -1126,6 +1179,18 @@ impl FrameDecoder {
         }
     }
 
+    /// Sequence number the next frame must carry.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Continues in another numbering: the next frame must carry `seq`
+    /// (a resumed session switches from the new connection's handshake
+    /// numbering back to the session's). Buffered bytes are kept.
+    pub fn set_next_seq(&mut self, seq: u64) {
+        self.next_seq = seq;
+    }
+
     /// The receive buffer: append received bytes to it.
     pub fn buffer(&mut self) -> &mut BytesMut {
         &mut self.buf
@@ -1289,6 +1354,15 @@ mod tests {
             },
             Message::AuthProof { mac: [2; 32] },
             Message::AuthOk { mac: [3; 32] },
+            Message::Ack { received: 77 },
+            Message::Resume {
+                received: u64::MAX,
+                mac: [4; 32],
+            },
+            Message::Resumed {
+                received: 0,
+                mac: [5; 32],
+            },
             Message::Goodbye,
             Message::Ping {
                 payload: Bytes::from_static(b"abc"),

@@ -117,7 +117,7 @@ impl fmt::Display for UsbSource {
 
 fn cio_session(ep: &Endpoint, opts: &ClientOptions) -> Result<(Conn, Handshake), UsbError> {
     let conn = Conn::connect(ep, opts.connect_timeout).map_err(ClientError::from)?;
-    let hs = handshake(&conn, opts)?;
+    let hs = handshake(&conn, opts, false)?;
     Ok((conn, hs))
 }
 
@@ -213,7 +213,7 @@ pub struct Imported {
 enum Link {
     Cio {
         conn: Conn,
-        hs: Handshake,
+        hs: Box<Handshake>,
     },
     /// A direct cio import: plain USB/IP follows on the connection.
     Direct(Conn),
@@ -273,7 +273,10 @@ pub fn import(
                 kernel_keepalive(&conn);
                 Link::Direct(conn)
             } else {
-                Link::Cio { conn, hs }
+                Link::Cio {
+                    conn,
+                    hs: Box::new(hs),
+                }
             };
             Ok(Imported {
                 device,
@@ -519,7 +522,7 @@ impl Imported {
                 let keepalive = self.keepalive;
                 let t = std::thread::Builder::new()
                     .name("cio-usb-relay".into())
-                    .spawn(move || relay(conn, hs, ours, keepalive))
+                    .spawn(move || relay(conn, *hs, ours, keepalive))
                     .map_err(io_err("starting the relay"))?;
                 Ok((UrbStream::Unix(theirs), Some(t)))
             }
@@ -533,7 +536,7 @@ impl Imported {
             Link::Cio { conn, hs } => {
                 let (ours, theirs) =
                     cio_transports::relay_pair().map_err(io_err("creating a socket pair"))?;
-                (OwnedFd::from(theirs), Some((conn, hs, ours)))
+                (OwnedFd::from(theirs), Some((conn, *hs, ours)))
             }
             Link::Stock(tcp) => (OwnedFd::from(tcp), None),
             Link::Direct(Conn::Tcp(s)) => (OwnedFd::from(s), None),

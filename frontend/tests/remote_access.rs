@@ -300,18 +300,13 @@ fn unix_socket_transport_runs_the_same_driver() {
 #[test]
 fn in_process_pair_transport() {
     let (a, b) = cio_transports::Conn::pair().unwrap();
-    let shared = Arc::new(cio_backend::session::Shared {
-        registry: cio_backend::registry::Registry::new(vec![Box::new(
-            cio_backend::models::Edu::new("edu0"),
-        )])
-        .unwrap(),
-        usb: Default::default(),
-        psk: None,
-        limits: Default::default(),
-        counters: Default::default(),
-        next_session: 1.into(),
-        stopping: false.into(),
-    });
+    let shared = Arc::new(cio_backend::session::Shared::new(
+        cio_backend::registry::Registry::new(vec![Box::new(cio_backend::models::Edu::new("edu0"))])
+            .unwrap(),
+        Default::default(),
+        None,
+        Default::default(),
+    ));
     let (session, _waker) = cio_backend::session::Session::new(a, shared).unwrap();
     let t = std::thread::spawn(move || session.run());
     {

@@ -101,6 +101,106 @@ impl Psk {
     }
 }
 
+/// The secret a session's resume proofs are keyed with. Both sides derive
+/// it when the session's first handshake completes:
+/// `HMAC(key, "cio-v2 resume key" | Nc | Ns | id)`, so it is bound to that
+/// handshake and useless to anyone who saw it without the pre-shared key.
+/// A session without a key (loopback and Unix sockets only) derives it
+/// with an empty key: there it guards against mistakes, not attackers
+/// (anyone who can connect there may open devices anyway).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ResumeKey([u8; NONCE_LEN]);
+
+impl fmt::Debug for ResumeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ResumeKey(..)")
+    }
+}
+
+impl ResumeKey {
+    /// The key of the session `session` whose handshake used these nonces.
+    pub fn derive(
+        psk: Option<&Psk>,
+        client: &[u8; NONCE_LEN],
+        server: &[u8; NONCE_LEN],
+        session: u64,
+    ) -> Self {
+        let key = psk.map_or(&[][..], |p| &p.0[..]);
+        let mut m = Hmac::<Sha256>::new_from_slice(key).expect("hmac takes keys of any length");
+        m.update(b"cio-v2 resume key");
+        m.update(client);
+        m.update(server);
+        m.update(&session.to_le_bytes());
+        Self(m.finalize().into_bytes().into())
+    }
+
+    /// `HMAC(resume key, label | own nonce | peer nonce | id | received)`.
+    fn mac(
+        &self,
+        side: Side,
+        client: &[u8; NONCE_LEN],
+        server: &[u8; NONCE_LEN],
+        session: u64,
+        received: u64,
+    ) -> Hmac<Sha256> {
+        let (label, first, second) = match side {
+            Side::Client => (&b"cio-v2 resume client"[..], client, server),
+            Side::Server => (&b"cio-v2 resume server"[..], server, client),
+        };
+        let mut m = Hmac::<Sha256>::new_from_slice(&self.0).expect("hmac takes keys of any length");
+        m.update(label);
+        m.update(first);
+        m.update(second);
+        m.update(&session.to_le_bytes());
+        m.update(&received.to_le_bytes());
+        m
+    }
+
+    /// The `Resume` (client) or `Resumed` (server) MAC for a new
+    /// connection's nonces; `received` is the sender's resume point.
+    pub fn proof(
+        &self,
+        side: Side,
+        client: &[u8; NONCE_LEN],
+        server: &[u8; NONCE_LEN],
+        session: u64,
+        received: u64,
+    ) -> [u8; NONCE_LEN] {
+        self.mac(side, client, server, session, received)
+            .finalize()
+            .into_bytes()
+            .into()
+    }
+
+    /// Checks, in constant time, a resume MAC `side` sent.
+    pub fn verify(
+        &self,
+        side: Side,
+        client: &[u8; NONCE_LEN],
+        server: &[u8; NONCE_LEN],
+        session: u64,
+        received: u64,
+        proof: &[u8; NONCE_LEN],
+    ) -> bool {
+        self.mac(side, client, server, session, received)
+            .verify_slice(proof)
+            .is_ok()
+    }
+}
+
+/// A fresh random session id: never 0 (which asks for a new session), and
+/// not guessable, so naming a session proves nothing by itself.
+pub fn session_id() -> Result<u64, Error> {
+    loop {
+        let mut b = [0; 8];
+        getrandom::fill(&mut b).map_err(|e| Error::Random(e.to_string()))?;
+        let id = u64::from_le_bytes(b);
+        if id != 0 {
+            return Ok(id);
+        }
+    }
+}
+
 /// Which end of the handshake a proof belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -134,6 +234,25 @@ mod tests {
         // A client proof is not a server proof.
         assert!(!k.verify(Side::Server, &c, &s, 1, &p));
         assert!(k.verify(Side::Server, &c, &s, 1, &k.proof(Side::Server, &c, &s, 1)));
+    }
+
+    #[test]
+    fn resume_proofs_need_the_session_key_and_bind_the_resume_point() {
+        let k = Psk::new(*b"0123456789abcdef").unwrap();
+        let (c, s) = (nonce().unwrap(), nonce().unwrap());
+        let key = ResumeKey::derive(Some(&k), &c, &s, 9);
+        // Someone who saw the first handshake but lacks the key derives another.
+        assert_ne!(key, ResumeKey::derive(None, &c, &s, 9));
+        assert_ne!(key, ResumeKey::derive(Some(&k), &c, &s, 10));
+        let (c2, s2) = (nonce().unwrap(), nonce().unwrap());
+        let p = key.proof(Side::Client, &c2, &s2, 9, 100);
+        assert!(key.verify(Side::Client, &c2, &s2, 9, 100, &p));
+        assert!(!key.verify(Side::Client, &c2, &s2, 9, 101, &p));
+        assert!(!key.verify(Side::Server, &c2, &s2, 9, 100, &p));
+        // A proof made for one connection's nonces fails on the next.
+        let (c3, s3) = (nonce().unwrap(), nonce().unwrap());
+        assert!(!key.verify(Side::Client, &c3, &s3, 9, 100, &p));
+        assert_ne!(session_id().unwrap(), session_id().unwrap());
     }
 
     #[test]

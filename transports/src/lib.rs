@@ -13,10 +13,10 @@ mod out;
 mod reader;
 pub mod sys;
 
-pub use auth::{Psk, Side};
+pub use auth::{Psk, ResumeKey, Side};
 pub use conn::{relay_pair, set_tcp_keepalive, Conn, Listener, RELAY_BUFFER};
 pub use endpoint::{Endpoint, DEFAULT_PORT};
-pub use out::OutQueue;
+pub use out::{BadAck, OutQueue};
 pub use reader::{FrameReader, Received, Resolve, DIRECT_MIN};
 
 /// Transport errors.

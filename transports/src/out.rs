@@ -32,6 +32,27 @@ impl Chunk {
         }
     }
 
+    /// Splits off the first `n` bytes (`n` < `len()`).
+    fn split_to(&mut self, n: usize) -> Self {
+        match self {
+            Self::Bytes(b) => Self::Bytes(b.split_to(n)),
+            Self::Region {
+                region,
+                offset,
+                len,
+            } => {
+                let first = Self::Region {
+                    region: Arc::clone(region),
+                    offset: *offset,
+                    len: n,
+                };
+                *offset += n as u64;
+                *len -= n;
+                first
+            }
+        }
+    }
+
     fn advance(&mut self, n: usize) {
         match self {
             Self::Bytes(b) => b.advance(n),
@@ -44,12 +65,35 @@ impl Chunk {
 }
 
 /// Frames waiting to be sent, and the sender's sequence counter.
+///
+/// With [`retain`](Self::retain) on (resumable sessions), frames that were
+/// sent stay here until the peer acknowledges them ([`ack`](Self::ack)), so
+/// that after a new connection takes over, [`rewind`](Self::rewind) queues
+/// again exactly the frames the peer did not receive.
 #[derive(Debug)]
 pub struct OutQueue {
     head: BytesMut,
     chunks: VecDeque<Chunk>,
     queued: usize,
     next_seq: u64,
+    retain: bool,
+    /// Sent and not yet acknowledged, oldest first; starts at a frame.
+    sent: VecDeque<Chunk>,
+    sent_len: usize,
+    /// Stream offset (bytes ever written) of the end of `sent`.
+    written: u64,
+    /// Where each retained or queued frame starts: (stream offset, seq).
+    starts: VecDeque<(u64, u64)>,
+}
+
+/// An acknowledgement or resume point that cannot be right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("peer acknowledged frame {received}, but only frames before {next} were sent")]
+pub struct BadAck {
+    /// What the peer claimed.
+    pub received: u64,
+    /// The next sequence number this side would use.
+    pub next: u64,
 }
 
 impl Default for OutQueue {
@@ -69,14 +113,99 @@ impl OutQueue {
             chunks: VecDeque::new(),
             queued: 0,
             next_seq: 1,
+            retain: false,
+            sent: VecDeque::new(),
+            sent_len: 0,
+            written: 0,
+            starts: VecDeque::new(),
         }
+    }
+
+    /// An empty queue whose first frame gets sequence number `seq` (a
+    /// frame of a resume handshake, numbered in that connection's own
+    /// sequence).
+    pub fn starting_at(seq: u64) -> Self {
+        let mut q = Self::new();
+        q.next_seq = seq;
+        q
+    }
+
+    /// Keeps sent frames until acknowledged (from the next frame on).
+    pub fn retain(&mut self) {
+        self.retain = true;
+    }
+
+    /// Starts a frame: its sequence number, and where it begins when
+    /// frames are retained.
+    fn begin(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if self.retain {
+            self.starts
+                .push_back((self.written + self.queued as u64, seq));
+        }
+        seq
+    }
+
+    /// The peer has every frame up to `received`: forget them.
+    pub fn ack(&mut self, received: u64) -> Result<(), BadAck> {
+        if received >= self.next_seq {
+            return Err(BadAck {
+                received,
+                next: self.next_seq,
+            });
+        }
+        let sent_start = self.written - self.sent_len as u64;
+        while self.starts.front().is_some_and(|&(_, seq)| seq <= received) {
+            self.starts.pop_front();
+        }
+        // Everything before the first unacknowledged frame goes.
+        let keep_from = self
+            .starts
+            .front()
+            .map_or(self.written, |&(off, _)| off.min(self.written));
+        let mut drop = keep_from.saturating_sub(sent_start) as usize;
+        self.sent_len -= drop;
+        while drop > 0 {
+            let front = self.sent.front_mut().expect("retained bytes are queued");
+            if front.len() <= drop {
+                drop -= front.len();
+                self.sent.pop_front();
+            } else {
+                front.advance(drop);
+                drop = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// A new connection carries on after the peer received frames up to
+    /// `received`: everything after them is queued again, in order, ahead
+    /// of what was never sent.
+    pub fn rewind(&mut self, received: u64) -> Result<(), BadAck> {
+        self.ack(received)?;
+        if !self.head.is_empty() {
+            self.chunks
+                .push_back(Chunk::Bytes(self.head.split().freeze()));
+        }
+        while let Some(c) = self.sent.pop_back() {
+            self.chunks.push_front(c);
+        }
+        self.queued += self.sent_len;
+        self.written -= self.sent_len as u64;
+        self.sent_len = 0;
+        Ok(())
+    }
+
+    /// Bytes sent and kept until the peer acknowledges them.
+    pub fn retained(&self) -> usize {
+        self.sent_len
     }
 
     /// Queues `msg` answering `reply_to` (0 for none); returns its sequence
     /// number.
     pub fn push(&mut self, msg: &Message, reply_to: u64) -> u64 {
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        let seq = self.begin();
         let before = self.head.len();
         if let Some(payload) = msg.encode_vectored(seq, reply_to, &mut self.head) {
             self.queued += self.head.len() - before + payload.len();
@@ -92,8 +221,7 @@ impl OutQueue {
     /// Queues a posted region write straight from `data`; returns its
     /// sequence number.
     pub fn push_region_write(&mut self, handle: u32, region: u32, offset: u64, data: &[u8]) -> u64 {
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        let seq = self.begin();
         let before = self.head.len();
         cio_core::wire::encode_region_write(seq, handle, region, offset, data, &mut self.head);
         self.queued += self.head.len() - before;
@@ -110,8 +238,7 @@ impl OutQueue {
         offset: u64,
         len: usize,
     ) -> u64 {
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        let seq = self.begin();
         let before = self.head.len();
         cio_core::wire::encode_dma_data_head(
             seq,
@@ -199,16 +326,28 @@ impl OutQueue {
                 Err(e) => return Err(e),
             };
             self.queued -= n;
+            self.written += n as u64;
             let mut left = n;
             while left > 0 {
                 let front = self.chunks.front_mut().expect("written bytes were queued");
-                if front.len() <= left {
-                    left -= front.len();
-                    self.chunks.pop_front();
-                } else {
-                    front.advance(left);
-                    left = 0;
+                if !self.retain {
+                    if front.len() <= left {
+                        left -= front.len();
+                        self.chunks.pop_front();
+                    } else {
+                        front.advance(left);
+                        left = 0;
+                    }
+                    continue;
                 }
+                let done = if front.len() <= left {
+                    self.chunks.pop_front().expect("front exists")
+                } else {
+                    front.split_to(left)
+                };
+                left -= done.len();
+                self.sent_len += done.len();
+                self.sent.push_back(done);
             }
         }
         Ok(true)
@@ -262,5 +401,106 @@ mod tests {
         }
         assert!(matches!(&got[100].msg, Message::DmaData { data, .. } if data.len() == 100_000));
         assert_eq!((got[101].seq, got[101].reply_to), (102, 7));
+    }
+
+    /// Receives frames from `b` until `n` arrived or nothing more comes.
+    fn recv_frames(b: &Conn, d: &mut FrameDecoder, n: usize) -> Vec<cio_core::Frame> {
+        let mut got = Vec::new();
+        b.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        while got.len() < n {
+            match b.recv_into(d.buffer(), 1 << 16, false) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            while let Some(f) = d.next_frame().unwrap() {
+                got.push(f);
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn rewind_replays_exactly_what_was_not_acknowledged() {
+        let region =
+            Arc::new(DmaRegion::new(0x1000, 64 * 1024, cio_core::DmaDir::Bidirectional).unwrap());
+        region.write(0, &[7; 64 * 1024]).unwrap();
+        let mut q = OutQueue::new();
+        q.push(&Message::Ok, 0); // before retaining (a handshake frame)
+        q.retain();
+        for i in 0..10u32 {
+            q.push(&Message::Reset { handle: i }, 0);
+        }
+        q.push_dma_region(1, &region, 0, 64 * 1024);
+        q.push_region_write(2, 0, 8, &[1, 2, 3, 4]);
+        let (a, b) = Conn::pair().unwrap();
+        assert!(q
+            .write_to(&a, Some(std::time::Duration::from_secs(5)))
+            .unwrap());
+        let mut d = FrameDecoder::new();
+        assert_eq!(recv_frames(&b, &mut d, 13).len(), 13);
+        assert!(q.retained() > 64 * 1024);
+        // The peer handled frames up to 5 (the Ok and four Resets).
+        q.ack(5).unwrap();
+        let left = q.retained();
+        // A new connection: the peer says it got up to 7.
+        q.rewind(7).unwrap();
+        assert_eq!(q.retained(), 0);
+        assert!(q.len() < left);
+        let (a, b) = Conn::pair().unwrap();
+        assert!(q
+            .write_to(&a, Some(std::time::Duration::from_secs(5)))
+            .unwrap());
+        let mut d = FrameDecoder::new();
+        d.set_next_seq(8);
+        let got = recv_frames(&b, &mut d, 6);
+        let seqs: Vec<u64> = got.iter().map(|f| f.seq).collect();
+        assert_eq!(seqs, [8, 9, 10, 11, 12, 13]);
+        assert_eq!(got[0].msg, Message::Reset { handle: 6 });
+        assert!(
+            matches!(&got[4].msg, Message::DmaData { data, .. } if data.iter().all(|&b| b == 7))
+        );
+        assert!(matches!(got[5].msg, Message::RegionWrite { handle: 2, .. }));
+        assert!(q.ack(13).is_ok() && q.retained() == 0);
+        assert_eq!(
+            q.ack(14),
+            Err(BadAck {
+                received: 14,
+                next: 14
+            })
+        );
+    }
+
+    #[test]
+    fn a_frame_cut_in_the_middle_is_replayed_whole() {
+        let mut q = OutQueue::new();
+        q.retain();
+        let data = Bytes::from(vec![1; 1 << 20]);
+        q.push(
+            &Message::DmaData {
+                handle: 1,
+                iova: 0,
+                data,
+            },
+            0,
+        );
+        q.push(&Message::Ok, 0);
+        let (a, b) = Conn::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        // Only part of the first frame gets out before the link dies.
+        assert!(!q.write_to(&a, None).unwrap());
+        assert!(q.retained() > 0);
+        drop(b);
+        q.rewind(0).unwrap();
+        let (a, b) = Conn::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            q.write_to(&a, Some(std::time::Duration::from_secs(5)))
+                .unwrap()
+        });
+        let got = recv_frames(&b, &mut FrameDecoder::new(), 2);
+        assert!(writer.join().unwrap());
+        assert_eq!(got.len(), 2);
+        assert!(matches!(&got[0].msg, Message::DmaData { data, .. } if data.len() == 1 << 20));
+        assert_eq!((got[1].seq, &got[1].msg), (2, &Message::Ok));
     }
 }

@@ -49,12 +49,27 @@ impl FrameReader {
         Self::default()
     }
 
+    /// A reader whose first frame must carry sequence number `seq` (a
+    /// resumed session's new connection).
+    pub fn starting_at(seq: u64) -> Self {
+        let mut decoder = FrameDecoder::new();
+        decoder.set_next_seq(seq);
+        Self::from_decoder(decoder)
+    }
+
     /// Continues from a decoder that already read some frames (the handshake).
     pub fn from_decoder(decoder: FrameDecoder) -> Self {
         Self {
             decoder,
             direct: None,
         }
+    }
+
+    /// Sequence number of the last frame received whole (0: none).
+    pub fn received(&self) -> u64 {
+        // A frame received straight into its region is counted by the
+        // decoder from its start; it is not received until its end.
+        self.decoder.next_seq() - 1 - u64::from(self.direct.is_some())
     }
 
     /// True while part of a frame has been received.

@@ -550,13 +550,12 @@ impl Devices {
 #[cfg(test)]
 mod tests {
     use std::cell::RefCell;
-    use std::sync::atomic::{AtomicBool, AtomicU64};
 
     use super::*;
     use crate::models::edu::{self, reg};
     use crate::models::Edu;
     use crate::registry::Registry;
-    use crate::session::{Counters, Limits};
+    use crate::session::Limits;
     use crate::usb::UsbProvider;
 
     /// Records frames instead of sending them.
@@ -591,15 +590,12 @@ mod tests {
     }
 
     fn shared() -> Arc<Shared> {
-        Arc::new(Shared {
-            registry: Registry::new(vec![Box::new(Edu::new("edu0"))]).unwrap(),
-            usb: Arc::new(UsbProvider::new(Vec::new(), Vec::new())),
-            psk: None,
-            limits: Limits::default(),
-            counters: Counters::default(),
-            next_session: AtomicU64::new(1),
-            stopping: AtomicBool::new(false),
-        })
+        Arc::new(Shared::new(
+            Registry::new(vec![Box::new(Edu::new("edu0"))]).unwrap(),
+            Arc::new(UsbProvider::new(Vec::new(), Vec::new())),
+            None,
+            Limits::default(),
+        ))
     }
 
     fn request(d: &mut Devices, seq: u64, msg: Message, w: &Watched) -> Vec<(Message, u64)> {

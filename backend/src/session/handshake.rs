@@ -1,25 +1,56 @@
 //! The server side of the handshake: `Hello` → `Welcome`, then, when the
-//! server has a key, `AuthProof` → `AuthOk`. No device is visible before
-//! it completes.
+//! server has a key, `AuthProof` → `AuthOk`; or, when `Hello` names a
+//! session, `Resume`, which hands this connection to that session. No
+//! device is visible before it completes.
 
-use cio_core::wire::{AuthMethod, ErrorCode, Message, FEATURES, NONCE_LEN, PROTOCOL_VERSION};
-use cio_transports::{auth, Side};
+use cio_core::wire::{
+    AuthMethod, ErrorCode, Message, FEATURES, FEATURE_RESUME, MIN_PROTOCOL_VERSION, NONCE_LEN,
+    PROTOCOL_VERSION,
+};
+use cio_transports::{auth, ResumeKey, Side};
 use tracing::info;
 
 use super::{Outbox, ReqError, Shared};
 
-/// Where a session is in its handshake.
+type Nonce = [u8; NONCE_LEN];
+
+/// Where a connection is in its handshake.
 #[derive(Debug)]
 pub(crate) enum State {
     /// Waiting for `Hello`.
     Hello,
     /// Waiting for the client's proof of the key.
     Proof {
-        client: [u8; NONCE_LEN],
-        server: [u8; NONCE_LEN],
+        client: Nonce,
+        server: Nonce,
+        features: u64,
+    },
+    /// Waiting for the proof that the client may take session `target` over.
+    ResumeProof {
+        client: Nonce,
+        server: Nonce,
+        target: u64,
     },
     /// Authenticated: requests are served.
     Ready,
+}
+
+/// What a handshake step led to.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// More handshake frames to come.
+    Continue,
+    /// The session is authenticated; with [`FEATURE_RESUME`] granted it
+    /// gets the key its resumes must prove.
+    Ready { resume: Option<ResumeKey> },
+    /// The client proved it may take session `target` over: the
+    /// connection goes to that session.
+    Resume {
+        target: u64,
+        client: Nonce,
+        server: Nonce,
+        received: u64,
+    },
 }
 
 impl State {
@@ -28,8 +59,8 @@ impl State {
         matches!(self, Self::Ready)
     }
 
-    /// Advances the handshake with frame `seq`. An error ends the session
-    /// (the caller sends it).
+    /// Advances the handshake of session `session` with frame `seq`. An
+    /// error ends the connection (the caller sends it).
     pub(crate) fn step(
         &mut self,
         seq: u64,
@@ -38,7 +69,7 @@ impl State {
         session: u64,
         peer: &str,
         out: &mut dyn Outbox,
-    ) -> Result<(), ReqError> {
+    ) -> Result<Step, ReqError> {
         match (&*self, msg) {
             (
                 Self::Hello,
@@ -50,15 +81,30 @@ impl State {
                     client,
                 },
             ) => {
-                if version < PROTOCOL_VERSION {
+                if version < MIN_PROTOCOL_VERSION {
                     let why = format!(
-                        "client speaks protocol {version}; this server needs {PROTOCOL_VERSION}"
+                        "client speaks protocol {version}; this server needs {MIN_PROTOCOL_VERSION} or later"
                     );
                     return Err((ErrorCode::VERSION, why));
                 }
+                let version = version.min(PROTOCOL_VERSION);
+                let mut features = features & FEATURES;
+                if version < 2 || shared.limits.resume_grace.is_zero() {
+                    features &= !FEATURE_RESUME;
+                }
                 if resume != 0 {
-                    let why = format!("resuming session {resume} is not supported by this server");
-                    return Err((ErrorCode::STATE, why));
+                    if features & FEATURE_RESUME == 0 {
+                        let why = format!(
+                            "resuming session {resume:#x}: this server keeps no sessions for resume (protocol 2 and a grace period are needed)"
+                        );
+                        return Err((ErrorCode::STATE, why));
+                    }
+                    if !shared.resumable(resume) {
+                        let why = format!(
+                            "no session {resume:#x} to resume here (it ended, or its grace period expired)"
+                        );
+                        return Err((ErrorCode::STATE, why));
+                    }
                 }
                 let server = auth::nonce()
                     .map_err(|e| (ErrorCode::STATE, format!("no server nonce: {e}")))?;
@@ -67,28 +113,48 @@ impl State {
                 } else {
                     AuthMethod::None
                 };
+                let id = if resume != 0 { resume } else { session };
                 out.push(
                     &Message::Welcome {
-                        version: PROTOCOL_VERSION,
-                        features: features & FEATURES,
-                        session,
+                        version,
+                        features,
+                        session: id,
                         auth: method,
                         nonce: server,
                     },
                     seq,
                 );
-                info!(session, peer, client = %client, auth = ?method, "hello");
-                *self = match method {
-                    AuthMethod::PreSharedKey => Self::Proof {
-                        client: nonce,
+                info!(session = format_args!("{id:#x}"), peer, client = %client, version, auth = ?method, resume = resume != 0, "hello");
+                let (client, features) = (nonce, features);
+                if resume != 0 {
+                    *self = Self::ResumeProof {
+                        client,
                         server,
-                    },
-                    AuthMethod::None => Self::Ready,
-                };
-                Ok(())
+                        target: resume,
+                    };
+                    return Ok(Step::Continue);
+                }
+                match method {
+                    AuthMethod::PreSharedKey => {
+                        *self = Self::Proof {
+                            client,
+                            server,
+                            features,
+                        };
+                        Ok(Step::Continue)
+                    }
+                    AuthMethod::None => Ok(self.ready(shared, session, client, server, features)),
+                }
             }
-            (Self::Proof { client, server }, Message::AuthProof { mac }) => {
-                let (client, server) = (*client, *server);
+            (
+                Self::Proof {
+                    client,
+                    server,
+                    features,
+                },
+                Message::AuthProof { mac },
+            ) => {
+                let (client, server, features) = (*client, *server, *features);
                 let psk = shared.psk.as_ref().expect("proof state implies a key");
                 if !psk.verify(Side::Client, &client, &server, session, &mac) {
                     let why = "pre-shared key proof did not verify (wrong key?)".to_string();
@@ -96,8 +162,32 @@ impl State {
                 }
                 let mac = psk.proof(Side::Server, &client, &server, session);
                 out.push(&Message::AuthOk { mac }, seq);
-                *self = Self::Ready;
-                Ok(())
+                Ok(self.ready(shared, session, client, server, features))
+            }
+            (
+                Self::ResumeProof {
+                    client,
+                    server,
+                    target,
+                },
+                Message::Resume { received, mac },
+            ) => {
+                let (client, server, target) = (*client, *server, *target);
+                let verified = shared.resume_key(target).is_some_and(|key| {
+                    key.verify(Side::Client, &client, &server, target, received, &mac)
+                });
+                if !verified {
+                    let why = format!(
+                        "resume proof for session {target:#x} did not verify (wrong key, or not this session's client)"
+                    );
+                    return Err((ErrorCode::AUTH_FAILED, why));
+                }
+                Ok(Step::Resume {
+                    target,
+                    client,
+                    server,
+                    received,
+                })
             }
             (Self::Hello, m) => {
                 let why = format!("expected Hello, got message type {:#06x}", m.kind());
@@ -107,10 +197,28 @@ impl State {
                 let why = format!("expected AuthProof, got message type {:#06x}", m.kind());
                 Err((ErrorCode::AUTH_REQUIRED, why))
             }
+            (Self::ResumeProof { .. }, m) => {
+                let why = format!("expected Resume, got message type {:#06x}", m.kind());
+                Err((ErrorCode::AUTH_REQUIRED, why))
+            }
             (Self::Ready, m) => {
                 let why = format!("message type {:#06x} after the handshake", m.kind());
                 Err((ErrorCode::STATE, why))
             }
         }
+    }
+
+    fn ready(
+        &mut self,
+        shared: &Shared,
+        session: u64,
+        client: Nonce,
+        server: Nonce,
+        features: u64,
+    ) -> Step {
+        *self = Self::Ready;
+        let resume = (features & FEATURE_RESUME != 0)
+            .then(|| ResumeKey::derive(shared.psk.as_ref(), &client, &server, session));
+        Step::Ready { resume }
     }
 }

@@ -34,6 +34,15 @@ impl Link {
         }
     }
 
+    /// A link over `conn` continuing a resumed session: the first frame
+    /// must carry sequence number `next_seq`.
+    pub(crate) fn resumed(conn: Conn, next_seq: u64) -> Self {
+        Self {
+            reader: FrameReader::starting_at(next_seq),
+            ..Self::new(conn)
+        }
+    }
+
     /// Receives what the socket has without blocking; large `DmaData`
     /// payloads go straight into the region `resolve` names.
     pub(crate) fn recv(&mut self, resolve: Resolve<'_>) -> io::Result<Received> {

@@ -10,25 +10,36 @@
 //! - `usb`: the two ways a session carries a USB device.
 //!
 //! Each session runs on its own thread with its own mio poll over the
-//! socket, the interrupt eventfds of its devices and a waker for shutdown.
-//! Whatever ends the session (goodbye, error, peer gone, shutdown), every
-//! device it opened has its interrupts disabled, its DMA unmapped, its
-//! shadow freed and is reset before it goes back to the registry.
+//! socket, the interrupt eventfds of its devices and a waker (shutdown, or
+//! a new connection taking the session over).
+//!
+//! A resumable session (protocol 2, a grace period configured) outlives
+//! its connection: when the link breaks (end of stream, a reset, or no
+//! frame for [`Limits::link_timeout`]) the session is *parked*: its
+//! devices keep running, interrupts and device-written DMA data queue up,
+//! and a new connection that proves the session's resume key takes it
+//! over, after which both sides replay exactly what the other did not
+//! receive. Whatever ends the session for good (goodbye, error, shutdown,
+//! a grace period that expires), every device it opened has its
+//! interrupts disabled, its DMA unmapped, its shadow freed and is reset
+//! before it goes back to the registry.
 
 mod devices;
 mod handshake;
 mod link;
 mod usb;
 
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use cio_core::wire::{ErrorCode, Message};
+use cio_core::wire::{ErrorCode, Message, NONCE_LEN};
 use cio_core::Frame;
-use cio_transports::{Conn, OutQueue, Psk};
+use cio_transports::{auth, Conn, OutQueue, Psk, ResumeKey, Side};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::{debug, info, warn};
@@ -36,7 +47,7 @@ use tracing::{debug, info, warn};
 use crate::registry::Registry;
 use crate::usb::{UsbExport, UsbProvider};
 use devices::{Devices, Handled, Outbox, IRQ_BASE};
-use handshake::State;
+use handshake::{State, Step};
 use link::Link;
 use usb::{UsbRelay, USB};
 
@@ -61,6 +72,13 @@ pub struct Limits {
     /// (not even the pings frontends send every few seconds) for this long:
     /// the link is taken as lost and the device is given back.
     pub usb_idle_timeout: Duration,
+    /// How long a resumable PCI session whose link broke waits, parked, for
+    /// its client to resume it before its devices are released. Zero: no
+    /// session outlives its connection (the protocol-1 behaviour).
+    pub resume_grace: Duration,
+    /// A resumable session whose client sent nothing (frontends ping every
+    /// few seconds) for this long takes its link as lost and parks.
+    pub link_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -73,6 +91,8 @@ impl Default for Limits {
             max_queued_bytes: 32 << 20,
             max_sessions: 64,
             usb_idle_timeout: Duration::from_secs(60),
+            resume_grace: Duration::from_secs(30),
+            link_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -90,6 +110,10 @@ pub struct Counters {
     pub irq_fds: AtomicUsize,
     /// Sessions that ended because of a protocol error.
     pub protocol_errors: AtomicU64,
+    /// Sessions parked now (link lost, waiting for a resume).
+    pub parked: AtomicUsize,
+    /// Connections that took a session over.
+    pub resumes: AtomicU64,
 }
 
 /// State every session of a server shares.
@@ -105,20 +129,87 @@ pub struct Shared {
     pub limits: Limits,
     /// Counters.
     pub counters: Counters,
-    /// Source of session ids.
-    pub next_session: AtomicU64,
     /// Set when the server shuts down.
     pub stopping: AtomicBool,
+    /// Sessions a new connection may take over, by id.
+    resumable: Mutex<HashMap<u64, Resumable>>,
+}
+
+/// How a new connection reaches a resumable session.
+#[derive(Debug)]
+struct Resumable {
+    key: ResumeKey,
+    handover: Sender<Handover>,
+    waker: Weak<Waker>,
+}
+
+/// A new connection that proved it may take a session over.
+#[derive(Debug)]
+struct Handover {
+    conn: Conn,
+    peer: String,
+    client: [u8; NONCE_LEN],
+    server: [u8; NONCE_LEN],
+    /// Last frame the client received from the session.
+    received: u64,
+}
+
+impl Shared {
+    /// What the sessions of a server serving `registry` and `usb` share.
+    pub fn new(
+        registry: Arc<Registry>,
+        usb: Arc<UsbProvider>,
+        psk: Option<Psk>,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            registry,
+            usb,
+            psk,
+            limits,
+            counters: Counters::default(),
+            stopping: AtomicBool::new(false),
+            resumable: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Resumable>> {
+        self.resumable.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True if session `id` may be resumed here.
+    fn resumable(&self, id: u64) -> bool {
+        self.table().contains_key(&id)
+    }
+
+    /// The key resumes of session `id` must prove.
+    fn resume_key(&self, id: u64) -> Option<ResumeKey> {
+        self.table().get(&id).map(|r| r.key.clone())
+    }
+
+    /// Gives `h` to session `id` and wakes it; false if it is gone.
+    fn hand_over(&self, id: u64, h: Handover) -> bool {
+        let table = self.table();
+        let Some(r) = table.get(&id) else {
+            return false;
+        };
+        let Some(waker) = r.waker.upgrade() else {
+            return false;
+        };
+        r.handover.send(h).is_ok() && waker.wake().is_ok()
+    }
 }
 
 const CONN: Token = Token(0);
 /// Token of the shutdown waker of a session's poll.
 pub const WAKE: Token = Token(1);
 
-/// Why a session ended.
+/// Why a session (or its link) ended.
 struct End {
     reason: String,
     protocol_error: bool,
+    /// Only the connection failed: a resumable session parks instead.
+    link_lost: bool,
 }
 
 impl End {
@@ -126,8 +217,35 @@ impl End {
         Self {
             reason: reason.into(),
             protocol_error: false,
+            link_lost: false,
         }
     }
+
+    fn lost(reason: impl Into<String>) -> Self {
+        Self {
+            link_lost: true,
+            ..Self::clean(reason)
+        }
+    }
+}
+
+/// Frames received since the last `Ack` above which one is sent at once.
+const ACK_FRAMES: usize = 128;
+/// Bytes received since the last `Ack` above which one is sent at once.
+const ACK_BYTES: usize = 4 << 20;
+/// Otherwise an `Ack` goes out once the client has been quiet this long.
+const ACK_DELAY: Duration = Duration::from_millis(10);
+
+/// What a resumable session keeps for its resumes.
+struct Resume {
+    key: ResumeKey,
+    handovers: Receiver<Handover>,
+    /// Since when, and why, the session has had no link.
+    parked: Option<(Instant, String)>,
+    /// Frames and bytes received since the last `Ack`.
+    unacked: (usize, usize),
+    /// Interrupts queued while parked.
+    parked_irqs: u64,
 }
 
 /// A request that failed without ending the session.
@@ -138,10 +256,18 @@ pub struct Session {
     id: u64,
     shared: Arc<Shared>,
     poll: Poll,
-    link: Link,
+    /// The connection; `None` while parked (or after handing it over).
+    link: Option<Link>,
+    /// Peer of the current (or last) link, for logs.
+    peer: String,
     out: OutQueue,
     state: State,
+    /// Last frame received and handled, in the session's numbering.
+    received: u64,
+    resume: Option<Resume>,
     devices: Devices,
+    /// Interrupt slots that fired while too much was queued.
+    deferred_irqs: BTreeSet<usize>,
     usb: Option<UsbRelay>,
     /// A direct USB import: usbip-host owns the connection.
     direct: Option<UsbExport>,
@@ -154,7 +280,7 @@ impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("id", &self.id)
-            .field("peer", &self.link.peer)
+            .field("peer", &self.peer)
             .field("handles", &self.devices.len())
             .finish()
     }
@@ -172,17 +298,22 @@ impl Session {
             CONN,
             Interest::READABLE | Interest::WRITABLE,
         )?;
-        let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+        let id = auth::session_id().map_err(io::Error::other)?;
         let weak = Arc::downgrade(&waker);
+        let link = Link::new(conn);
         Ok((
             Self {
                 id,
                 devices: Devices::new(id, Arc::clone(&shared)),
                 shared,
                 poll,
-                link: Link::new(conn),
+                peer: link.peer.clone(),
+                link: Some(link),
                 out: OutQueue::new(),
                 state: State::Hello,
+                received: 0,
+                resume: None,
+                deferred_irqs: BTreeSet::new(),
                 usb: None,
                 direct: None,
                 _waker: waker,
@@ -198,39 +329,34 @@ impl Session {
         let c = &shared.counters;
         c.sessions.fetch_add(1, Ordering::Relaxed);
         c.sessions_total.fetch_add(1, Ordering::Relaxed);
-        let peer = self.link.peer.clone();
-        debug!(session = self.id, peer = %peer, "session started");
+        debug!(session = %self.hex(), peer = %self.peer, "session started");
         let end = self.serve();
         if end.protocol_error {
             c.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            warn!(session = self.id, peer = %peer, "session ended: {}", end.reason);
+            warn!(session = %self.hex(), peer = %self.peer, "session ended: {}", end.reason);
         } else {
-            info!(session = self.id, peer = %peer, "session ended: {}", end.reason);
+            info!(session = %self.hex(), peer = %self.peer, "session ended: {}", end.reason);
         }
         self.finish();
         drop(self);
         shared.counters.sessions.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// The session id as logs show it.
+    fn hex(&self) -> String {
+        format!("{:#x}", self.id)
+    }
+
+    /// The link; only called where one exists.
+    fn link(&mut self) -> &mut Link {
+        self.link.as_mut().expect("a linked session")
+    }
+
     fn serve(&mut self) -> End {
         let deadline = Instant::now() + self.shared.limits.handshake_timeout;
         let mut events = Events::with_capacity(64);
         loop {
-            let can_read = self.can_read();
-            // The device side has bytes we stopped reading while replies
-            // piled up: no edge will announce them again.
-            let usb_left = self.usb.as_ref().is_some_and(|u| u.readable)
-                && self.out.len() < self.shared.limits.max_queued_bytes;
-            let timeout = if (self.link.read_pending && can_read) || usb_left {
-                Some(Duration::ZERO)
-            } else if self.usb.is_some() {
-                let idle = self.shared.limits.usb_idle_timeout;
-                Some((self.link.last_rx + idle).saturating_duration_since(Instant::now()))
-            } else if self.state.is_ready() {
-                None
-            } else {
-                Some(deadline.saturating_duration_since(Instant::now()))
-            };
+            let timeout = self.poll_timeout(deadline);
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -242,23 +368,31 @@ impl Session {
                 return self.fatal(ErrorCode::STATE, 0, why);
             }
             let idle = self.shared.limits.usb_idle_timeout;
-            if self.usb.is_some() && events.is_empty() && self.link.last_rx.elapsed() >= idle {
+            let last_rx = self.link.as_ref().map(|l| l.last_rx);
+            if self.usb.is_some()
+                && events.is_empty()
+                && last_rx.is_some_and(|t| t.elapsed() >= idle)
+            {
                 return End::clean(format!(
                     "USB client sent nothing for {}s: link lost",
                     idle.as_secs()
                 ));
             }
+            if let Err(end) = self.check_resume_timers() {
+                return end;
+            }
             for ev in events.iter() {
                 match ev.token() {
                     CONN => {
+                        let Some(link) = &mut self.link else { continue };
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                            self.link.read_pending = true;
+                            link.read_pending = true;
                         }
                         if ev.is_read_closed() || ev.is_error() {
-                            self.link.peer_closing = true;
+                            link.peer_closing = true;
                         }
                     }
-                    WAKE => {
+                    WAKE if self.shared.stopping.load(Ordering::Relaxed) => {
                         self.out.push(
                             &Message::Error {
                                 code: ErrorCode::SHUTDOWN,
@@ -268,27 +402,257 @@ impl Session {
                         );
                         return End::clean("server shutting down");
                     }
+                    WAKE => {
+                        if let Err(end) = self.take_handovers() {
+                            return end;
+                        }
+                    }
                     USB => {
                         if let Some(u) = &mut self.usb {
                             u.readable |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
                         }
                     }
-                    Token(t) => self.devices.on_irq(t - IRQ_BASE, &mut self.out),
+                    Token(t) => {
+                        self.deferred_irqs.insert(t - IRQ_BASE);
+                    }
                 }
             }
+            self.deliver_irqs();
             if let Err(end) = self.usb_io() {
                 return end;
             }
-            if self.link.read_pending && self.can_read() {
-                if let Err(end) = self.read_and_handle() {
-                    return end;
-                }
-                if let Err(end) = self.usb_io() {
-                    return end;
+            let readable = self.link.as_ref().is_some_and(|l| l.read_pending);
+            if readable && self.can_read() {
+                if let Err(end) = self.read_and_handle().and_then(|()| self.usb_io()) {
+                    if let Err(end) = self.park_or_end(end) {
+                        return end;
+                    }
                 }
             }
-            if let Err(e) = self.out.write_to(&self.link.conn, None) {
-                return End::clean(format!("peer vanished while sending to it: {e}"));
+            self.maybe_ack();
+            let max_retained = 2 * self.shared.limits.max_queued_bytes;
+            if self.out.retained() > max_retained {
+                let why = format!(
+                    "the client acknowledged none of the last {} MiB sent",
+                    max_retained >> 20
+                );
+                return self.fatal(ErrorCode::LIMIT, 0, why);
+            }
+            if let Some(link) = &self.link {
+                if let Err(e) = self.out.write_to(&link.conn, None) {
+                    let end = End::lost(format!("peer vanished while sending to it: {e}"));
+                    if let Err(end) = self.park_or_end(end) {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+
+    /// How long the next poll may sleep.
+    fn poll_timeout(&self, handshake_deadline: Instant) -> Option<Duration> {
+        let now = Instant::now();
+        let until = |t: Instant| Some(t.saturating_duration_since(now));
+        let Some(link) = &self.link else {
+            // Parked: until the grace period ends.
+            let (since, _) = self.resume.as_ref()?.parked.as_ref()?;
+            return until(*since + self.shared.limits.resume_grace);
+        };
+        // The device side has bytes we stopped reading while replies
+        // piled up: no edge will announce them again.
+        let usb_left = self.usb.as_ref().is_some_and(|u| u.readable)
+            && self.out.len() < self.shared.limits.max_queued_bytes;
+        if (link.read_pending && self.can_read()) || usb_left {
+            return Some(Duration::ZERO);
+        }
+        if !self.deferred_irqs.is_empty() && self.below_queue_limit() {
+            return Some(Duration::ZERO);
+        }
+        if self.usb.is_some() {
+            return until(link.last_rx + self.shared.limits.usb_idle_timeout);
+        }
+        if !self.state.is_ready() {
+            return until(handshake_deadline);
+        }
+        let r = self.resume.as_ref()?;
+        let silence = link.last_rx + self.shared.limits.link_timeout;
+        if r.unacked.0 > 0 {
+            return until(silence.min(link.last_rx + ACK_DELAY));
+        }
+        until(silence)
+    }
+
+    /// Parks a session whose client went silent; ends one whose grace
+    /// period is over.
+    fn check_resume_timers(&mut self) -> Result<(), End> {
+        let limits = &self.shared.limits;
+        let Some(r) = &self.resume else {
+            return Ok(());
+        };
+        if let Some((since, why)) = &r.parked {
+            if since.elapsed() >= limits.resume_grace {
+                return Err(End::clean(format!(
+                    "not resumed within the {:?} grace period after the link was lost ({why})",
+                    limits.resume_grace
+                )));
+            }
+            return Ok(());
+        }
+        let silent = self
+            .link
+            .as_ref()
+            .is_some_and(|l| l.last_rx.elapsed() >= limits.link_timeout);
+        if silent {
+            let why = format!("no frame from the client for {:?}", limits.link_timeout);
+            self.park(why);
+        }
+        Ok(())
+    }
+
+    /// A link that ended parks a resumable session; anything else ends it.
+    fn park_or_end(&mut self, end: End) -> Result<(), End> {
+        if end.link_lost && self.resume.is_some() && self.usb.is_none() {
+            self.park(end.reason);
+            return Ok(());
+        }
+        Err(end)
+    }
+
+    /// Drops the link and keeps everything else until a resume or the end
+    /// of the grace period.
+    fn park(&mut self, why: String) {
+        let Some(link) = self.link.take() else {
+            return;
+        };
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&link.conn.as_raw_fd()));
+        let _ = link.conn.shutdown();
+        let grace = self.shared.limits.resume_grace;
+        let r = self.resume.as_mut().expect("only resumable sessions park");
+        r.parked = Some((Instant::now(), why.clone()));
+        r.parked_irqs = 0;
+        self.shared.counters.parked.fetch_add(1, Ordering::Relaxed);
+        info!(
+            session = %self.hex(), peer = %self.peer, queued = self.out.len(), unacknowledged = self.out.retained(),
+            "link lost ({why}); session parked for up to {grace:?}, devices kept as they are"
+        );
+    }
+
+    /// New connections that proved they may take this session over: the
+    /// newest wins.
+    fn take_handovers(&mut self) -> Result<(), End> {
+        loop {
+            let Some(r) = &self.resume else {
+                return Ok(());
+            };
+            let h = match r.handovers.try_recv() {
+                Ok(h) => h,
+                Err(_) => return Ok(()),
+            };
+            self.take_over(h)?;
+        }
+    }
+
+    fn take_over(&mut self, h: Handover) -> Result<(), End> {
+        if self.link.is_some() {
+            // The client saw a broken link before we did.
+            self.park(format!("a new connection from {} took over", h.peer));
+        }
+        let r = self
+            .resume
+            .as_mut()
+            .expect("handovers come to resumable sessions");
+        let (since, why) = r.parked.take().expect("parked above");
+        let parked_irqs = r.parked_irqs;
+        self.shared.counters.parked.fetch_sub(1, Ordering::Relaxed);
+        if let Err(e) = self.out.rewind(h.received) {
+            return Err(End {
+                protocol_error: true,
+                ..End::clean(format!("resume point refused: {e}"))
+            });
+        }
+        let mac = r
+            .key
+            .proof(Side::Server, &h.client, &h.server, self.id, self.received);
+        // `Resumed` closes the new connection's handshake (its frame 2,
+        // after `Welcome`); the session's own numbering continues after it.
+        let mut hs = OutQueue::starting_at(2);
+        let resumed = Message::Resumed {
+            received: self.received,
+            mac,
+        };
+        hs.push(&resumed, 0);
+        let wait = Some(Duration::from_secs(5));
+        let registered = h
+            .conn
+            .set_nonblocking(false)
+            .and_then(|()| h.conn.set_write_timeout(wait))
+            .and_then(|()| hs.write_to(&h.conn, wait))
+            .and_then(|_| h.conn.set_nonblocking(true))
+            .and_then(|()| {
+                self.poll.registry().register(
+                    &mut SourceFd(&h.conn.as_raw_fd()),
+                    CONN,
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+            });
+        self.shared.counters.resumes.fetch_add(1, Ordering::Relaxed);
+        let r = self.resume.as_mut().expect("still resumable");
+        r.unacked = (0, 0);
+        if let Err(e) = registered {
+            // That connection failed already: stay parked for the next.
+            r.parked = Some((
+                since,
+                format!("{why}; a resume from {} failed: {e}", h.peer),
+            ));
+            self.shared.counters.parked.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        info!(
+            session = %self.hex(), peer = %h.peer, parked_for = ?since.elapsed(), replay_bytes = self.out.len(),
+            interrupts_queued = parked_irqs, client_received = h.received, received = self.received,
+            "resumed on a new connection"
+        );
+        self.peer = h.peer;
+        self.link = Some(Link::resumed(h.conn, self.received + 1));
+        Ok(())
+    }
+
+    /// Sends an `Ack` when enough arrived, or the client has gone quiet.
+    fn maybe_ack(&mut self) {
+        let (Some(r), Some(link)) = (&mut self.resume, &self.link) else {
+            return;
+        };
+        let (frames, bytes) = r.unacked;
+        let quiet = link.last_rx.elapsed() >= ACK_DELAY;
+        if frames >= ACK_FRAMES || bytes >= ACK_BYTES || (frames > 0 && quiet) {
+            r.unacked = (0, 0);
+            let received = self.received;
+            self.out.push(&Message::Ack { received }, 0);
+        }
+    }
+
+    /// True while fewer than the limit of bytes wait to be sent.
+    fn below_queue_limit(&self) -> bool {
+        self.out.len() < self.shared.limits.max_queued_bytes
+    }
+
+    /// Turns fired interrupt slots into `Irq` frames while the queue has
+    /// room; the rest wait (their eventfds keep counting, so nothing is
+    /// lost while a parked session's queue is full).
+    fn deliver_irqs(&mut self) {
+        while self.below_queue_limit() {
+            let Some(idx) = self.deferred_irqs.pop_first() else {
+                return;
+            };
+            let before = self.out.len();
+            self.devices.on_irq(idx, &mut self.out);
+            if let Some(r) = &mut self.resume {
+                if r.parked.is_some() && self.out.len() > before {
+                    r.parked_irqs += 1;
+                }
             }
         }
     }
@@ -309,6 +673,12 @@ impl Session {
 
     /// A session carries either PCI devices or one USB device.
     fn usb_state(&self) -> Result<(), ReqError> {
+        if self.resume.is_some() {
+            return Err((
+                ErrorCode::STATE,
+                "USB imports are not carried by resumable sessions: connect without resume".into(),
+            ));
+        }
         if self.usb.is_some() || !self.devices.is_empty() {
             return Err((
                 ErrorCode::STATE,
@@ -327,11 +697,11 @@ impl Session {
                 .reply(seq, &Message::Error { code, message }, &mut self.out);
             return Ok(());
         }
-        if self.link.reader.has_partial() || !self.out.is_empty() {
+        if self.link().reader.has_partial() || !self.out.is_empty() {
             let why = "a direct USB import must be the last frame in flight".to_string();
             return Err(self.fatal(ErrorCode::STATE, seq, why));
         }
-        let link = &self.link;
+        let link = self.link.as_ref().expect("a linked session");
         match usb::import_direct(
             &self.shared,
             self.id,
@@ -359,7 +729,7 @@ impl Session {
     fn usb_import(&mut self, busid: &str) -> Result<Message, ReqError> {
         self.usb_state()?;
         let (relay, reply) =
-            UsbRelay::import(&self.shared, self.id, busid, &self.link.peer, &self.poll)?;
+            UsbRelay::import(&self.shared, self.id, busid, &self.peer, &self.poll)?;
         self.usb = Some(relay);
         Ok(reply)
     }
@@ -370,25 +740,37 @@ impl Session {
             if !self.can_read() {
                 return Ok(()); // resume once the peer drains our replies
             }
+            let Some(link) = &mut self.link else {
+                return Ok(()); // handed over while handling a frame
+            };
             // Large pushes of target memory go straight into the shadow.
             let devices = &self.devices;
             let resolve =
                 |handle: u32, iova: u64, len: usize| devices.shadow_for(handle, iova, len);
-            match self.link.recv(&resolve) {
+            match link.recv(&resolve) {
                 Ok(got) if got.bytes == 0 => {
-                    return Err(if self.link.reader.has_partial() {
+                    return Err(if link.reader.has_partial() {
                         End {
-                            reason: "peer vanished in the middle of a frame".into(),
-                            protocol_error: true,
+                            protocol_error: self.resume.is_none(),
+                            ..End::lost("peer vanished in the middle of a frame")
                         }
                     } else {
-                        End::clean("peer closed the connection")
+                        End::lost("peer closed the connection")
                     })
                 }
                 Ok(got) => {
+                    if let Some(r) = &mut self.resume {
+                        r.unacked.1 += got.bytes;
+                    }
                     loop {
-                        match self.link.reader.next_frame() {
-                            Ok(Some(frame)) => self.handle(frame)?,
+                        let Some(link) = &mut self.link else {
+                            return Ok(());
+                        };
+                        match link.reader.next_frame() {
+                            Ok(Some(frame)) => {
+                                self.received = frame.seq;
+                                self.handle(frame)?;
+                            }
                             Ok(None) => break,
                             Err(e) => {
                                 return Err(self.fatal(ErrorCode::MALFORMED, 0, e.to_string()));
@@ -399,16 +781,17 @@ impl Session {
                     // instead of paying for a recv that returns EAGAIN. Not
                     // when the peer's FIN came with this event: it raises no
                     // later edge, so read on until end of stream.
-                    if got.drained && !self.link.peer_closing {
-                        self.link.read_pending = false;
+                    let link = self.link();
+                    if got.drained && !link.peer_closing {
+                        link.read_pending = false;
                         return Ok(());
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.link.read_pending = false;
+                    link.read_pending = false;
                     return Ok(());
                 }
-                Err(e) => return Err(End::clean(format!("receive failed: {e}"))),
+                Err(e) => return Err(End::lost(format!("receive failed: {e}"))),
             }
         }
     }
@@ -423,8 +806,8 @@ impl Session {
             reply_to,
         );
         End {
-            reason: format!("{}: {reason}", code.name()),
             protocol_error: true,
+            ..End::clean(format!("{}: {reason}", code.name()))
         }
     }
 
@@ -436,12 +819,37 @@ impl Session {
                 frame.msg,
                 &self.shared,
                 self.id,
-                &self.link.peer,
+                &self.peer,
                 &mut self.out,
             );
-            return step.map_err(|(code, why)| self.fatal(code, seq, why));
+            return match step {
+                Ok(Step::Continue) => Ok(()),
+                Ok(Step::Ready { resume }) => {
+                    if let Some(key) = resume {
+                        self.make_resumable(key);
+                    }
+                    Ok(())
+                }
+                Ok(Step::Resume {
+                    target,
+                    client,
+                    server,
+                    received,
+                }) => Err(self.hand_over(target, client, server, received)),
+                Err((code, why)) => Err(self.fatal(code, seq, why)),
+            };
         }
         let answer: Result<Message, ReqError> = match frame.msg {
+            Message::Ack { received } => {
+                if self.resume.is_none() {
+                    let why = "Ack in a session that is not resumable".to_string();
+                    return Err(self.fatal(ErrorCode::STATE, seq, why));
+                }
+                if let Err(e) = self.out.ack(received) {
+                    return Err(self.fatal(ErrorCode::STATE, seq, e.to_string()));
+                }
+                return Ok(());
+            }
             Message::UsbData { data } => {
                 if let Some(u) = &mut self.usb {
                     u.take_client_bytes(&data);
@@ -495,27 +903,98 @@ impl Session {
         Ok(())
     }
 
+    /// Registers the session for resumes and starts keeping what it sends
+    /// until the client acknowledges it.
+    fn make_resumable(&mut self, key: ResumeKey) {
+        let (handover, handovers) = mpsc::channel();
+        self.shared.table().insert(
+            self.id,
+            Resumable {
+                key: key.clone(),
+                handover,
+                waker: Arc::downgrade(&self._waker),
+            },
+        );
+        self.out.retain();
+        self.resume = Some(Resume {
+            key,
+            handovers,
+            parked: None,
+            unacked: (0, 0),
+            parked_irqs: 0,
+        });
+    }
+
+    /// This connection proved it may take session `target` over: it goes
+    /// there, and this (empty) session ends.
+    fn hand_over(
+        &mut self,
+        target: u64,
+        client: [u8; NONCE_LEN],
+        server: [u8; NONCE_LEN],
+        received: u64,
+    ) -> End {
+        let mut link = self.link.take().expect("a linked session");
+        if link.reader.has_partial() {
+            self.link = Some(link);
+            let why = "frames after Resume, before Resumed".to_string();
+            return self.fatal(ErrorCode::STATE, 0, why);
+        }
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&link.conn.as_raw_fd()));
+        // `Welcome` must be out before the session writes `Resumed`.
+        let wait = Some(Duration::from_secs(1));
+        let flushed = link
+            .conn
+            .set_nonblocking(false)
+            .and_then(|()| link.conn.set_write_timeout(wait))
+            .and_then(|()| self.out.write_to(&link.conn, wait));
+        if let Err(e) = flushed {
+            return End::clean(format!("resuming session {target:#x}: {e}"));
+        }
+        link.read_pending = false;
+        let h = Handover {
+            conn: link.conn,
+            peer: link.peer,
+            client,
+            server,
+            received,
+        };
+        if self.shared.hand_over(target, h) {
+            End::clean(format!("connection handed to session {target:#x}"))
+        } else {
+            End::clean(format!(
+                "session {target:#x} ended before it could be resumed"
+            ))
+        }
+    }
+
     fn finish(&mut self) {
+        if let Some(r) = self.resume.take() {
+            self.shared.table().remove(&self.id);
+            if r.parked.is_some() {
+                self.shared.counters.parked.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
         if let Some(export) = self.direct.take() {
             // Not a byte more from us on this socket, and no shutdown: the
             // kernel is using it.
-            usb::await_direct(
-                &self.shared,
-                self.id,
-                &self.link.conn,
-                &mut self.poll,
-                export,
-            );
+            let conn = &self.link.as_ref().expect("a direct import's link").conn;
+            usb::await_direct(&self.shared, self.id, conn, &mut self.poll, export);
             return;
         }
         self.devices.release_all(self.poll.registry());
         // Best effort: let the peer read why we ended.
-        let conn = &self.link.conn;
-        if !self.out.is_empty() && conn.set_nonblocking(false).is_ok() {
-            let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
-            let _ = self.out.write_to(conn, Some(Duration::from_secs(1)));
+        if let Some(link) = &self.link {
+            let conn = &link.conn;
+            if !self.out.is_empty() && conn.set_nonblocking(false).is_ok() {
+                let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+                let _ = self.out.write_to(conn, Some(Duration::from_secs(1)));
+            }
+            let _ = conn.shutdown();
         }
-        let _ = conn.shutdown();
         // Closes the USB stream and restores the device's driver.
         self.usb = None;
     }

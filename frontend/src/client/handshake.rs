@@ -1,11 +1,15 @@
 //! The client side of the handshake: `Hello`, `Welcome`, and the key
-//! proofs both ways.
+//! proofs both ways; or, on a new connection of a resumable session,
+//! `Resume`/`Resumed`.
 
 use std::io;
 
-use cio_core::wire::{AuthMethod, Message, FEATURES, PROTOCOL_VERSION};
+use cio_core::wire::{
+    AuthMethod, Message, FEATURES, FEATURE_RESUME, MIN_PROTOCOL_VERSION, NONCE_LEN,
+    PROTOCOL_VERSION,
+};
 use cio_core::FrameDecoder;
-use cio_transports::{auth, Conn, OutQueue, Side};
+use cio_transports::{auth, Conn, OutQueue, ResumeKey, Side};
 
 use super::{timed_out, ClientError, ClientOptions};
 
@@ -49,34 +53,32 @@ pub(crate) struct Handshake {
     pub(crate) dec: FrameDecoder,
     pub(crate) session: u64,
     pub(crate) features: u64,
+    /// The key resumes prove, when the backend keeps the session resumable.
+    pub(crate) resume: Option<ResumeKey>,
 }
 
-/// Runs the handshake (and key proofs) on `conn`.
-pub(crate) fn handshake(conn: &Conn, opts: &ClientOptions) -> Result<Handshake, ClientError> {
+/// Blocking socket calls give up after the reply timeout.
+fn configure(conn: &Conn, opts: &ClientOptions) -> Result<(), ClientError> {
     let io_err = |e: io::Error| ClientError::Disconnected(format!("configuring the socket: {e}"));
     conn.set_read_timeout(Some(opts.reply_timeout))
         .map_err(io_err)?;
     conn.set_write_timeout(Some(opts.reply_timeout))
-        .map_err(io_err)?;
-    let mut out = OutQueue::new();
-    let mut dec = FrameDecoder::new();
-    let client_nonce = auth::nonce()?;
-    out.push(
-        &Message::Hello {
-            version: PROTOCOL_VERSION,
-            features: FEATURES,
-            session: 0,
-            nonce: client_nonce,
-            client: opts.name.clone(),
-        },
-        0,
-    );
-    let send = |out: &mut OutQueue| {
-        out.write_to(conn, Some(opts.reply_timeout))
-            .map_err(|e| ClientError::Disconnected(format!("handshake: {e}")))
-    };
-    send(&mut out)?;
-    let (session, features, method, server_nonce) = match read_frame(conn, &mut dec)?.msg {
+        .map_err(io_err)
+}
+
+/// Sends what `out` holds, blocking.
+fn send(conn: &Conn, out: &mut OutQueue, opts: &ClientOptions) -> Result<(), ClientError> {
+    out.write_to(conn, Some(opts.reply_timeout))
+        .map(|_| ())
+        .map_err(|e| ClientError::Disconnected(format!("handshake: {e}")))
+}
+
+/// Reads `Welcome`: (version, features, session, auth, nonce).
+fn welcome(
+    conn: &Conn,
+    dec: &mut FrameDecoder,
+) -> Result<(u16, u64, u64, AuthMethod, [u8; NONCE_LEN]), ClientError> {
+    match read_frame(conn, dec)?.msg {
         Message::Welcome {
             version,
             features,
@@ -84,20 +86,50 @@ pub(crate) fn handshake(conn: &Conn, opts: &ClientOptions) -> Result<Handshake, 
             auth,
             nonce,
         } => {
-            if version != PROTOCOL_VERSION {
+            if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
                 return Err(ClientError::Protocol(format!(
-                    "backend chose protocol {version}"
+                    "backend chose protocol {version}; this client speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
                 )));
             }
-            (session, features, auth, nonce)
+            Ok((version, features, session, auth, nonce))
         }
-        m => {
-            return Err(ClientError::Protocol(format!(
-                "expected Welcome, got {:#06x}",
-                m.kind()
-            )))
-        }
-    };
+        m => Err(ClientError::Protocol(format!(
+            "expected Welcome, got {:#06x}",
+            m.kind()
+        ))),
+    }
+}
+
+/// Runs the handshake (and key proofs) on `conn`, asking for a resumable
+/// session when `resumable`.
+pub(crate) fn handshake(
+    conn: &Conn,
+    opts: &ClientOptions,
+    resumable: bool,
+) -> Result<Handshake, ClientError> {
+    configure(conn, opts)?;
+    let mut out = OutQueue::new();
+    let mut dec = FrameDecoder::new();
+    let client_nonce = auth::nonce()?;
+    out.push(
+        &Message::Hello {
+            version: PROTOCOL_VERSION,
+            features: if resumable {
+                FEATURES
+            } else {
+                FEATURES & !FEATURE_RESUME
+            },
+            session: 0,
+            nonce: client_nonce,
+            client: opts.name.clone(),
+        },
+        0,
+    );
+    send(conn, &mut out, opts)?;
+    let (version, mut features, session, method, server_nonce) = welcome(conn, &mut dec)?;
+    if version < 2 || !resumable {
+        features &= !FEATURE_RESUME;
+    }
     match (method, &opts.psk) {
         (AuthMethod::None, None) => {}
         (AuthMethod::None, Some(_)) => return Err(ClientError::ServerNotAuthenticated),
@@ -105,7 +137,7 @@ pub(crate) fn handshake(conn: &Conn, opts: &ClientOptions) -> Result<Handshake, 
         (AuthMethod::PreSharedKey, Some(psk)) => {
             let mac = psk.proof(Side::Client, &client_nonce, &server_nonce, session);
             out.push(&Message::AuthProof { mac }, 0);
-            send(&mut out)?;
+            send(conn, &mut out, opts)?;
             match read_frame(conn, &mut dec)?.msg {
                 Message::AuthOk { mac }
                     if psk.verify(Side::Server, &client_nonce, &server_nonce, session, &mac) => {}
@@ -119,10 +151,67 @@ pub(crate) fn handshake(conn: &Conn, opts: &ClientOptions) -> Result<Handshake, 
             }
         }
     }
+    let resume = (features & FEATURE_RESUME != 0)
+        .then(|| ResumeKey::derive(opts.psk.as_ref(), &client_nonce, &server_nonce, session));
+    if resume.is_some() {
+        out.retain();
+    }
     Ok(Handshake {
         out,
         dec,
         session,
         features,
+        resume,
     })
+}
+
+/// Takes session `session` over on the new connection `conn`, telling the
+/// backend the client received its frames up to `received`. Returns the
+/// decoder to go on with (expecting the backend's frame `received + 1`)
+/// and the last frame the backend received.
+pub(crate) fn resume(
+    conn: &Conn,
+    opts: &ClientOptions,
+    session: u64,
+    key: &ResumeKey,
+    received: u64,
+) -> Result<(FrameDecoder, u64), ClientError> {
+    configure(conn, opts)?;
+    let mut out = OutQueue::new();
+    let mut dec = FrameDecoder::new();
+    let client = auth::nonce()?;
+    out.push(
+        &Message::Hello {
+            version: PROTOCOL_VERSION,
+            features: FEATURES,
+            session,
+            nonce: client,
+            client: opts.name.clone(),
+        },
+        0,
+    );
+    send(conn, &mut out, opts)?;
+    let (_, features, id, _, server) = welcome(conn, &mut dec)?;
+    if id != session || features & FEATURE_RESUME == 0 {
+        return Err(ClientError::Protocol(format!(
+            "asked to resume session {session:#x}, the backend offered {id:#x}"
+        )));
+    }
+    let mac = key.proof(Side::Client, &client, &server, session, received);
+    out.push(&Message::Resume { received, mac }, 0);
+    send(conn, &mut out, opts)?;
+    match read_frame(conn, &mut dec)?.msg {
+        Message::Resumed {
+            received: theirs,
+            mac,
+        } if key.verify(Side::Server, &client, &server, session, theirs, &mac) => {
+            dec.set_next_seq(received + 1);
+            Ok((dec, theirs))
+        }
+        Message::Resumed { .. } => Err(ClientError::BadServerProof),
+        m => Err(ClientError::Protocol(format!(
+            "expected Resumed, got {:#06x}",
+            m.kind()
+        ))),
+    }
 }

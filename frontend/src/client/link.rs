@@ -3,22 +3,30 @@
 //! pump thread that delivers what arrives unasked (interrupts,
 //! device-written DMA data, errors of posted writes) and flushes posted
 //! writes.
+//!
+//! A resumable session (protocol 2) outlives its connection: whoever finds
+//! the link broken (a caller, a writer or the pump; or the pump when the
+//! backend has sent nothing for four keepalive intervals) reconnects, proves
+//! the session's resume key, and both sides replay exactly what the other
+//! did not receive. Callers blocked in a read see their reply, not an
+//! error; posted writes arrive once.
 
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use cio_core::wire::{ErrorCode, Message, MAX_DMA_CHUNK};
 use cio_core::{DeviceError, DmaRegion, EventFd};
-use cio_transports::{sys, Conn, FrameReader, OutQueue};
-use tracing::{debug, warn};
+use cio_transports::{sys, Conn, Endpoint, FrameReader, OutQueue, ResumeKey};
+use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 use super::target::{lock, Target};
-use super::{timed_out, ClientError, ClientOptions, Handshake};
+use super::{handshake, timed_out, ClientError, ClientOptions, Handshake};
 
 /// Posted writes are sent at once when this many bytes are queued.
 const FLUSH_THRESHOLD: usize = 64 * 1024;
@@ -29,6 +37,14 @@ const COALESCE: Duration = Duration::from_micros(20);
 /// While callers read the socket themselves the pump stops watching it and
 /// looks again this often.
 const PUMP_RECHECK: Duration = Duration::from_micros(200);
+/// Frames received since our last `Ack` above which the pump sends one.
+const ACK_FRAMES: usize = 128;
+/// Bytes received since our last `Ack` above which the pump sends one.
+const ACK_BYTES: usize = 4 << 20;
+/// Otherwise an `Ack` goes out once the backend has been quiet this long.
+const ACK_DELAY: Duration = Duration::from_millis(10);
+/// First pause between reconnection attempts; it doubles up to a second.
+const RETRY_FIRST: Duration = Duration::from_millis(20);
 
 #[derive(Debug)]
 pub(crate) struct Rx {
@@ -40,14 +56,28 @@ pub(crate) struct Rx {
     closed: Option<String>,
 }
 
+/// What a resumable session needs to take itself to a new connection.
+#[derive(Debug)]
+struct Resumer {
+    endpoint: Endpoint,
+    key: ResumeKey,
+    opts: ClientOptions,
+    /// One recovery at a time.
+    lock: Mutex<()>,
+}
+
 /// Connection state shared by the client, its devices and the pump.
 #[derive(Debug)]
 pub(crate) struct Inner {
-    conn: Conn,
+    conn: RwLock<Arc<Conn>>,
+    /// Bumped each time a new connection takes the session over, so that a
+    /// failure seen on an old connection is recovered once.
+    generation: AtomicU64,
     pub(crate) session: u64,
     pub(crate) features: u64,
     reply_timeout: Duration,
     batch_writes: bool,
+    keepalive: Duration,
     tx: Mutex<OutQueue>,
     rx: Mutex<Rx>,
     /// Requests sent and not yet answered (usually one).
@@ -58,19 +88,48 @@ pub(crate) struct Inner {
     stopping: AtomicBool,
     /// Callers reading replies from the socket right now.
     readers: AtomicUsize,
-    epoch: Instant,
+    clock: Instant,
     last_post: AtomicU64,
+    resume: Option<Resumer>,
+    recovering: AtomicBool,
+    /// Last frame received, and frames and bytes since our last `Ack`.
+    received: AtomicU64,
+    unacked: AtomicUsize,
+    unacked_bytes: AtomicUsize,
+    /// Newest `Ack` from the backend, applied to `tx` when it is next locked.
+    peer_acked: AtomicU64,
+    /// When (ns on `clock`) something last arrived, and was last sent.
+    last_rx: AtomicU64,
+    last_tx: AtomicU64,
 }
 
 impl Inner {
     /// The state of a session whose handshake `hs` completed on `conn`.
-    pub(crate) fn new(conn: Conn, hs: Handshake, opts: &ClientOptions) -> io::Result<Self> {
+    /// With `endpoint` and a resume key from the handshake, the session
+    /// resumes on a new connection when this one breaks.
+    pub(crate) fn new(
+        conn: Conn,
+        hs: Handshake,
+        opts: &ClientOptions,
+        endpoint: Option<Endpoint>,
+    ) -> io::Result<Self> {
+        let resume = match (endpoint, hs.resume) {
+            (Some(endpoint), Some(key)) => Some(Resumer {
+                endpoint,
+                key,
+                opts: opts.clone(),
+                lock: Mutex::new(()),
+            }),
+            _ => None,
+        };
         Ok(Self {
-            conn,
+            conn: RwLock::new(Arc::new(conn)),
+            generation: AtomicU64::new(0),
             session: hs.session,
             features: hs.features,
             reply_timeout: opts.reply_timeout,
             batch_writes: opts.batch_writes,
+            keepalive: opts.keepalive,
             tx: Mutex::new(hs.out),
             rx: Mutex::new(Rx {
                 reader: FrameReader::from_decoder(hs.dec),
@@ -84,9 +143,36 @@ impl Inner {
             stop: EventFd::new(EFD_NONBLOCK)?,
             stopping: AtomicBool::new(false),
             readers: AtomicUsize::new(0),
-            epoch: Instant::now(),
+            clock: Instant::now(),
             last_post: AtomicU64::new(0),
+            resume,
+            recovering: AtomicBool::new(false),
+            received: AtomicU64::new(0),
+            unacked: AtomicUsize::new(0),
+            unacked_bytes: AtomicUsize::new(0),
+            peer_acked: AtomicU64::new(0),
+            last_rx: AtomicU64::new(0),
+            last_tx: AtomicU64::new(0),
         })
+    }
+
+    /// True if the session resumes on a new connection when its link breaks.
+    pub(crate) fn resumable(&self) -> bool {
+        self.resume.is_some()
+    }
+
+    /// The current connection and its generation.
+    fn conn(&self) -> (Arc<Conn>, u64) {
+        let c = self.conn.read().unwrap_or_else(|e| e.into_inner());
+        (Arc::clone(&c), self.generation.load(Ordering::Acquire))
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.clock.elapsed().as_nanos() as u64
+    }
+
+    fn since(&self, stamp: &AtomicU64) -> Duration {
+        Duration::from_nanos(self.now_ns().saturating_sub(stamp.load(Ordering::Relaxed)))
     }
 
     /// Says goodbye, stops the pump (`pump` is its thread) and shuts the
@@ -102,7 +188,7 @@ impl Inner {
         if let Some(t) = pump {
             let _ = t.join();
         }
-        let _ = self.conn.shutdown();
+        let _ = self.conn().0.shutdown();
     }
 
     pub(crate) fn target(&self, handle: u32) -> Option<Arc<Target>> {
@@ -143,10 +229,125 @@ impl Inner {
         Ok(())
     }
 
-    fn write_out(&self, out: &mut OutQueue) -> Result<(), ClientError> {
-        out.write_to(&self.conn, Some(self.reply_timeout))
+    /// Sends the queue on the current connection (first forgetting what
+    /// the backend acknowledged); the error says why the link failed.
+    fn write_out(&self, out: &mut OutQueue) -> Result<(), String> {
+        let acked = self.peer_acked.load(Ordering::Relaxed);
+        if acked > 0 {
+            if let Err(e) = out.ack(acked) {
+                warn!("ignoring the backend's acknowledgement: {e}");
+            }
+        }
+        let (conn, _) = self.conn();
+        self.last_tx.store(self.now_ns(), Ordering::Relaxed);
+        out.write_to(&conn, Some(self.reply_timeout))
             .map(|_| ())
-            .map_err(|e| ClientError::Disconnected(format!("sending: {e}")))
+            .map_err(|e| format!("sending: {e}"))
+    }
+
+    /// The link of `generation` failed: a resumable session moves to a new
+    /// connection (or is already on one); any other is lost.
+    fn link_failed(&self, generation: u64, why: String) -> Result<(), ClientError> {
+        if self.resume.is_none() || self.stopping.load(Ordering::Relaxed) {
+            lock(&self.rx).closed.get_or_insert_with(|| why.clone());
+            return Err(ClientError::Disconnected(why));
+        }
+        self.recover(generation, why)
+    }
+
+    /// Takes the session to a new connection: reconnects with backoff for
+    /// up to `resume_timeout`, resumes, and replays what the backend did
+    /// not receive. Nothing else reads or writes meanwhile.
+    fn recover(&self, generation: u64, why: String) -> Result<(), ClientError> {
+        let r = self
+            .resume
+            .as_ref()
+            .expect("only resumable sessions recover");
+        let _one = lock(&r.lock);
+        if self.generation.load(Ordering::Acquire) != generation {
+            return Ok(()); // another thread did it
+        }
+        self.recovering.store(true, Ordering::Release);
+        // Wake whoever is blocked on the old connection.
+        let _ = self.conn().0.shutdown();
+        let mut tx = lock(&self.tx);
+        let mut rx = lock(&self.rx);
+        let result = self.reconnect(r, &mut tx, &mut rx, &why);
+        if let Err(e) = &result {
+            rx.closed = Some(e.to_string());
+        }
+        drop(rx);
+        if result.is_ok() {
+            if let Err(e) = self.write_out(&mut tx) {
+                debug!("replay after resume: {e}"); // the next operation recovers again
+            }
+        }
+        drop(tx);
+        self.recovering.store(false, Ordering::Release);
+        let _ = self.kick.write(1);
+        result
+    }
+
+    fn reconnect(
+        &self,
+        r: &Resumer,
+        tx: &mut OutQueue,
+        rx: &mut Rx,
+        why: &str,
+    ) -> Result<(), ClientError> {
+        if let Some(closed) = &rx.closed {
+            return Err(ClientError::Disconnected(closed.clone()));
+        }
+        let session = self.session;
+        let received = rx.reader.received();
+        warn!(
+            session = format_args!("{session:#x}"),
+            "link lost ({why}); resuming"
+        );
+        let start = Instant::now();
+        let mut delay = RETRY_FIRST;
+        let mut attempts = 0;
+        let (conn, dec, theirs) = loop {
+            attempts += 1;
+            let attempt = Conn::connect(&r.endpoint, r.opts.connect_timeout)
+                .map_err(ClientError::from)
+                .and_then(|c| {
+                    handshake::resume(&c, &r.opts, session, &r.key, received)
+                        .map(|(dec, theirs)| (c, dec, theirs))
+                });
+            match attempt {
+                Ok(done) => break done,
+                Err(e)
+                    if !e.should_reconnect() || start.elapsed() + delay > r.opts.resume_timeout =>
+                {
+                    return Err(ClientError::Disconnected(format!(
+                        "link lost ({why}); resuming session {session:#x} failed after {attempts} attempt(s) in {:?}: {e}",
+                        start.elapsed()
+                    )));
+                }
+                Err(e) => {
+                    debug!("resume attempt {attempts}: {e}");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+        };
+        tx.rewind(theirs)
+            .map_err(|e| ClientError::Protocol(format!("resume point: {e}")))?;
+        rx.reader = FrameReader::from_decoder(dec);
+        *self.conn.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(conn);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.last_rx.store(self.now_ns(), Ordering::Relaxed);
+        self.unacked.store(0, Ordering::Relaxed);
+        self.unacked_bytes.store(0, Ordering::Relaxed);
+        info!(
+            session = format_args!("{session:#x}"),
+            attempts,
+            took = ?start.elapsed(),
+            replay_bytes = tx.len(),
+            "session resumed on a new connection"
+        );
+        Ok(())
     }
 
     /// Queues a posted region write (after the device's dirty target
@@ -164,19 +365,30 @@ impl Inner {
         urgent: bool,
     ) -> Result<(), ClientError> {
         self.check_open()?;
-        let now = self.epoch.elapsed().as_nanos() as u64;
+        let now = self.now_ns();
         let isolated =
             now.saturating_sub(self.last_post.swap(now, Ordering::Relaxed)) > ISOLATED_NS;
-        let mut out = lock(&self.tx);
-        let was_empty = out.is_empty();
-        Self::push_dirty(&mut out, handle, target, None);
-        out.push_region_write(handle, region, offset, data);
-        if !self.batch_writes || urgent || out.len() >= FLUSH_THRESHOLD || (was_empty && isolated) {
-            self.write_out(&mut out)?;
-        } else if was_empty {
-            let _ = self.kick.write(1);
-        }
-        Ok(())
+        let generation = self.generation.load(Ordering::Acquire);
+        let sent = {
+            let mut out = lock(&self.tx);
+            let was_empty = out.is_empty();
+            Self::push_dirty(&mut out, handle, target, None);
+            out.push_region_write(handle, region, offset, data);
+            let now = !self.batch_writes
+                || urgent
+                || out.len() >= FLUSH_THRESHOLD
+                || (was_empty && isolated);
+            if !now && was_empty {
+                let _ = self.kick.write(1);
+            }
+            if now {
+                self.write_out(&mut out)
+            } else {
+                Ok(())
+            }
+        };
+        // Queued either way: a resumed session replays it.
+        sent.or_else(|why| self.link_failed(generation, why))
     }
 
     /// Sends the device's dirty target pages in `range` now.
@@ -187,9 +399,13 @@ impl Inner {
         range: (u64, u64),
     ) -> Result<(), ClientError> {
         self.check_open()?;
-        let mut out = lock(&self.tx);
-        Self::push_dirty(&mut out, handle, target, Some(range));
-        self.write_out(&mut out)
+        let generation = self.generation.load(Ordering::Acquire);
+        let sent = {
+            let mut out = lock(&self.tx);
+            Self::push_dirty(&mut out, handle, target, Some(range));
+            self.write_out(&mut out)
+        };
+        sent.or_else(|why| self.link_failed(generation, why))
     }
 
     /// Sends a request (after all queued posted frames and, with `sync`, the
@@ -200,7 +416,8 @@ impl Inner {
         msg: &Message,
     ) -> Result<Message, ClientError> {
         self.check_open()?;
-        let seq = {
+        let generation = self.generation.load(Ordering::Acquire);
+        let (seq, sent) = {
             let mut out = lock(&self.tx);
             if let Some((handle, target)) = sync {
                 Self::push_dirty(&mut out, handle, target, None);
@@ -208,12 +425,14 @@ impl Inner {
             let seq = out.next_seq();
             lock(&self.pending).push(seq);
             out.push(msg, 0);
-            if let Err(e) = self.write_out(&mut out) {
+            (seq, self.write_out(&mut out))
+        };
+        if let Err(why) = sent {
+            if let Err(e) = self.link_failed(generation, why) {
                 lock(&self.pending).retain(|s| *s != seq);
                 return Err(e);
             }
-            seq
-        };
+        }
         let reply = self.wait_reply(seq);
         lock(&self.pending).retain(|s| *s != seq);
         match reply? {
@@ -233,31 +452,48 @@ impl Inner {
     /// the request that failed are reported instead (they were answered
     /// first, since the backend handles frames in order).
     fn read_until_reply(&self, seq: u64) -> Result<Message, ClientError> {
-        let mut rx = lock(&self.rx);
         loop {
-            if let Some(i) = rx.replies.iter().position(|(s, _)| *s == seq) {
-                let (_, m) = rx.replies.swap_remove(i);
-                if let Some(pos) = rx.posted_errors.iter().position(|(s, _, _)| *s < seq) {
-                    let (seq, code, message) = rx.posted_errors.remove(pos);
-                    return Err(DeviceError::Posted { seq, code, message }.into());
+            let mut rx = lock(&self.rx);
+            let (broken, generation) = loop {
+                if let Some(i) = rx.replies.iter().position(|(s, _)| *s == seq) {
+                    let (_, m) = rx.replies.swap_remove(i);
+                    if let Some(pos) = rx.posted_errors.iter().position(|(s, _, _)| *s < seq) {
+                        let (seq, code, message) = rx.posted_errors.remove(pos);
+                        return Err(DeviceError::Posted { seq, code, message }.into());
+                    }
+                    return Ok(m);
                 }
-                return Ok(m);
-            }
-            if let Some(why) = &rx.closed {
-                return Err(ClientError::Disconnected(why.clone()));
-            }
-            let resolve = |h, iova, len| self.resolve(h, iova, len);
-            match rx
-                .reader
-                .recv(&self.conn, Some(self.reply_timeout), &resolve)
-            {
-                Ok(got) if got.bytes == 0 => {
-                    rx.closed = Some("backend closed the connection".into())
+                if let Some(why) = &rx.closed {
+                    return Err(ClientError::Disconnected(why.clone()));
                 }
-                Ok(_) => self.dispatch(&mut rx)?,
-                Err(e) if timed_out(&e) => return Err(ClientError::Timeout(self.reply_timeout)),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => rx.closed = Some(format!("receiving: {e}")),
+                let (conn, generation) = self.conn();
+                let resolve = |h, iova, len| self.resolve(h, iova, len);
+                match rx.reader.recv(&conn, Some(self.reply_timeout), &resolve) {
+                    Ok(got) if got.bytes == 0 => {
+                        break ("backend closed the connection".to_string(), generation)
+                    }
+                    Ok(got) => {
+                        self.note_rx(got.bytes);
+                        self.dispatch(&mut rx)?
+                    }
+                    Err(e) if timed_out(&e) => {
+                        return Err(ClientError::Timeout(self.reply_timeout))
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => break (format!("receiving: {e}"), generation),
+                }
+            };
+            drop(rx);
+            self.link_failed(generation, broken)?;
+        }
+    }
+
+    fn note_rx(&self, bytes: usize) {
+        self.last_rx.store(self.now_ns(), Ordering::Relaxed);
+        if self.resume.is_some() {
+            let n = self.unacked_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+            if n >= ACK_BYTES {
+                let _ = self.kick.write(1);
             }
         }
     }
@@ -271,11 +507,21 @@ impl Inner {
                 Err(e) => {
                     let why = format!("undecodable frame from the backend: {e}");
                     rx.closed = Some(why.clone());
-                    let _ = self.conn.shutdown();
+                    let _ = self.conn().0.shutdown();
                     return Err(ClientError::Protocol(why));
                 }
             };
+            self.received.store(frame.seq, Ordering::Relaxed);
+            if !matches!(frame.msg, Message::Ack { .. }) && self.resume.is_some() {
+                let n = self.unacked.fetch_add(1, Ordering::Relaxed) + 1;
+                if n == ACK_FRAMES {
+                    let _ = self.kick.write(1);
+                }
+            }
             match frame.msg {
+                Message::Ack { received } => {
+                    self.peer_acked.fetch_max(received, Ordering::Relaxed);
+                }
                 Message::Irq {
                     handle,
                     kind,
@@ -326,29 +572,25 @@ impl Inner {
         }
     }
 
-    /// Reads whatever is there without blocking (pump side).
-    fn pump_read(&self, mut rx: MutexGuard<'_, Rx>) -> bool {
+    /// Reads whatever is there without blocking (pump side). `Ok(false)`:
+    /// the session is over; `Err`: the link failed.
+    fn pump_read(&self, mut rx: MutexGuard<'_, Rx>, conn: &Conn) -> Result<bool, String> {
         loop {
             if rx.closed.is_some() {
-                return false;
+                return Ok(false);
             }
             let resolve = |h, iova, len| self.resolve(h, iova, len);
-            match rx.reader.recv(&self.conn, None, &resolve) {
-                Ok(got) if got.bytes == 0 => {
-                    rx.closed = Some("backend closed the connection".into());
-                    return false;
-                }
-                Ok(_) => {
+            match rx.reader.recv(conn, None, &resolve) {
+                Ok(got) if got.bytes == 0 => return Err("backend closed the connection".into()),
+                Ok(got) => {
+                    self.note_rx(got.bytes);
                     if self.dispatch(&mut rx).is_err() {
-                        return false;
+                        return Ok(false);
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    rx.closed = Some(format!("receiving: {e}"));
-                    return false;
-                }
+                Err(e) => return Err(format!("receiving: {e}")),
             }
         }
     }
@@ -356,34 +598,96 @@ impl Inner {
     /// Sends queued posted writes once the writer has stopped adding to
     /// them for a moment: a burst leaves in few large batches (the writer
     /// itself sends every 64 KiB), its tail shortly after it ends.
-    fn flush_when_quiet(&self) {
+    fn flush_when_quiet(&self) -> Result<(), ClientError> {
         loop {
+            let generation = self.generation.load(Ordering::Acquire);
             let before = lock(&self.tx).len();
             if before == 0 {
-                return;
+                return Ok(());
             }
             std::thread::sleep(COALESCE);
-            let mut out = lock(&self.tx);
-            if out.len() == before {
-                if let Err(e) = self.write_out(&mut out) {
-                    debug!("event pump: {e}");
+            let sent = {
+                let mut out = lock(&self.tx);
+                if out.len() != before {
+                    continue;
                 }
-                return;
-            }
+                self.write_out(&mut out)
+            };
+            return sent.or_else(|why| self.link_failed(generation, why));
         }
+    }
+
+    /// What a resumable session's pump does when it wakes: acknowledge
+    /// what arrived, ping an idle link, and give up on a silent one.
+    fn tend_link(&self) -> Result<(), ClientError> {
+        if self.resume.is_none() || self.recovering.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        let silent = self.since(&self.last_rx);
+        if silent >= 4 * self.keepalive {
+            let why = format!("no frame from the backend for {silent:?}");
+            return self.link_failed(generation, why);
+        }
+        let unacked = self.unacked.load(Ordering::Relaxed);
+        let ack = unacked >= ACK_FRAMES
+            || self.unacked_bytes.load(Ordering::Relaxed) >= ACK_BYTES
+            || (unacked > 0 && silent >= ACK_DELAY);
+        let ping = self.since(&self.last_tx) >= self.keepalive;
+        if !ack && !ping {
+            return Ok(());
+        }
+        let sent = {
+            let mut out = lock(&self.tx);
+            if ack {
+                self.unacked.store(0, Ordering::Relaxed);
+                self.unacked_bytes.store(0, Ordering::Relaxed);
+                let received = self.received.load(Ordering::Relaxed);
+                out.push(&Message::Ack { received }, 0);
+            }
+            if ping {
+                // Answered with a Pong nobody waits for: it only shows the
+                // link is alive, both ways.
+                out.push(
+                    &Message::Ping {
+                        payload: Bytes::new(),
+                    },
+                    0,
+                );
+            }
+            self.write_out(&mut out)
+        };
+        sent.or_else(|why| self.link_failed(generation, why))
+    }
+
+    /// How long the pump may sleep before `tend_link` has work.
+    fn pump_timeout(&self) -> Option<Duration> {
+        self.resume.as_ref()?;
+        let mut t = self.keepalive.saturating_sub(self.since(&self.last_tx));
+        t = t.min((4 * self.keepalive).saturating_sub(self.since(&self.last_rx)));
+        if self.unacked.load(Ordering::Relaxed) > 0 {
+            t = t.min(ACK_DELAY.saturating_sub(self.since(&self.last_rx)));
+        }
+        Some(t + Duration::from_millis(1))
     }
 
     /// The pump thread's body.
     pub(crate) fn pump(self: Arc<Self>) {
+        self.last_rx.store(self.now_ns(), Ordering::Relaxed);
         loop {
             // A caller waiting for its reply reads and dispatches everything
             // itself; watching the socket meanwhile would only wake this
-            // thread for each reply and make it fight the caller for the lock.
-            let watch = self.readers.load(Ordering::Acquire) == 0;
+            // thread for each reply and make it fight the caller for the
+            // lock. Nor while the session moves to a new connection.
+            let watch = self.readers.load(Ordering::Acquire) == 0
+                && !self.recovering.load(Ordering::Acquire);
+            let timeout = self.pump_timeout();
+            let (conn, generation) = self.conn();
             let polled = if watch {
-                sys::poll_readable(&[&self.stop, &self.kick, &self.conn], None)
+                sys::poll_readable(&[&self.stop, &self.kick, &*conn], timeout)
             } else {
-                sys::poll_readable(&[&self.stop, &self.kick], Some(PUMP_RECHECK))
+                let t = timeout.map_or(PUMP_RECHECK, |t| t.min(PUMP_RECHECK));
+                sys::poll_readable(&[&self.stop, &self.kick], Some(t))
             };
             let ready = match polled {
                 Ok(r) => r,
@@ -397,14 +701,28 @@ impl Inner {
             }
             if ready[1] {
                 let _ = self.kick.read();
-                self.flush_when_quiet();
+                if let Err(e) = self.flush_when_quiet() {
+                    debug!("event pump: {e}");
+                    return;
+                }
             }
             if ready.get(2) == Some(&true) {
                 if let Ok(rx) = self.rx.try_lock() {
-                    if !self.pump_read(rx) {
-                        return;
+                    match self.pump_read(rx, &conn) {
+                        Ok(true) => {}
+                        Ok(false) => return,
+                        Err(why) => {
+                            if let Err(e) = self.link_failed(generation, why) {
+                                debug!("event pump: {e}");
+                                return;
+                            }
+                        }
                     }
                 }
+            }
+            if let Err(e) = self.tend_link() {
+                debug!("event pump: {e}");
+                return;
             }
         }
     }

@@ -41,9 +41,17 @@ pub struct ClientOptions {
     /// its own system call at once: lower latency for a lone doorbell,
     /// much lower throughput for many writes.
     pub batch_writes: bool,
-    /// Long-lived USB relays ping an idle backend this often, and give the
-    /// link up after four intervals without a frame from it.
+    /// Long-lived USB relays and resumable sessions ping an idle backend
+    /// this often, and give the link up after four intervals without a
+    /// frame from it.
     pub keepalive: Duration,
+    /// Ask for a session that survives its connection (protocol 2): when
+    /// the link breaks, reconnect and resume it, replaying what was lost
+    /// on the way. Needs [`Client::connect`] (an endpoint to reconnect to).
+    pub resume: bool,
+    /// How long to keep trying to reconnect after the link broke before
+    /// the session is given up (keep it below the backend's grace period).
+    pub resume_timeout: Duration,
 }
 
 impl Default for ClientOptions {
@@ -55,6 +63,8 @@ impl Default for ClientOptions {
             name: format!("cio/{}", env!("CARGO_PKG_VERSION")),
             batch_writes: true,
             keepalive: Duration::from_secs(5),
+            resume: true,
+            resume_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -153,15 +163,21 @@ impl Client {
     /// Connects to a backend and runs the handshake.
     pub fn connect(ep: &Endpoint, opts: ClientOptions) -> Result<Self, ClientError> {
         let conn = Conn::connect(ep, opts.connect_timeout)?;
-        Self::with_conn(conn, opts)
+        Self::start(conn, opts, Some(ep.clone()))
     }
 
-    /// Runs the handshake on an already connected stream.
+    /// Runs the handshake on an already connected stream. Such a session
+    /// cannot resume (there is nowhere to reconnect to).
     pub fn with_conn(conn: Conn, opts: ClientOptions) -> Result<Self, ClientError> {
-        let hs = handshake(&conn, &opts)?;
+        Self::start(conn, opts, None)
+    }
+
+    fn start(conn: Conn, opts: ClientOptions, ep: Option<Endpoint>) -> Result<Self, ClientError> {
+        let resumable = opts.resume && ep.is_some();
+        let hs = handshake(&conn, &opts, resumable)?;
         let spawn_err =
             |e: io::Error| ClientError::Disconnected(format!("starting the event pump: {e}"));
-        let inner = Arc::new(Inner::new(conn, hs, &opts).map_err(spawn_err)?);
+        let inner = Arc::new(Inner::new(conn, hs, &opts, ep).map_err(spawn_err)?);
         let pump_inner = Arc::clone(&inner);
         let pump = std::thread::Builder::new()
             .name("cio-pump".into())
@@ -178,6 +194,12 @@ impl Client {
     /// Session id the backend assigned.
     pub fn session(&self) -> u64 {
         self.shared.inner.session
+    }
+
+    /// True if the session resumes on a new connection when its link
+    /// breaks (both sides speak protocol 2 and the backend keeps sessions).
+    pub fn resumable(&self) -> bool {
+        self.shared.inner.resumable()
     }
 
     /// Features both sides agreed on (`cio_core::wire::FEATURE_*`).
