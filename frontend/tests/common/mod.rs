@@ -2,6 +2,8 @@
 //! loopback TCP port, and clients for it.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::time::Duration;
 
 use cio_backend::models::{Edu, Memory};
