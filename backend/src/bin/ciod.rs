@@ -90,6 +90,18 @@ struct Args {
     /// pings) for SECS seconds, and give the device back.
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
     usb_idle_timeout: u64,
+
+    /// Keep a PCI session whose link broke for SECS seconds, its devices
+    /// untouched (no reset, interrupts and DMA data queued), so that its
+    /// client can reconnect and resume it with nothing lost. 0 ends
+    /// sessions with their connection (devices reset at once).
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86400))]
+    resume_grace: u64,
+
+    /// Take the link of a resumable session as lost when its client sent
+    /// nothing (frontends ping every few seconds) for SECS seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    link_timeout: u64,
 }
 
 /// Emulated USB models `--emulate-usb` knows.
@@ -239,6 +251,8 @@ fn run(args: Args) -> Result<(), String> {
         devices,
         limits: Limits {
             usb_idle_timeout: std::time::Duration::from_secs(args.usb_idle_timeout),
+            resume_grace: std::time::Duration::from_secs(args.resume_grace),
+            link_timeout: std::time::Duration::from_secs(args.link_timeout),
             ..Limits::default()
         },
         usb: Arc::clone(&usb),
