@@ -1,6 +1,7 @@
-//! Nothing leaks: after normal, failing and vanishing sessions the process
-//! has the same file descriptors and no shadow DMA mappings left. One test
-//! in its own binary, so no other test opens fds meanwhile.
+//! Nothing leaks: after normal, failing, vanishing, resumed and expired
+//! sessions the process has the same file descriptors and threads and no
+//! shadow DMA mappings left. One test in its own binary, so no other test
+//! opens fds meanwhile.
 
 mod common;
 
@@ -10,7 +11,14 @@ use bytes::BytesMut;
 use cio_core::wire::Message;
 use cio_core::{Device, DmaDir, DmaRegion, EventFd, IrqKind};
 use cio_frontend::drivers::edu;
+use cio_frontend::{Client, ClientOptions};
+use common::proxy::{Cut, Proxy};
+use std::time::Duration;
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
 
 /// Virtual size of the process in bytes (VmSize in /proc/self/status).
 fn vm_size() -> u64 {
@@ -29,11 +37,25 @@ fn sessions_of_every_kind_leave_no_fds_or_shadow_memory_behind() {
     // Mappings so large that a leaked one stands out of allocator noise
     // (memory is committed lazily, so they cost address space only).
     const BIG: u64 = 4 << 30;
-    let s = common::server();
+    let s = common::server_with(
+        None,
+        cio_backend::Limits {
+            resume_grace: Duration::from_millis(300),
+            ..Default::default()
+        },
+    );
+    let resumable = ClientOptions {
+        keepalive: Duration::from_millis(50),
+        resume_timeout: Duration::from_millis(200),
+        ..common::opts()
+    };
     // Warm up lazily created process state (thread-locals, resolver).
     drop(common::connect(s.endpoint()));
     common::assert_idle(&s);
     let before = common::fds();
+    // The warm-up session's thread ends just after it counts itself out.
+    std::thread::sleep(Duration::from_millis(200));
+    let tasks = threads();
     let vm = vm_size();
 
     for round in 0..5 {
@@ -80,9 +102,50 @@ fn sessions_of_every_kind_leave_no_fds_or_shadow_memory_behind() {
             Message::Reset { handle: h }.encode(4, 0, &mut f);
             raw.send_bytes(&f[..10]);
         }
+        // A session resumed after five resets, with DMA and interrupts.
+        {
+            let proxy = Proxy::start(s.endpoint());
+            let c = Client::connect(&proxy.endpoint(), resumable.clone()).unwrap();
+            assert!(c.resumable());
+            let mut d = c.open("mem0").unwrap();
+            let r = Arc::new(DmaRegion::new(0, 1 << 20, DmaDir::Bidirectional).unwrap());
+            d.dma_map(Arc::clone(&r)).unwrap();
+            let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+            d.set_irqs(IrqKind::Msi, 0, std::slice::from_ref(&fd))
+                .unwrap();
+            for i in 0..5u32 {
+                d.write32(0, 0x10, i).unwrap();
+                assert_eq!(proxy.cut(Cut::Reset), 1);
+                assert_eq!(d.read32(0, 0x10).unwrap(), i);
+            }
+            assert_eq!(proxy.accepted(), 6);
+        }
+        // A session whose client cannot come back: parked, then expired.
+        {
+            let proxy = Proxy::start(s.endpoint());
+            let c = Client::connect(&proxy.endpoint(), resumable.clone()).unwrap();
+            let mut d = c.open("mem0").unwrap();
+            let r = Arc::new(DmaRegion::new(0, BIG, DmaDir::FromDevice).unwrap());
+            d.dma_map(Arc::clone(&r)).unwrap();
+            proxy.refuse(true);
+            proxy.cut(Cut::Reset);
+            assert!(d.read32(0, 0x10).is_err(), "no way back");
+            drop(d);
+            drop(c);
+            let parked = s.wait_stats(Duration::from_secs(5), |st| {
+                st.parked == 0 && st.sessions == 0
+            });
+            assert!(parked.is_ok(), "grace expiry: {:?}", parked.unwrap_err());
+        }
         common::assert_idle(&s);
     }
     assert_eq!(common::fds(), before, "file descriptors leaked");
+    let after = s.wait_stats(Duration::from_secs(5), |_| threads() == tasks);
+    assert!(
+        after.is_ok(),
+        "threads leaked: {tasks} before, {} after",
+        threads()
+    );
     let grown = vm_size().saturating_sub(vm);
     assert!(
         grown < BIG,
