@@ -160,9 +160,16 @@ impl Pages {
     /// Clears the set pages among `first..last` and returns them as runs of
     /// at most `max_pages` contiguous pages.
     fn take_runs(&mut self, first: u64, last: u64, max_pages: u64) -> Vec<(u64, usize)> {
+        self.runs(first, last, max_pages, true)
+    }
+
+    /// The set pages among `first..last` as runs of at most `max_pages`
+    /// contiguous pages, cleared with `clear`.
+    fn runs(&mut self, first: u64, last: u64, max_pages: u64, clear: bool) -> Vec<(u64, usize)> {
         let mut runs = Vec::new();
+        let mut left = self.count;
         let mut page = first;
-        while page < last && self.count > 0 {
+        while page < last && left > 0 {
             let w = (page / 64) as usize;
             // Skip clean words quickly: this keeps the scan cheap for huge,
             // mostly clean regions.
@@ -180,8 +187,11 @@ impl Pages {
                 if self.bits[w] & (1 << b) == 0 {
                     break;
                 }
-                self.bits[w] &= !(1 << b);
-                self.count -= 1;
+                if clear {
+                    self.bits[w] &= !(1 << b);
+                    self.count -= 1;
+                }
+                left -= 1;
                 page += 1;
             }
             runs.push((start * PAGE_SIZE, ((page - start) * PAGE_SIZE) as usize));
@@ -198,6 +208,8 @@ struct Inner {
     /// Pages received from the other side since a device last took them
     /// (for devices that DMA from their own copy).
     applied: Pages,
+    /// Pages ever written, by either side (never cleared).
+    written: Pages,
 }
 
 /// Anonymous memory at an IOVA range with page-level dirty tracking.
@@ -225,6 +237,7 @@ impl DmaRegion {
                 mem,
                 dirty: Pages::new(pages),
                 applied: Pages::new(pages),
+                written: Pages::new(pages),
             }),
         })
     }
@@ -310,6 +323,7 @@ impl DmaRegion {
         let mut g = self.lock();
         let o = offset as usize;
         let r = f(&mut g.mem[o..o + len]);
+        g.written.mark(offset, len as u64);
         if mark {
             g.dirty.mark(offset, len as u64);
         } else {
@@ -373,6 +387,16 @@ impl DmaRegion {
         let max_pages = (max_run as u64 / PAGE_SIZE).max(1);
         g.dirty
             .take_runs(offset / PAGE_SIZE, end.div_ceil(PAGE_SIZE), max_pages)
+    }
+
+    /// Runs of contiguous pages ever written (by either side), no longer
+    /// than `max_run` bytes each: the whole content of the region that a
+    /// fresh, zeroed copy of it lacks (a frontend adopting a session). The
+    /// scan skips untouched stretches 64 pages at a time.
+    pub fn written_runs(&self, max_run: usize) -> Vec<(u64, usize)> {
+        let mut g = self.lock();
+        let max_pages = (max_run as u64 / PAGE_SIZE).max(1);
+        g.written.runs(0, self.len / PAGE_SIZE, max_pages, false)
     }
 
     /// Takes the pages data from the other side was applied to since the
@@ -519,6 +543,26 @@ impl DmaSpace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn written_runs_cover_pages_either_side_wrote_and_survive_syncs() {
+        let r = DmaRegion::new(0, 16 * PAGE_SIZE, DmaDir::Bidirectional).unwrap();
+        assert!(r.written_runs(1 << 20).is_empty());
+        r.write(PAGE_SIZE + 5, &[1]).unwrap();
+        r.apply(2 * PAGE_SIZE, &[2]).unwrap();
+        r.write(9 * PAGE_SIZE - 1, &[3]).unwrap();
+        let _ = r.take_dirty_runs(0, r.len(), 1 << 20);
+        let p = PAGE_SIZE as usize;
+        assert_eq!(
+            r.written_runs(1 << 20),
+            [(PAGE_SIZE, 2 * p), (8 * PAGE_SIZE, p)]
+        );
+        // Runs are capped.
+        assert_eq!(
+            r.written_runs(p),
+            [(PAGE_SIZE, p), (2 * PAGE_SIZE, p), (8 * PAGE_SIZE, p)]
+        );
+    }
 
     #[test]
     fn new_rejects_bad_ranges() {

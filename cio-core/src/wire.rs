@@ -215,8 +215,27 @@ pub enum Message {
         /// session id and `received`.
         mac: [u8; NONCE_LEN],
     },
-    /// Server → client: the session continues on this connection; the
-    /// server now replays what the client has not received.
+    /// Client → server (version 2, request): hand this session to another
+    /// frontend. The answer carries a single-use ticket secret; the server
+    /// then drops this connection and keeps the session parked for the
+    /// adopter.
+    Suspend,
+    /// Server → client: answers `Suspend`.
+    Suspended {
+        /// Secret an adopter proves (`Adopt`).
+        secret: [u8; NONCE_LEN],
+        /// Milliseconds the ticket (and the parked session) stays valid.
+        ttl_ms: u64,
+    },
+    /// Client → server, instead of `AuthProof` when `Hello` names a
+    /// suspended session: adopts it with the ticket's secret.
+    Adopt {
+        /// MAC with the ticket secret over both nonces and the session id.
+        mac: [u8; NONCE_LEN],
+    },
+    /// Server → client: the session continues on this connection (after
+    /// `Resume` or `Adopt`); the server now replays what the client has not
+    /// received.
     Resumed {
         /// Highest sequence number the server received from the client.
         received: u64,
@@ -403,6 +422,9 @@ pub mod kind {
     pub const ACK: u16 = 0x0008;
     pub const RESUME: u16 = 0x0009;
     pub const RESUMED: u16 = 0x000a;
+    pub const SUSPEND: u16 = 0x000b;
+    pub const SUSPENDED: u16 = 0x000c;
+    pub const ADOPT: u16 = 0x000d;
     pub const LIST_DEVICES: u16 = 0x0010;
     pub const DEVICE_LIST: u16 = 0x0011;
     pub const OPEN: u16 = 0x0012;
@@ -648,6 +670,9 @@ impl Message {
             Self::Ack { .. } => ACK,
             Self::Resume { .. } => RESUME,
             Self::Resumed { .. } => RESUMED,
+            Self::Suspend => SUSPEND,
+            Self::Suspended { .. } => SUSPENDED,
+            Self::Adopt { .. } => ADOPT,
             Self::Ping { .. } => PING,
             Self::Pong { .. } => PONG,
             Self::ListDevices => LIST_DEVICES,
@@ -740,7 +765,12 @@ impl Message {
                 out.put_u64_le(*received);
                 out.put_slice(mac);
             }
-            Self::Goodbye | Self::ListDevices | Self::UsbList | Self::Ok => {}
+            Self::Goodbye | Self::ListDevices | Self::UsbList | Self::Ok | Self::Suspend => {}
+            Self::Suspended { secret, ttl_ms } => {
+                out.put_slice(secret);
+                out.put_u64_le(*ttl_ms);
+            }
+            Self::Adopt { mac } => out.put_slice(mac),
             Self::Ping { payload } | Self::Pong { payload } => put_bytes(out, payload),
             Self::DeviceList { devices } => {
                 out.put_u32_le(devices.len() as u32);
@@ -881,6 +911,14 @@ impl Message {
             },
             RESUMED => Self::Resumed {
                 received: r.u64("received")?,
+                mac: r.array("mac")?,
+            },
+            SUSPEND => Self::Suspend,
+            SUSPENDED => Self::Suspended {
+                secret: r.array("secret")?,
+                ttl_ms: r.u64("ttl_ms")?,
+            },
+            ADOPT => Self::Adopt {
                 mac: r.array("mac")?,
             },
             PING => Self::Ping {
@@ -1363,6 +1401,12 @@ mod tests {
                 received: 0,
                 mac: [5; 32],
             },
+            Message::Suspend,
+            Message::Suspended {
+                secret: [6; 32],
+                ttl_ms: 30_000,
+            },
+            Message::Adopt { mac: [7; 32] },
             Message::Goodbye,
             Message::Ping {
                 payload: Bytes::from_static(b"abc"),

@@ -66,6 +66,20 @@ impl RemoteDevice {
         self.handle
     }
 
+    /// The target memory mapped at `iova` (an adopter's, made from a
+    /// ticket, or one mapped with [`Device::dma_map`]).
+    pub fn dma_region(&self, iova: u64) -> Option<Arc<DmaRegion>> {
+        lock(&self.target.dma).get(iova).cloned()
+    }
+
+    /// An eventfd signalled when `vector` of `kind` fires: a duplicate of
+    /// the one the interrupt is routed to.
+    pub fn irq_eventfd(&self, kind: IrqKind, vector: u32) -> Option<EventFd> {
+        lock(&self.target.irqs)
+            .get(&(kind, vector))
+            .and_then(|fd| fd.try_clone().ok())
+    }
+
     /// Interrupt events received so far for this device.
     pub fn irq_events(&self) -> u64 {
         self.target.irq_count.load(Ordering::Relaxed)

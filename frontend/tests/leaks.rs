@@ -120,6 +120,21 @@ fn sessions_of_every_kind_leave_no_fds_or_shadow_memory_behind() {
             }
             assert_eq!(proxy.accepted(), 6);
         }
+        // A session handed to an adopter.
+        {
+            let a = Client::connect(s.endpoint(), resumable.clone()).unwrap();
+            let mut d = a.open("mem0").unwrap();
+            let r = Arc::new(DmaRegion::new(0, BIG, DmaDir::Bidirectional).unwrap());
+            d.dma_map(Arc::clone(&r)).unwrap();
+            let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+            d.set_irqs(IrqKind::Msi, 0, std::slice::from_ref(&fd))
+                .unwrap();
+            let ticket = a.suspend().unwrap();
+            drop((d, a, r, fd));
+            let (b, devs) = Client::adopt(&ticket, resumable.clone()).unwrap();
+            assert!(devs[0].dma_region(0).is_some());
+            drop((devs, b));
+        }
         // A session whose client cannot come back: parked, then expired.
         {
             let proxy = Proxy::start(s.endpoint());

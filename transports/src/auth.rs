@@ -134,6 +134,23 @@ impl ResumeKey {
         Self(m.finalize().into_bytes().into())
     }
 
+    /// The key of a session adopted with a ticket `secret` on the
+    /// connection with these nonces: the adopter's own, unknown to the
+    /// frontend that handed the session on.
+    pub fn adopted(
+        secret: &[u8; NONCE_LEN],
+        client: &[u8; NONCE_LEN],
+        server: &[u8; NONCE_LEN],
+        session: u64,
+    ) -> Self {
+        let mut m = Hmac::<Sha256>::new_from_slice(secret).expect("hmac takes keys of any length");
+        m.update(b"cio-v2 adopted key");
+        m.update(client);
+        m.update(server);
+        m.update(&session.to_le_bytes());
+        Self(m.finalize().into_bytes().into())
+    }
+
     /// `HMAC(resume key, label | own nonce | peer nonce | id | received)`.
     fn mac(
         &self,
@@ -186,6 +203,47 @@ impl ResumeKey {
             .verify_slice(proof)
             .is_ok()
     }
+}
+
+fn adopt_mac(
+    secret: &[u8; NONCE_LEN],
+    client: &[u8; NONCE_LEN],
+    server: &[u8; NONCE_LEN],
+    session: u64,
+) -> Hmac<Sha256> {
+    let mut m = Hmac::<Sha256>::new_from_slice(secret).expect("hmac takes keys of any length");
+    m.update(b"cio-v2 adopt");
+    m.update(client);
+    m.update(server);
+    m.update(&session.to_le_bytes());
+    m
+}
+
+/// The `Adopt` MAC: `HMAC(secret, "cio-v2 adopt" | Nc | Ns | id)`, proving
+/// a handoff ticket's secret on a new connection.
+pub fn adopt_proof(
+    secret: &[u8; NONCE_LEN],
+    client: &[u8; NONCE_LEN],
+    server: &[u8; NONCE_LEN],
+    session: u64,
+) -> [u8; NONCE_LEN] {
+    adopt_mac(secret, client, server, session)
+        .finalize()
+        .into_bytes()
+        .into()
+}
+
+/// Checks an `Adopt` MAC in constant time.
+pub fn verify_adopt(
+    secret: &[u8; NONCE_LEN],
+    client: &[u8; NONCE_LEN],
+    server: &[u8; NONCE_LEN],
+    session: u64,
+    mac: &[u8; NONCE_LEN],
+) -> bool {
+    adopt_mac(secret, client, server, session)
+        .verify_slice(mac)
+        .is_ok()
 }
 
 /// A fresh random session id: never 0 (which asks for a new session), and

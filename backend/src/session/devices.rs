@@ -512,6 +512,29 @@ impl Devices {
         region.apply(off, data).map_err(dma_err)
     }
 
+    /// Queues the whole content of every mapping (the pages ever written): for
+    /// a frontend that adopted the session with fresh, zeroed target memory.
+    pub(crate) fn send_all(&mut self, out: &mut dyn Outbox) {
+        for (&handle, d) in self.handles.iter_mut() {
+            if d.dma.regions().is_empty() {
+                continue;
+            }
+            if let Err(e) = d.lease.device().collect_dma() {
+                warn!(
+                    session = self.session,
+                    handle, "collecting device-written DMA data: {e}"
+                );
+            }
+            for region in d.dma.regions() {
+                // Sent below in any case.
+                let _ = region.take_dirty_runs(0, region.len(), MAX_DMA_CHUNK);
+                for (run, n) in region.written_runs(MAX_DMA_CHUNK) {
+                    out.push_dma_region(handle, region, run, n);
+                }
+            }
+        }
+    }
+
     /// Queues `DmaData` for every shadow page the device wrote since the last
     /// pull, in device-writable mappings (of one range, or everywhere).
     pub(crate) fn pull_dirty(&mut self, only: Option<(u32, u64, u64)>, out: &mut dyn Outbox) {

@@ -44,12 +44,14 @@ pub(crate) enum Step {
     /// gets the key its resumes must prove.
     Ready { resume: Option<ResumeKey> },
     /// The client proved it may take session `target` over: the
-    /// connection goes to that session.
+    /// connection goes to that session. `adopt` holds the ticket secret of
+    /// a handoff (the resume point is then the session's own).
     Resume {
         target: u64,
         client: Nonce,
         server: Nonce,
         received: u64,
+        adopt: Option<Nonce>,
     },
 }
 
@@ -173,9 +175,10 @@ impl State {
                 Message::Resume { received, mac },
             ) => {
                 let (client, server, target) = (*client, *server, *target);
-                let verified = shared.resume_key(target).is_some_and(|key| {
-                    key.verify(Side::Client, &client, &server, target, received, &mac)
-                });
+                let verified = match shared.resume_key(target) {
+                    Ok(key) => key.verify(Side::Client, &client, &server, target, received, &mac),
+                    Err(why) => return Err((ErrorCode::AUTH_FAILED, why)),
+                };
                 if !verified {
                     let why = format!(
                         "resume proof for session {target:#x} did not verify (wrong key, or not this session's client)"
@@ -187,6 +190,27 @@ impl State {
                     client,
                     server,
                     received,
+                    adopt: None,
+                })
+            }
+            (
+                Self::ResumeProof {
+                    client,
+                    server,
+                    target,
+                },
+                Message::Adopt { mac },
+            ) => {
+                let (client, server, target) = (*client, *server, *target);
+                let secret = shared
+                    .claim_ticket(target, &client, &server, &mac)
+                    .map_err(|why| (ErrorCode::AUTH_FAILED, why))?;
+                Ok(Step::Resume {
+                    target,
+                    client,
+                    server,
+                    received: 0,
+                    adopt: Some(secret),
                 })
             }
             (Self::Hello, m) => {
@@ -198,7 +222,10 @@ impl State {
                 Err((ErrorCode::AUTH_REQUIRED, why))
             }
             (Self::ResumeProof { .. }, m) => {
-                let why = format!("expected Resume, got message type {:#06x}", m.kind());
+                let why = format!(
+                    "expected Resume or Adopt, got message type {:#06x}",
+                    m.kind()
+                );
                 Err((ErrorCode::AUTH_REQUIRED, why))
             }
             (Self::Ready, m) => {

@@ -138,9 +138,20 @@ pub struct Shared {
 /// How a new connection reaches a resumable session.
 #[derive(Debug)]
 struct Resumable {
-    key: ResumeKey,
+    /// `None` while the session is suspended for a handoff: only its
+    /// ticket takes it over then.
+    key: Option<ResumeKey>,
+    ticket: Option<Ticket>,
     handover: Sender<Handover>,
     waker: Weak<Waker>,
+}
+
+/// The single-use ticket of a suspended session.
+#[derive(Debug)]
+struct Ticket {
+    secret: [u8; NONCE_LEN],
+    expires: Instant,
+    used: bool,
 }
 
 /// A new connection that proved it may take a session over.
@@ -152,6 +163,8 @@ struct Handover {
     server: [u8; NONCE_LEN],
     /// Last frame the client received from the session.
     received: u64,
+    /// The ticket secret, when this is an adopter.
+    adopt: Option<[u8; NONCE_LEN]>,
 }
 
 impl Shared {
@@ -183,8 +196,65 @@ impl Shared {
     }
 
     /// The key resumes of session `id` must prove.
-    fn resume_key(&self, id: u64) -> Option<ResumeKey> {
-        self.table().get(&id).map(|r| r.key.clone())
+    fn resume_key(&self, id: u64) -> Result<ResumeKey, String> {
+        match self.table().get(&id) {
+            None => Err(format!("no session {id:#x} to resume here")),
+            Some(Resumable { key: Some(k), .. }) => Ok(k.clone()),
+            Some(_) => Err(format!(
+                "session {id:#x} was suspended for a handoff: only its ticket can take it over"
+            )),
+        }
+    }
+
+    /// Checks an `Adopt` proof against session `id`'s ticket and uses the
+    /// ticket up; returns its secret.
+    fn claim_ticket(
+        &self,
+        id: u64,
+        client: &[u8; NONCE_LEN],
+        server: &[u8; NONCE_LEN],
+        mac: &[u8; NONCE_LEN],
+    ) -> Result<[u8; NONCE_LEN], String> {
+        let mut table = self.table();
+        let t = match table.get_mut(&id).map(|r| r.ticket.as_mut()) {
+            None => return Err(format!("no session {id:#x} to adopt here")),
+            Some(None) => {
+                return Err(format!(
+                    "session {id:#x} has no handoff ticket (it was not suspended)"
+                ))
+            }
+            Some(Some(t)) => t,
+        };
+        if !auth::verify_adopt(&t.secret, client, server, id, mac) {
+            return Err(format!(
+                "ticket proof for session {id:#x} did not verify (not this session's ticket)"
+            ));
+        }
+        if t.used {
+            return Err(format!(
+                "the ticket of session {id:#x} was used already (tickets are single-use)"
+            ));
+        }
+        if Instant::now() >= t.expires {
+            return Err(format!("the ticket of session {id:#x} expired"));
+        }
+        t.used = true;
+        Ok(t.secret)
+    }
+
+    /// Session `id` resumes with `key` from now on.
+    fn set_key(&self, id: u64, key: ResumeKey) {
+        if let Some(r) = self.table().get_mut(&id) {
+            r.key = Some(key);
+        }
+    }
+
+    /// Updates session `id`'s entry: its resume key and ticket.
+    fn set_resume(&self, id: u64, key: Option<ResumeKey>, ticket: Option<Ticket>) {
+        if let Some(r) = self.table().get_mut(&id) {
+            r.key = key;
+            r.ticket = ticket;
+        }
     }
 
     /// Gives `h` to session `id` and wakes it; false if it is gone.
@@ -246,6 +316,9 @@ struct Resume {
     unacked: (usize, usize),
     /// Interrupts queued while parked.
     parked_irqs: u64,
+    /// Set by `Suspend`: the last frame the suspending client received
+    /// (the `Suspended` reply), where an adopter takes over.
+    suspended: Option<u64>,
 }
 
 /// A request that failed without ending the session.
@@ -567,7 +640,20 @@ impl Session {
         let (since, why) = r.parked.take().expect("parked above");
         let parked_irqs = r.parked_irqs;
         self.shared.counters.parked.fetch_sub(1, Ordering::Relaxed);
-        if let Err(e) = self.out.rewind(h.received) {
+        // An adopter starts where the suspending client stopped, and has a
+        // key of its own from now on.
+        let received = match h.adopt {
+            Some(secret) => {
+                r.key = ResumeKey::adopted(&secret, &h.client, &h.server, self.id);
+                // The spent ticket stays, so that a second adopter learns why.
+                self.shared.set_key(self.id, r.key.clone());
+                r.suspended
+                    .take()
+                    .expect("only suspended sessions have tickets")
+            }
+            None => h.received,
+        };
+        if let Err(e) = self.out.rewind(received) {
             return Err(End {
                 protocol_error: true,
                 ..End::clean(format!("resume point refused: {e}"))
@@ -612,11 +698,16 @@ impl Session {
         }
         info!(
             session = %self.hex(), peer = %h.peer, parked_for = ?since.elapsed(), replay_bytes = self.out.len(),
-            interrupts_queued = parked_irqs, client_received = h.received, received = self.received,
+            interrupts_queued = parked_irqs, client_received = received, received = self.received,
+            adopted = h.adopt.is_some(),
             "resumed on a new connection"
         );
         self.peer = h.peer;
         self.link = Some(Link::resumed(h.conn, self.received + 1));
+        if h.adopt.is_some() {
+            // The adopter's target memory is fresh: bring it up to date.
+            self.devices.send_all(&mut self.out);
+        }
         Ok(())
     }
 
@@ -835,7 +926,8 @@ impl Session {
                     client,
                     server,
                     received,
-                }) => Err(self.hand_over(target, client, server, received)),
+                    adopt,
+                }) => Err(self.hand_over(target, client, server, received, adopt)),
                 Err((code, why)) => Err(self.fatal(code, seq, why)),
             };
         }
@@ -877,6 +969,7 @@ impl Session {
                 "this session carries a USB device; open PCI devices in another session".into(),
             )),
             Message::Goodbye => return Err(End::clean("client said goodbye")),
+            Message::Suspend => return self.suspend(seq),
             Message::Ping { payload } => Ok(Message::Pong { payload }),
             Message::ListDevices => Ok(Message::DeviceList {
                 devices: self.shared.registry.list(),
@@ -910,7 +1003,8 @@ impl Session {
         self.shared.table().insert(
             self.id,
             Resumable {
-                key: key.clone(),
+                key: Some(key.clone()),
+                ticket: None,
                 handover,
                 waker: Arc::downgrade(&self._waker),
             },
@@ -922,7 +1016,52 @@ impl Session {
             parked: None,
             unacked: (0, 0),
             parked_irqs: 0,
+            suspended: None,
         });
+    }
+
+    /// `Suspend`: answers with a single-use ticket, then drops this
+    /// connection and keeps the session parked for its adopter.
+    fn suspend(&mut self, seq: u64) -> Result<(), End> {
+        let Some(r) = &mut self.resume else {
+            let why =
+                "only a resumable session (protocol 2, a server grace period) can be handed off";
+            let msg = Message::Error {
+                code: ErrorCode::STATE,
+                message: why.into(),
+            };
+            self.devices.reply(seq, &msg, &mut self.out);
+            return Ok(());
+        };
+        let secret = auth::nonce().map_err(|e| End::clean(format!("no ticket secret: {e}")))?;
+        let ttl = self.shared.limits.resume_grace;
+        self.shared.set_resume(
+            self.id,
+            None,
+            Some(Ticket {
+                secret,
+                expires: Instant::now() + ttl,
+                used: false,
+            }),
+        );
+        let reply = Message::Suspended {
+            secret,
+            ttl_ms: ttl.as_millis() as u64,
+        };
+        self.devices.reply(seq, &reply, &mut self.out);
+        r.suspended = Some(self.out.next_seq() - 1);
+        // The client reads the ticket before the link goes.
+        if let Some(link) = &self.link {
+            let wait = Some(Duration::from_secs(2));
+            let _ = link
+                .conn
+                .set_nonblocking(false)
+                .and_then(|()| link.conn.set_write_timeout(wait))
+                .and_then(|()| self.out.write_to(&link.conn, wait));
+        }
+        info!(session = %self.hex(), ttl = ?ttl, "suspended for a handoff");
+        self.park("suspended for a handoff".into());
+        Ok(())
     }
 
     /// This connection proved it may take session `target` over: it goes
@@ -933,6 +1072,7 @@ impl Session {
         client: [u8; NONCE_LEN],
         server: [u8; NONCE_LEN],
         received: u64,
+        adopt: Option<[u8; NONCE_LEN]>,
     ) -> End {
         let mut link = self.link.take().expect("a linked session");
         if link.reader.has_partial() {
@@ -961,6 +1101,7 @@ impl Session {
             client,
             server,
             received,
+            adopt,
         };
         if self.shared.hand_over(target, h) {
             End::clean(format!("connection handed to session {target:#x}"))

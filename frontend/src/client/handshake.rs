@@ -165,17 +165,26 @@ pub(crate) fn handshake(
     })
 }
 
-/// Takes session `session` over on the new connection `conn`, telling the
-/// backend the client received its frames up to `received`. Returns the
-/// decoder to go on with (expecting the backend's frame `received + 1`)
-/// and the last frame the backend received.
-pub(crate) fn resume(
+type Nonce = [u8; NONCE_LEN];
+
+/// What the server said when a new connection took a session over.
+struct TakenOver {
+    dec: FrameDecoder,
+    client: Nonce,
+    server: Nonce,
+    /// The last frame the server received from this session's client.
+    received: u64,
+    mac: Nonce,
+}
+
+/// `Hello` naming `session`, `Welcome`, the proof `prove` makes from both
+/// nonces, and `Resumed`.
+fn take_over(
     conn: &Conn,
     opts: &ClientOptions,
     session: u64,
-    key: &ResumeKey,
-    received: u64,
-) -> Result<(FrameDecoder, u64), ClientError> {
+    prove: impl FnOnce(&Nonce, &Nonce) -> Message,
+) -> Result<TakenOver, ClientError> {
     configure(conn, opts)?;
     let mut out = OutQueue::new();
     let mut dec = FrameDecoder::new();
@@ -194,24 +203,79 @@ pub(crate) fn resume(
     let (_, features, id, _, server) = welcome(conn, &mut dec)?;
     if id != session || features & FEATURE_RESUME == 0 {
         return Err(ClientError::Protocol(format!(
-            "asked to resume session {session:#x}, the backend offered {id:#x}"
+            "asked to take session {session:#x} over, the backend offered {id:#x}"
         )));
     }
-    let mac = key.proof(Side::Client, &client, &server, session, received);
-    out.push(&Message::Resume { received, mac }, 0);
+    out.push(&prove(&client, &server), 0);
     send(conn, &mut out, opts)?;
     match read_frame(conn, &mut dec)?.msg {
-        Message::Resumed {
-            received: theirs,
+        Message::Resumed { received, mac } => Ok(TakenOver {
+            dec,
+            client,
+            server,
+            received,
             mac,
-        } if key.verify(Side::Server, &client, &server, session, theirs, &mac) => {
-            dec.set_next_seq(received + 1);
-            Ok((dec, theirs))
-        }
-        Message::Resumed { .. } => Err(ClientError::BadServerProof),
+        }),
         m => Err(ClientError::Protocol(format!(
             "expected Resumed, got {:#06x}",
             m.kind()
         ))),
     }
+}
+
+/// Takes session `session` over on the new connection `conn`, telling the
+/// backend the client received its frames up to `received`. Returns the
+/// decoder to go on with (expecting the backend's frame `received + 1`)
+/// and the last frame the backend received.
+pub(crate) fn resume(
+    conn: &Conn,
+    opts: &ClientOptions,
+    session: u64,
+    key: &ResumeKey,
+    received: u64,
+) -> Result<(FrameDecoder, u64), ClientError> {
+    let t = take_over(conn, opts, session, |c, s| Message::Resume {
+        received,
+        mac: key.proof(Side::Client, c, s, session, received),
+    })?;
+    if !key.verify(
+        Side::Server,
+        &t.client,
+        &t.server,
+        session,
+        t.received,
+        &t.mac,
+    ) {
+        return Err(ClientError::BadServerProof);
+    }
+    let mut dec = t.dec;
+    dec.set_next_seq(received + 1);
+    Ok((dec, t.received))
+}
+
+/// Adopts suspended session `session` on `conn` with its ticket `secret`.
+/// Returns the decoder (still in the connection's numbering: the caller
+/// sets the session's), the last frame the backend received from the
+/// suspending client, and this client's own resume key.
+pub(crate) fn adopt(
+    conn: &Conn,
+    opts: &ClientOptions,
+    session: u64,
+    secret: &Nonce,
+) -> Result<(FrameDecoder, u64, ResumeKey), ClientError> {
+    let t = take_over(conn, opts, session, |c, s| Message::Adopt {
+        mac: auth::adopt_proof(secret, c, s, session),
+    })?;
+    let key = ResumeKey::adopted(secret, &t.client, &t.server, session);
+    if !key.verify(
+        Side::Server,
+        &t.client,
+        &t.server,
+        session,
+        t.received,
+        &t.mac,
+    ) {
+        return Err(ClientError::BadServerProof);
+    }
+    Ok((t.dec, t.received, key))
 }

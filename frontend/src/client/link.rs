@@ -92,6 +92,10 @@ pub(crate) struct Inner {
     last_post: AtomicU64,
     resume: Option<Resumer>,
     recovering: AtomicBool,
+    /// A `Suspend` is on its way: the link's end is expected, not a loss.
+    pub(crate) suspending: AtomicBool,
+    /// The session went to another frontend: say no Goodbye.
+    pub(crate) handed_off: AtomicBool,
     /// Last frame received, and frames and bytes since our last `Ack`.
     received: AtomicU64,
     unacked: AtomicUsize,
@@ -147,6 +151,8 @@ impl Inner {
             last_post: AtomicU64::new(0),
             resume,
             recovering: AtomicBool::new(false),
+            suspending: AtomicBool::new(false),
+            handed_off: AtomicBool::new(false),
             received: AtomicU64::new(0),
             unacked: AtomicUsize::new(0),
             unacked_bytes: AtomicUsize::new(0),
@@ -159,6 +165,22 @@ impl Inner {
     /// True if the session resumes on a new connection when its link breaks.
     pub(crate) fn resumable(&self) -> bool {
         self.resume.is_some()
+    }
+
+    /// Where the session reconnects to (resumable sessions).
+    pub(crate) fn endpoint(&self) -> Option<&Endpoint> {
+        self.resume.as_ref().map(|r| &r.endpoint)
+    }
+
+    /// The last frame received from the backend.
+    pub(crate) fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Starts the session's numbering of received frames at `seq` (an
+    /// adopter, whose first frame is `seq + 1`).
+    pub(crate) fn set_received(&self, seq: u64) {
+        self.received.store(seq, Ordering::Relaxed);
     }
 
     /// The current connection and its generation.
@@ -178,7 +200,7 @@ impl Inner {
     /// Says goodbye, stops the pump (`pump` is its thread) and shuts the
     /// connection down.
     pub(crate) fn close(&self, pump: Option<JoinHandle<()>>) {
-        {
+        if !self.handed_off.load(Ordering::Relaxed) {
             let mut out = lock(&self.tx);
             out.push(&Message::Goodbye, 0);
             let _ = self.write_out(&mut out);
@@ -223,10 +245,23 @@ impl Inner {
     }
 
     fn check_open(&self) -> Result<(), ClientError> {
+        if self.handed_off.load(Ordering::Relaxed) {
+            return Err(ClientError::Disconnected(
+                "the session was handed off to another frontend".into(),
+            ));
+        }
         if self.stopping.load(Ordering::Relaxed) {
             return Err(ClientError::Disconnected("client is closing".into()));
         }
         Ok(())
+    }
+
+    /// After a `Suspended` reply: this client lets the session go.
+    pub(crate) fn hand_off(&self) {
+        self.handed_off.store(true, Ordering::Relaxed);
+        self.stopping.store(true, Ordering::Relaxed);
+        let _ = self.stop.write(1);
+        let _ = self.conn().0.shutdown();
     }
 
     /// Sends the queue on the current connection (first forgetting what
@@ -248,7 +283,10 @@ impl Inner {
     /// The link of `generation` failed: a resumable session moves to a new
     /// connection (or is already on one); any other is lost.
     fn link_failed(&self, generation: u64, why: String) -> Result<(), ClientError> {
-        if self.resume.is_none() || self.stopping.load(Ordering::Relaxed) {
+        if self.resume.is_none()
+            || self.stopping.load(Ordering::Relaxed)
+            || self.suspending.load(Ordering::Relaxed)
+        {
             lock(&self.rx).closed.get_or_insert_with(|| why.clone());
             return Err(ClientError::Disconnected(why));
         }

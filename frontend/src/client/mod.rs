@@ -5,16 +5,19 @@
 //! - `link`: the connection (requests, replies, posted-write batching,
 //!   the pump thread);
 //! - `target`: what the frontend keeps per open device (target DMA
-//!   memory, interrupt routes), independent of the connection.
+//!   memory, interrupt routes), independent of the connection;
+//! - `handoff`: the ticket that hands a live session to another frontend.
 
+mod handoff;
 mod handshake;
 mod link;
 mod target;
 
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use cio_core::wire::{DeviceSummary, ErrorCode, Message};
@@ -22,6 +25,7 @@ use cio_core::DeviceError;
 use cio_transports::{Conn, Endpoint, Psk};
 
 use crate::remote::RemoteDevice;
+pub use handoff::Ticket;
 pub(crate) use handshake::{handshake, read_frame, Handshake};
 pub(crate) use link::Inner;
 pub(crate) use target::{lock, Target};
@@ -104,6 +108,9 @@ pub enum ClientError {
     /// A device operation failed.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// A handoff ticket is unusable, or the session cannot be handed off.
+    #[error("handoff: {0}")]
+    Ticket(String),
 }
 
 impl ClientError {
@@ -244,7 +251,7 @@ impl Client {
                 )))
             }
         };
-        let target = Arc::new(Target::default());
+        let target = Arc::new(Target::new(info.clone()));
         lock(&self.shared.inner.targets).insert(handle, Arc::clone(&target));
         Ok(RemoteDevice::new(
             Arc::clone(&self.shared),
@@ -252,5 +259,135 @@ impl Client {
             info,
             target,
         ))
+    }
+
+    /// Hands the session on: the backend keeps it (devices untouched,
+    /// interrupts and device-written data queued) for one adopter, and this
+    /// client lets go of it (every later call on it, or on its devices,
+    /// fails). Give the ticket to the adopter ([`Client::adopt`], in this or
+    /// another process, on this or another host) before it expires.
+    pub fn suspend(&self) -> Result<Ticket, ClientError> {
+        let inner = &self.shared.inner;
+        let Some(endpoint) = inner.endpoint().cloned() else {
+            return Err(ClientError::Ticket(
+                "the session is not resumable (the backend speaks protocol 1, keeps no sessions, or the client was made without an endpoint)".into(),
+            ));
+        };
+        inner.suspending.store(true, Ordering::Relaxed);
+        let reply = inner.call(None, &Message::Suspend);
+        let (secret, ttl_ms) = match reply {
+            Ok(Message::Suspended { secret, ttl_ms }) => (secret, ttl_ms),
+            other => {
+                inner.suspending.store(false, Ordering::Relaxed);
+                return Err(match other {
+                    Ok(m) => {
+                        ClientError::Protocol(format!("expected Suspended, got {:#06x}", m.kind()))
+                    }
+                    Err(e) => e,
+                });
+            }
+        };
+        let server_next = inner.received() + 1;
+        inner.hand_off();
+        let devices = lock(&inner.targets)
+            .iter()
+            .map(|(&handle, t)| handoff::TicketDevice {
+                handle,
+                info: t.info.clone(),
+                mappings: lock(&t.dma)
+                    .regions()
+                    .iter()
+                    .map(|r| (r.iova(), r.len(), r.dir()))
+                    .collect(),
+                irqs: lock(&t.irqs).keys().copied().collect(),
+            })
+            .collect();
+        Ok(Ticket {
+            endpoint,
+            session: inner.session,
+            expires: SystemTime::now() + Duration::from_millis(ttl_ms),
+            secret,
+            server_next,
+            devices,
+        })
+    }
+
+    /// Adopts a session another frontend suspended: the same open devices,
+    /// DMA mappings and interrupt routes, without any reset. This client
+    /// supplies fresh target memory for every mapping, which the backend
+    /// fills from its shadow before this returns (so the adopter sees what
+    /// the device and the previous frontend left there), and a fresh
+    /// eventfd for every interrupt route ([`RemoteDevice::irq_eventfd`]).
+    pub fn adopt(
+        ticket: &Ticket,
+        opts: ClientOptions,
+    ) -> Result<(Self, Vec<RemoteDevice>), ClientError> {
+        if ticket.expired() {
+            let ago = ticket.expires.elapsed().unwrap_or_default();
+            return Err(ClientError::Ticket(format!(
+                "the ticket of session {:#x} expired {:.1}s ago",
+                ticket.session,
+                ago.as_secs_f64()
+            )));
+        }
+        let conn = Conn::connect(&ticket.endpoint, opts.connect_timeout)?;
+        let (mut dec, theirs, key) =
+            handshake::adopt(&conn, &opts, ticket.session, &ticket.secret)?;
+        dec.set_next_seq(ticket.server_next);
+        let mut out = cio_transports::OutQueue::starting_at(theirs + 1);
+        out.retain();
+        let hs = Handshake {
+            out,
+            dec,
+            session: ticket.session,
+            features: cio_core::wire::FEATURES,
+            resume: Some(key),
+        };
+        let fail = |e: io::Error| ClientError::Ticket(format!("setting the session up: {e}"));
+        let inner = Inner::new(conn, hs, &opts, Some(ticket.endpoint.clone())).map_err(fail)?;
+        inner.set_received(ticket.server_next - 1);
+        for d in &ticket.devices {
+            let t = Target::new(d.info.clone());
+            for &(iova, len, dir) in &d.mappings {
+                let region = cio_core::DmaRegion::new(iova, len, dir)
+                    .map_err(|e| ClientError::Ticket(format!("mapping {iova:#x}: {e}")))?;
+                lock(&t.dma)
+                    .insert(Arc::new(region))
+                    .map_err(|e| ClientError::Ticket(format!("mapping {iova:#x}: {e}")))?;
+            }
+            for &(kind, vector) in &d.irqs {
+                let fd =
+                    cio_core::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).map_err(fail)?;
+                lock(&t.irqs).insert((kind, vector), fd);
+            }
+            lock(&inner.targets).insert(d.handle, Arc::new(t));
+        }
+        let inner = Arc::new(inner);
+        let pump_inner = Arc::clone(&inner);
+        let pump = std::thread::Builder::new()
+            .name("cio-pump".into())
+            .spawn(move || pump_inner.pump())
+            .map_err(fail)?;
+        let client = Self {
+            shared: Arc::new(Shared {
+                inner,
+                pump: Mutex::new(Some(pump)),
+            }),
+        };
+        // The backend sends the mappings' content before it answers this.
+        client.ping(Bytes::new())?;
+        let devices = ticket
+            .devices
+            .iter()
+            .map(|d| {
+                let target = client
+                    .shared
+                    .inner
+                    .target(d.handle)
+                    .expect("inserted above");
+                RemoteDevice::new(Arc::clone(&client.shared), d.handle, d.info.clone(), target)
+            })
+            .collect();
+        Ok((client, devices))
     }
 }

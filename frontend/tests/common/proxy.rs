@@ -142,6 +142,28 @@ impl Proxy {
         self.state.refuse.store(on, Ordering::Relaxed);
     }
 
+    /// Links forwarding now (not cut, neither side closed).
+    pub fn live(&self) -> usize {
+        let links = self.state.links.lock().unwrap();
+        links
+            .iter()
+            .filter(|(l, _, _)| l.load(Ordering::Acquire) == LIVE)
+            .count()
+    }
+
+    /// Waits up to 5 s until `n` links forward.
+    pub fn wait_live(&self, n: usize) {
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while self.live() != n {
+            assert!(
+                std::time::Instant::now() < end,
+                "{} live links, expected {n}",
+                self.live()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Connections forwarded so far.
     pub fn accepted(&self) -> usize {
         self.state.accepted.load(Ordering::Relaxed)
@@ -176,7 +198,7 @@ fn forward(client: TcpStream, server: TcpStream, flag: &Arc<AtomicU8>, st: &Arc<
     let back = std::thread::spawn(move || one_way(s2, c2, &f, &s));
     one_way(client, server, flag, st);
     let _ = back.join();
-    let _ = flag.compare_exchange(RESET, GONE, Ordering::AcqRel, Ordering::Relaxed);
+    flag.store(GONE, Ordering::Release);
 }
 
 fn one_way(mut from: TcpStream, mut to: TcpStream, flag: &AtomicU8, st: &State) {
