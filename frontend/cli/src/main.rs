@@ -3,16 +3,11 @@
 // "optional", not rustdoc links.
 #![allow(rustdoc::broken_intra_doc_links)]
 
-mod bench;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use cio_backend::models::Edu;
-use cio_backend::{Limits, Server, ServerConfig};
 use cio_core::error_chain;
 use cio_core::{DeviceInfo, RegionKind};
-use cio_frontend::drivers::edu;
 use cio_frontend::usb::{self, RelayEnd, UsbSource, Vhci};
 use cio_frontend::{Client, ClientOptions};
 use cio_hw_profiles::Profile;
@@ -35,12 +30,16 @@ macro_rules! out {
     }};
 }
 
+mod bench;
+mod demo;
+
 /// Use PCI and USB devices served by a ciod on another host, as if they were local.
 ///
 /// HOST is HOST[:PORT] (default port 7451), tcp:HOST:PORT or unix:PATH.
 ///
 /// Examples:
 ///   cio demo                      # self-contained: embedded ciod + emulated edu
+///   cio demo --handoff            # ... and the session moves to a second process
 ///   cio list 127.0.0.1
 ///   cio info 127.0.0.1 edu0
 ///   cio --psk-file key list 192.0.2.10:7451
@@ -72,9 +71,33 @@ enum Cmd {
         /// Device name (from `cio list`).
         device: String,
     },
-    /// Start an embedded backend with an emulated edu device and drive it
-    /// through the real TCP path: factorials, interrupts, DMA round trip.
-    Demo,
+    /// Drive an edu through the real TCP path: factorials, interrupts, DMA
+    /// round trip, reset. Without HOST it starts an embedded backend with
+    /// an emulated edu.
+    ///
+    /// With --handoff it shows the migration primitive: the first half runs
+    /// here, then the live session is handed to a second cio process, which
+    /// finishes with the device state intact (no reset).
+    Demo {
+        /// A running ciod serving an edu (e.g. `ciod --emulate edu`).
+        host: Option<String>,
+        /// The edu to drive.
+        #[arg(long, default_value = "edu0")]
+        device: String,
+        /// Leave out the reset check (QEMU's real edu has no reset method).
+        #[arg(long)]
+        skip_reset: bool,
+        /// Hand the session to a second cio process halfway through.
+        #[arg(long)]
+        handoff: bool,
+    },
+    /// The second half of `cio demo --handoff`: adopt the session in a
+    /// ticket file and finish.
+    #[command(hide = true)]
+    AdoptDemo {
+        /// Ticket file written by the first half.
+        ticket: PathBuf,
+    },
     /// Measure cio against the raw transport in the same run (P1 read
     /// latency, P2 posted writes/s, P3 DMA sync bandwidth, P4 interrupt
     /// latency, P7 sync cost vs mapping size) and print ratios.
@@ -222,7 +245,20 @@ fn run(args: Args) -> Result<(), String> {
             out!("{}", describe(cio_core::Device::info(&dev)));
             Ok(())
         }
-        Cmd::Demo => demo(),
+        Cmd::Demo {
+            host,
+            device,
+            skip_reset,
+            handoff,
+        } => demo::run(demo::Options {
+            host,
+            device,
+            psk,
+            psk_file: args.psk_file.clone(),
+            skip_reset,
+            handoff,
+        }),
+        Cmd::AdoptDemo { ticket } => demo::second_half(&ticket, &psk),
         Cmd::Bench {
             quick,
             transport,
@@ -396,45 +432,6 @@ fn bench(
         "{} rows, {missed} targets missed; JSON written to {}",
         report.rows.len(),
         json.display()
-    );
-    Ok(())
-}
-
-fn demo() -> Result<(), String> {
-    let server = Server::bind(ServerConfig {
-        listen: "127.0.0.1:0".parse().expect("valid endpoint"),
-        psk: None,
-        devices: vec![Box::new(Edu::new("edu0"))],
-        limits: Limits::default(),
-        usb: Default::default(),
-    })
-    .and_then(|s| s.spawn())
-    .map_err(|e| error_chain(&e))?;
-    let ep = server.endpoint().clone();
-    outln!("embedded ciod serving an emulated edu on {ep}");
-    let client = Client::connect(&ep, ClientOptions::default()).map_err(|e| error_chain(&e))?;
-    outln!("connected over TCP: session {}", client.session());
-    for d in client.list().map_err(|e| error_chain(&e))? {
-        outln!("  listed {} ({:04x}:{:04x})", d.name, d.vendor, d.device);
-    }
-    let mut dev = client.open("edu0").map_err(|e| error_chain(&e))?;
-    outln!("opened edu0:");
-    for line in describe(cio_core::Device::info(&dev)).lines().take(5) {
-        outln!("  {line}");
-    }
-    let report = edu::self_test(&mut dev, 0x10_0000, |step| outln!("  {step}"))
-        .map_err(|e| error_chain(&e))?;
-    let msi = dev.irq_events();
-    drop(dev);
-    drop(client);
-    server.shutdown();
-    outln!(
-        "demo passed: {} factorials, {} interrupts ({} delivered as events), {} DMA bytes, checksum {:#018x}",
-        report.factorials.len(),
-        report.interrupts,
-        msi,
-        report.dma_bytes,
-        report.dma_checksum
     );
     Ok(())
 }

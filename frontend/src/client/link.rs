@@ -200,12 +200,14 @@ impl Inner {
     /// Says goodbye, stops the pump (`pump` is its thread) and shuts the
     /// connection down.
     pub(crate) fn close(&self, pump: Option<JoinHandle<()>>) {
+        // First, so that the backend closing the link after our Goodbye is
+        // not taken for a lost link.
+        self.stopping.store(true, Ordering::Relaxed);
         if !self.handed_off.load(Ordering::Relaxed) {
             let mut out = lock(&self.tx);
             out.push(&Message::Goodbye, 0);
             let _ = self.write_out(&mut out);
         }
-        self.stopping.store(true, Ordering::Relaxed);
         let _ = self.stop.write(1);
         if let Some(t) = pump {
             let _ = t.join();

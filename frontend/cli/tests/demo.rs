@@ -1,0 +1,77 @@
+//! `cio demo` as a user runs it: embedded, against a running backend, and
+//! with the session handed to a second process.
+
+use std::process::Command;
+
+use cio_backend::models::Edu;
+use cio_backend::{Limits, Server, ServerConfig, ServerHandle};
+use cio_transports::Psk;
+
+fn cio(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cio"))
+        .args(args)
+        .output()
+        .expect("running cio");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn backend(psk: Option<Psk>) -> ServerHandle {
+    Server::bind(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        psk,
+        devices: vec![Box::new(Edu::new("edu0"))],
+        limits: Limits::default(),
+        usb: Default::default(),
+    })
+    .unwrap()
+    .spawn()
+    .unwrap()
+}
+
+#[test]
+fn the_embedded_demo_hands_its_session_to_a_second_process() {
+    let (ok, out) = cio(&["demo", "--handoff"]);
+    assert!(ok, "{out}");
+    let pids: Vec<&str> = out
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("[1/2, pid ")
+                .or(l.strip_prefix("[2/2, pid "))
+        })
+        .filter_map(|l| l.split(']').next())
+        .collect();
+    assert!(pids.len() >= 3, "{out}");
+    assert_ne!(pids[0], pids[pids.len() - 1], "two processes: {out}");
+    assert!(out.contains("factorial register still 3628800"), "{out}");
+    assert!(out.contains("demo passed: the session moved"), "{out}");
+    assert!(!out.contains("WARN"), "no warnings on the way: {out}");
+}
+
+#[test]
+fn the_demo_runs_against_a_running_backend_with_a_key() {
+    let dir = std::env::temp_dir().join(format!("cio-demo-key-{}", std::process::id()));
+    std::fs::write(&dir, "demo-key-0123456789abcdef\n").unwrap();
+    let s = backend(Some(Psk::from_file(&dir).unwrap()));
+    let host = s.endpoint().to_string();
+    let key = dir.to_str().unwrap();
+    let (ok, out) = cio(&["--psk-file", key, "demo", &host]);
+    assert!(ok, "{out}");
+    assert!(out.contains("demo passed: 6 factorials"), "{out}");
+    let (ok, out) = cio(&["--psk-file", key, "demo", "--handoff", &host]);
+    assert!(ok, "{out}");
+    assert!(out.contains("demo passed: the session moved"), "{out}");
+    // Both sessions ended and gave the device back.
+    let st = s
+        .wait_stats(std::time::Duration::from_secs(5), |st| {
+            st.sessions == 0 && st.open_devices == 0
+        })
+        .unwrap();
+    assert_eq!(st.resumes, 1, "one adoption: {st:?}");
+    // Without the key it fails, clearly.
+    let (ok, out) = cio(&["demo", &host]);
+    assert!(!ok);
+    assert!(out.contains("pre-shared key"), "{out}");
+    std::fs::remove_file(&dir).unwrap();
+}
