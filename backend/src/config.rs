@@ -17,6 +17,9 @@
 //! model = "vfio"                  # a real function bound to vfio-pci
 //! name = "nic0"
 //! bdf = "0000:00:03.0"
+//! release = "clear"               # if it has no full reset: what a release
+//!                                 # does ("clear": bus mastering off, INTx
+//!                                 # disabled; "as-is": hand it on untouched)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -52,6 +55,8 @@ pub struct DeviceEntry {
     pub size: Option<String>,
     /// PCI address for `vfio`.
     pub bdf: Option<String>,
+    /// What releasing it does when it has no reset that clears its state.
+    pub release: Option<crate::registry::Release>,
 }
 
 impl FileConfig {
@@ -60,6 +65,17 @@ impl FileConfig {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("reading {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The release policies it sets, by device name.
+    pub fn release_policies(&self) -> Result<Vec<(String, crate::registry::Release)>, String> {
+        let specs = self.specs()?;
+        Ok(self
+            .devices
+            .iter()
+            .zip(&specs)
+            .filter_map(|(d, s)| d.release.map(|r| (s.name().to_owned(), r)))
+            .collect())
     }
 
     /// The device specs it names.
@@ -106,6 +122,15 @@ pub enum DeviceSpec {
         /// PCI address, or a `vendor:device` id resolved when opened.
         bdf: String,
     },
+}
+
+impl DeviceSpec {
+    /// The name it is served as.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Edu { name } | Self::Memory { name, .. } | Self::Vfio { name, .. } => name,
+        }
+    }
 }
 
 /// Parses `4096`, `64K`, `16M`, `1G`.
@@ -242,6 +267,24 @@ mod tests {
             }
         );
         assert!(toml::from_str::<FileConfig>("lisen = \"x\"").is_err());
+    }
+
+    #[test]
+    fn release_policies_by_device_name() {
+        let c: FileConfig = toml::from_str(
+            "[[device]]\nmodel = \"edu\"\nrelease = \"as-is\"\n[[device]]\nmodel = \"vfio\"\nname = \"nic0\"\nbdf = \"0000:00:03.0\"\nrelease = \"clear\"\n[[device]]\nmodel = \"memory\"\n",
+        )
+        .unwrap();
+        use crate::registry::Release;
+        assert_eq!(
+            c.release_policies().unwrap(),
+            [
+                ("edu0".to_string(), Release::AsIs),
+                ("nic0".into(), Release::Clear)
+            ]
+        );
+        let bad = toml::from_str::<FileConfig>("[[device]]\nmodel = \"edu\"\nrelease = \"keep\"\n");
+        assert!(bad.is_err());
     }
 
     #[test]

@@ -13,6 +13,31 @@ struct Slot {
     info: DeviceInfo,
     device: Option<Box<dyn Device>>,
     owner: Option<u64>,
+    release: Release,
+    /// The release policy of a device without a full reset was logged.
+    announced: bool,
+}
+
+/// What releasing a device that has no reset clearing its state does
+/// (`DeviceInfo::reset`): the next session inherits what is left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Release {
+    /// Clear what can be cleared: bus mastering off, INTx disabled (MSI
+    /// and MSI-X are disabled for every device on release anyway).
+    #[default]
+    Clear,
+    /// Hand the device on exactly as the last session left it.
+    AsIs,
+}
+
+impl std::fmt::Display for Release {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Clear => "clear",
+            Self::AsIs => "as-is",
+        })
+    }
 }
 
 /// Why a device could not be opened.
@@ -57,6 +82,8 @@ impl Registry {
                 info,
                 device: Some(d),
                 owner: None,
+                release: Release::default(),
+                announced: false,
             });
         }
         Ok(Arc::new(Self {
@@ -80,6 +107,18 @@ impl Registry {
                 busy: s.owner.is_some(),
             })
             .collect()
+    }
+
+    /// Sets what releasing device `name` does when it cannot be reset to
+    /// its power-on state.
+    pub fn set_release(&self, name: &str, release: Release) -> Result<(), String> {
+        let mut slots = self.lock();
+        let slot = slots
+            .iter_mut()
+            .find(|s| s.info.name == name)
+            .ok_or_else(|| format!("no device named {name:?}"))?;
+        slot.release = release;
+        Ok(())
     }
 
     /// Number of devices currently open.
@@ -132,6 +171,16 @@ impl Lease {
     /// The leased device.
     pub fn device(&mut self) -> &mut dyn Device {
         self.device.as_deref_mut().expect("present until drop")
+    }
+
+    /// The device's release policy, and whether this is the first time it
+    /// is asked for (so that it is logged once per device, not per release).
+    pub fn release_policy(&self) -> (Release, bool) {
+        let mut slots = self.registry.lock();
+        let slot = &mut slots[self.index];
+        let first = !slot.announced;
+        slot.announced = true;
+        (slot.release, first)
     }
 }
 

@@ -108,6 +108,19 @@ impl Server {
         })
     }
 
+    /// Sets what releasing device `name` does when the device cannot be
+    /// reset to its power-on state (see [`Release`](crate::registry::Release)).
+    pub fn set_release(
+        &self,
+        name: &str,
+        release: crate::registry::Release,
+    ) -> Result<(), ServerError> {
+        self.shared
+            .registry
+            .set_release(name, release)
+            .map_err(ServerError::Config)
+    }
+
     /// The address actually listened on.
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint

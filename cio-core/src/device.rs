@@ -114,6 +114,63 @@ impl fmt::Display for IrqKind {
     }
 }
 
+/// How a device resets, and so what its next user inherits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ResetMethod {
+    /// Not said (a protocol-1 backend).
+    Unknown = 0,
+    /// No reset at all: the next user gets the device as the last one
+    /// left it (QEMU's edu and ivshmem).
+    None = 1,
+    /// A reset that returns the function to its power-on state: FLR, a
+    /// bus or slot reset, an emulated model's reset.
+    Full = 2,
+    /// A power-management reset (D3hot to D0), which may leave registers
+    /// as they were (QEMU's e1000e).
+    PowerState = 3,
+}
+
+impl ResetMethod {
+    /// Decodes the wire value.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Unknown),
+            1 => Some(Self::None),
+            2 => Some(Self::Full),
+            3 => Some(Self::PowerState),
+            _ => None,
+        }
+    }
+
+    /// True if a reset leaves nothing of the previous user's state.
+    pub fn clears_state(self) -> bool {
+        self == Self::Full
+    }
+
+    /// From the kernel's `reset_method` sysfs attribute: the methods it
+    /// will try, in order (`flr bus`, `pm`, ...). The kernel hides the
+    /// attribute of a function with no method, so empty means none.
+    pub fn from_sysfs(methods: &str) -> Self {
+        match methods.split_whitespace().next() {
+            Some("pm") => Self::PowerState,
+            Some(_) => Self::Full,
+            None => Self::None,
+        }
+    }
+}
+
+impl fmt::Display for ResetMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Unknown => "unknown",
+            Self::None => "none",
+            Self::Full => "full",
+            Self::PowerState => "power-state (may keep registers)",
+        })
+    }
+}
+
 /// The interrupts of one kind a device offers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IrqInfo {
@@ -144,6 +201,8 @@ pub struct DeviceInfo {
     pub regions: Vec<RegionInfo>,
     /// Interrupts.
     pub irqs: Vec<IrqInfo>,
+    /// How the device resets when a session releases it.
+    pub reset: ResetMethod,
 }
 
 impl DeviceInfo {
@@ -435,6 +494,7 @@ mod tests {
                 widths: WIDTH_4 | WIDTH_8,
             }],
             irqs: vec![],
+            reset: ResetMethod::Full,
         }
     }
 
@@ -474,6 +534,15 @@ mod tests {
             i.check_access(0, u64::MAX - 3, 4, false),
             Err(DeviceError::OutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn reset_methods_from_sysfs() {
+        assert_eq!(ResetMethod::from_sysfs("flr bus\n"), ResetMethod::Full);
+        assert_eq!(ResetMethod::from_sysfs("bus"), ResetMethod::Full);
+        assert_eq!(ResetMethod::from_sysfs("pm\n"), ResetMethod::PowerState);
+        assert_eq!(ResetMethod::from_sysfs(""), ResetMethod::None);
+        assert!(ResetMethod::Full.clears_state() && !ResetMethod::PowerState.clears_state());
     }
 
     #[test]

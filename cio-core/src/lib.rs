@@ -9,7 +9,8 @@ pub mod usbip;
 pub mod wire;
 
 pub use device::{
-    Device, DeviceError, DeviceInfo, IrqInfo, IrqKind, RegionInfo, RegionKind, CONFIG_REGION,
+    Device, DeviceError, DeviceInfo, IrqInfo, IrqKind, RegionInfo, RegionKind, ResetMethod,
+    CONFIG_REGION,
 };
 pub use dma::{DmaDir, DmaError, DmaRegion, DmaSpace, PAGE_SIZE};
 pub use wire::{DmaHead, ErrorCode, Frame, FrameDecoder, Message, WireError};

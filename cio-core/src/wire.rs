@@ -19,7 +19,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::device::{DeviceInfo, IrqInfo, IrqKind, RegionInfo, RegionKind};
+use crate::device::{DeviceInfo, IrqInfo, IrqKind, RegionInfo, RegionKind, ResetMethod};
 use crate::dma::DmaDir;
 use crate::usbip::{UsbDevice, UsbInterface, UsbSpeed, BUSID_LEN};
 
@@ -786,6 +786,10 @@ impl Message {
             Self::Opened { handle, info } => {
                 out.put_u32_le(*handle);
                 encode_info(out, info);
+                // Left out for protocol-1 peers (the server says Unknown).
+                if info.reset != ResetMethod::Unknown {
+                    out.put_u8(info.reset as u8);
+                }
             }
             Self::Close { handle } | Self::Reset { handle } => out.put_u32_le(*handle),
             Self::RegionRead {
@@ -945,10 +949,16 @@ impl Message {
             OPEN => Self::Open {
                 name: r.string("name")?,
             },
-            OPENED => Self::Opened {
-                handle: r.u32("handle")?,
-                info: decode_info(&mut r)?,
-            },
+            OPENED => {
+                let handle = r.u32("handle")?;
+                let mut info = decode_info(&mut r)?;
+                // Version 2 appends how the device resets.
+                if !r.b.is_empty() {
+                    let v = r.u8("reset method")?;
+                    info.reset = ResetMethod::from_u8(v).ok_or(r.invalid("reset method"))?;
+                }
+                Self::Opened { handle, info }
+            }
             CLOSE => Self::Close {
                 handle: r.u32("handle")?,
             },
@@ -1175,6 +1185,7 @@ fn decode_info(r: &mut Rd<'_>) -> Result<DeviceInfo, WireError> {
         revision,
         regions,
         irqs,
+        reset: ResetMethod::Unknown,
     })
 }
 
@@ -1353,6 +1364,7 @@ mod tests {
                 kind: IrqKind::Msi,
                 count: 1,
             }],
+            reset: ResetMethod::Full,
         };
         let usb = UsbDevice {
             path: "/sys/devices/usb1/1-1".into(),

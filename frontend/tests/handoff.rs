@@ -84,7 +84,8 @@ fn an_adopter_continues_the_session_with_nothing_reset_and_memory_brought_over()
     let s = common::server_with(None, limits());
     let data = pattern();
     let (a, ticket) = suspended(s.endpoint(), &data);
-    assert_eq!(s.stats().parked, 1);
+    let parked = s.wait_stats(Duration::from_secs(5), |st| st.parked == 1);
+    assert!(parked.is_ok(), "parked for the adopter: {parked:?}");
     // Through a file, as between two processes.
     let dir = std::env::temp_dir().join(format!("cio-ticket-{}", std::process::id()));
     let _ = std::fs::remove_file(&dir);

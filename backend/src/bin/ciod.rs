@@ -98,6 +98,13 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86400))]
     resume_grace: u64,
 
+    /// Hand device NAME on to the next session exactly as the last one left
+    /// it, when it has no reset that clears its state (the default clears
+    /// bus mastering and INTx). Repeatable; config files say `release =
+    /// "as-is"` in the device's table.
+    #[arg(long, value_name = "NAME")]
+    keep_state: Vec<String>,
+
     /// Take the link of a resumable session as lost when its client sent
     /// nothing (frontends ping every few seconds) for SECS seconds.
     #[arg(long, value_name = "SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=86400))]
@@ -258,6 +265,16 @@ fn run(args: Args) -> Result<(), String> {
         usb: Arc::clone(&usb),
     })
     .map_err(|e| error_chain(&e))?;
+    for (name, release) in file.release_policies()? {
+        server
+            .set_release(&name, release)
+            .map_err(|e| error_chain(&e))?;
+    }
+    for name in &args.keep_state {
+        server
+            .set_release(name, cio_backend::registry::Release::AsIs)
+            .map_err(|e| error_chain(&e))?;
+    }
     let mut signals =
         Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("installing signal handlers: {e}"))?;
     let usbip = match usbip_addr {

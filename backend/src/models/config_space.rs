@@ -45,6 +45,8 @@ impl Identity {
             revision: self.revision,
             regions,
             irqs,
+            // Every model resets to its power-on state.
+            reset: cio_core::ResetMethod::Full,
         }
     }
 }

@@ -14,7 +14,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cio_core::wire::{ErrorCode, IrqAction, Message, MAX_DMA_CHUNK};
-use cio_core::{DeviceError, DmaDir, DmaError, DmaRegion, DmaSpace, EventFd, IrqKind};
+use cio_core::{
+    Device, DeviceError, DmaDir, DmaError, DmaRegion, DmaSpace, EventFd, IrqKind, ResetMethod,
+    CONFIG_REGION,
+};
 use cio_transports::OutQueue;
 use mio::unix::SourceFd;
 use mio::{Interest, Token};
@@ -22,7 +25,7 @@ use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 use super::{ReqError, Shared};
-use crate::registry::{Lease, OpenError};
+use crate::registry::{Lease, OpenError, Release};
 
 /// Where a session's outgoing frames go.
 pub(crate) trait Outbox {
@@ -68,6 +71,20 @@ impl IrqWatch for mio::Registry {
     }
 }
 
+/// PCI command register, and the bits `quiesce` changes in it.
+const PCI_COMMAND: u64 = 0x04;
+const PCI_COMMAND_MASTER: u16 = 1 << 2;
+const PCI_COMMAND_INTX_DISABLE: u16 = 1 << 10;
+
+/// What can be cleared on a device that cannot be reset: bus mastering off
+/// (no DMA from the next user's memory until it asks), INTx disabled.
+fn quiesce(dev: &mut dyn Device) -> Result<(), DeviceError> {
+    let mut cmd = [0u8; 2];
+    dev.read(CONFIG_REGION, PCI_COMMAND, &mut cmd)?;
+    let v = (u16::from_le_bytes(cmd) & !PCI_COMMAND_MASTER) | PCI_COMMAND_INTX_DISABLE;
+    dev.write(CONFIG_REGION, PCI_COMMAND, &v.to_le_bytes())
+}
+
 fn dev_err(code: ErrorCode) -> impl Fn(DeviceError) -> ReqError {
     move |e| (code, cio_core::error_chain(&e))
 }
@@ -92,6 +109,8 @@ struct IrqSlot {
 /// shadows.
 pub(crate) struct Devices {
     session: u64,
+    /// Protocol version of the session (what `Opened` may say).
+    version: u16,
     shared: Arc<Shared>,
     handles: BTreeMap<u32, OpenDevice>,
     next_handle: u32,
@@ -111,11 +130,17 @@ impl Devices {
     pub(crate) fn new(session: u64, shared: Arc<Shared>) -> Self {
         Self {
             session,
+            version: 1,
             shared,
             handles: BTreeMap::new(),
             next_handle: 1,
             irqs: Vec::new(),
         }
+    }
+
+    /// The protocol version the handshake chose.
+    pub(crate) fn set_version(&mut self, version: u16) {
+        self.version = version;
     }
 
     /// Number of open devices.
@@ -274,7 +299,10 @@ impl Devices {
         })?;
         let handle = self.next_handle;
         self.next_handle += 1;
-        let info = lease.device().info().clone();
+        let mut info = lease.device().info().clone();
+        if self.version < 2 {
+            info.reset = ResetMethod::Unknown; // not in protocol 1's Opened
+        }
         info!(session = self.session, device = name, handle, "opened");
         self.handles.insert(
             handle,
@@ -311,8 +339,26 @@ impl Devices {
                 .shadow_bytes
                 .fetch_sub(region.len(), Ordering::Relaxed);
         }
-        if let Err(e) = d.lease.device().reset() {
-            warn!(session = self.session, device = %name, "reset on release failed: {e}");
+        let method = d.lease.device().info().reset;
+        if method != ResetMethod::None {
+            if let Err(e) = d.lease.device().reset() {
+                warn!(session = self.session, device = %name, "reset on release failed: {e}");
+            }
+        }
+        if !method.clears_state() {
+            let (policy, first) = d.lease.release_policy();
+            if policy == Release::Clear {
+                if let Err(e) = quiesce(d.lease.device()) {
+                    warn!(session = self.session, device = %name, "clearing on release: {e}");
+                }
+            }
+            let what = match policy {
+                Release::Clear => "hand it on with bus mastering off and INTx disabled",
+                Release::AsIs => "hand it on as the last session left it",
+            };
+            if first {
+                warn!(device = %name, reset = %method, release = %policy, "no reset clears this device's state: releases {what}");
+            }
         }
         info!(session = self.session, device = %name, handle, "released");
     }
@@ -710,5 +756,134 @@ mod tests {
         assert!(w.0.borrow().is_empty(), "release stops watching");
         assert_eq!(shared.registry.open_count(), 0);
         assert_eq!(shared.counters.irq_fds.load(Ordering::Relaxed), 0);
+    }
+
+    /// An edu that says it has no reset (as QEMU's real one), counting
+    /// reset calls.
+    struct NoReset {
+        edu: Edu,
+        info: cio_core::DeviceInfo,
+        resets: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Device for NoReset {
+        fn info(&self) -> &cio_core::DeviceInfo {
+            &self.info
+        }
+        fn read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+            self.edu.read(region, offset, data)
+        }
+        fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+            self.edu.write(region, offset, data)
+        }
+        fn set_irqs(
+            &mut self,
+            kind: IrqKind,
+            start: u32,
+            fds: &[EventFd],
+        ) -> Result<(), DeviceError> {
+            self.edu.set_irqs(kind, start, fds)
+        }
+        fn unmask_intx(&mut self) -> Result<(), DeviceError> {
+            self.edu.unmask_intx()
+        }
+        fn dma_map(&mut self, region: Arc<DmaRegion>) -> Result<(), DeviceError> {
+            self.edu.dma_map(region)
+        }
+        fn dma_unmap(&mut self, iova: u64) -> Result<Arc<DmaRegion>, DeviceError> {
+            self.edu.dma_unmap(iova)
+        }
+        fn reset(&mut self) -> Result<(), DeviceError> {
+            self.resets.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    fn command(d: &mut Devices, handle: u32, w: &Watched) -> u16 {
+        let read = Message::RegionRead {
+            handle,
+            region: CONFIG_REGION,
+            offset: PCI_COMMAND,
+            len: 2,
+        };
+        match &request(d, 9, read, w)[..] {
+            [(Message::ReadData { data }, _)] => u16::from_le_bytes([data[0], data[1]]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_device_without_reset_is_cleared_or_handed_on_as_configured() {
+        let resets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let edu = Edu::new("edu0");
+        let mut info = edu.info().clone();
+        info.reset = ResetMethod::None;
+        let dev = NoReset {
+            edu,
+            info,
+            resets: Arc::clone(&resets),
+        };
+        let shared = Arc::new(Shared::new(
+            Registry::new(vec![Box::new(dev)]).unwrap(),
+            Arc::new(UsbProvider::new(Vec::new(), Vec::new())),
+            None,
+            Limits::default(),
+        ));
+        let w = Watched::default();
+        for (policy, version) in [(Release::Clear, 2), (Release::AsIs, 1)] {
+            shared.registry.set_release("edu0", policy).unwrap();
+            let mut d = Devices::new(1, Arc::clone(&shared));
+            d.set_version(version);
+            let got = request(
+                &mut d,
+                1,
+                Message::Open {
+                    name: "edu0".into(),
+                },
+                &w,
+            );
+            let [(Message::Opened { handle, ref info }, 1)] = got[..] else {
+                panic!("{got:?}")
+            };
+            // Protocol 1 cannot say how the device resets.
+            let said = if version < 2 {
+                ResetMethod::Unknown
+            } else {
+                ResetMethod::None
+            };
+            assert_eq!(info.reset, said);
+            let on = Message::RegionWrite {
+                handle,
+                region: CONFIG_REGION,
+                offset: PCI_COMMAND,
+                data: Bytes::copy_from_slice(&0x0006u16.to_le_bytes()),
+            };
+            assert!(request(&mut d, 2, on, &w).is_empty());
+            assert_eq!(command(&mut d, handle, &w) & 0x6, 0x6);
+            d.release_all(&w);
+            let mut d = Devices::new(2, Arc::clone(&shared));
+            let got = request(
+                &mut d,
+                1,
+                Message::Open {
+                    name: "edu0".into(),
+                },
+                &w,
+            );
+            let [(Message::Opened { handle, .. }, 1)] = got[..] else {
+                panic!("{got:?}")
+            };
+            let cmd = command(&mut d, handle, &w);
+            match policy {
+                Release::Clear => {
+                    assert_eq!(cmd & PCI_COMMAND_MASTER, 0, "bus mastering off");
+                    assert_ne!(cmd & PCI_COMMAND_INTX_DISABLE, 0, "INTx disabled");
+                    assert_ne!(cmd & 0x2, 0, "memory decoding left alone");
+                }
+                Release::AsIs => assert_eq!(cmd & 0x6, 0x6, "handed on as it was"),
+            }
+            d.release_all(&w);
+        }
+        assert_eq!(resets.load(Ordering::Relaxed), 0, "no reset attempted");
     }
 }

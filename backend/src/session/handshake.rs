@@ -24,6 +24,7 @@ pub(crate) enum State {
         client: Nonce,
         server: Nonce,
         features: u64,
+        version: u16,
     },
     /// Waiting for the proof that the client may take session `target` over.
     ResumeProof {
@@ -42,7 +43,10 @@ pub(crate) enum Step {
     Continue,
     /// The session is authenticated; with [`FEATURE_RESUME`] granted it
     /// gets the key its resumes must prove.
-    Ready { resume: Option<ResumeKey> },
+    Ready {
+        version: u16,
+        resume: Option<ResumeKey>,
+    },
     /// The client proved it may take session `target` over: the
     /// connection goes to that session. `adopt` holds the ticket secret of
     /// a handoff (the resume point is then the session's own).
@@ -142,10 +146,13 @@ impl State {
                             client,
                             server,
                             features,
+                            version,
                         };
                         Ok(Step::Continue)
                     }
-                    AuthMethod::None => Ok(self.ready(shared, session, client, server, features)),
+                    AuthMethod::None => {
+                        Ok(self.ready(shared, session, client, server, features, version))
+                    }
                 }
             }
             (
@@ -153,10 +160,11 @@ impl State {
                     client,
                     server,
                     features,
+                    version,
                 },
                 Message::AuthProof { mac },
             ) => {
-                let (client, server, features) = (*client, *server, *features);
+                let (client, server, features, version) = (*client, *server, *features, *version);
                 let psk = shared.psk.as_ref().expect("proof state implies a key");
                 if !psk.verify(Side::Client, &client, &server, session, &mac) {
                     let why = "pre-shared key proof did not verify (wrong key?)".to_string();
@@ -164,7 +172,7 @@ impl State {
                 }
                 let mac = psk.proof(Side::Server, &client, &server, session);
                 out.push(&Message::AuthOk { mac }, seq);
-                Ok(self.ready(shared, session, client, server, features))
+                Ok(self.ready(shared, session, client, server, features, version))
             }
             (
                 Self::ResumeProof {
@@ -242,10 +250,11 @@ impl State {
         client: Nonce,
         server: Nonce,
         features: u64,
+        version: u16,
     ) -> Step {
         *self = Self::Ready;
         let resume = (features & FEATURE_RESUME != 0)
             .then(|| ResumeKey::derive(shared.psk.as_ref(), &client, &server, session));
-        Step::Ready { resume }
+        Step::Ready { version, resume }
     }
 }

@@ -671,6 +671,8 @@ impl Session {
         };
         hs.push(&resumed, 0);
         let wait = Some(Duration::from_secs(5));
+        // Counted before the client can see `Resumed`.
+        self.shared.counters.resumes.fetch_add(1, Ordering::Relaxed);
         let registered = h
             .conn
             .set_nonblocking(false)
@@ -684,7 +686,6 @@ impl Session {
                     Interest::READABLE | Interest::WRITABLE,
                 )
             });
-        self.shared.counters.resumes.fetch_add(1, Ordering::Relaxed);
         let r = self.resume.as_mut().expect("still resumable");
         r.unacked = (0, 0);
         if let Err(e) = registered {
@@ -915,7 +916,8 @@ impl Session {
             );
             return match step {
                 Ok(Step::Continue) => Ok(()),
-                Ok(Step::Ready { resume }) => {
+                Ok(Step::Ready { version, resume }) => {
+                    self.devices.set_version(version);
                     if let Some(key) = resume {
                         self.make_resumable(key);
                     }

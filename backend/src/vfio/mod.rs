@@ -28,7 +28,7 @@ use cio_core::device::{
 };
 use cio_core::{
     Device, DeviceError, DeviceInfo, DmaError, DmaRegion, EventFd, IrqInfo, IrqKind, RegionInfo,
-    RegionKind, CONFIG_REGION,
+    RegionKind, ResetMethod, CONFIG_REGION,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
 
@@ -191,7 +191,7 @@ impl VfioPci {
         name: &str,
         device: VfioDevice,
         container: Arc<VfioContainer>,
-        _sysfs: &Path,
+        sysfs: &Path,
     ) -> Result<Self, DeviceError> {
         let cfg_off = device.get_region_offset(CONFIG_REGION);
         let mut hdr = [0u8; 64];
@@ -286,6 +286,9 @@ impl VfioPci {
             revision: hdr[8],
             regions,
             irqs,
+            reset: ResetMethod::from_sysfs(
+                &std::fs::read_to_string(sysfs.join("reset_method")).unwrap_or_default(),
+            ),
         };
         Ok(Self {
             info,

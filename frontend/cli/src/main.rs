@@ -295,6 +295,16 @@ fn describe(info: &DeviceInfo) -> String {
         "\tSubsystem: {:04x}:{:04x}",
         info.subsystem_vendor, info.subsystem_device
     );
+    let _ = writeln!(
+        s,
+        "\tReset: {}{}",
+        info.reset,
+        if info.reset.clears_state() || info.reset == cio_core::ResetMethod::Unknown {
+            ""
+        } else {
+            " (the next session inherits what the last left, as far as the backend's release policy allows)"
+        }
+    );
     for r in &info.regions {
         let widths: Vec<String> = [1u8, 2, 4, 8]
             .iter()

@@ -1433,6 +1433,7 @@ mod tests {
                             },
                         ],
                         irqs,
+                        reset: cio_core::ResetMethod::Full,
                     },
                     config_command: 0,
                     cc: 0,
