@@ -16,6 +16,31 @@ use sha2::Sha256;
 
 use crate::Error;
 
+type Nonce = [u8; NONCE_LEN];
+
+/// `HMAC-SHA256(key, label | first | second | session | extra)`: every MAC
+/// and derived key of the handshakes has this shape.
+fn mac(
+    key: &[u8],
+    label: &[u8],
+    first: &Nonce,
+    second: &Nonce,
+    session: u64,
+    extra: &[u8],
+) -> Hmac<Sha256> {
+    let mut m = Hmac::<Sha256>::new_from_slice(key).expect("hmac takes keys of any length");
+    m.update(label);
+    m.update(first);
+    m.update(second);
+    m.update(&session.to_le_bytes());
+    m.update(extra);
+    m
+}
+
+fn bytes(m: Hmac<Sha256>) -> Nonce {
+    m.finalize().into_bytes().into()
+}
+
 /// Shortest accepted key.
 pub const MIN_KEY_LEN: usize = 16;
 
@@ -53,47 +78,26 @@ impl Psk {
     }
 
     /// `HMAC(key, label | own nonce | peer nonce | session)` for `side`.
-    fn mac(
-        &self,
-        side: Side,
-        client: &[u8; NONCE_LEN],
-        server: &[u8; NONCE_LEN],
-        session: u64,
-    ) -> Hmac<Sha256> {
-        let (label, first, second) = match side {
-            Side::Client => (&b"cio-v1 client"[..], client, server),
-            Side::Server => (&b"cio-v1 server"[..], server, client),
-        };
-        let mut m = Hmac::<Sha256>::new_from_slice(&self.0).expect("hmac takes keys of any length");
-        m.update(label);
-        m.update(first);
-        m.update(second);
-        m.update(&session.to_le_bytes());
-        m
+    fn mac(&self, side: Side, client: &Nonce, server: &Nonce, session: u64) -> Hmac<Sha256> {
+        match side {
+            Side::Client => mac(&self.0, b"cio-v1 client", client, server, session, &[]),
+            Side::Server => mac(&self.0, b"cio-v1 server", server, client, session, &[]),
+        }
     }
 
     /// The proof `side` sends.
-    pub fn proof(
-        &self,
-        side: Side,
-        client: &[u8; NONCE_LEN],
-        server: &[u8; NONCE_LEN],
-        session: u64,
-    ) -> [u8; NONCE_LEN] {
-        self.mac(side, client, server, session)
-            .finalize()
-            .into_bytes()
-            .into()
+    pub fn proof(&self, side: Side, client: &Nonce, server: &Nonce, session: u64) -> Nonce {
+        bytes(self.mac(side, client, server, session))
     }
 
     /// Checks, in constant time, a proof `side` sent.
     pub fn verify(
         &self,
         side: Side,
-        client: &[u8; NONCE_LEN],
-        server: &[u8; NONCE_LEN],
+        client: &Nonce,
+        server: &Nonce,
         session: u64,
-        proof: &[u8; NONCE_LEN],
+        proof: &Nonce,
     ) -> bool {
         self.mac(side, client, server, session)
             .verify_slice(proof)
@@ -119,58 +123,60 @@ impl fmt::Debug for ResumeKey {
 
 impl ResumeKey {
     /// The key of the session `session` whose handshake used these nonces.
-    pub fn derive(
-        psk: Option<&Psk>,
-        client: &[u8; NONCE_LEN],
-        server: &[u8; NONCE_LEN],
-        session: u64,
-    ) -> Self {
+    pub fn derive(psk: Option<&Psk>, client: &Nonce, server: &Nonce, session: u64) -> Self {
         let key = psk.map_or(&[][..], |p| &p.0[..]);
-        let mut m = Hmac::<Sha256>::new_from_slice(key).expect("hmac takes keys of any length");
-        m.update(b"cio-v2 resume key");
-        m.update(client);
-        m.update(server);
-        m.update(&session.to_le_bytes());
-        Self(m.finalize().into_bytes().into())
+        Self(bytes(mac(
+            key,
+            b"cio-v2 resume key",
+            client,
+            server,
+            session,
+            &[],
+        )))
     }
 
     /// The key of a session adopted with a ticket `secret` on the
     /// connection with these nonces: the adopter's own, unknown to the
     /// frontend that handed the session on.
-    pub fn adopted(
-        secret: &[u8; NONCE_LEN],
-        client: &[u8; NONCE_LEN],
-        server: &[u8; NONCE_LEN],
-        session: u64,
-    ) -> Self {
-        let mut m = Hmac::<Sha256>::new_from_slice(secret).expect("hmac takes keys of any length");
-        m.update(b"cio-v2 adopted key");
-        m.update(client);
-        m.update(server);
-        m.update(&session.to_le_bytes());
-        Self(m.finalize().into_bytes().into())
+    pub fn adopted(secret: &Nonce, client: &Nonce, server: &Nonce, session: u64) -> Self {
+        Self(bytes(mac(
+            secret,
+            b"cio-v2 adopted key",
+            client,
+            server,
+            session,
+            &[],
+        )))
     }
 
     /// `HMAC(resume key, label | own nonce | peer nonce | id | received)`.
     fn mac(
         &self,
         side: Side,
-        client: &[u8; NONCE_LEN],
-        server: &[u8; NONCE_LEN],
+        client: &Nonce,
+        server: &Nonce,
         session: u64,
         received: u64,
     ) -> Hmac<Sha256> {
-        let (label, first, second) = match side {
-            Side::Client => (&b"cio-v2 resume client"[..], client, server),
-            Side::Server => (&b"cio-v2 resume server"[..], server, client),
-        };
-        let mut m = Hmac::<Sha256>::new_from_slice(&self.0).expect("hmac takes keys of any length");
-        m.update(label);
-        m.update(first);
-        m.update(second);
-        m.update(&session.to_le_bytes());
-        m.update(&received.to_le_bytes());
-        m
+        let r = received.to_le_bytes();
+        match side {
+            Side::Client => mac(
+                &self.0,
+                b"cio-v2 resume client",
+                client,
+                server,
+                session,
+                &r,
+            ),
+            Side::Server => mac(
+                &self.0,
+                b"cio-v2 resume server",
+                server,
+                client,
+                session,
+                &r,
+            ),
+        }
     }
 
     /// The `Resume` (client) or `Resumed` (server) MAC for a new
@@ -178,26 +184,23 @@ impl ResumeKey {
     pub fn proof(
         &self,
         side: Side,
-        client: &[u8; NONCE_LEN],
-        server: &[u8; NONCE_LEN],
+        client: &Nonce,
+        server: &Nonce,
         session: u64,
         received: u64,
-    ) -> [u8; NONCE_LEN] {
-        self.mac(side, client, server, session, received)
-            .finalize()
-            .into_bytes()
-            .into()
+    ) -> Nonce {
+        bytes(self.mac(side, client, server, session, received))
     }
 
     /// Checks, in constant time, a resume MAC `side` sent.
     pub fn verify(
         &self,
         side: Side,
-        client: &[u8; NONCE_LEN],
-        server: &[u8; NONCE_LEN],
+        client: &Nonce,
+        server: &Nonce,
         session: u64,
         received: u64,
-        proof: &[u8; NONCE_LEN],
+        proof: &Nonce,
     ) -> bool {
         self.mac(side, client, server, session, received)
             .verify_slice(proof)
@@ -205,44 +208,22 @@ impl ResumeKey {
     }
 }
 
-fn adopt_mac(
-    secret: &[u8; NONCE_LEN],
-    client: &[u8; NONCE_LEN],
-    server: &[u8; NONCE_LEN],
-    session: u64,
-) -> Hmac<Sha256> {
-    let mut m = Hmac::<Sha256>::new_from_slice(secret).expect("hmac takes keys of any length");
-    m.update(b"cio-v2 adopt");
-    m.update(client);
-    m.update(server);
-    m.update(&session.to_le_bytes());
-    m
-}
-
 /// The `Adopt` MAC: `HMAC(secret, "cio-v2 adopt" | Nc | Ns | id)`, proving
 /// a handoff ticket's secret on a new connection.
-pub fn adopt_proof(
-    secret: &[u8; NONCE_LEN],
-    client: &[u8; NONCE_LEN],
-    server: &[u8; NONCE_LEN],
-    session: u64,
-) -> [u8; NONCE_LEN] {
-    adopt_mac(secret, client, server, session)
-        .finalize()
-        .into_bytes()
-        .into()
+pub fn adopt_proof(secret: &Nonce, client: &Nonce, server: &Nonce, session: u64) -> Nonce {
+    bytes(mac(secret, b"cio-v2 adopt", client, server, session, &[]))
 }
 
 /// Checks an `Adopt` MAC in constant time.
 pub fn verify_adopt(
-    secret: &[u8; NONCE_LEN],
-    client: &[u8; NONCE_LEN],
-    server: &[u8; NONCE_LEN],
+    secret: &Nonce,
+    client: &Nonce,
+    server: &Nonce,
     session: u64,
-    mac: &[u8; NONCE_LEN],
+    proof: &Nonce,
 ) -> bool {
-    adopt_mac(secret, client, server, session)
-        .verify_slice(mac)
+    mac(secret, b"cio-v2 adopt", client, server, session, &[])
+        .verify_slice(proof)
         .is_ok()
 }
 
