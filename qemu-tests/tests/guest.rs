@@ -317,6 +317,22 @@ fn guest_serves_real_and_emulated_edu_over_user_net() {
         guest_value(&g, "CIO-RESET", "vnvme0"),
         guest_value(&g, "CIO-RESET", "vedu0")
     );
+    // What each device says of its reset matches the guest kernel's
+    // reset_method for it (what the next session inherits depends on it).
+    for (name, dev) in [
+        ("ve1000e0", nic.info().clone()),
+        ("vnvme0", other.open("vnvme0").unwrap().info().clone()),
+        ("vedu0", real.info().clone()),
+    ] {
+        let kernel = guest_value(&g, "CIO-RESET", name);
+        let want = if kernel == "none" {
+            cio_core::ResetMethod::None
+        } else {
+            cio_core::ResetMethod::from_sysfs(&kernel)
+        };
+        assert_eq!(dev.reset, want, "{name}: the guest kernel says {kernel:?}");
+    }
+    assert_eq!(nic.info().reset, cio_core::ResetMethod::PowerState);
     drop(nic);
 
     // Reset on disconnect, proven on nvme (its reset method is FLR): what a

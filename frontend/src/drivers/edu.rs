@@ -30,6 +30,7 @@ const BAR0: u32 = 0;
 const PCI_COMMAND: u64 = 0x04;
 const PCI_COMMAND_MEMORY: u16 = 0x2;
 const PCI_COMMAND_MASTER: u16 = 0x4;
+const PCI_COMMAND_INTX_DISABLE: u16 = 0x400;
 
 /// Driver errors.
 #[derive(Debug, thiserror::Error)]
@@ -78,8 +79,10 @@ pub fn wait_eventfd(fd: &EventFd, timeout: Duration) -> Result<u64, EduError> {
 }
 
 impl<'a, D: Device + ?Sized> Edu<'a, D> {
-    /// Checks the ids and enables memory decoding and bus mastering
-    /// (VFIO does not set bus master for you).
+    /// Checks the ids and enables the device as Linux's
+    /// `pci_enable_device` and `pci_set_master` would: memory decoding and
+    /// bus mastering on (VFIO does not set bus master for you), INTx not
+    /// disabled (a backend's release policy may have left it disabled).
     pub fn new(dev: &'a mut D) -> Result<Self, EduError> {
         let info = dev.info();
         if (info.vendor, info.device) != (0x1234, 0x11e8) {
@@ -87,7 +90,8 @@ impl<'a, D: Device + ?Sized> Edu<'a, D> {
         }
         let mut cmd = [0u8; 2];
         dev.read(CONFIG_REGION, PCI_COMMAND, &mut cmd)?;
-        let cmd = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+        let cmd = (u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)
+            & !PCI_COMMAND_INTX_DISABLE;
         dev.write(CONFIG_REGION, PCI_COMMAND, &cmd.to_le_bytes())?;
         Ok(Self {
             dev,
