@@ -6,17 +6,22 @@
 //! 1. A child process (this test binary re-executed, running
 //!    [`handoff_child_first_frontend`]) brings the controller up with the
 //!    userspace driver (admin queue, identify, one I/O queue pair), writes
-//!    a block, reads it back, suspends the session into a ticket file and
-//!    waits; the test kills it with SIGKILL.
+//!    a block, reads it back, ends the driver with `Nvme::suspend_state`
+//!    (the controller left running) into a state file, suspends the
+//!    session into a ticket file next to it and waits; the test kills it
+//!    with SIGKILL.
 //! 2. The test adopts the session from the ticket: the controller was not
-//!    reset (CC.EN, CSTS.RDY, PCI command), the adopted target memory holds
-//!    the queues and data the child left, Identify still answers on the
-//!    child's admin queue, and the child's block reads back through the
-//!    child's I/O queue (commands written by hand: the driver cannot attach
-//!    to a running controller).
-//! 3. Block writes and reads through a proxy that resets the link four
-//!    times and silently drops it once in the middle of commands: every
-//!    block reads back as written, and the session resumes after each cut.
+//!    reset (CC.EN, CSTS.RDY, PCI command, AQA/ASQ/ACQ the state's), the
+//!    adopted target memory holds the queues and data the child left, and
+//!    the driver resumes from the state file (`Nvme::resume_from`) on the
+//!    child's queues: Identify still answers on the child's admin queue,
+//!    and the child's block reads back through the child's I/O queue.
+//! 3. Block writes and reads by the driver through a proxy that resets the
+//!    link four times and silently drops it once in the middle of
+//!    commands (cut by a [`Device`] wrapper at the command's steps): every
+//!    block reads back as written, the session resumes after each cut, and
+//!    the driver never sets the controller up again. It shuts the
+//!    controller down at the end.
 //! 4. After QEMU quits, the image file holds every block where it was
 //!    written, and a block nobody wrote is as the test made it.
 
@@ -29,14 +34,15 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cio_core::{Device, DmaRegion, EventFd, IrqKind, CONFIG_REGION, PAGE_SIZE};
+use cio_core::{
+    Device, DeviceError, DeviceInfo, DmaRegion, EventFd, IrqKind, CONFIG_REGION, PAGE_SIZE,
+};
 use cio_frontend::drivers::nvme::{
-    doorbell, nvm, prp, reg, Cap, Command, Completion, ControllerId, NamespaceInfo, Nvme, Options,
-    CQE_SIZE, SQE_SIZE,
+    doorbell, nvm, reg, Cap, Completion, Nvme, NvmeState, Options, CQE_SIZE, SQE_SIZE,
 };
 use cio_frontend::{Client, ClientOptions, RemoteDevice, Ticket};
 use cio_qemu_tests::{rig, Guest};
-use cio_transports::{sys, Endpoint, Psk};
+use cio_transports::{Endpoint, Psk};
 
 #[allow(dead_code)] // not every helper of the proxy is used here
 #[path = "../../frontend/tests/common/proxy.rs"]
@@ -51,15 +57,9 @@ const BLOCK: u64 = 512;
 const XFER: usize = PAGE_SIZE as usize;
 const XFER_BLOCKS: u32 = (XFER as u64 / BLOCK) as u32;
 
-/// Where the driver maps its memory ([`Options::iova`]), and its layout
-/// (the driver's internals, which an adopter has to know today): the
-/// submission rings (admin at page 0, I/O at page 1), the completion rings
-/// likewise, the data buffer (two pages).
+/// Where the child's driver maps its memory ([`Options::iova`]).
 const IOVA: u64 = 0x20_0000;
-const SQ_IOVA: u64 = IOVA;
-const CQ_IOVA: u64 = IOVA + 2 * PAGE_SIZE;
-const DATA_IOVA: u64 = IOVA + 4 * PAGE_SIZE;
-/// Options::queue_entries the child asks for.
+/// Options::queue_entries the child asks for (QEMU's MQES allows more).
 const QUEUE_ENTRIES: u16 = 32;
 
 /// The child's block, and its seed.
@@ -83,6 +83,28 @@ const ENV_EP: &str = "CIO_NVME_HANDOFF_EP";
 const ENV_KEY: &str = "CIO_NVME_HANDOFF_KEY";
 const ENV_TICKET: &str = "CIO_NVME_HANDOFF_TICKET";
 const SUSPENDED: &str = "CIO-CHILD-SUSPENDED";
+
+/// Where the child saves the driver's state: next to the ticket.
+fn state_path(ticket: &Path) -> PathBuf {
+    ticket.with_extension("nvme-state.json")
+}
+
+/// Renames `tmp` to `path` once written: the parent never sees half.
+fn publish(tmp: &Path, path: &Path) {
+    std::fs::rename(tmp, path)
+        .unwrap_or_else(|e| panic!("renaming {} to {}: {e}", tmp.display(), path.display()));
+}
+
+/// The driver's options: the child's layout, timeouts that outlast a cut.
+fn driver_opts() -> Options {
+    Options {
+        iova: IOVA,
+        queue_entries: QUEUE_ENTRIES,
+        command_timeout: COMMAND_TIMEOUT,
+        irq_poll_interval: IRQ_POLL,
+        ..Options::default()
+    }
+}
 
 /// A directory removed when the test ends, however it ends.
 struct TempDir(PathBuf);
@@ -152,9 +174,10 @@ fn client_opts(key: &str) -> ClientOptions {
 
 /// The first frontend, run as a child process by
 /// [`nvme_session_handed_to_another_process_and_resumed_across_cuts`]:
-/// brings the controller up, writes and reads back one block, suspends
-/// the session into the ticket file, prints what the adopter needs to
-/// know, and waits to be killed.
+/// brings the controller up, writes and reads back one block, ends the
+/// driver leaving the controller running into the state file, suspends the
+/// session into the ticket file, prints its counters, and waits to be
+/// killed.
 #[test]
 #[ignore = "the first frontend of nvme_session_handed_to_another_process_and_resumed_across_cuts, which runs it as a child process"]
 fn handoff_child_first_frontend() {
@@ -166,6 +189,7 @@ fn handoff_child_first_frontend() {
         eprintln!("{CHILD_TEST}: not started by the handoff test, nothing to do");
         return;
     };
+    let ticket_path = PathBuf::from(ticket_path);
     let ep: Endpoint = ep.parse().unwrap();
     let client = Client::connect(&ep, client_opts(&key)).unwrap();
     assert!(client.resumable(), "the guest's ciod keeps sessions");
@@ -174,11 +198,9 @@ fn handoff_child_first_frontend() {
     let mut nvme = Nvme::new(
         &mut dev,
         Options {
-            iova: IOVA,
-            queue_entries: QUEUE_ENTRIES,
             command_timeout: Duration::from_secs(30),
             irq_poll_interval: Duration::from_secs(5),
-            ..Options::default()
+            ..driver_opts()
         },
     )
     .unwrap_or_else(|e| panic!("bringing the controller up: {e}"));
@@ -190,41 +212,42 @@ fn handoff_child_first_frontend() {
     nvme.write_blocks(CHILD_LBA, &data).unwrap();
     assert!(nvme.read_blocks(CHILD_LBA, XFER_BLOCKS).unwrap() == data);
     let stats = nvme.stats();
-    // The driver's queue size: what it asked for, capped by one page of
-    // entries and CAP.MQES.
-    let entries = u32::from(QUEUE_ENTRIES)
-        .clamp(2, (PAGE_SIZE as usize / SQE_SIZE) as u32)
-        .min(nvme.cap().max_queue_entries());
+    let state = nvme
+        .suspend_state()
+        .unwrap_or_else(|e| panic!("suspending the driver: {e}"));
 
     let ticket = client
         .suspend()
         .unwrap_or_else(|e| panic!("suspending: {e}"));
-    // Written under another name and renamed: the parent never sees half.
-    let tmp = format!("{ticket_path}.tmp");
-    ticket.save(Path::new(&tmp)).unwrap();
-    std::fs::rename(&tmp, &ticket_path).unwrap();
+    let path = state_path(&ticket_path);
+    let tmp = path.with_extension("tmp");
+    state.save(&tmp).unwrap();
+    publish(&tmp, &path);
+    let tmp = ticket_path.with_extension("tmp");
+    ticket.save(&tmp).unwrap();
+    publish(&tmp, &ticket_path);
     eprintln!(
         "child: bring-up {up:?}, {stats:?}, session {:#x}",
         ticket.session
     );
     println!(
-        "{SUSPENDED} commands={} io=2 entries={entries} by_interrupt={}",
+        "{SUSPENDED} commands={} by_interrupt={}",
         stats.commands, stats.by_interrupt
     );
     std::io::stdout().flush().unwrap();
-    // Keep everything (the driver would shut the controller down when
-    // dropped) until the SIGKILL; leave without dropping anything if it
-    // never comes.
+    // The driver is gone, the controller runs on; keep the session's
+    // client and device until the SIGKILL, and leave without dropping them
+    // if it never comes.
     std::thread::sleep(Duration::from_secs(300));
     eprintln!("{CHILD_TEST}: never killed, leaving");
     std::process::exit(3);
 }
 
-/// Where a command is when the test may cut the link.
+/// Where a command of the driver is when the test may cut the link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
-    /// Data in target memory, not yet pushed (writes), or the read buffer
-    /// poisoned and not yet pushed (reads).
+    /// Its first push is due: the write's data, or the read's submission
+    /// entry, in target memory and not yet synced for the device.
     Staged,
     /// The submission doorbell is written.
     Rung,
@@ -232,174 +255,124 @@ enum Step {
     Signalled,
 }
 
-/// One queue pair's ring positions, as the driver left them.
-#[derive(Debug)]
-struct Ring {
-    qid: u16,
-    entries: u16,
-    /// Offset of both rings in their regions.
-    off: u64,
-    sq_tail: u16,
-    sq_head: u16,
-    cq_head: u16,
-    phase: bool,
-    next_cid: u16,
-}
-
-impl Ring {
-    /// After `done` commands, each completed and its completion consumed.
-    fn after(qid: u16, entries: u16, done: u64) -> Self {
-        let pos = (done % u64::from(entries)) as u16;
-        Self {
-            qid,
-            entries,
-            off: u64::from(qid) * PAGE_SIZE,
-            sq_tail: pos,
-            sq_head: pos,
-            cq_head: pos,
-            phase: (done / u64::from(entries)) % 2 == 0,
-            next_cid: done as u16,
-        }
-    }
-}
-
-/// The adopter's side of the controller: commands by hand on the queues
-/// the child created, in the target memory adoption brought over.
-struct Adopted<'a> {
+/// The adopted device as the driver sees it: every call goes through to
+/// the [`RemoteDevice`], and the link is cut when the armed command reaches
+/// the armed [`Step`]. Also counts every call that would set the
+/// controller up again.
+struct Stepper<'a> {
     dev: &'a mut RemoteDevice,
-    cap: Cap,
-    sq: Arc<DmaRegion>,
-    cq: Arc<DmaRegion>,
-    data: Arc<DmaRegion>,
-    admin: Ring,
-    io: Ring,
-    /// The I/O queue's MSI-X vector, on the adopter's eventfd.
-    irq: EventFd,
-    by_interrupt: u64,
-    by_poll: u64,
+    proxy: &'a Proxy,
+    /// The I/O queue's submission doorbell and completion ring.
+    sq_doorbell: u64,
+    io_cq: (u64, u64),
+    armed: Option<(Step, Cut)>,
+    /// Interrupt events when the doorbell rang.
+    irqs_at_doorbell: Option<u64>,
+    /// The cut that happened, with the links the proxy had accepted before.
+    fired: Option<(Cut, usize)>,
+    /// Writes to registers below the doorbells (CC, AQA, ASQ, ACQ, ...),
+    /// and set_irqs, dma_map, dma_unmap, reset calls.
+    setup_calls: Vec<String>,
 }
 
-impl Adopted<'_> {
-    /// Submits `cmd` on the admin (polled) or I/O queue (by interrupt,
-    /// looking anyway every [`IRQ_POLL`]) and waits for its completion.
-    fn run(
-        &mut self,
-        admin: bool,
-        op: &str,
-        mut cmd: Command,
-        hook: &mut dyn FnMut(Step),
-    ) -> Completion {
-        let q = if admin { &mut self.admin } else { &mut self.io };
-        let next = (q.sq_tail + 1) % q.entries;
-        assert_ne!(next, q.sq_head, "{op}: submission queue full");
-        if !admin {
-            // Forget signals of earlier completions.
-            let _ = self.irq.read();
+impl Stepper<'_> {
+    fn arm(&mut self, at: Option<(Step, Cut)>) {
+        self.armed = at;
+        self.irqs_at_doorbell = None;
+        self.fired = None;
+    }
+
+    fn step(&mut self, step: Step) {
+        let Some((at, how)) = self.armed else { return };
+        if at != step {
+            return;
         }
-        cmd.cid = q.next_cid;
-        q.next_cid = q.next_cid.wrapping_add(1);
-        let off = q.off + u64::from(q.sq_tail) * SQE_SIZE as u64;
-        self.sq.write(off, &cmd.encode()).unwrap();
-        self.dev
-            .sync_for_device(SQ_IOVA + off, SQE_SIZE as u64)
-            .unwrap_or_else(|e| panic!("{op}: pushing the entry: {e}"));
-        q.sq_tail = next;
-        self.dev
-            .write32(0, doorbell(self.cap, q.qid, false), u32::from(next))
-            .unwrap_or_else(|e| panic!("{op}: doorbell: {e}"));
-        hook(Step::Rung);
+        self.armed = None;
+        wait_one_live(self.proxy, Duration::from_secs(30));
+        let before = self.proxy.accepted();
+        assert_eq!(self.proxy.cut(how), 1, "one link cut");
+        self.fired = Some((how, before));
+    }
+}
 
-        let at = q.off + u64::from(q.cq_head) * CQE_SIZE as u64;
-        let start = Instant::now();
-        let c = loop {
-            let left = COMMAND_TIMEOUT.saturating_sub(start.elapsed());
-            let mut woken = false;
-            if admin {
-                std::thread::sleep(Duration::from_millis(2).min(left));
-            } else {
-                let ready = sys::poll_readable(&[&self.irq], Some(left.min(IRQ_POLL))).unwrap();
-                if ready[0] {
-                    let _ = self.irq.read();
-                    woken = true;
-                    hook(Step::Signalled);
-                }
-            }
-            self.dev
-                .sync_for_cpu(CQ_IOVA + at, CQE_SIZE as u64)
-                .unwrap_or_else(|e| panic!("{op}: pulling the completion: {e}"));
-            let mut b = [0u8; CQE_SIZE];
-            self.cq.read(at, &mut b).unwrap();
-            let c = Completion::decode(&b);
-            if c.phase == q.phase {
-                if woken {
-                    self.by_interrupt += 1;
-                } else if !admin {
-                    self.by_poll += 1;
-                }
-                break c;
-            }
-            assert!(
-                start.elapsed() < COMMAND_TIMEOUT,
-                "{op}: no completion within {COMMAND_TIMEOUT:?}"
-            );
-        };
-        q.cq_head = (q.cq_head + 1) % q.entries;
-        if q.cq_head == 0 {
-            q.phase = !q.phase;
+impl Device for Stepper<'_> {
+    fn info(&self) -> &DeviceInfo {
+        self.dev.info()
+    }
+
+    fn read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        self.dev.read(region, offset, data)
+    }
+
+    fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        if region == 0 && offset < reg::DOORBELLS {
+            self.setup_calls
+                .push(format!("write of register {offset:#x}"));
         }
-        self.dev
-            .write32(0, doorbell(self.cap, q.qid, true), u32::from(q.cq_head))
-            .unwrap_or_else(|e| panic!("{op}: completion doorbell: {e}"));
-        assert_eq!(
-            (c.sq_id, c.cid),
-            (q.qid, cmd.cid),
-            "{op}: completion of another command: {c:?}"
-        );
-        assert!(c.status.is_success(), "{op}: {}", c.status);
-        assert!(c.sq_head < q.entries, "{op}: {c:?}");
-        q.sq_head = c.sq_head;
-        c
+        self.dev.write(region, offset, data)?;
+        if (region, offset) == (0, self.sq_doorbell) {
+            self.irqs_at_doorbell = Some(self.dev.irq_events());
+            self.step(Step::Rung);
+        }
+        Ok(())
     }
 
-    /// Identify (controller with cns 1, namespace 1 with cns 0) on the
-    /// admin queue, into data page 0.
-    fn identify(&mut self, cns: u32) -> Vec<u8> {
-        let nsid = u32::from(cns == 0);
-        self.run(
-            true,
-            "identify",
-            Command::identify(cns, nsid, DATA_IOVA),
-            &mut |_| {},
-        );
-        self.dev.sync_for_cpu(DATA_IOVA, 4096).unwrap();
-        let mut b = vec![0u8; 4096];
-        self.data.read(0, &mut b).unwrap();
-        b
+    fn set_irqs(&mut self, kind: IrqKind, start: u32, fds: &[EventFd]) -> Result<(), DeviceError> {
+        self.setup_calls
+            .push(format!("set_irqs({kind:?}, {start}, {})", fds.len()));
+        self.dev.set_irqs(kind, start, fds)
     }
 
-    /// Writes one transfer at `lba` from data page 0.
-    fn write(&mut self, lba: u64, block: &[u8], hook: &mut dyn FnMut(Step)) {
-        assert_eq!(block.len(), XFER);
-        self.data.write(0, block).unwrap();
-        hook(Step::Staged);
-        self.dev.sync_for_device(DATA_IOVA, XFER as u64).unwrap();
-        let cmd = Command::rw(true, 1, lba, XFER_BLOCKS, prp(DATA_IOVA, XFER).unwrap());
-        self.run(false, "write", cmd, hook);
+    fn unmask_intx(&mut self) -> Result<(), DeviceError> {
+        self.dev.unmask_intx()
     }
 
-    /// Reads one transfer at `lba` into data page 1, poisoned first so
-    /// that stale memory cannot pass for the data.
-    fn read(&mut self, lba: u64, hook: &mut dyn FnMut(Step)) -> Vec<u8> {
-        let page = DATA_IOVA + PAGE_SIZE;
-        self.data.write(PAGE_SIZE, &[0xdb; XFER]).unwrap();
-        hook(Step::Staged);
-        self.dev.sync_for_device(page, XFER as u64).unwrap();
-        let cmd = Command::rw(false, 1, lba, XFER_BLOCKS, prp(page, XFER).unwrap());
-        self.run(false, "read", cmd, hook);
-        self.dev.sync_for_cpu(page, XFER as u64).unwrap();
-        let mut b = vec![0u8; XFER];
-        self.data.read(PAGE_SIZE, &mut b).unwrap();
-        b
+    fn dma_map(&mut self, region: Arc<DmaRegion>) -> Result<(), DeviceError> {
+        self.setup_calls
+            .push(format!("dma_map({:#x})", region.iova()));
+        self.dev.dma_map(region)
+    }
+
+    fn dma_unmap(&mut self, iova: u64) -> Result<Arc<DmaRegion>, DeviceError> {
+        self.setup_calls.push(format!("dma_unmap({iova:#x})"));
+        self.dev.dma_unmap(iova)
+    }
+
+    fn sync_for_device(&mut self, iova: u64, len: u64) -> Result<(), DeviceError> {
+        self.step(Step::Staged);
+        self.dev.sync_for_device(iova, len)
+    }
+
+    fn sync_for_cpu(&mut self, iova: u64, len: u64) -> Result<(), DeviceError> {
+        let (cq, cq_len) = self.io_cq;
+        if (cq..cq + cq_len).contains(&iova) {
+            // The driver looks at its completion entry: after the
+            // interrupt if one arrived since the doorbell.
+            if self
+                .irqs_at_doorbell
+                .is_some_and(|n| self.dev.irq_events() > n)
+            {
+                self.step(Step::Signalled);
+            }
+        }
+        self.dev.sync_for_cpu(iova, len)
+    }
+
+    fn prepare_dma(&mut self) -> Result<(), DeviceError> {
+        self.dev.prepare_dma()
+    }
+
+    fn collect_dma(&mut self) -> Result<(), DeviceError> {
+        self.dev.collect_dma()
+    }
+
+    fn flush(&mut self) -> Result<(), DeviceError> {
+        self.dev.flush()
+    }
+
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        self.setup_calls.push("reset".into());
+        self.dev.reset()
     }
 }
 
@@ -485,7 +458,7 @@ fn nvme_session_handed_to_another_process_and_resumed_across_cuts() {
         }
     });
     let end = Instant::now() + Duration::from_secs(240);
-    let state = loop {
+    let line = loop {
         let left = end.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             // (after whatever libtest printed on that line)
@@ -502,14 +475,38 @@ fn nvme_session_handed_to_another_process_and_resumed_across_cuts() {
     kid.0.kill().unwrap();
     let status = kid.0.wait().unwrap();
     assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status}");
-    let commands = field(&state, "commands");
-    let io_done = field(&state, "io");
-    let entries = field(&state, "entries") as u16;
-    let admin_done = commands - io_done;
-    assert!(
-        io_done < u64::from(entries) && admin_done < u64::from(entries),
-        "{state}"
+    let commands = field(&line, "commands");
+    let child_by_interrupt = field(&line, "by_interrupt");
+
+    // The driver's state, next to the ticket: the child's queues as it
+    // left them (identify twice, number of queues, two creations; a write
+    // and a read), nothing in flight.
+    let state = NvmeState::load(&state_path(&ticket_path))
+        .unwrap_or_else(|e| panic!("the child's driver state: {e}"));
+    eprintln!("driver state: {state:?}");
+    assert_eq!(state.controller.serial, SERIAL);
+    assert_eq!(
+        (
+            state.namespace.blocks,
+            u64::from(state.namespace.block_size)
+        ),
+        (IMAGE / BLOCK, BLOCK)
     );
+    assert_eq!(state.sq.iova, IOVA, "mapped at the child's Options::iova");
+    assert!(state.interrupts, "the child's I/O queue raises MSI-X");
+    let io_done = 2u64;
+    let admin_done = commands - io_done;
+    for (q, done) in [(state.admin, admin_done), (state.io, io_done)] {
+        assert_eq!(q.entries, QUEUE_ENTRIES, "queue {}", q.qid);
+        assert!(done < u64::from(q.entries), "{line}");
+        assert_eq!(
+            (q.sq_tail, q.sq_head, q.cq_head, q.phase, q.next_cid),
+            (done as u16, done as u16, done as u16, true, done as u16),
+            "queue {} after {done} commands",
+            q.qid
+        );
+    }
+    assert!(child_by_interrupt >= 1, "{line}");
 
     // 2. Adopted by this process.
     let ticket = Ticket::load(&ticket_path).unwrap();
@@ -540,75 +537,100 @@ fn nvme_session_handed_to_another_process_and_resumed_across_cuts() {
         "PCI memory + bus master"
     );
     let aqa = dev.read32(0, reg::AQA).unwrap();
-    let n = u32::from(entries) - 1;
+    let n = u32::from(state.admin.entries) - 1;
     assert_eq!(aqa, n << 16 | n, "AQA: the child's admin queue size");
     let asq = dev.read32(0, reg::ASQ).unwrap();
-    assert_eq!(u64::from(asq), SQ_IOVA, "ASQ: the child's admin queue");
+    assert_eq!(
+        u64::from(asq),
+        state.admin.sq_iova,
+        "ASQ: the child's admin queue"
+    );
+    let acq = dev.read32(0, reg::ACQ).unwrap();
+    assert_eq!(
+        u64::from(acq),
+        state.admin.cq_iova,
+        "ACQ: the child's admin queue"
+    );
     let cap = Cap(u64::from(dev.read32(0, reg::CAP + 4).unwrap()) << 32
         | u64::from(dev.read32(0, reg::CAP).unwrap()));
+    assert_eq!(cap.0, state.cap, "CAP: the child's controller");
 
     // The child's target memory, brought over from the backend's shadow.
-    let region = |iova| {
-        dev.dma_region(iova)
-            .unwrap_or_else(|| panic!("no adopted mapping at {iova:#x}"))
-    };
-    let (sq, cq, data) = (region(SQ_IOVA), region(CQ_IOVA), region(DATA_IOVA));
-    let irq = dev
-        .irq_eventfd(IrqKind::Msix, 1)
-        .expect("the I/O queue's MSI-X vector is routed");
-    let cqe = |ring: u64, i: u64| {
+    let res = state
+        .resources(
+            |iova| dev.dma_region(iova),
+            |v| dev.irq_eventfd(IrqKind::Msix, v),
+        )
+        .unwrap_or_else(|e| panic!("the adopted memory and eventfd: {e}"));
+    let cqe = |at: u64| {
         let mut b = [0u8; CQE_SIZE];
-        cq.read(ring * PAGE_SIZE + i * CQE_SIZE as u64, &mut b)
-            .unwrap();
+        res.cq.read(at - state.cq.iova, &mut b).unwrap();
         Completion::decode(&b)
     };
-    for (qid, done) in [(0u16, admin_done), (1, io_done)] {
+    for (q, done) in [(state.admin, admin_done), (state.io, io_done)] {
         for i in 0..done {
-            let c = cqe(u64::from(qid), i);
+            let c = cqe(q.cq_iova + i * CQE_SIZE as u64);
             assert!(
-                c.phase && c.sq_id == qid && c.cid == i as u16 && c.status.is_success(),
-                "queue {qid} completion {i} as the controller wrote it: {c:?}"
+                c.phase && c.sq_id == q.qid && c.cid == i as u16 && c.status.is_success(),
+                "queue {} completion {i} as the controller wrote it: {c:?}",
+                q.qid
             );
         }
-        assert!(!cqe(u64::from(qid), done).phase, "queue {qid}: no more");
+        assert!(
+            !cqe(q.cq_iova + done * CQE_SIZE as u64).phase,
+            "queue {}: no more",
+            q.qid
+        );
     }
     let mut sqe = [0u8; SQE_SIZE];
     for (i, op) in [(0u64, nvm::WRITE), (1, nvm::READ)] {
-        sq.read(PAGE_SIZE + i * SQE_SIZE as u64, &mut sqe).unwrap();
+        let at = state.io.sq_iova - state.sq.iova + i * SQE_SIZE as u64;
+        res.sq.read(at, &mut sqe).unwrap();
         let lba = u64::from_le_bytes(sqe[40..48].try_into().unwrap());
         assert_eq!((sqe[0], lba), (op, CHILD_LBA), "the child's I/O entry {i}");
     }
     let mut page = vec![0u8; XFER];
-    data.read(0, &mut page).unwrap();
+    res.data.read(0, &mut page).unwrap();
     assert!(
         page == pattern(CHILD_SEED, XFER),
-        "the data buffer holds the child's block"
+        "the data buffer holds the child's block (its last read)"
     );
 
-    let mut a = Adopted {
-        cap,
-        sq,
-        cq,
-        data,
-        admin: Ring::after(0, entries, admin_done),
-        io: Ring::after(1, entries, io_done),
-        irq,
-        by_interrupt: 0,
-        by_poll: 0,
+    // The driver takes over the child's queues.
+    let mut stepper = Stepper {
         dev: &mut dev,
+        proxy: &proxy,
+        sq_doorbell: doorbell(cap, state.io.qid, false),
+        io_cq: (
+            state.io.cq_iova,
+            u64::from(state.io.entries) * CQE_SIZE as u64,
+        ),
+        armed: None,
+        irqs_at_doorbell: None,
+        fired: None,
+        setup_calls: Vec::new(),
     };
+    let t = Instant::now();
+    let mut nvme = Nvme::resume_from(&mut stepper, state, driver_opts(), res)
+        .unwrap_or_else(|e| panic!("resuming the driver: {e}"));
+    let resume = t.elapsed();
+    assert!(nvme.uses_interrupts());
     // Identify still answers, on the child's admin queue.
-    let ctrl = ControllerId::parse(&a.identify(1)).unwrap();
+    let (ctrl, ns) = nvme
+        .identify()
+        .unwrap_or_else(|e| panic!("identify on the child's admin queue: {e}"));
     assert_eq!(ctrl.serial, SERIAL);
     assert_eq!(ctrl.model, "QEMU NVMe Ctrl");
-    let ns = NamespaceInfo::parse(&a.identify(0)).unwrap();
     assert_eq!(
         (ns.blocks, u64::from(ns.block_size)),
         (IMAGE / BLOCK, BLOCK)
     );
+    let before_io = nvme.stats();
     // The child's block, through the child's I/O queue.
     let t = Instant::now();
-    let back = a.read(CHILD_LBA, &mut |_| {});
+    let back = nvme
+        .read_blocks(CHILD_LBA, XFER_BLOCKS)
+        .unwrap_or_else(|e| panic!("reading the child's block: {e}"));
     assert!(
         back == pattern(CHILD_SEED, XFER),
         "the child's block read back by the adopter"
@@ -630,35 +652,34 @@ fn nvme_session_handed_to_another_process_and_resumed_across_cuts() {
     for i in 0..LOOPS {
         let lba = LOOP_LBA + u64::from(XFER_BLOCKS) * i;
         let block = loop_data(i);
-        let mut cut_at: Option<(Cut, usize)> = None;
         for write in [true, false] {
-            let mut hook = |step: Step| {
-                let Some(&(_, _, _, how)) = plan
-                    .iter()
-                    .find(|&&(at, w, s, _)| at == i && w == write && s == step)
-                else {
-                    return;
-                };
-                wait_one_live(&proxy, Duration::from_secs(30));
-                let before = proxy.accepted();
-                assert_eq!(proxy.cut(how), 1, "one link cut");
-                cut_at = Some((how, before));
-            };
+            let at = plan
+                .iter()
+                .find(|&&(at, w, _, _)| at == i && w == write)
+                .map(|&(_, _, step, how)| (step, how));
+            nvme.device().arm(at);
             if write {
-                a.write(lba, &block, &mut hook);
+                nvme.write_blocks(lba, &block)
+                    .unwrap_or_else(|e| panic!("writing lba {lba} (iteration {i}): {e}"));
             } else {
-                let back = a.read(lba, &mut hook);
+                let back = nvme
+                    .read_blocks(lba, XFER_BLOCKS)
+                    .unwrap_or_else(|e| panic!("reading lba {lba} (iteration {i}): {e}"));
                 assert!(
                     back == block,
                     "lba {lba} (iteration {i}): read back differs"
                 );
             }
-        }
-        if let Some((how, before)) = cut_at {
-            // The command finished, so the session resumed on a new link.
-            let now = proxy.accepted();
-            assert!(now > before, "iteration {i}: no new link after {how:?}");
-            cuts.push((i, how, now - before));
+            let fired = nvme.device().fired.take();
+            if let Some((step, how)) = at {
+                let Some((_, before)) = fired else {
+                    panic!("iteration {i}: the {how:?} cut at {step:?} never came");
+                };
+                // The command finished, so the session resumed on a new link.
+                let now = proxy.accepted();
+                assert!(now > before, "iteration {i}: no new link after {how:?}");
+                cuts.push((i, write, step, how, now - before));
+            }
         }
         assert_eq!(client.session(), session);
     }
@@ -669,29 +690,39 @@ fn nvme_session_handed_to_another_process_and_resumed_across_cuts() {
         "every planned cut happened: {cuts:?}"
     );
     let resumes = proxy.accepted() - accepted_before;
+    let s = nvme.stats();
+    let (by_interrupt, by_poll) = (
+        s.by_interrupt - before_io.by_interrupt,
+        s.by_poll - before_io.by_poll,
+    );
     eprintln!(
-        "cuts (iteration, how, new links): {cuts:?}; {resumes} resumes; completions by interrupt {}, by poll {}",
-        a.by_interrupt, a.by_poll
+        "cuts (iteration, write, step, how, new links): {cuts:?}; {resumes} resumes; \
+         completions by interrupt {by_interrupt}, by poll {by_poll}"
     );
     assert!(resumes >= plan.len(), "a resume per cut: {resumes}");
     assert_eq!(
-        a.by_interrupt + a.by_poll,
+        s.commands - before_io.commands,
+        1 + 2 * LOOPS,
+        "every I/O command completed"
+    );
+    assert_eq!(
+        by_interrupt + by_poll,
         1 + 2 * LOOPS,
         "every I/O completion seen"
     );
-    assert!(a.by_interrupt > 0, "completions by MSI-X");
+    assert!(by_interrupt > 0, "completions by MSI-X");
+    assert_eq!(
+        nvme.device().setup_calls,
+        Vec::<String>::new(),
+        "the driver set nothing up again"
+    );
 
-    // A normal shutdown (CC.SHN), then the session ends.
-    let cc = a.dev.read32(0, reg::CC).unwrap();
-    a.dev
-        .write32(0, reg::CC, (cc & !(3 << 14)) | 1 << 14)
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs(15);
-    while a.dev.read32(0, reg::CSTS).unwrap() & 0xc != 0x8 {
-        assert!(Instant::now() < end, "shutdown did not complete");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    drop(a);
+    // A normal shutdown (queues deleted, interrupts off, CC.SHN, DMA
+    // unmapped), then the session ends.
+    nvme.shutdown()
+        .unwrap_or_else(|e| panic!("shutting the controller down: {e}"));
+    drop(nvme);
+    drop(stepper);
     drop(dev);
     drop(client);
     drop(proxy);
@@ -728,7 +759,8 @@ fn nvme_session_handed_to_another_process_and_resumed_across_cuts() {
     );
     eprintln!(
         "nvme handoff: boot {booted:?}, first frontend up to its ticket {first:?}, adopt {adopt:?}, \
-         first read {first_read:?}, {LOOPS} writes + reads across {} cuts {io_loop:?}, total {:?}",
+         driver resumed {resume:?}, first read {first_read:?}, {LOOPS} writes + reads across {} cuts \
+         {io_loop:?}, total {:?}",
         cuts.len(),
         total.elapsed()
     );

@@ -14,6 +14,15 @@
 //! One command is in flight at a time; transfers are at most two pages
 //! ([`MAX_TRANSFER`]), so PRP1 and PRP2 always suffice.
 //!
+//! A running controller can change hands without a reset:
+//! [`Nvme::suspend_state`] ends the driver leaving the controller enabled,
+//! its queues, interrupt routes and DMA mappings in place, and returns an
+//! [`NvmeState`] (text, see [`NvmeState::to_text`]) that
+//! [`Nvme::resume_from`] continues from, in another process if the device
+//! is a [`RemoteDevice`](crate::RemoteDevice) whose session was handed on
+//! with a ticket ([`Client::suspend`](crate::Client::suspend),
+//! [`Client::adopt`](crate::Client::adopt)).
+//!
 //! ```no_run
 //! # fn demo(dev: &mut dyn cio_core::Device) -> Result<(), cio_frontend::drivers::nvme::NvmeError> {
 //! use cio_frontend::drivers::nvme::{Nvme, Options};
@@ -27,6 +36,7 @@
 //! ```
 
 use std::fmt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +44,7 @@ use cio_core::{
     Device, DeviceError, DmaDir, DmaError, DmaRegion, EventFd, IrqKind, CONFIG_REGION, PAGE_SIZE,
 };
 use cio_transports::sys;
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 const BAR0: u32 = 0;
@@ -195,6 +206,28 @@ pub enum NvmeError {
     /// The controller was shut down (or never finished coming up).
     #[error("{0}: the controller is shut down")]
     Shutdown(&'static str),
+    /// A command that timed out has still not completed.
+    #[error("{op}: command {cid} on queue {qid} is still in flight")]
+    InFlight {
+        /// The operation refused.
+        op: &'static str,
+        /// The queue.
+        qid: u16,
+        /// The command's identifier.
+        cid: u16,
+    },
+    /// Encoding, decoding, reading or writing an [`NvmeState`] failed.
+    #[error("{op}: {what}")]
+    State {
+        /// The operation.
+        op: &'static str,
+        /// What went wrong.
+        what: String,
+    },
+    /// The controller, or what the caller handed over, does not match the
+    /// [`NvmeState`] to resume from. Nothing was written to the device.
+    #[error("resuming from the saved state: {0}")]
+    Resume(String),
 }
 
 /// The status field of a completion entry (without the phase bit).
@@ -499,7 +532,7 @@ fn ascii_field(b: &[u8]) -> String {
 }
 
 /// What Identify Controller says, in part.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControllerId {
     /// PCI vendor id.
     pub vendor: u16,
@@ -537,7 +570,7 @@ impl ControllerId {
 }
 
 /// What Identify Namespace says, in part.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NamespaceInfo {
     /// Size in logical blocks (NSZE).
     pub blocks: u64,
@@ -590,7 +623,8 @@ impl NamespaceInfo {
     }
 }
 
-/// How to drive the controller.
+/// How to drive the controller. [`Nvme::resume_from`] uses only the
+/// timeouts: the rest is the saved state's.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// First IOVA of the [`DMA_SPAN`] bytes the driver maps.
@@ -632,6 +666,9 @@ struct Queue {
     cq_head: u16,
     phase: bool,
     next_cid: u16,
+    /// A submitted command whose completion was not consumed (it timed
+    /// out, or waiting for it failed).
+    in_flight: Option<u16>,
 }
 
 impl Queue {
@@ -646,7 +683,317 @@ impl Queue {
             cq_head: 0,
             phase: true,
             next_cid: 0,
+            in_flight: None,
         }
+    }
+
+    fn state(&self, sq: &DmaRegion, cq: &DmaRegion) -> QueueState {
+        QueueState {
+            qid: self.qid,
+            entries: self.entries,
+            sq_iova: sq.iova() + self.sq_off,
+            cq_iova: cq.iova() + self.cq_off,
+            sq_tail: self.sq_tail,
+            sq_head: self.sq_head,
+            cq_head: self.cq_head,
+            phase: self.phase,
+            next_cid: self.next_cid,
+        }
+    }
+
+    fn from_state(s: &QueueState, sq: &DmaRegion, cq: &DmaRegion) -> Self {
+        Self {
+            qid: s.qid,
+            entries: s.entries,
+            sq_off: s.sq_iova - sq.iova(),
+            cq_off: s.cq_iova - cq.iova(),
+            sq_tail: s.sq_tail,
+            sq_head: s.sq_head,
+            cq_head: s.cq_head,
+            phase: s.phase,
+            next_cid: s.next_cid,
+            in_flight: None,
+        }
+    }
+
+    /// Offset of the completion entry at the head in the completion region.
+    fn cq_at(&self) -> u64 {
+        self.cq_off + u64::from(self.cq_head) * CQE_SIZE as u64
+    }
+}
+
+/// The version of [`NvmeState`]'s text this driver writes and reads.
+pub const STATE_FORMAT: u32 = 1;
+
+/// Where one DMA region of the driver is mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionState {
+    /// First IOVA.
+    pub iova: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// One queue pair as the driver left it, every command completed and its
+/// completion consumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    /// Queue identifier (0: admin).
+    pub qid: u16,
+    /// Entries of each ring.
+    pub entries: u16,
+    /// IOVA of the submission ring.
+    pub sq_iova: u64,
+    /// IOVA of the completion ring.
+    pub cq_iova: u64,
+    /// Submission tail: the next entry the driver fills (the doorbell's
+    /// last value).
+    pub sq_tail: u16,
+    /// Submission head, as the last completion reported it.
+    pub sq_head: u16,
+    /// Completion head: the next entry the controller writes (the
+    /// doorbell's last value).
+    pub cq_head: u16,
+    /// The phase tag a new completion at the head carries.
+    pub phase: bool,
+    /// The next command identifier.
+    pub next_cid: u16,
+}
+
+/// Everything needed to continue driving a controller that
+/// [`Nvme::suspend_state`] left running: its registers' identity, where the
+/// queues and buffers are, each queue's positions, the interrupt set-up and
+/// what Identify said. [`to_text`](Self::to_text) and
+/// [`from_text`](Self::from_text) carry it as JSON (next to a handoff
+/// ticket, say).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvmeState {
+    /// [`STATE_FORMAT`] of the writer.
+    pub format: u32,
+    /// CAP, as read at bring-up.
+    pub cap: u64,
+    /// VS, as read at bring-up.
+    pub version: u32,
+    /// Doorbell stride in bytes (from CAP.DSTRD).
+    pub doorbell_stride: u64,
+    /// The submission rings' region (the controller reads it).
+    pub sq: RegionState,
+    /// The completion rings' region (the controller writes it).
+    pub cq: RegionState,
+    /// The data buffer (both directions).
+    pub data: RegionState,
+    /// The admin queue pair (AQA, ASQ, ACQ).
+    pub admin: QueueState,
+    /// The I/O queue pair.
+    pub io: QueueState,
+    /// I/O completions raise an MSI-X interrupt.
+    pub interrupts: bool,
+    /// The I/O completion queue's MSI-X vector (when `interrupts`).
+    pub io_vector: u16,
+    /// Largest transfer of one command in bytes (MDTS and this driver's
+    /// limit).
+    pub max_transfer: u64,
+    /// Identify Controller's answer.
+    pub controller: ControllerId,
+    /// Identify Namespace 1's answer.
+    pub namespace: NamespaceInfo,
+}
+
+fn state_err(op: &'static str) -> impl FnOnce(String) -> NvmeError {
+    move |what| NvmeError::State { op, what }
+}
+
+impl NvmeState {
+    /// The state as pretty JSON, ending in a newline.
+    pub fn to_text(&self) -> String {
+        serde_json::to_string_pretty(self).expect("an nvme state serialises") + "\n"
+    }
+
+    /// Parses [`to_text`](Self::to_text)'s output and checks it is
+    /// consistent.
+    pub fn from_text(text: &str) -> Result<Self, NvmeError> {
+        let op = "parsing nvme state";
+        let s: Self = serde_json::from_str(text).map_err(|e| state_err(op)(e.to_string()))?;
+        s.validate().map_err(state_err(op))?;
+        Ok(s)
+    }
+
+    /// Writes [`to_text`](Self::to_text) to `path`.
+    pub fn save(&self, path: &Path) -> Result<(), NvmeError> {
+        std::fs::write(path, self.to_text())
+            .map_err(|e| state_err("writing nvme state")(format!("{}: {e}", path.display())))
+    }
+
+    /// Reads a state [`save`](Self::save) wrote.
+    pub fn load(path: &Path) -> Result<Self, NvmeError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| state_err("reading nvme state")(format!("{}: {e}", path.display())))?;
+        Self::from_text(&text)
+    }
+
+    /// Picks what [`Nvme::resume_from`] needs from the device's owner:
+    /// `region(iova)` gives the target memory mapped at an IOVA, `irq(v)`
+    /// an eventfd MSI-X vector `v` signals. For a
+    /// [`RemoteDevice`](crate::RemoteDevice) adopted from a ticket these are
+    /// its `dma_region` and `irq_eventfd`.
+    pub fn resources(
+        &self,
+        mut region: impl FnMut(u64) -> Option<Arc<DmaRegion>>,
+        irq: impl FnOnce(u32) -> Option<EventFd>,
+    ) -> Result<Resources, NvmeError> {
+        let mut find = |r: RegionState, what: &str| {
+            region(r.iova).ok_or_else(|| {
+                NvmeError::Resume(format!("no target memory at {:#x} for the {what}", r.iova))
+            })
+        };
+        let sq = find(self.sq, "submission queues")?;
+        let cq = find(self.cq, "completion queues")?;
+        let data = find(self.data, "data buffer")?;
+        let io_irq = if self.interrupts {
+            Some(irq(u32::from(self.io_vector)).ok_or_else(|| {
+                NvmeError::Resume(format!(
+                    "no eventfd for msi-x vector {} of the i/o queue",
+                    self.io_vector
+                ))
+            })?)
+        } else {
+            None
+        };
+        Ok(Resources {
+            sq,
+            cq,
+            data,
+            io_irq,
+        })
+    }
+
+    /// Checks that the state describes something this driver can drive.
+    fn validate(&self) -> Result<(), String> {
+        if self.format != STATE_FORMAT {
+            return Err(format!(
+                "format {} (this driver reads {STATE_FORMAT})",
+                self.format
+            ));
+        }
+        let cap = Cap(self.cap);
+        if self.doorbell_stride != cap.doorbell_stride() {
+            return Err(format!(
+                "doorbell stride {} but cap {:#x} says {}",
+                self.doorbell_stride,
+                self.cap,
+                cap.doorbell_stride()
+            ));
+        }
+        for (name, r) in [("sq", self.sq), ("cq", self.cq), ("data", self.data)] {
+            if r.len == 0 || r.iova % PAGE_SIZE != 0 || r.len % PAGE_SIZE != 0 {
+                return Err(format!(
+                    "{name} region {:#x}+{:#x} is not whole pages",
+                    r.iova, r.len
+                ));
+            }
+            if r.iova.checked_add(r.len).is_none() {
+                return Err(format!("{name} region {:#x}+{:#x} wraps", r.iova, r.len));
+            }
+        }
+        for (name, q, qid_ok) in [
+            ("admin", self.admin, self.admin.qid == 0),
+            ("i/o", self.io, self.io.qid != 0),
+        ] {
+            let rings = [
+                (self.sq, q.sq_iova, SQE_SIZE, "submission"),
+                (self.cq, q.cq_iova, CQE_SIZE, "completion"),
+            ];
+            if !qid_ok {
+                return Err(format!("{name} queue has id {}", q.qid));
+            }
+            if q.entries < 2 || u64::from(q.entries) > u64::from(Cap(self.cap).max_queue_entries())
+            {
+                return Err(format!("{name} queue of {} entries", q.entries));
+            }
+            if q.sq_tail >= q.entries || q.sq_head >= q.entries || q.cq_head >= q.entries {
+                return Err(format!(
+                    "{name} queue positions (tail {}, head {}, completion head {}) past {} entries",
+                    q.sq_tail, q.sq_head, q.cq_head, q.entries
+                ));
+            }
+            for (r, at, size, ring) in rings {
+                let len = u64::from(q.entries) * size as u64;
+                if at % PAGE_SIZE != 0 || at < r.iova || at + len > r.iova + r.len {
+                    return Err(format!(
+                        "{name} {ring} ring at {at:#x} ({len} bytes) is not page-aligned in its region"
+                    ));
+                }
+            }
+        }
+        if self.admin.sq_iova == self.io.sq_iova || self.admin.cq_iova == self.io.cq_iova {
+            return Err("the admin and i/o queues share a ring".into());
+        }
+        let max = self.max_transfer;
+        if max == 0 || max > MAX_TRANSFER as u64 || max > self.data.len || self.data.len < 4096 {
+            return Err(format!(
+                "transfers of {max} bytes with a {}-byte data buffer",
+                self.data.len
+            ));
+        }
+        let bs = self.namespace.block_size;
+        if !bs.is_power_of_two() || !(512..=65536).contains(&bs) || self.namespace.blocks == 0 {
+            return Err(format!(
+                "namespace of {} blocks of {bs} bytes",
+                self.namespace.blocks
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What [`Nvme::resume_from`] drives the controller with: the target memory
+/// of the state's three regions, and the I/O queue's interrupt eventfd.
+/// [`NvmeState::resources`] collects them.
+#[derive(Debug)]
+pub struct Resources {
+    /// The submission rings' region ([`NvmeState::sq`]).
+    pub sq: Arc<DmaRegion>,
+    /// The completion rings' region ([`NvmeState::cq`]).
+    pub cq: Arc<DmaRegion>,
+    /// The data buffer ([`NvmeState::data`]).
+    pub data: Arc<DmaRegion>,
+    /// Signalled by the I/O queue's MSI-X vector ([`NvmeState::io_vector`]);
+    /// required when the state uses interrupts, refused otherwise.
+    pub io_irq: Option<EventFd>,
+}
+
+/// [`Nvme::suspend_state`] refused: the error, and the driver back,
+/// unchanged (dropping it shuts the controller down as usual).
+pub struct SuspendError<'a, D: Device + ?Sized> {
+    /// Why it refused.
+    pub error: NvmeError,
+    /// The driver, still in charge of the controller (boxed: it is large).
+    pub driver: Box<Nvme<'a, D>>,
+}
+
+impl<D: Device + ?Sized> fmt::Debug for SuspendError<'_, D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SuspendError")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: Device + ?Sized> fmt::Display for SuspendError<'_, D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.error, f)
+    }
+}
+
+impl<D: Device + ?Sized> std::error::Error for SuspendError<'_, D> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.error)
+    }
+}
+
+impl<D: Device + ?Sized> From<SuspendError<'_, D>> for NvmeError {
+    fn from(e: SuspendError<'_, D>) -> Self {
+        e.error
     }
 }
 
@@ -673,17 +1020,28 @@ pub struct Nvme<'a, D: Device + ?Sized> {
     data: Arc<DmaRegion>,
     admin: Queue,
     io: Option<Queue>,
-    /// MSI-X eventfds (vector 0 = admin, last = I/O), if enabled.
+    /// MSI-X eventfds (the I/O queue's last; set with `set_irqs` at
+    /// bring-up, or the I/O vector's alone after a resume), if enabled.
     irqs: Vec<EventFd>,
     io_vector: u16,
     ctrl: ControllerId,
     ns: NamespaceInfo,
     stats: Stats,
+    /// The controller is enabled and ours to shut down.
     up: bool,
+    /// The three regions are mapped and ours to unmap.
+    mapped: bool,
 }
 
 fn eventfd_err(op: &'static str) -> impl FnOnce(std::io::Error) -> NvmeError {
     move |source| NvmeError::EventFd { op, source }
+}
+
+/// Reads a 64-bit register as two 4-byte halves, low first.
+fn read_reg64<D: Device + ?Sized>(dev: &mut D, offset: u64) -> Result<u64, DeviceError> {
+    let lo = dev.read32(BAR0, offset)?;
+    let hi = dev.read32(BAR0, offset + 4)?;
+    Ok(u64::from(hi) << 32 | u64::from(lo))
 }
 
 impl<'a, D: Device + ?Sized> Nvme<'a, D> {
@@ -705,9 +1063,7 @@ impl<'a, D: Device + ?Sized> Nvme<'a, D> {
         let cmd = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
         dev.write(CONFIG_REGION, PCI_COMMAND, &cmd.to_le_bytes())?;
 
-        let lo = dev.read32(BAR0, reg::CAP)?;
-        let hi = dev.read32(BAR0, reg::CAP + 4)?;
-        let cap = Cap(u64::from(hi) << 32 | u64::from(lo));
+        let cap = Cap(read_reg64(dev, reg::CAP)?);
         let version = dev.read32(BAR0, reg::VS)?;
         if !cap.nvm_command_set() {
             return Err(NvmeError::Unsupported(format!(
@@ -773,10 +1129,240 @@ impl<'a, D: Device + ?Sized> Nvme<'a, D> {
             },
             stats: Stats::default(),
             up: false,
+            mapped: true,
         };
         // On failure, Drop unmaps and turns off what was turned on.
         nvme.bring_up(entries)?;
         Ok(nvme)
+    }
+
+    /// Continues driving a controller another driver left running with
+    /// [`suspend_state`](Self::suspend_state): no reset, no write to CC or
+    /// the admin queue registers, no `set_irqs`, nothing mapped. `res` is
+    /// the target memory of the state's regions (already mapped on `dev`)
+    /// and the I/O vector's eventfd (already routed); see
+    /// [`NvmeState::resources`]. Of `opts`, only the timeouts apply: the
+    /// layout, queue sizes and interrupt set-up are the state's.
+    ///
+    /// Checks first, and writes nothing if any check fails: the function is
+    /// NVMe with memory decoding and bus mastering on, CAP is the state's,
+    /// CC.EN and CSTS.RDY are set, CSTS.CFS and shutdown status clear, AQA,
+    /// ASQ and ACQ are the state's admin queue, the regions are the
+    /// state's, and the completion entry at each queue's head still has
+    /// the stale phase (no completion the state does not know of). Then
+    /// it writes each completion head doorbell again with the state's
+    /// value (harmless, and a lost last write is made good).
+    ///
+    /// Stats start from zero.
+    pub fn resume_from(
+        dev: &'a mut D,
+        state: NvmeState,
+        opts: Options,
+        res: Resources,
+    ) -> Result<Self, NvmeError> {
+        let bad = |what: String| NvmeError::Resume(what);
+        state
+            .validate()
+            .map_err(|e| bad(format!("bad state: {e}")))?;
+        let info = dev.info();
+        if info.class != NVME_CLASS {
+            return Err(NvmeError::NotNvme {
+                vendor: info.vendor,
+                device: info.device,
+                class: info.class,
+            });
+        }
+        if state.interrupts && u32::from(state.io_vector) >= dev.info().irq_count(IrqKind::Msix) {
+            return Err(bad(format!(
+                "msi-x vector {} but the function has {}",
+                state.io_vector,
+                dev.info().irq_count(IrqKind::Msix)
+            )));
+        }
+        for (r, s, what, reads, writes) in [
+            (&res.sq, state.sq, "submission", true, false),
+            (&res.cq, state.cq, "completion", false, true),
+            (&res.data, state.data, "data", true, true),
+        ] {
+            if (r.iova(), r.len()) != (s.iova, s.len) {
+                return Err(bad(format!(
+                    "{what} memory is {:#x}+{:#x}, the state's {:#x}+{:#x}",
+                    r.iova(),
+                    r.len(),
+                    s.iova,
+                    s.len
+                )));
+            }
+            if (reads && !r.dir().device_reads()) || (writes && !r.dir().device_writes()) {
+                return Err(bad(format!(
+                    "{what} memory at {:#x} is mapped {:?}",
+                    s.iova,
+                    r.dir()
+                )));
+            }
+        }
+        match (&res.io_irq, state.interrupts) {
+            (None, true) => {
+                return Err(bad(format!(
+                    "no eventfd for msi-x vector {}",
+                    state.io_vector
+                )))
+            }
+            (Some(_), false) => {
+                return Err(bad(
+                    "an eventfd, but the i/o queue raises no interrupts".into()
+                ))
+            }
+            _ => {}
+        }
+
+        let mut cmd = [0u8; 2];
+        dev.read(CONFIG_REGION, PCI_COMMAND, &mut cmd)?;
+        let cmd = u16::from_le_bytes(cmd);
+        let want = PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+        if cmd & want != want {
+            return Err(bad(format!(
+                "pci command {cmd:#06x}: memory decoding or bus mastering is off"
+            )));
+        }
+        let cap = read_reg64(dev, reg::CAP)?;
+        if cap != state.cap {
+            return Err(bad(format!(
+                "cap {cap:#018x}, the state's {:#018x}: another controller",
+                state.cap
+            )));
+        }
+        let cc = dev.read32(BAR0, reg::CC)?;
+        let csts = dev.read32(BAR0, reg::CSTS)?;
+        if cc & CC_EN == 0
+            || cc & (3 << 14) != 0
+            || cc & (0xff << 16) != CC_IOCQES_16 | CC_IOSQES_64
+        {
+            return Err(bad(format!(
+                "cc {cc:#010x}: not enabled, shutting down, or other entry sizes"
+            )));
+        }
+        if csts == u32::MAX || csts & CSTS_RDY == 0 || csts & (CSTS_CFS | CSTS_SHST_MASK) != 0 {
+            return Err(bad(format!(
+                "csts {csts:#010x}: not ready, fatal status or shut down"
+            )));
+        }
+        let n = u32::from(state.admin.entries - 1);
+        let aqa = dev.read32(BAR0, reg::AQA)?;
+        let asq = read_reg64(dev, reg::ASQ)?;
+        let acq = read_reg64(dev, reg::ACQ)?;
+        if aqa & 0x0fff_0fff != n << 16 | n
+            || asq & !0xfff != state.admin.sq_iova
+            || acq & !0xfff != state.admin.cq_iova
+        {
+            return Err(bad(format!(
+                "admin queue aqa {aqa:#x} asq {asq:#x} acq {acq:#x}, the state's {:#x} {:#x} {:#x}",
+                n << 16 | n,
+                state.admin.sq_iova,
+                state.admin.cq_iova
+            )));
+        }
+        let admin = Queue::from_state(&state.admin, &res.sq, &res.cq);
+        let io = Queue::from_state(&state.io, &res.sq, &res.cq);
+        for q in [&admin, &io] {
+            let at = q.cq_at();
+            dev.sync_for_cpu(res.cq.iova() + at, CQE_SIZE as u64)?;
+            let mut b = [0u8; CQE_SIZE];
+            res.cq.read(at, &mut b)?;
+            let c = Completion::decode(&b);
+            if c.phase == q.phase {
+                return Err(bad(format!(
+                    "queue {} has a completion at head {} the state does not know of (command {})",
+                    q.qid, q.cq_head, c.cid
+                )));
+            }
+        }
+        let cap = Cap(cap);
+        for q in [&admin, &io] {
+            dev.write32(BAR0, doorbell(cap, q.qid, true), u32::from(q.cq_head))?;
+        }
+        Ok(Self {
+            dev,
+            opts,
+            cap,
+            version: state.version,
+            sq: res.sq,
+            cq: res.cq,
+            data: res.data,
+            admin,
+            io: Some(io),
+            irqs: res.io_irq.into_iter().collect(),
+            io_vector: state.io_vector,
+            ctrl: state.controller,
+            ns: state.namespace,
+            stats: Stats::default(),
+            up: true,
+            mapped: true,
+        })
+    }
+
+    /// Ends the driver leaving the controller running for another driver
+    /// ([`resume_from`](Self::resume_from)): enabled, its admin and I/O
+    /// queues in place, interrupts routed, DMA mapped. Consumes any late
+    /// completion of a command that timed out, and sends the posted writes
+    /// ([`Device::flush`]) so that their errors show here.
+    ///
+    /// Refuses, handing the driver back untouched in the error, if the
+    /// controller is shut down or a command is still in flight.
+    pub fn suspend_state(mut self) -> Result<NvmeState, SuspendError<'a, D>> {
+        if let Err(error) = self.quiesce() {
+            return Err(SuspendError {
+                error,
+                driver: Box::new(self),
+            });
+        }
+        let io = self.io.take().expect("quiesce checked the i/o queue");
+        let state = NvmeState {
+            format: STATE_FORMAT,
+            cap: self.cap.0,
+            version: self.version,
+            doorbell_stride: self.cap.doorbell_stride(),
+            sq: RegionState {
+                iova: self.sq.iova(),
+                len: self.sq.len(),
+            },
+            cq: RegionState {
+                iova: self.cq.iova(),
+                len: self.cq.len(),
+            },
+            data: RegionState {
+                iova: self.data.iova(),
+                len: self.data.len(),
+            },
+            admin: self.admin.state(&self.sq, &self.cq),
+            io: io.state(&self.sq, &self.cq),
+            interrupts: !self.irqs.is_empty(),
+            io_vector: self.io_vector,
+            max_transfer: self.max_transfer() as u64,
+            controller: self.ctrl.clone(),
+            namespace: self.ns,
+        };
+        // Handed on: the controller, its queues, interrupt routes and
+        // mappings are no longer this driver's to undo, so Drop finds
+        // nothing to shut down. (Its own eventfds and region references
+        // go; the device keeps what it was given.)
+        self.up = false;
+        self.mapped = false;
+        self.irqs.clear();
+        Ok(state)
+    }
+
+    /// What [`suspend_state`](Self::suspend_state) needs: the controller up,
+    /// no command in flight, posted writes delivered.
+    fn quiesce(&mut self) -> Result<(), NvmeError> {
+        let op = "suspending";
+        if !self.up || self.io.is_none() {
+            return Err(NvmeError::Shutdown(op));
+        }
+        self.on_queue(false, op, |n, q| n.reap(q, op))?;
+        self.on_queue(true, op, |n, q| n.reap(q, op))?;
+        self.dev.flush()?;
+        Ok(())
     }
 
     fn bring_up(&mut self, entries: u16) -> Result<(), NvmeError> {
@@ -790,20 +1376,9 @@ impl<'a, D: Device + ?Sized> Nvme<'a, D> {
         self.wait_csts(CSTS_RDY, CSTS_RDY, "the controller to become ready")?;
         self.up = true;
 
-        let buf = self.data.iova();
-        self.admin_cmd(
-            "identify controller",
-            Command::identify(CNS_CONTROLLER, 0, buf),
-        )?;
-        self.ctrl = ControllerId::parse(&self.read_data(4096)?)?;
-        if self.ctrl.namespaces < NSID {
-            return Err(NvmeError::Unsupported("no namespace 1".into()));
-        }
-        self.admin_cmd(
-            "identify namespace",
-            Command::identify(CNS_NAMESPACE, NSID, buf),
-        )?;
-        self.ns = NamespaceInfo::parse(&self.read_data(4096)?)?;
+        let (ctrl, ns) = self.identify()?;
+        self.ctrl = ctrl;
+        self.ns = ns;
 
         let granted = self.admin_cmd("set number of queues", Command::set_queue_count(1, 1))?;
         if granted.result & 0xffff == 0xffff || granted.result >> 16 == 0xffff {
@@ -849,6 +1424,27 @@ impl<'a, D: Device + ?Sized> Nvme<'a, D> {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Runs Identify Controller and Identify Namespace 1 on the admin
+    /// queue and returns their answers (what [`controller`](Self::controller)
+    /// and [`namespace`](Self::namespace) return stays as at bring-up).
+    pub fn identify(&mut self) -> Result<(ControllerId, NamespaceInfo), NvmeError> {
+        let buf = self.data.iova();
+        self.admin_cmd(
+            "identify controller",
+            Command::identify(CNS_CONTROLLER, 0, buf),
+        )?;
+        let ctrl = ControllerId::parse(&self.read_data(4096)?)?;
+        if ctrl.namespaces < NSID {
+            return Err(NvmeError::Unsupported("no namespace 1".into()));
+        }
+        self.admin_cmd(
+            "identify namespace",
+            Command::identify(CNS_NAMESPACE, NSID, buf),
+        )?;
+        let ns = NamespaceInfo::parse(&self.read_data(4096)?)?;
+        Ok((ctrl, ns))
     }
 
     /// Clears CC.EN and waits for CSTS.RDY to drop.
@@ -912,21 +1508,35 @@ impl<'a, D: Device + ?Sized> Nvme<'a, D> {
         Ok(v)
     }
 
-    fn admin_cmd(&mut self, op: &'static str, cmd: Command) -> Result<Completion, NvmeError> {
-        let mut q = std::mem::replace(&mut self.admin, Queue::new(0, 0, 0));
-        let r = self.run(&mut q, op, cmd, None);
-        self.admin = q;
+    /// Runs `f` with the admin queue (or with `io` the I/O queue) taken out
+    /// of the driver.
+    fn on_queue<T>(
+        &mut self,
+        io: bool,
+        op: &'static str,
+        f: impl FnOnce(&mut Self, &mut Queue) -> Result<T, NvmeError>,
+    ) -> Result<T, NvmeError> {
+        let mut q = if io {
+            self.io.take().ok_or(NvmeError::Shutdown(op))?
+        } else {
+            std::mem::replace(&mut self.admin, Queue::new(0, 0, 0))
+        };
+        let r = f(self, &mut q);
+        if io {
+            self.io = Some(q);
+        } else {
+            self.admin = q;
+        }
         r
     }
 
+    fn admin_cmd(&mut self, op: &'static str, cmd: Command) -> Result<Completion, NvmeError> {
+        self.on_queue(false, op, |n, q| n.run(q, op, cmd, None))
+    }
+
     fn io_cmd(&mut self, op: &'static str, cmd: Command) -> Result<Completion, NvmeError> {
-        let Some(mut q) = self.io.take() else {
-            return Err(NvmeError::Shutdown(op));
-        };
         let fd = self.irqs.len().checked_sub(1);
-        let r = self.run(&mut q, op, cmd, fd);
-        self.io = Some(q);
-        r
+        self.on_queue(true, op, |n, q| n.run(q, op, cmd, fd))
     }
 
     /// Submits `cmd` on `q` and waits for its completion: by interrupt on
@@ -941,6 +1551,7 @@ impl<'a, D: Device + ?Sized> Nvme<'a, D> {
         if !self.up {
             return Err(NvmeError::Shutdown(op));
         }
+        self.reap(q, op)?;
         let next_tail = (q.sq_tail + 1) % q.entries;
         if next_tail == q.sq_head {
             return Err(NvmeError::BadAnswer {
@@ -959,16 +1570,12 @@ impl<'a, D: Device + ?Sized> Nvme<'a, D> {
         self.dev
             .sync_for_device(self.sq.iova() + off, SQE_SIZE as u64)?;
         q.sq_tail = next_tail;
+        q.in_flight = Some(cmd.cid);
         self.dev
             .write32(BAR0, doorbell(self.cap, q.qid, false), u32::from(q.sq_tail))?;
 
         let c = self.wait_completion(q, op, irq)?;
-        q.cq_head = (q.cq_head + 1) % q.entries;
-        if q.cq_head == 0 {
-            q.phase = !q.phase;
-        }
-        self.dev
-            .write32(BAR0, doorbell(self.cap, q.qid, true), u32::from(q.cq_head))?;
+        self.consume(q, &c)?;
         self.stats.commands += 1;
         if c.sq_id != q.qid || c.cid != cmd.cid || c.sq_head >= q.entries {
             return Err(NvmeError::BadAnswer {
@@ -979,7 +1586,6 @@ impl<'a, D: Device + ?Sized> Nvme<'a, D> {
                 ),
             });
         }
-        q.sq_head = c.sq_head;
         if !c.status.is_success() {
             return Err(NvmeError::Command {
                 op,
@@ -989,6 +1595,50 @@ impl<'a, D: Device + ?Sized> Nvme<'a, D> {
         Ok(c)
     }
 
+    /// Takes the completion at `q`'s head: advances the head (flipping the
+    /// phase at the end of the ring) and tells the controller.
+    fn consume(&mut self, q: &mut Queue, c: &Completion) -> Result<(), NvmeError> {
+        q.in_flight = None;
+        q.cq_head = (q.cq_head + 1) % q.entries;
+        if q.cq_head == 0 {
+            q.phase = !q.phase;
+        }
+        if c.sq_head < q.entries {
+            q.sq_head = c.sq_head;
+        }
+        self.dev
+            .write32(BAR0, doorbell(self.cap, q.qid, true), u32::from(q.cq_head))?;
+        Ok(())
+    }
+
+    /// The completion entry at `q`'s head, if its phase tag says it is new.
+    fn peek(&mut self, q: &Queue) -> Result<Option<Completion>, NvmeError> {
+        let at = q.cq_at();
+        self.dev
+            .sync_for_cpu(self.cq.iova() + at, CQE_SIZE as u64)?;
+        let mut b = [0u8; CQE_SIZE];
+        self.cq.read(at, &mut b)?;
+        let c = Completion::decode(&b);
+        Ok((c.phase == q.phase).then_some(c))
+    }
+
+    /// If a command on `q` timed out earlier, consumes its completion if it
+    /// has arrived since (its status is dropped: its caller had the
+    /// timeout); refuses `op` if it has not.
+    fn reap(&mut self, q: &mut Queue, op: &'static str) -> Result<(), NvmeError> {
+        let Some(cid) = q.in_flight else {
+            return Ok(());
+        };
+        match self.peek(q)? {
+            Some(c) => self.consume(q, &c),
+            None => Err(NvmeError::InFlight {
+                op,
+                qid: q.qid,
+                cid,
+            }),
+        }
+    }
+
     /// The completion entry at `q`'s head once its phase tag flips.
     fn wait_completion(
         &mut self,
@@ -996,7 +1646,6 @@ impl<'a, D: Device + ?Sized> Nvme<'a, D> {
         op: &'static str,
         irq: Option<usize>,
     ) -> Result<Completion, NvmeError> {
-        let at = q.cq_off + u64::from(q.cq_head) * CQE_SIZE as u64;
         let start = Instant::now();
         let limit = self.opts.command_timeout;
         let mut nap = Duration::from_micros(20);
@@ -1019,12 +1668,7 @@ impl<'a, D: Device + ?Sized> Nvme<'a, D> {
                     nap = (nap * 2).min(Duration::from_millis(5));
                 }
             }
-            self.dev
-                .sync_for_cpu(self.cq.iova() + at, CQE_SIZE as u64)?;
-            let mut b = [0u8; CQE_SIZE];
-            self.cq.read(at, &mut b)?;
-            let c = Completion::decode(&b);
-            if c.phase == q.phase {
+            if let Some(c) = self.peek(q)? {
                 if woken {
                     self.stats.by_interrupt += 1;
                 } else {
@@ -1151,18 +1795,18 @@ impl<'a, D: Device + ?Sized> Nvme<'a, D> {
                 first.get_or_insert(e);
             }
         };
-        if self.up && self.io.is_some() {
+        if let Some(qid) = self.io.as_ref().filter(|_| self.up).map(|q| q.qid) {
             note(
                 self.admin_cmd(
                     "delete i/o submission queue",
-                    Command::delete_queue(IO_QID, false),
+                    Command::delete_queue(qid, false),
                 )
                 .map(drop),
             );
             note(
                 self.admin_cmd(
                     "delete i/o completion queue",
-                    Command::delete_queue(IO_QID, true),
+                    Command::delete_queue(qid, true),
                 )
                 .map(drop),
             );
@@ -1182,11 +1826,13 @@ impl<'a, D: Device + ?Sized> Nvme<'a, D> {
             note(self.disable());
         }
         self.up = false;
-        for iova in [self.sq.iova(), self.cq.iova(), self.data.iova()] {
-            // Already unmapped by an earlier call: nothing to report.
-            match self.dev.dma_unmap(iova) {
-                Err(DeviceError::Dma(DmaError::NotMapped(_))) => {}
-                r => note(r.map(drop).map_err(Into::into)),
+        if std::mem::take(&mut self.mapped) {
+            for iova in [self.sq.iova(), self.cq.iova(), self.data.iova()] {
+                // Unmapped by someone else meanwhile: nothing to report.
+                match self.dev.dma_unmap(iova) {
+                    Err(DeviceError::Dma(DmaError::NotMapped(_))) => {}
+                    r => note(r.map(drop).map_err(Into::into)),
+                }
             }
         }
         first.map_or(Ok(()), Err)
@@ -1194,7 +1840,12 @@ impl<'a, D: Device + ?Sized> Nvme<'a, D> {
 }
 
 impl<D: Device + ?Sized> Drop for Nvme<'_, D> {
+    /// Shuts down what is still the driver's: everything, unless
+    /// [`Nvme::shutdown`] or [`Nvme::suspend_state`] already ended it.
     fn drop(&mut self) {
+        if !self.up && self.io.is_none() && self.irqs.is_empty() && !self.mapped {
+            return;
+        }
         // Best effort and quick: the backend resets the device on release.
         self.opts.command_timeout = self.opts.command_timeout.min(Duration::from_secs(2));
         let _ = self.shutdown();
@@ -1396,6 +2047,16 @@ mod tests {
             /// Never complete commands.
             pub mute: bool,
             pub log: Vec<String>,
+            /// Register writes of any kind (doorbells included).
+            pub writes: usize,
+            /// Writes of CC, and of AQA/ASQ/ACQ.
+            pub cc_writes: usize,
+            pub admin_reg_writes: usize,
+            /// Calls of set_irqs, dma_map, dma_unmap and reset.
+            pub set_irqs_calls: usize,
+            pub dma_maps: usize,
+            pub dma_unmaps: usize,
+            pub resets: usize,
         }
 
         impl Fake {
@@ -1449,6 +2110,13 @@ mod tests {
                     fail_next_io: None,
                     mute: false,
                     log: vec![],
+                    writes: 0,
+                    cc_writes: 0,
+                    admin_reg_writes: 0,
+                    set_irqs_calls: 0,
+                    dma_maps: 0,
+                    dma_unmaps: 0,
+                    resets: 0,
                 }
             }
 
@@ -1485,8 +2153,12 @@ mod tests {
             }
 
             fn reg_write(&mut self, off: u64, v: u32) {
+                if (reg::AQA..reg::ACQ + 8).contains(&off) {
+                    self.admin_reg_writes += 1;
+                }
                 match off {
                     reg::CC => {
+                        self.cc_writes += 1;
                         let was = self.cc;
                         self.cc = v;
                         if v & CC_EN != 0 && was & CC_EN == 0 {
@@ -1667,6 +2339,11 @@ mod tests {
                     (_, reg::VS) => 0x0001_0400,
                     (_, reg::CC) => self.cc,
                     (_, reg::CSTS) => self.csts,
+                    (_, reg::AQA) => self.aqa,
+                    (_, o) if o == reg::ASQ => self.asq as u32,
+                    (_, o) if o == reg::ASQ + 4 => (self.asq >> 32) as u32,
+                    (_, o) if o == reg::ACQ => self.acq as u32,
+                    (_, o) if o == reg::ACQ + 4 => (self.acq >> 32) as u32,
                     _ => 0,
                 };
                 data.copy_from_slice(&v.to_le_bytes()[..data.len()]);
@@ -1675,6 +2352,7 @@ mod tests {
 
             fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
                 self.info.check_access(region, offset, data.len(), true)?;
+                self.writes += 1;
                 if region == CONFIG_REGION {
                     assert_eq!((offset, data.len()), (PCI_COMMAND, 2));
                     self.config_command = u16::from_le_bytes([data[0], data[1]]);
@@ -1691,6 +2369,7 @@ mod tests {
                 fds: &[EventFd],
             ) -> Result<(), DeviceError> {
                 assert_eq!((kind, start), (IrqKind::Msix, 0));
+                self.set_irqs_calls += 1;
                 self.irqs = fds.iter().map(|f| f.try_clone().unwrap()).collect();
                 Ok(())
             }
@@ -1700,11 +2379,13 @@ mod tests {
             }
 
             fn dma_map(&mut self, region: Arc<DmaRegion>) -> Result<(), DeviceError> {
+                self.dma_maps += 1;
                 self.maps.push(region);
                 Ok(())
             }
 
             fn dma_unmap(&mut self, iova: u64) -> Result<Arc<DmaRegion>, DeviceError> {
+                self.dma_unmaps += 1;
                 let i = self
                     .maps
                     .iter()
@@ -1714,6 +2395,7 @@ mod tests {
             }
 
             fn reset(&mut self) -> Result<(), DeviceError> {
+                self.resets += 1;
                 Ok(())
             }
         }
@@ -1725,6 +2407,30 @@ mod tests {
 
             pub fn mapped(&self) -> usize {
                 self.maps.len()
+            }
+
+            /// The mapping at `iova`, as a device's owner would look it up.
+            pub fn region(&self, iova: u64) -> Option<Arc<DmaRegion>> {
+                self.maps.iter().find(|r| r.iova() == iova).cloned()
+            }
+
+            /// A duplicate of the eventfd MSI-X `vector` signals.
+            pub fn irq(&self, vector: u32) -> Option<EventFd> {
+                self.irqs
+                    .get(vector as usize)
+                    .map(|f| f.try_clone().unwrap())
+            }
+
+            /// Everything that would undo or redo the controller's set-up.
+            pub fn setup_writes(&self) -> [usize; 6] {
+                [
+                    self.cc_writes,
+                    self.admin_reg_writes,
+                    self.set_irqs_calls,
+                    self.dma_maps,
+                    self.dma_unmaps,
+                    self.resets,
+                ]
             }
 
             pub fn irqs_enabled(&self) -> usize {
@@ -1887,6 +2593,232 @@ mod tests {
             "{e}"
         );
         assert_eq!(dev.config_command, 0, "nothing touched");
+        assert_eq!(dev.mapped(), 0);
+    }
+
+    /// Brings a fake controller up, does `ios` writes and reads, and
+    /// suspends the driver.
+    fn suspended(dev: &mut fake::Fake, ios: u64) -> NvmeState {
+        let mut nvme = Nvme::new(dev, opts()).unwrap();
+        for i in 0..ios {
+            nvme.write_blocks(i, &pattern(i, 512)).unwrap();
+            assert_eq!(nvme.read_blocks(i, 1).unwrap(), pattern(i, 512));
+        }
+        nvme.suspend_state().unwrap()
+    }
+
+    #[test]
+    fn state_round_trips_as_text_and_bad_text_is_refused() {
+        let mut dev = fake::Fake::new(2);
+        let state = suspended(&mut dev, 3);
+        let text = state.to_text();
+        assert_eq!(NvmeState::from_text(&text).unwrap(), state);
+        assert!(text.contains("\"sq_tail\": 6"), "{text}");
+        assert_eq!(state.controller.serial, "fake-serial");
+        assert_eq!((state.namespace.blocks, state.max_transfer), (64, 8192));
+        assert_eq!((state.interrupts, state.io_vector), (true, 1));
+        let q = state.io;
+        assert_eq!(
+            (q.qid, q.entries, q.sq_tail, q.sq_head, q.cq_head, q.phase, q.next_cid),
+            (1, 32, 6, 6, 6, true, 6)
+        );
+        assert_eq!((state.admin.sq_tail, state.admin.next_cid), (5, 5));
+        assert_eq!(state.sq.iova + PAGE_SIZE, state.io.sq_iova);
+
+        let path = std::env::temp_dir().join(format!("cio-nvme-state-{}", std::process::id()));
+        state.save(&path).unwrap();
+        let back = NvmeState::load(&path);
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(back.unwrap(), state);
+        let e = NvmeState::load(&path).unwrap_err().to_string();
+        assert!(e.starts_with("reading nvme state: "), "{e}");
+
+        let e = NvmeState::from_text("{").unwrap_err().to_string();
+        assert!(e.starts_with("parsing nvme state: "), "{e}");
+        for (bad, why) in [
+            (text.replace("\"format\": 1", "\"format\": 2"), "format 2"),
+            (
+                text.replace("\"cq_head\": 6", "\"cq_head\": 32"),
+                "past 32 entries",
+            ),
+            (
+                text.replace("\"doorbell_stride\": 4", "\"doorbell_stride\": 8"),
+                "doorbell stride",
+            ),
+            (
+                text.replace("\"max_transfer\": 8192", "\"max_transfer\": 16384"),
+                "transfers of 16384",
+            ),
+        ] {
+            assert_ne!(bad, text, "{why}");
+            let e = NvmeState::from_text(&bad).unwrap_err().to_string();
+            assert!(
+                e.starts_with("parsing nvme state: ") && e.contains(why),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn suspends_and_resumes_on_the_running_controller() {
+        let mut dev = fake::Fake::new(2);
+        let state = suspended(&mut dev, 10);
+        // Nothing undone: still enabled, queues, interrupts and mappings on.
+        assert_eq!(dev.mapped(), 3);
+        assert_eq!(dev.irqs_enabled(), 2);
+        assert_eq!(dev.io_queues(), (true, true));
+        assert!(!dev.shut_down());
+        let setup = dev.setup_writes();
+        assert_eq!(
+            setup,
+            [1, 5, 1, 3, 0, 0],
+            "cc (enable), aqa/asq/acq, irqs, maps"
+        );
+
+        let state = NvmeState::from_text(&state.to_text()).unwrap();
+        let res = state
+            .resources(|iova| dev.region(iova), |v| dev.irq(v))
+            .unwrap();
+        let mut nvme = Nvme::resume_from(&mut dev, state, opts(), res).unwrap();
+        assert!(nvme.uses_interrupts());
+        assert_eq!(nvme.controller().serial, "fake-serial");
+        assert_eq!(nvme.namespace().blocks, fake::BLOCKS);
+        assert_eq!(nvme.max_transfer(), 8192);
+        // The admin queue goes on where it was.
+        let (ctrl, ns) = nvme.identify().unwrap();
+        assert_eq!(
+            (ctrl.model.as_str(), ns.blocks),
+            ("Fake NVMe", fake::BLOCKS)
+        );
+        for i in 0..10 {
+            assert_eq!(nvme.read_blocks(i, 1).unwrap(), pattern(i, 512));
+        }
+        // 20 I/O commands before, 10 + 80 after: around the 32-entry
+        // rings more than twice, the phase flipping each time.
+        for i in 0..40u64 {
+            let d = pattern(i + 100, 1024);
+            let lba = (i * 2) % fake::BLOCKS;
+            nvme.write_blocks(lba, &d).unwrap();
+            assert_eq!(nvme.read_blocks(lba, 2).unwrap(), d);
+        }
+        let s = nvme.stats();
+        assert_eq!((s.commands, s.by_interrupt), (92, 90), "{s:?}");
+        assert_eq!(
+            nvme.device().setup_writes(),
+            setup,
+            "no reset, cc, admin queue or interrupt set-up"
+        );
+        nvme.shutdown().unwrap();
+        drop(nvme);
+        assert_eq!(dev.mapped(), 0, "all dma unmapped");
+        assert_eq!(dev.irqs_enabled(), 0);
+        assert_eq!(dev.io_queues(), (false, false));
+        assert!(dev.shut_down());
+    }
+
+    #[test]
+    fn resume_refuses_what_does_not_match_and_writes_nothing() {
+        let mut dev = fake::Fake::new(2);
+        let state = suspended(&mut dev, 2);
+        let res = |dev: &fake::Fake, s: &NvmeState| {
+            s.resources(|iova| dev.region(iova), |v| dev.irq(v))
+                .unwrap()
+        };
+        let mut stale = state.clone();
+        stale.io.cq_head -= 1;
+        stale.io.sq_tail -= 1;
+        let mut other = state.clone();
+        other.cap ^= 1 << 56;
+        let mut polled = state.clone();
+        polled.interrupts = false;
+        let mut wrong_sq = res(&dev, &state);
+        wrong_sq.sq = Arc::clone(&wrong_sq.data);
+        let mut no_irq = res(&dev, &state);
+        no_irq.io_irq = None;
+        let cases = [
+            (stale.clone(), res(&dev, &stale), "a completion at head 3"),
+            (other.clone(), res(&dev, &other), "another controller"),
+            (state.clone(), wrong_sq, "submission memory is 0x204000"),
+            (state.clone(), no_irq, "no eventfd for msi-x vector 1"),
+            (polled.clone(), res(&dev, &state), "raises no interrupts"),
+        ];
+        let writes = dev.writes;
+        for (s, r, why) in cases {
+            let e = Nvme::resume_from(&mut dev, s, opts(), r).unwrap_err();
+            let msg = e.to_string();
+            assert!(matches!(e, NvmeError::Resume(_)), "{e:?}");
+            assert!(
+                msg.starts_with("resuming from the saved state: ") && msg.contains(why),
+                "{msg}"
+            );
+            assert_eq!(dev.writes, writes, "nothing written: {msg}");
+        }
+        assert_eq!(dev.mapped(), 3, "nothing unmapped");
+        let r = res(&dev, &state);
+        let mut nvme = Nvme::resume_from(&mut dev, state, opts(), r).unwrap();
+        assert_eq!(nvme.read_blocks(1, 1).unwrap(), pattern(1, 512));
+    }
+
+    #[test]
+    fn suspend_refuses_with_a_command_in_flight_and_hands_the_driver_back() {
+        let mut dev = fake::Fake::new(2);
+        {
+            let mut nvme = Nvme::new(
+                &mut dev,
+                Options {
+                    command_timeout: Duration::from_millis(200),
+                    irq_poll_interval: Duration::from_millis(50),
+                    ..Options::default()
+                },
+            )
+            .unwrap();
+            nvme.write_blocks(0, &[3; 512]).unwrap();
+            nvme.device().mute = true;
+            let e = nvme.read_blocks(0, 1).unwrap_err();
+            assert!(matches!(e, NvmeError::Timeout { what: "read", .. }), "{e}");
+            // Nothing more goes on the queue while the command is out.
+            let e = nvme.read_blocks(0, 1).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "read: command 1 on queue 1 is still in flight"
+            );
+            let refused = nvme.suspend_state().unwrap_err();
+            assert_eq!(
+                refused.to_string(),
+                "suspending: command 1 on queue 1 is still in flight"
+            );
+            let mut nvme = refused.driver;
+            // The controller gets to it late (the fake takes entries up to
+            // the tail on a doorbell): the late completion is consumed.
+            nvme.device().mute = false;
+            let tail_doorbell = doorbell(nvme.cap(), IO_QID, false);
+            nvme.device().write32(BAR0, tail_doorbell, 2).unwrap();
+            assert_eq!(nvme.read_blocks(0, 1).unwrap(), vec![3; 512]);
+
+            nvme.device().mute = true;
+            assert!(nvme.write_blocks(1, &[4; 512]).is_err());
+            let e = (*nvme).suspend_state().unwrap_err();
+            assert!(
+                matches!(e.error, NvmeError::InFlight { qid: 1, cid: 3, .. }),
+                "{e}"
+            );
+            let e: NvmeError = e.into();
+            assert!(e.to_string().starts_with("suspending: "), "{e}");
+        }
+        // The driver went down with the error: the usual shutdown.
+        assert!(dev.shut_down());
+        assert_eq!(dev.mapped(), 0);
+        assert_eq!(dev.io_queues(), (false, false));
+    }
+
+    #[test]
+    fn suspend_after_shutdown_is_refused() {
+        let mut dev = fake::Fake::new(0);
+        let mut nvme = Nvme::new(&mut dev, opts()).unwrap();
+        nvme.shutdown().unwrap();
+        let e = nvme.suspend_state().unwrap_err();
+        assert!(matches!(e.error, NvmeError::Shutdown("suspending")), "{e}");
+        drop(e);
         assert_eq!(dev.mapped(), 0);
     }
 }
