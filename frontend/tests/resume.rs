@@ -485,3 +485,30 @@ fn version_1_clients_keep_plain_sessions() {
     assert!(!c.resumable());
     let _: Option<ClientError> = None;
 }
+
+#[test]
+fn bulk_device_writes_far_above_the_queue_limit_keep_a_resumable_session_alive() {
+    // The backend queues far more DMA data than its queue limit at once and
+    // stops reading (so sees no Ack) until the queue drains; DMA data is
+    // kept as references to the shadow, so that is no reason to end.
+    let s = common::server_with(None, limits());
+    let c = connect(s.endpoint());
+    let mut m = c.open("mem0").unwrap();
+    const BIG: u64 = 96 << 20;
+    let rx = Arc::new(DmaRegion::new(RX_IOVA, BIG, DmaDir::FromDevice).unwrap());
+    m.dma_map(Arc::clone(&rx)).unwrap();
+    m.write32(BAR0, 0x80, 0x1234_5678).unwrap();
+    m.write64(BAR2, reg::BAR_OFFSET, 0).unwrap();
+    m.write64(BAR2, reg::LEN, 1 << 20).unwrap();
+    for round in 0..2u64 {
+        for i in 0..BIG >> 20 {
+            m.write64(BAR2, reg::DMA_ADDR, RX_IOVA + (i << 20)).unwrap();
+            m.write64(BAR2, reg::CMD, CMD_TO_MEMORY).unwrap();
+        }
+        m.sync_for_cpu(RX_IOVA, BIG).unwrap();
+        let mut w = [0u8; 4];
+        rx.read(BIG - (1 << 20) + 0x80, &mut w).unwrap();
+        assert_eq!(u32::from_le_bytes(w), 0x1234_5678, "round {round}");
+    }
+    assert_eq!(s.stats().sessions, 1, "the session is still there");
+}

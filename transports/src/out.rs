@@ -80,6 +80,9 @@ pub struct OutQueue {
     /// Sent and not yet acknowledged, oldest first; starts at a frame.
     sent: VecDeque<Chunk>,
     sent_len: usize,
+    /// The part of `sent_len` held as copies (`Chunk::Bytes`); the rest
+    /// refers to DMA regions, which exist anyway.
+    sent_copies: usize,
     /// Stream offset (bytes ever written) of the end of `sent`.
     written: u64,
     /// Where each retained or queued frame starts: (stream offset, seq).
@@ -116,6 +119,7 @@ impl OutQueue {
             retain: false,
             sent: VecDeque::new(),
             sent_len: 0,
+            sent_copies: 0,
             written: 0,
             starts: VecDeque::new(),
         }
@@ -168,13 +172,16 @@ impl OutQueue {
         self.sent_len -= drop;
         while drop > 0 {
             let front = self.sent.front_mut().expect("retained bytes are queued");
-            if front.len() <= drop {
-                drop -= front.len();
+            let n = front.len().min(drop);
+            if matches!(front, Chunk::Bytes(_)) {
+                self.sent_copies -= n;
+            }
+            if n == front.len() {
                 self.sent.pop_front();
             } else {
-                front.advance(drop);
-                drop = 0;
+                front.advance(n);
             }
+            drop -= n;
         }
         Ok(())
     }
@@ -194,12 +201,20 @@ impl OutQueue {
         self.queued += self.sent_len;
         self.written -= self.sent_len as u64;
         self.sent_len = 0;
+        self.sent_copies = 0;
         Ok(())
     }
 
     /// Bytes sent and kept until the peer acknowledges them.
     pub fn retained(&self) -> usize {
         self.sent_len
+    }
+
+    /// The part of [`retained`](Self::retained) this queue holds copies of
+    /// (frames); the rest is DMA memory sent from its region, which costs
+    /// nothing to keep.
+    pub fn retained_copies(&self) -> usize {
+        self.sent_copies
     }
 
     /// Queues `msg` answering `reply_to` (0 for none); returns its sequence
@@ -347,6 +362,9 @@ impl OutQueue {
                 };
                 left -= done.len();
                 self.sent_len += done.len();
+                if matches!(done, Chunk::Bytes(_)) {
+                    self.sent_copies += done.len();
+                }
                 self.sent.push_back(done);
             }
         }
@@ -440,12 +458,16 @@ mod tests {
         let mut d = FrameDecoder::new();
         assert_eq!(recv_frames(&b, &mut d, 13).len(), 13);
         assert!(q.retained() > 64 * 1024);
+        assert!(
+            q.retained_copies() < 1024,
+            "DMA memory is referenced, not copied"
+        );
         // The peer handled frames up to 5 (the Ok and four Resets).
         q.ack(5).unwrap();
         let left = q.retained();
         // A new connection: the peer says it got up to 7.
         q.rewind(7).unwrap();
-        assert_eq!(q.retained(), 0);
+        assert_eq!((q.retained(), q.retained_copies()), (0, 0));
         assert!(q.len() < left);
         let (a, b) = Conn::pair().unwrap();
         assert!(q

@@ -503,10 +503,12 @@ impl Session {
                 }
             }
             self.maybe_ack();
+            // Kept frames are copies; DMA data is sent from (and kept as a
+            // reference to) its shadow region, which exists anyway.
             let max_retained = 2 * self.shared.limits.max_queued_bytes;
-            if self.out.retained() > max_retained {
+            if self.out.retained_copies() > max_retained {
                 let why = format!(
-                    "the client acknowledged none of the last {} MiB sent",
+                    "the client acknowledged none of the last {} MiB of frames sent",
                     max_retained >> 20
                 );
                 return self.fatal(ErrorCode::LIMIT, 0, why);
