@@ -228,3 +228,52 @@ mod tests {
         assert_eq!(strip_ansi("plain"), "plain");
     }
 }
+
+/// A directory removed when the test ends, however it ends.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `len` pseudo-random bytes from `seed` (xorshift): test data whose every
+/// block differs, the same in every run.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Asks QEMU to quit through its QMP socket `sock` (a clean exit: its
+/// block layer flushes the image) and waits for its answer.
+pub fn qmp_quit(sock: &std::path::Path) {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("qmp {}: {e}", sock.display()));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("QMP"), "qmp greeting: {line}");
+    let mut w = s;
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+        .unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("return"), "qmp capabilities: {line}");
+    w.write_all(b"{\"execute\":\"quit\"}\n").unwrap();
+    // Wait for the answer (or the end): QEMU drops queued commands of a
+    // client that has gone.
+    line.clear();
+    let _ = r.read_line(&mut line);
+}

@@ -6,15 +6,13 @@
 //! completions by MSI-X, and, once QEMU has quit, finds the bytes in the
 //! image file itself.
 
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::io::{Read, Seek, SeekFrom};
 use std::time::{Duration, Instant};
 
 use cio_core::Device;
 use cio_frontend::drivers::nvme::{Nvme, NvmeError, Options};
 use cio_frontend::{Client, ClientOptions};
-use cio_qemu_tests::{rig, Guest};
+use cio_qemu_tests::{pattern, qmp_quit, rig, Guest, TempDir};
 use cio_transports::{Endpoint, Psk};
 
 const SERIAL: &str = "cio-nvme-test-0";
@@ -22,50 +20,8 @@ const IMAGE: u64 = 8 << 20;
 /// QEMU's nvme default logical block size.
 const BLOCK: u64 = 512;
 
-/// A directory removed when the test ends, however it ends.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
 /// Asks QEMU to quit through its QMP socket (a clean exit: its block
 /// layer flushes the image) and waits for its answer.
-fn qmp_quit(sock: &Path) {
-    let s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("qmp {}: {e}", sock.display()));
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    assert!(line.contains("QMP"), "qmp greeting: {line}");
-    let mut w = s;
-    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
-        .unwrap();
-    line.clear();
-    r.read_line(&mut line).unwrap();
-    assert!(line.contains("return"), "qmp capabilities: {line}");
-    w.write_all(b"{\"execute\":\"quit\"}\n").unwrap();
-    // Wait for the answer (or the end): QEMU drops queued commands of a
-    // client that has gone.
-    line.clear();
-    let _ = r.read_line(&mut line);
-}
-
 /// The running QEMU's version ("7.2.22" from "QEMU emulator version
 /// 7.2.22 (Debian ...)").
 fn qemu_version() -> String {

@@ -26,7 +26,6 @@
 //!    written, and a block nobody wrote is as the test made it.
 
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
@@ -41,7 +40,7 @@ use cio_frontend::drivers::nvme::{
     doorbell, nvm, reg, Cap, Completion, Nvme, NvmeState, Options, CQE_SIZE, SQE_SIZE,
 };
 use cio_frontend::{Client, ClientOptions, RemoteDevice, Ticket};
-use cio_qemu_tests::{rig, Guest};
+use cio_qemu_tests::{pattern, qmp_quit, rig, Guest, TempDir};
 use cio_transports::{Endpoint, Psk};
 
 #[allow(dead_code)] // not every helper of the proxy is used here
@@ -106,15 +105,6 @@ fn driver_opts() -> Options {
     }
 }
 
-/// A directory removed when the test ends, however it ends.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A child process killed when the test ends, however it ends.
 struct Kid(Child);
 
@@ -125,43 +115,12 @@ impl Drop for Kid {
     }
 }
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
 fn loop_data(i: u64) -> Vec<u8> {
     pattern(0x100 + i, XFER)
 }
 
 /// Asks QEMU to quit through its QMP socket (a clean exit: its block
 /// layer flushes the image) and waits for its answer.
-fn qmp_quit(sock: &Path) {
-    let s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("qmp {}: {e}", sock.display()));
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    assert!(line.contains("QMP"), "qmp greeting: {line}");
-    let mut w = s;
-    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
-        .unwrap();
-    line.clear();
-    r.read_line(&mut line).unwrap();
-    assert!(line.contains("return"), "qmp capabilities: {line}");
-    w.write_all(b"{\"execute\":\"quit\"}\n").unwrap();
-    line.clear();
-    let _ = r.read_line(&mut line);
-}
-
 fn client_opts(key: &str) -> ClientOptions {
     ClientOptions {
         psk: Some(Psk::new(key.as_bytes().to_vec()).unwrap()),
