@@ -9,5 +9,5 @@ pub mod drivers;
 mod remote;
 pub mod usb;
 
-pub use client::{Client, ClientError, ClientOptions, Ticket};
+pub use client::{Client, ClientError, ClientOptions, Ticket, TicketDeviceInfo};
 pub use remote::RemoteDevice;

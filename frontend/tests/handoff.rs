@@ -95,7 +95,13 @@ fn an_adopter_continues_the_session_with_nothing_reset_and_memory_brought_over()
     assert_eq!(mode & 0o777, 0o600, "a ticket is a secret");
     let loaded = Ticket::load(&dir).unwrap();
     std::fs::remove_file(&dir).unwrap();
-    assert_eq!(loaded.devices().collect::<Vec<_>>(), [(1, "mem0")]);
+    let devs = loaded.devices();
+    assert_eq!(
+        (devs.len(), devs[0].handle, devs[0].name.as_str()),
+        (1, 1, "mem0")
+    );
+    assert_eq!(devs[0].mappings.len(), 2);
+    assert_eq!(devs[0].irqs, [(IrqKind::Msi, 0)]);
     drop(a);
 
     let (b, mut devs) = Client::adopt(&loaded, opts()).unwrap();

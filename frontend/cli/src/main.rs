@@ -40,6 +40,7 @@ mod demo;
 /// Examples:
 ///   cio demo                      # self-contained: embedded ciod + emulated edu
 ///   cio demo --handoff            # ... and the session moves to a second process
+///   cio session show TICKET       # what a handoff ticket hands on
 ///   cio list 127.0.0.1
 ///   cio info 127.0.0.1 edu0
 ///   cio --psk-file key list 192.0.2.10:7451
@@ -90,6 +91,12 @@ enum Cmd {
         /// Hand the session to a second cio process halfway through.
         #[arg(long)]
         handoff: bool,
+    },
+    /// Handoff tickets (written by a program that called
+    /// `Client::suspend`, or by `cio demo --handoff`).
+    Session {
+        #[command(subcommand)]
+        cmd: SessionCmd,
     },
     /// The second half of `cio demo --handoff`: adopt the session in a
     /// ticket file and finish.
@@ -177,6 +184,22 @@ enum UsbCmd {
     Port,
 }
 
+#[derive(Debug, Subcommand)]
+enum SessionCmd {
+    /// What a ticket hands on: backend, session, devices and their DMA
+    /// mappings and interrupt routes, expiry.
+    Show {
+        /// Ticket file.
+        ticket: PathBuf,
+    },
+    /// Adopt the session and end it at once: its devices are released
+    /// (reset) now instead of when the ticket expires.
+    Release {
+        /// Ticket file.
+        ticket: PathBuf,
+    },
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum TransportArg {
     Tcp,
@@ -259,6 +282,7 @@ fn run(args: Args) -> Result<(), String> {
             handoff,
         }),
         Cmd::AdoptDemo { ticket } => demo::second_half(&ticket, &psk),
+        Cmd::Session { cmd } => session_cmd(cmd, &psk),
         Cmd::Bench {
             quick,
             transport,
@@ -444,6 +468,50 @@ fn bench(
         json.display()
     );
     Ok(())
+}
+
+fn session_cmd(cmd: SessionCmd, psk: &Option<Psk>) -> Result<(), String> {
+    match cmd {
+        SessionCmd::Show { ticket } => {
+            let t = cio_frontend::Ticket::load(&ticket).map_err(|e| error_chain(&e))?;
+            outln!("backend:  {}", t.endpoint);
+            outln!("session:  {:#x}", t.session);
+            let left = t.expires.duration_since(std::time::SystemTime::now());
+            match left {
+                Ok(d) => outln!("expires:  in {:.0}s", d.as_secs_f64()),
+                Err(e) => outln!("expires:  expired {:.0}s ago", e.duration().as_secs_f64()),
+            }
+            for d in t.devices() {
+                outln!("device:   {} (handle {})", d.name, d.handle);
+                for (iova, len, dir) in d.mappings {
+                    outln!("  dma     {iova:#x}+{len:#x} {dir:?}");
+                }
+                for (kind, vector) in d.irqs {
+                    outln!("  irq     {kind} {vector}");
+                }
+            }
+            Ok(())
+        }
+        SessionCmd::Release { ticket } => {
+            let t = cio_frontend::Ticket::load(&ticket).map_err(|e| error_chain(&e))?;
+            let (client, devices) = Client::adopt(
+                &t,
+                ClientOptions {
+                    psk: psk.clone(),
+                    ..ClientOptions::default()
+                },
+            )
+            .map_err(|e| error_chain(&e))?;
+            let n = devices.len();
+            drop(devices);
+            drop(client);
+            outln!(
+                "session {:#x} adopted and ended: {n} device(s) released",
+                t.session
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Runs `cio usb attach SOURCE BUSID` again as a detached process (own

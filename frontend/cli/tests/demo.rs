@@ -75,3 +75,39 @@ fn the_demo_runs_against_a_running_backend_with_a_key() {
     assert!(out.contains("pre-shared key"), "{out}");
     std::fs::remove_file(&dir).unwrap();
 }
+
+#[test]
+fn a_ticket_can_be_shown_and_its_session_released_from_the_command_line() {
+    use cio_core::{Device, DmaDir, DmaRegion};
+    let s = backend(None);
+    let c = cio_frontend::Client::connect(s.endpoint(), Default::default()).unwrap();
+    let mut d = c.open("edu0").unwrap();
+    let r = std::sync::Arc::new(DmaRegion::new(0x10_0000, 8192, DmaDir::Bidirectional).unwrap());
+    d.dma_map(r).unwrap();
+    let ticket = c.suspend().unwrap();
+    let path = std::env::temp_dir().join(format!("cio-cli-ticket-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    ticket.save(&path).unwrap();
+    let p = path.to_str().unwrap();
+    let (ok, out) = cio(&["session", "show", p]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("{:#x}", ticket.session)), "{out}");
+    assert!(out.contains("device:   edu0 (handle 1)"), "{out}");
+    assert!(out.contains("dma     0x100000+0x2000"), "{out}");
+    assert!(out.contains("expires:  in "), "{out}");
+    assert_eq!(s.stats().open_devices, 1, "kept for the adopter");
+    let (ok, out) = cio(&["session", "release", p]);
+    assert!(ok, "{out}");
+    assert!(out.contains("1 device(s) released"), "{out}");
+    let st = s.wait_stats(std::time::Duration::from_secs(5), |st| {
+        st.open_devices == 0 && st.sessions == 0
+    });
+    assert!(st.is_ok(), "{st:?}");
+    // Spent: a second release says why.
+    let (ok, out) = cio(&["session", "release", p]);
+    assert!(!ok);
+    assert!(out.contains("no session"), "{out}");
+    let (ok, out) = cio(&["session", "show", "/nonexistent/ticket"]);
+    assert!(!ok && out.contains("reading /nonexistent/ticket"), "{out}");
+    std::fs::remove_file(&path).unwrap();
+}

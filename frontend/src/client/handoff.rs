@@ -44,6 +44,19 @@ pub(crate) struct TicketDevice {
     pub(crate) irqs: Vec<(IrqKind, u32)>,
 }
 
+/// One device a ticket hands on, as [`Ticket::devices`] shows it.
+#[derive(Debug, Clone)]
+pub struct TicketDeviceInfo {
+    /// The backend's handle.
+    pub handle: u32,
+    /// Device name.
+    pub name: String,
+    /// DMA mappings: IOVA, length, direction.
+    pub mappings: Vec<(u64, u64, DmaDir)>,
+    /// Interrupt routes: kind and vector.
+    pub irqs: Vec<(IrqKind, u32)>,
+}
+
 /// The file format (JSON).
 #[derive(Serialize, Deserialize)]
 struct TicketFile {
@@ -101,11 +114,17 @@ fn unhex(s: &str) -> Result<Vec<u8>, ClientError> {
 }
 
 impl Ticket {
-    /// The devices it hands on, by handle and name.
-    pub fn devices(&self) -> impl Iterator<Item = (u32, &str)> {
+    /// What it hands on, device by device.
+    pub fn devices(&self) -> Vec<TicketDeviceInfo> {
         self.devices
             .iter()
-            .map(|d| (d.handle, d.info.name.as_str()))
+            .map(|d| TicketDeviceInfo {
+                handle: d.handle,
+                name: d.info.name.clone(),
+                mappings: d.mappings.clone(),
+                irqs: d.irqs.clone(),
+            })
+            .collect()
     }
 
     /// True once the backend no longer keeps the session.

@@ -25,7 +25,7 @@ use cio_core::DeviceError;
 use cio_transports::{Conn, Endpoint, Psk};
 
 use crate::remote::RemoteDevice;
-pub use handoff::Ticket;
+pub use handoff::{Ticket, TicketDeviceInfo};
 pub(crate) use handshake::{handshake, read_frame, Handshake};
 pub(crate) use link::Inner;
 pub(crate) use target::{lock, Target};
