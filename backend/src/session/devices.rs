@@ -109,6 +109,8 @@ struct IrqSlot {
 /// shadows.
 pub(crate) struct Devices {
     session: u64,
+    /// The session id as logs show it.
+    hex: String,
     /// Protocol version of the session (what `Opened` may say).
     version: u16,
     shared: Arc<Shared>,
@@ -130,6 +132,7 @@ impl Devices {
     pub(crate) fn new(session: u64, shared: Arc<Shared>) -> Self {
         Self {
             session,
+            hex: format!("{session:#x}"),
             version: 1,
             shared,
             handles: BTreeMap::new(),
@@ -251,7 +254,7 @@ impl Devices {
             other => return Handled::NotMine(other),
         };
         let reply = answer.unwrap_or_else(|(code, message)| {
-            debug!(session = self.session, "request {seq} failed: {message}");
+            debug!(session = %self.hex, "request {seq} failed: {message}");
             Message::Error { code, message }
         });
         self.reply(seq, &reply, out);
@@ -262,7 +265,7 @@ impl Devices {
     fn posted(&mut self, seq: u64, r: Result<(), ReqError>, out: &mut dyn Outbox) {
         if let Err((code, message)) = r {
             debug!(
-                session = self.session,
+                session = %self.hex,
                 "posted frame {seq} failed: {message}"
             );
             self.reply(seq, &Message::Error { code, message }, out);
@@ -303,7 +306,7 @@ impl Devices {
         if self.version < 2 {
             info.reset = ResetMethod::Unknown; // not in protocol 1's Opened
         }
-        info!(session = self.session, device = name, handle, "opened");
+        info!(session = %self.hex, device = name, handle, "opened");
         self.handles.insert(
             handle,
             OpenDevice {
@@ -332,7 +335,7 @@ impl Devices {
         let name = d.lease.device().info().name.clone();
         for region in d.dma.clear() {
             if let Err(e) = d.lease.device().dma_unmap(region.iova()) {
-                warn!(session = self.session, device = %name, "unmapping {:#x}: {e}", region.iova());
+                warn!(session = %self.hex, device = %name, "unmapping {:#x}: {e}", region.iova());
             }
             self.shared
                 .counters
@@ -342,14 +345,14 @@ impl Devices {
         let method = d.lease.device().info().reset;
         if method != ResetMethod::None {
             if let Err(e) = d.lease.device().reset() {
-                warn!(session = self.session, device = %name, "reset on release failed: {e}");
+                warn!(session = %self.hex, device = %name, "reset on release failed: {e}");
             }
         }
         if !method.clears_state() {
             let (policy, first) = d.lease.release_policy();
             if policy == Release::Clear {
                 if let Err(e) = quiesce(d.lease.device()) {
-                    warn!(session = self.session, device = %name, "clearing on release: {e}");
+                    warn!(session = %self.hex, device = %name, "clearing on release: {e}");
                 }
             }
             let what = match policy {
@@ -360,7 +363,7 @@ impl Devices {
                 warn!(device = %name, reset = %method, release = %policy, "no reset clears this device's state: releases {what}");
             }
         }
-        info!(session = self.session, device = %name, handle, "released");
+        info!(session = %self.hex, device = %name, handle, "released");
     }
 
     /// Releases every open device.
@@ -387,7 +390,7 @@ impl Devices {
         if any {
             if let Some(d) = self.handles.get_mut(&handle) {
                 if let Err(e) = d.lease.device().set_irqs(kind, 0, &[]) {
-                    warn!(session = self.session, "disabling {kind}: {e}");
+                    warn!(session = %self.hex, "disabling {kind}: {e}");
                 }
             }
         }
@@ -567,7 +570,7 @@ impl Devices {
             }
             if let Err(e) = d.lease.device().collect_dma() {
                 warn!(
-                    session = self.session,
+                    session = %self.hex,
                     handle, "collecting device-written DMA data: {e}"
                 );
             }
@@ -590,7 +593,7 @@ impl Devices {
             }
             if let Err(e) = d.lease.device().collect_dma() {
                 warn!(
-                    session = self.session,
+                    session = %self.hex,
                     handle, "collecting device-written DMA data: {e}"
                 );
             }

@@ -68,7 +68,10 @@ impl UsbRelay {
             return Err((ErrorCode::USB, format!("relaying the USB stream: {e}")));
         }
         let device = export.device.clone();
-        info!(session, busid, "USB device imported");
+        info!(
+            session = format_args!("{session:#x}"),
+            busid, "USB device imported"
+        );
         let relay = Self {
             export,
             pending: BytesMut::new(),
@@ -133,7 +136,7 @@ pub(crate) fn import_direct(
 ) -> Result<(UsbExport, Result<(), io::Error>), ReqError> {
     // The kernel notices a vanished peer only through TCP keepalive.
     if let Err(e) = conn.set_keepalive(Duration::from_secs(10), Duration::from_secs(5), 3) {
-        warn!(session, "TCP keepalive: {e}");
+        warn!(session = format_args!("{session:#x}"), "TCP keepalive: {e}");
     }
     let export = shared
         .usb
@@ -167,12 +170,12 @@ pub(crate) fn await_direct(
 ) {
     let _ = poll.registry().deregister(&mut SourceFd(&conn.as_raw_fd()));
     let mut events = Events::with_capacity(4);
-    info!(session, busid = %export.device.busid, "serving directly through usbip-host");
+    info!(session = format_args!("{session:#x}"), busid = %export.device.busid, "serving directly through usbip-host");
     while export.kernel_connected() {
         let _ = poll.poll(&mut events, Some(Duration::from_millis(250)));
         if shared.stopping.load(Ordering::Relaxed) {
             export.hang_up();
         }
     }
-    info!(session, busid = %export.device.busid, "usbip-host's connection ended");
+    info!(session = format_args!("{session:#x}"), busid = %export.device.busid, "usbip-host's connection ended");
 }
