@@ -47,7 +47,7 @@ pub enum OpenError {
     #[error("no device named {0:?}")]
     NotFound(String),
     /// Another session holds it.
-    #[error("device {name:?} is in use by session {owner}")]
+    #[error("device {name:?} is in use by session {owner:#x}")]
     Busy {
         /// Device name.
         name: String,
