@@ -7,16 +7,15 @@ use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use cio_core::wire::{ErrorCode, Message};
 use cio_core::Device;
-use cio_transports::{Conn, Endpoint, Listener, OutQueue, Psk};
+use cio_transports::{Endpoint, Listener, Psk};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::os::fd::{AsFd, AsRawFd};
 use tracing::{error, info, warn};
 
 use crate::registry::Registry;
-use crate::session::{Limits, Session, Shared};
+use crate::session::{Limits, LogGate, Session, Shared};
 use crate::usb::UsbProvider;
 
 /// What a server serves and how.
@@ -81,6 +80,10 @@ pub struct Stats {
     pub irq_fds: usize,
     /// Sessions ended by a protocol error.
     pub protocol_errors: u64,
+    /// Connections in their handshake now.
+    pub handshaking: usize,
+    /// Authenticated sessions now (parked ones included).
+    pub authenticated: usize,
     /// Sessions parked now: link lost, waiting for a resume.
     pub parked: usize,
     /// Connections that took a session over since start.
@@ -183,19 +186,15 @@ impl Server {
                         break;
                     }
                 };
-                let active = self
-                    .shared
-                    .counters
-                    .sessions
-                    .load(Ordering::Relaxed)
-                    .max(sessions.len());
-                if active >= self.shared.limits.max_sessions {
-                    warn!(peer = %conn.peer(), "refusing connection: {active} sessions already");
-                    reject(conn, self.shared.limits.max_sessions);
-                    continue;
-                }
                 match Session::new(conn, Arc::clone(&self.shared)) {
-                    Ok((session, waker)) => {
+                    Ok((mut session, waker)) => {
+                        if let Err(why) = session.admit() {
+                            if let Some(held) = self.shared.refusals.pass() {
+                                warn!("refusing a connection: {why}{}", LogGate::held(held));
+                            }
+                            session.refuse(why);
+                            continue;
+                        }
                         match std::thread::Builder::new()
                             .name("ciod-session".into())
                             .spawn(move || session.run())
@@ -224,19 +223,6 @@ impl Server {
 const LISTENER: Token = Token(0);
 const WAKE: Token = crate::session::WAKE;
 
-fn reject(conn: Conn, max: usize) {
-    let mut q = OutQueue::new();
-    q.push(
-        &Message::Error {
-            code: ErrorCode::LIMIT,
-            message: format!("server already serves its maximum of {max} sessions"),
-        },
-        0,
-    );
-    let _ = conn.set_write_timeout(Some(Duration::from_millis(200)));
-    let _ = q.write_to(&conn, Some(Duration::from_millis(200)));
-}
-
 /// A running server. Dropping it shuts the server down.
 #[derive(Debug)]
 pub struct ServerHandle {
@@ -263,6 +249,8 @@ impl ServerHandle {
             irq_fds: c.irq_fds.load(Ordering::Relaxed),
             protocol_errors: c.protocol_errors.load(Ordering::Relaxed),
             parked: c.parked.load(Ordering::Relaxed),
+            handshaking: self.shared.handshaking(),
+            authenticated: c.authenticated.load(Ordering::Relaxed),
             resumes: c.resumes.load(Ordering::Relaxed),
         }
     }

@@ -123,6 +123,14 @@ impl Conn {
         }
     }
 
+    /// The peer's IP address (TCP only).
+    pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Self::Tcp(s) => s.peer_addr().ok().map(|a| a.ip()),
+            Self::Unix(_) => None,
+        }
+    }
+
     /// The peer, for logs.
     pub fn peer(&self) -> String {
         match self {

@@ -98,6 +98,25 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86400))]
     resume_grace: u64,
 
+    /// Authenticated sessions at once (parked ones included); more are
+    /// refused with a LIMIT error at Hello.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    max_sessions: u64,
+
+    /// Connections in their handshake at once, in slots of their own; when
+    /// all are taken a new connection evicts the oldest, so idle or
+    /// unauthenticated connections cannot lock clients out.
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    max_handshakes: u64,
+
+    /// Connections in their handshake at once from one IP address.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    max_handshakes_per_peer: u64,
+
+    /// Seconds a connection has to complete its handshake.
+    #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+    handshake_timeout: u64,
+
     /// Hand device NAME on to the next session exactly as the last one left
     /// it, when it has no reset that clears its state (the default clears
     /// bus mastering and INTx). Repeatable; config files say `release =
@@ -259,6 +278,10 @@ fn run(args: Args) -> Result<(), String> {
         limits: Limits {
             usb_idle_timeout: std::time::Duration::from_secs(args.usb_idle_timeout),
             resume_grace: std::time::Duration::from_secs(args.resume_grace),
+            max_sessions: args.max_sessions as usize,
+            max_handshakes: args.max_handshakes as usize,
+            max_handshakes_per_peer: args.max_handshakes_per_peer as usize,
+            handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout),
             link_timeout: std::time::Duration::from_secs(args.link_timeout),
             ..Limits::default()
         },

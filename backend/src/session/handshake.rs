@@ -8,7 +8,9 @@ use cio_core::wire::{
     PROTOCOL_VERSION,
 };
 use cio_transports::{auth, ResumeKey, Side};
-use tracing::info;
+use std::sync::atomic::Ordering;
+
+use tracing::debug;
 
 use super::{Outbox, ReqError, Shared};
 
@@ -98,6 +100,11 @@ impl State {
                 if version < 2 || shared.limits.resume_grace.is_zero() {
                     features &= !FEATURE_RESUME;
                 }
+                let max = shared.limits.max_sessions;
+                if resume == 0 && shared.counters.authenticated.load(Ordering::Acquire) >= max {
+                    let why = format!("server already serves its maximum of {max} sessions");
+                    return Err((ErrorCode::LIMIT, why));
+                }
                 if resume != 0 {
                     if features & FEATURE_RESUME == 0 {
                         let why = format!(
@@ -130,7 +137,7 @@ impl State {
                     },
                     seq,
                 );
-                info!(session = format_args!("{id:#x}"), peer, client = %client, version, auth = ?method, resume = resume != 0, "hello");
+                debug!(session = format_args!("{id:#x}"), peer, client = %client, version, auth = ?method, resume = resume != 0, "hello");
                 let (client, features) = (nonce, features);
                 if resume != 0 {
                     *self = Self::ResumeProof {

@@ -24,6 +24,7 @@
 //! interrupts disabled, its DMA unmapped, its shadow freed and is reset
 //! before it goes back to the registry.
 
+mod admission;
 mod devices;
 mod handshake;
 mod link;
@@ -31,6 +32,7 @@ mod usb;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -46,16 +48,23 @@ use tracing::{debug, info, warn};
 
 use crate::registry::Registry;
 use crate::usb::{UsbExport, UsbProvider};
+use admission::Admission;
+pub use admission::LogGate;
 use devices::{Devices, Handled, Outbox, IRQ_BASE};
 use handshake::{State, Step};
 use link::Link;
 use usb::{UsbRelay, USB};
 
-/// Per-session limits.
+/// Per-session and per-server limits.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Time a client has to finish the handshake.
     pub handshake_timeout: Duration,
+    /// Connections in their handshake at once (separate from the session
+    /// slots); when all are taken a new connection evicts the oldest.
+    pub max_handshakes: usize,
+    /// Connections in their handshake at once from one IP address.
+    pub max_handshakes_per_peer: usize,
     /// Devices one session may hold open.
     pub max_handles: usize,
     /// DMA mappings per device.
@@ -66,7 +75,7 @@ pub struct Limits {
     /// Queued outgoing bytes above which the session stops reading
     /// requests until the peer catches up.
     pub max_queued_bytes: usize,
-    /// Concurrent sessions per server.
+    /// Authenticated sessions per server (parked ones included).
     pub max_sessions: usize,
     /// A session carrying a USB device ends when the client sends nothing
     /// (not even the pings frontends send every few seconds) for this long:
@@ -84,7 +93,9 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
+            max_handshakes: 32,
+            max_handshakes_per_peer: 8,
             max_handles: 64,
             max_mappings: 1024,
             max_mapped_bytes: 64 << 30,
@@ -100,8 +111,10 @@ impl Default for Limits {
 /// Counters shared by all sessions of a server.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Sessions running now.
+    /// Sessions running now (in their handshake or authenticated).
     pub sessions: AtomicUsize,
+    /// Authenticated sessions now (parked ones included).
+    pub authenticated: AtomicUsize,
     /// Sessions ever accepted.
     pub sessions_total: AtomicU64,
     /// Bytes of shadow DMA memory mapped now.
@@ -133,6 +146,10 @@ pub struct Shared {
     pub stopping: AtomicBool,
     /// Sessions a new connection may take over, by id.
     resumable: Mutex<HashMap<u64, Resumable>>,
+    /// Handshake slots.
+    admission: Admission,
+    /// Rate limit for logging refused and failed connections.
+    pub refusals: LogGate,
 }
 
 /// How a new connection reaches a resumable session.
@@ -183,7 +200,14 @@ impl Shared {
             counters: Counters::default(),
             stopping: AtomicBool::new(false),
             resumable: Mutex::new(HashMap::new()),
+            admission: Admission::default(),
+            refusals: LogGate::default(),
         }
+    }
+
+    /// Connections in their handshake now.
+    pub fn handshaking(&self) -> usize {
+        self.admission.len()
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Resumable>> {
@@ -324,9 +348,23 @@ struct Resume {
 /// A request that failed without ending the session.
 type ReqError = (ErrorCode, String);
 
+/// Which slot a session holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Not admitted yet.
+    None,
+    /// A handshake slot.
+    Handshake,
+    /// A session slot (authenticated).
+    Session,
+}
+
 /// A client session.
 pub struct Session {
     id: u64,
+    slot: Slot,
+    /// Set when a newer connection took this one's handshake slot.
+    evicted: Arc<AtomicBool>,
     shared: Arc<Shared>,
     poll: Poll,
     /// The connection; `None` while parked (or after handing it over).
@@ -377,6 +415,8 @@ impl Session {
         Ok((
             Self {
                 id,
+                slot: Slot::None,
+                evicted: Arc::new(AtomicBool::new(false)),
                 devices: Devices::new(id, Arc::clone(&shared)),
                 shared,
                 poll,
@@ -395,6 +435,75 @@ impl Session {
         ))
     }
 
+    /// Takes a handshake slot for the session (see `admission`); the error
+    /// says which limit refused it.
+    pub fn admit(&mut self) -> Result<(), String> {
+        let peer: Option<IpAddr> = self.link.as_ref().and_then(|l| l.conn.peer_ip());
+        let limits = &self.shared.limits;
+        self.shared.admission.enter(
+            self.id,
+            peer,
+            Arc::downgrade(&self._waker),
+            Arc::clone(&self.evicted),
+            limits.max_handshakes,
+            limits.max_handshakes_per_peer,
+        )?;
+        self.slot = Slot::Handshake;
+        Ok(())
+    }
+
+    /// Tells a connection that was not admitted why, and closes it.
+    pub fn refuse(mut self, why: String) {
+        let msg = Message::Error {
+            code: ErrorCode::LIMIT,
+            message: why,
+        };
+        self.out.push(&msg, 0);
+        if let Some(link) = &self.link {
+            let wait = Some(Duration::from_millis(200));
+            let _ = link
+                .conn
+                .set_nonblocking(false)
+                .and_then(|()| link.conn.set_write_timeout(wait))
+                .and_then(|()| self.out.write_to(&link.conn, wait));
+            let _ = link.conn.shutdown();
+        }
+    }
+
+    /// The session authenticated: from a handshake slot to a session slot,
+    /// if one is free.
+    fn authenticated(&mut self) -> Result<(), End> {
+        self.shared.admission.leave(self.id);
+        self.slot = Slot::Session;
+        let max = self.shared.limits.max_sessions;
+        if self
+            .shared
+            .counters
+            .authenticated
+            .fetch_add(1, Ordering::AcqRel)
+            >= max
+        {
+            let why = format!("server already serves its maximum of {max} sessions");
+            return Err(self.fatal(ErrorCode::LIMIT, 0, why));
+        }
+        info!(session = %self.hex(), peer = %self.peer, resumable = self.resume.is_some(), "authenticated");
+        Ok(())
+    }
+
+    /// Gives back whatever slot the session holds.
+    fn leave_slot(&mut self) {
+        match std::mem::replace(&mut self.slot, Slot::None) {
+            Slot::None => {}
+            Slot::Handshake => self.shared.admission.leave(self.id),
+            Slot::Session => {
+                self.shared
+                    .counters
+                    .authenticated
+                    .fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
     /// Serves the session until it ends, then releases everything it held.
     /// The session counter drops only once every fd of the session is closed.
     pub fn run(mut self) {
@@ -406,10 +515,22 @@ impl Session {
         let end = self.serve();
         if end.protocol_error {
             c.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            warn!(session = %self.hex(), peer = %self.peer, "session ended: {}", end.reason);
-        } else {
-            info!(session = %self.hex(), peer = %self.peer, "session ended: {}", end.reason);
         }
+        let (id, peer, why) = (self.hex(), &self.peer, &end.reason);
+        match (self.slot == Slot::Session, end.protocol_error) {
+            (true, true) => warn!(session = %id, peer = %peer, "session ended: {why}"),
+            (true, false) => info!(session = %id, peer = %peer, "session ended: {why}"),
+            // Unauthenticated connections are cheap to make: log their
+            // failures at most once a second.
+            (false, true) => match shared.refusals.pass() {
+                Some(n) => {
+                    warn!(session = %id, peer = %peer, "connection ended: {why}{}", LogGate::held(n))
+                }
+                None => debug!(session = %id, peer = %peer, "connection ended: {why}"),
+            },
+            (false, false) => debug!(session = %id, peer = %peer, "connection ended: {why}"),
+        }
+        self.leave_slot();
         self.finish();
         drop(self);
         shared.counters.sessions.fetch_sub(1, Ordering::Relaxed);
@@ -474,6 +595,14 @@ impl Session {
                             0,
                         );
                         return End::clean("server shutting down");
+                    }
+                    WAKE if self.slot == Slot::Handshake
+                        && self.evicted.load(Ordering::Acquire) =>
+                    {
+                        self.slot = Slot::None; // the slot went to the newer one
+                        return End::clean(
+                            "evicted: every handshake slot was taken and this was the oldest connection still in its handshake",
+                        );
                     }
                     WAKE => {
                         if let Err(end) = self.take_handovers() {
@@ -923,7 +1052,7 @@ impl Session {
                     if let Some(key) = resume {
                         self.make_resumable(key);
                     }
-                    Ok(())
+                    self.authenticated()
                 }
                 Ok(Step::Resume {
                     target,

@@ -1,0 +1,143 @@
+//! Connections that never authenticate cannot lock a client out: idle ones
+//! (before Hello, after Hello, mid-frame), many from one address, one each
+//! from many addresses, and reconnect churn, all at once, while a client
+//! with the key keeps being served within a second.
+
+mod common;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use cio_backend::Limits;
+use cio_core::wire::{Message, FEATURES};
+use cio_core::Device;
+use cio_frontend::{Client, ClientOptions};
+use cio_transports::Psk;
+
+/// A TCP connection to `to` from loopback address `from` (any 127/8
+/// address is this machine's).
+fn connect_from(from: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.bind(&format!("{from}:0").parse::<SocketAddr>().unwrap().into())?;
+    s.connect_timeout(&to.into(), Duration::from_secs(2))?;
+    Ok(s.into())
+}
+
+fn hello() -> BytesMut {
+    let mut b = BytesMut::new();
+    Message::Hello {
+        version: 2,
+        features: FEATURES,
+        session: 0,
+        nonce: [1; 32],
+        client: "idle".into(),
+    }
+    .encode(1, 0, &mut b);
+    b
+}
+
+/// An idle connection of kind `i % 3`: silent, Hello then silent, or half
+/// a frame then silent.
+fn idle(from: &str, to: SocketAddr, i: usize) -> Option<TcpStream> {
+    let mut s = connect_from(from, to).ok()?;
+    let h = hello();
+    let _ = match i % 3 {
+        0 => Ok(()),
+        1 => s.write_all(&h),
+        _ => s.write_all(&h[..10]),
+    };
+    Some(s)
+}
+
+#[test]
+fn idle_and_churning_connections_do_not_lock_out_a_client_with_the_key() {
+    let psk = Psk::new(common::KEY.to_vec()).unwrap();
+    let limits = Limits {
+        max_handshakes: 8,
+        max_handshakes_per_peer: 4,
+        max_sessions: 4,
+        ..Limits::default()
+    };
+    let s = common::server_with(Some(psk.clone()), limits);
+    let to = s.endpoint().resolve().unwrap()[0];
+    // Twice the handshake slots from one address: four get slots, the rest
+    // are told why and closed.
+    let mut held: Vec<TcpStream> = (0..16).filter_map(|i| idle("127.0.0.2", to, i)).collect();
+    let r = s.wait_stats(Duration::from_secs(5), |st| st.handshaking == 4);
+    assert!(r.is_ok(), "per-peer limit: {r:?}");
+    // Twice the slots again, one each from many addresses.
+    for i in 0..16 {
+        held.extend(idle(&format!("127.0.1.{}", i + 1), to, i));
+    }
+    // And churn from yet more addresses while the client works.
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let (mut n, end) = (0u32, Instant::now() + Duration::from_secs(20));
+            while !stop.load(Ordering::Relaxed) && Instant::now() < end && n < 5000 {
+                let from = format!("127.0.2.{}", n % 200 + 1);
+                if let Some(mut c) = idle(&from, to, n as usize) {
+                    let _ = c.write_all(&hello());
+                }
+                n += 1;
+            }
+            n
+        })
+    };
+    let opts = ClientOptions {
+        psk: Some(psk),
+        ..common::opts()
+    };
+    let mut worst = Duration::ZERO;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let c = Client::connect(s.endpoint(), opts.clone()).unwrap();
+        let mut m = c.open("mem0").unwrap();
+        m.write32(0, 0, 7).unwrap();
+        assert_eq!(m.read32(0, 0).unwrap(), 7);
+        worst = worst.max(t.elapsed());
+        assert!(s.stats().handshaking <= 8, "{:?}", s.stats());
+        drop(m);
+        drop(c);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let churned = churn.join().unwrap();
+    println!("served 5 times, slowest {worst:?}, during {churned} churning connections");
+    assert!(worst < Duration::from_secs(1), "slowest {worst:?}");
+    drop(held);
+    let r = s.wait_stats(Duration::from_secs(10), |st| {
+        st.sessions == 0 && st.handshaking == 0
+    });
+    assert!(r.is_ok(), "everything ended: {r:?}");
+}
+
+#[test]
+fn refused_connections_are_told_which_limit_refused_them() {
+    let limits = Limits {
+        max_handshakes_per_peer: 1,
+        ..Limits::default()
+    };
+    let s = common::server_with(None, limits);
+    let to = s.endpoint().resolve().unwrap()[0];
+    let _first = idle("127.0.0.5", to, 0).unwrap();
+    let r = s.wait_stats(Duration::from_secs(5), |st| st.handshaking == 1);
+    assert!(r.is_ok());
+    let second = connect_from("127.0.0.5", to).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut raw = common::Raw {
+        conn: cio_transports::Conn::Tcp(second),
+        out: cio_transports::OutQueue::new(),
+        dec: cio_core::FrameDecoder::new(),
+    };
+    let (_, why) = raw.expect_error(cio_core::ErrorCode::LIMIT);
+    assert!(why.contains("max_handshakes_per_peer"), "{why}");
+    // Another address is not affected.
+    common::bystander_works(&s);
+}
