@@ -8,6 +8,7 @@ mod client;
 pub mod drivers;
 mod remote;
 pub mod usb;
+pub mod vfio_user;
 
 pub use client::{Client, ClientError, ClientOptions, Ticket, TicketDeviceInfo};
 pub use remote::RemoteDevice;
