@@ -118,6 +118,9 @@ impl ErrorCode {
     pub const SHUTDOWN: Self = Self(15);
     /// A USB export failed on the server (sysfs, usbip-host).
     pub const USB: Self = Self(16);
+    /// The server could not keep this connection now (its handshake slot
+    /// went to a newer one): connecting again may work.
+    pub const RETRY: Self = Self(17);
 
     /// Short name for logs and messages.
     pub fn name(self) -> &'static str {
@@ -138,6 +141,7 @@ impl ErrorCode {
             14 => "wrong state",
             15 => "shutting down",
             16 => "usb export failed",
+            17 => "try again",
             _ => "unknown error",
         }
     }

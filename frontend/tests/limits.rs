@@ -141,3 +141,55 @@ fn refused_connections_are_told_which_limit_refused_them() {
     // Another address is not affected.
     common::bystander_works(&s);
 }
+
+/// A protocol-2 client that opens mem0 and then goes silent (as a frozen
+/// process: no pings, no FIN).
+fn frozen_holder(ep: &cio_transports::Endpoint) -> common::Raw {
+    let mut raw = common::Raw::connect(ep);
+    raw.send(&Message::Hello {
+        version: 2,
+        features: FEATURES & !cio_core::wire::FEATURE_RESUME,
+        session: 0,
+        nonce: [2; 32],
+        client: "frozen".into(),
+    });
+    assert!(matches!(raw.recv().unwrap().msg, Message::Welcome { .. }));
+    raw.open("mem0");
+    raw
+}
+
+#[test]
+fn a_frozen_device_holder_loses_the_device_after_the_link_timeout() {
+    let limits = Limits {
+        link_timeout: Duration::from_millis(500),
+        ..Limits::default()
+    };
+    let s = common::server_with(None, limits);
+    // A live client that is merely idle keeps its session: it pings.
+    let live = Client::connect(
+        s.endpoint(),
+        ClientOptions {
+            keepalive: Duration::from_millis(100),
+            resume: false,
+            ..common::opts()
+        },
+    )
+    .unwrap();
+    assert!(!live.resumable());
+    let mut edu = live.open("edu0").unwrap();
+    let _frozen = frozen_holder(s.endpoint());
+    assert_eq!(s.stats().open_devices, 2);
+    let t = Instant::now();
+    let r = s.wait_stats(Duration::from_secs(5), |st| st.open_devices == 1);
+    assert!(r.is_ok(), "the frozen holder kept mem0: {r:?}");
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(2), "released after {took:?}");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        edu.read32(0, 0).unwrap(),
+        0x010000ed,
+        "the idle pinging client still works"
+    );
+    // mem0 is free for the next user.
+    common::bystander_works(&s);
+}

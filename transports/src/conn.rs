@@ -205,6 +205,10 @@ pub enum Listener {
     Unix(UnixListener, PathBuf),
 }
 
+/// Connections the kernel queues for `accept` (capped by
+/// `net.core.somaxconn`).
+const BACKLOG: i32 = 1024;
+
 impl Listener {
     /// Binds `ep`. The listener is non-blocking, ready for a poll loop.
     /// A stale Unix socket file (nothing accepting on it) is replaced.
@@ -228,6 +232,14 @@ impl Listener {
                 Self::Unix(UnixListener::bind(p).map_err(err)?, p.clone())
             }
         };
+        // A deep accept queue: under a flood of connections a client's SYN
+        // waits there instead of being dropped (and retried a second later).
+        // Listening again on a listening socket only changes its backlog.
+        match &l {
+            Self::Tcp(s) => socket2::SockRef::from(s).listen(BACKLOG),
+            Self::Unix(s, _) => socket2::SockRef::from(s).listen(BACKLOG),
+        }
+        .map_err(err)?;
         match &l {
             Self::Tcp(s) => s.set_nonblocking(true),
             Self::Unix(s, _) => s.set_nonblocking(true),

@@ -146,6 +146,11 @@ impl Devices {
         self.version = version;
     }
 
+    /// The protocol version of the session (1 until the handshake ends).
+    pub(crate) fn version(&self) -> u16 {
+        self.version
+    }
+
     /// Number of open devices.
     pub(crate) fn len(&self) -> usize {
         self.handles.len()

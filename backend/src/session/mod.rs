@@ -85,8 +85,9 @@ pub struct Limits {
     /// its client to resume it before its devices are released. Zero: no
     /// session outlives its connection (the protocol-1 behaviour).
     pub resume_grace: Duration,
-    /// A resumable session whose client sent nothing (frontends ping every
-    /// few seconds) for this long takes its link as lost and parks.
+    /// A protocol-2 PCI session whose client sent nothing (frontends ping
+    /// every few seconds) for this long takes its link as lost: it parks if
+    /// resumable, else it ends and its devices are released.
     pub link_timeout: Duration,
 }
 
@@ -572,7 +573,7 @@ impl Session {
                     idle.as_secs()
                 ));
             }
-            if let Err(end) = self.check_resume_timers() {
+            if let Err(end) = self.check_link_timers() {
                 return end;
             }
             for ev in events.iter() {
@@ -600,9 +601,15 @@ impl Session {
                         && self.evicted.load(Ordering::Acquire) =>
                     {
                         self.slot = Slot::None; // the slot went to the newer one
-                        return End::clean(
-                            "evicted: every handshake slot was taken and this was the oldest connection still in its handshake",
+                        let why = "every handshake slot was taken and this was the oldest connection still in its handshake".to_string();
+                        self.out.push(
+                            &Message::Error {
+                                code: ErrorCode::RETRY,
+                                message: why.clone(),
+                            },
+                            0,
                         );
+                        return End::clean(why);
                     }
                     WAKE => {
                         if let Err(end) = self.take_handovers() {
@@ -678,19 +685,40 @@ impl Session {
         if !self.state.is_ready() {
             return until(handshake_deadline);
         }
-        let r = self.resume.as_ref()?;
+        if !self.watched() {
+            return None;
+        }
         let silence = link.last_rx + self.shared.limits.link_timeout;
-        if r.unacked.0 > 0 {
+        if self.resume.as_ref().is_some_and(|r| r.unacked.0 > 0) {
             return until(silence.min(link.last_rx + ACK_DELAY));
         }
         until(silence)
     }
 
-    /// Parks a session whose client went silent; ends one whose grace
+    /// True if the client pings an idle link (protocol 2 PCI sessions), so
+    /// that its silence means the link or the client is gone.
+    fn watched(&self) -> bool {
+        self.devices.version() >= 2 && self.usb.is_none() && self.direct.is_none()
+    }
+
+    /// Parks (or, not resumable, ends) a session whose client went silent;
+    /// ends one whose grace
     /// period is over.
-    fn check_resume_timers(&mut self) -> Result<(), End> {
+    fn check_link_timers(&mut self) -> Result<(), End> {
         let limits = &self.shared.limits;
+        let silent = self.state.is_ready()
+            && self.watched()
+            && self
+                .link
+                .as_ref()
+                .is_some_and(|l| l.last_rx.elapsed() >= limits.link_timeout);
         let Some(r) = &self.resume else {
+            if silent {
+                return Err(End::clean(format!(
+                    "the client sent nothing for {:?} (it pings an idle link): taken as gone",
+                    limits.link_timeout
+                )));
+            }
             return Ok(());
         };
         if let Some((since, why)) = &r.parked {
@@ -702,10 +730,6 @@ impl Session {
             }
             return Ok(());
         }
-        let silent = self
-            .link
-            .as_ref()
-            .is_some_and(|l| l.last_rx.elapsed() >= limits.link_timeout);
         if silent {
             let why = format!("no frame from the client for {:?}", limits.link_timeout);
             self.park(why);

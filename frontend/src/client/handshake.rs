@@ -55,6 +55,8 @@ pub(crate) struct Handshake {
     pub(crate) features: u64,
     /// The key resumes prove, when the backend keeps the session resumable.
     pub(crate) resume: Option<ResumeKey>,
+    /// The protocol version the backend chose.
+    pub(crate) version: u16,
 }
 
 /// Blocking socket calls give up after the reply timeout.
@@ -162,6 +164,7 @@ pub(crate) fn handshake(
         session,
         features,
         resume,
+        version,
     })
 }
 

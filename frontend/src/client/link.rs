@@ -78,6 +78,9 @@ pub(crate) struct Inner {
     reply_timeout: Duration,
     batch_writes: bool,
     keepalive: Duration,
+    /// The backend speaks protocol 2: ping it when idle, give up on it when
+    /// it is silent.
+    watched: bool,
     tx: Mutex<OutQueue>,
     rx: Mutex<Rx>,
     /// Requests sent and not yet answered (usually one).
@@ -134,6 +137,7 @@ impl Inner {
             reply_timeout: opts.reply_timeout,
             batch_writes: opts.batch_writes,
             keepalive: opts.keepalive,
+            watched: hs.version >= 2,
             tx: Mutex::new(hs.out),
             rx: Mutex::new(Rx {
                 reader: FrameReader::from_decoder(hs.dec),
@@ -657,10 +661,11 @@ impl Inner {
         }
     }
 
-    /// What a resumable session's pump does when it wakes: acknowledge
-    /// what arrived, ping an idle link, and give up on a silent one.
+    /// What a protocol-2 session's pump does when it wakes: acknowledge
+    /// what arrived (resumable sessions), ping an idle link, and give up on
+    /// a silent one.
     fn tend_link(&self) -> Result<(), ClientError> {
-        if self.resume.is_none() || self.recovering.load(Ordering::Acquire) {
+        if !self.watched || self.recovering.load(Ordering::Acquire) {
             return Ok(());
         }
         let generation = self.generation.load(Ordering::Acquire);
@@ -670,9 +675,10 @@ impl Inner {
             return self.link_failed(generation, why);
         }
         let unacked = self.unacked.load(Ordering::Relaxed);
-        let ack = unacked >= ACK_FRAMES
-            || self.unacked_bytes.load(Ordering::Relaxed) >= ACK_BYTES
-            || (unacked > 0 && silent >= ACK_DELAY);
+        let ack = self.resume.is_some()
+            && (unacked >= ACK_FRAMES
+                || self.unacked_bytes.load(Ordering::Relaxed) >= ACK_BYTES
+                || (unacked > 0 && silent >= ACK_DELAY));
         let ping = self.since(&self.last_tx) >= self.keepalive;
         if !ack && !ping {
             return Ok(());
@@ -702,7 +708,9 @@ impl Inner {
 
     /// How long the pump may sleep before `tend_link` has work.
     fn pump_timeout(&self) -> Option<Duration> {
-        self.resume.as_ref()?;
+        if !self.watched {
+            return None;
+        }
         let mut t = self.keepalive.saturating_sub(self.since(&self.last_tx));
         t = t.min((4 * self.keepalive).saturating_sub(self.since(&self.last_rx)));
         if self.unacked.load(Ordering::Relaxed) > 0 {

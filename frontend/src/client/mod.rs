@@ -45,9 +45,9 @@ pub struct ClientOptions {
     /// its own system call at once: lower latency for a lone doorbell,
     /// much lower throughput for many writes.
     pub batch_writes: bool,
-    /// Long-lived USB relays and resumable sessions ping an idle backend
-    /// this often, and give the link up after four intervals without a
-    /// frame from it.
+    /// USB relays and protocol-2 PCI sessions ping an idle backend this
+    /// often (a backend takes a silent client as gone), and give the link
+    /// up after four intervals without a frame from it.
     pub keepalive: Duration,
     /// Ask for a session that survives its connection (protocol 2): when
     /// the link breaks, reconnect and resume it, replaying what was lost
@@ -168,9 +168,26 @@ pub(crate) fn timed_out(e: &io::Error) -> bool {
 
 impl Client {
     /// Connects to a backend and runs the handshake.
+    ///
+    /// A backend too busy to keep the connection through its handshake
+    /// says so (`RETRY`: a flood of connections took its handshake slots);
+    /// connecting is then tried again, for up to `connect_timeout`.
     pub fn connect(ep: &Endpoint, opts: ClientOptions) -> Result<Self, ClientError> {
-        let conn = Conn::connect(ep, opts.connect_timeout)?;
-        Self::start(conn, opts, Some(ep.clone()))
+        let start = std::time::Instant::now();
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let conn = Conn::connect(ep, opts.connect_timeout)?;
+            match Self::start(conn, opts.clone(), Some(ep.clone())) {
+                Err(ClientError::Server { code, .. })
+                    if code == ErrorCode::RETRY
+                        && start.elapsed() + pause < opts.connect_timeout =>
+                {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Runs the handshake on an already connected stream. Such a session
@@ -342,6 +359,7 @@ impl Client {
             session: ticket.session,
             features: cio_core::wire::FEATURES,
             resume: Some(key),
+            version: cio_core::wire::PROTOCOL_VERSION,
         };
         let fail = |e: io::Error| ClientError::Ticket(format!("setting the session up: {e}"));
         let inner = Inner::new(conn, hs, &opts, Some(ticket.endpoint.clone())).map_err(fail)?;
