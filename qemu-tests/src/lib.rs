@@ -88,6 +88,31 @@ impl Guest {
         Self::boot_with(rig, &args, "")
     }
 
+    /// Boots a guest with QEMU's nvme (serial `serial`) backed by the raw
+    /// image file `image` and a QMP socket at `qmp` (for a clean quit that
+    /// flushes the image), and waits until its ciod serves the nvme through
+    /// VFIO as `vnvme0`.
+    pub fn boot_nvme(
+        rig: &std::path::Path,
+        serial: &str,
+        image: &std::path::Path,
+        qmp: &std::path::Path,
+    ) -> Self {
+        let drive = format!("if=none,id=nvm,file={},format=raw", image.display());
+        let device = format!("nvme,serial={serial},drive=nvm");
+        let qmp_arg = format!("unix:{},server=on,wait=off", qmp.display());
+        let mut g = Self::boot_with(
+            rig,
+            &["-drive", &drive, "-device", &device, "-qmp", &qmp_arg],
+            "",
+        );
+        g.wait_for("CIO-READY", Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let vfio = g.lines_with("CIO-VFIO vnvme0");
+        assert_eq!(vfio.len(), 1, "nvme bound to vfio-pci: {vfio:?}");
+        g
+    }
+
     /// Like [`boot`](Self::boot) with raw QEMU arguments and words added
     /// to the kernel command line (`cio.test=usb` runs the USB scenario).
     pub fn boot_with(rig: &std::path::Path, qemu_args: &[&str], cmdline: &str) -> Self {

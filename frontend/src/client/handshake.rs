@@ -180,6 +180,18 @@ struct TakenOver {
     mac: Nonce,
 }
 
+impl TakenOver {
+    /// Checks the server's `Resumed` MAC with `key`.
+    fn verify(&self, key: &ResumeKey, session: u64) -> Result<(), ClientError> {
+        let (c, s) = (&self.client, &self.server);
+        if key.verify(Side::Server, c, s, session, self.received, &self.mac) {
+            Ok(())
+        } else {
+            Err(ClientError::BadServerProof)
+        }
+    }
+}
+
 /// `Hello` naming `session`, `Welcome`, the proof `prove` makes from both
 /// nonces, and `Resumed`.
 fn take_over(
@@ -241,16 +253,7 @@ pub(crate) fn resume(
         received,
         mac: key.proof(Side::Client, c, s, session, received),
     })?;
-    if !key.verify(
-        Side::Server,
-        &t.client,
-        &t.server,
-        session,
-        t.received,
-        &t.mac,
-    ) {
-        return Err(ClientError::BadServerProof);
-    }
+    t.verify(key, session)?;
     let mut dec = t.dec;
     dec.set_next_seq(received + 1);
     Ok((dec, t.received))
@@ -270,15 +273,6 @@ pub(crate) fn adopt(
         mac: auth::adopt_proof(secret, c, s, session),
     })?;
     let key = ResumeKey::adopted(secret, &t.client, &t.server, session);
-    if !key.verify(
-        Side::Server,
-        &t.client,
-        &t.server,
-        session,
-        t.received,
-        &t.mac,
-    ) {
-        return Err(ClientError::BadServerProof);
-    }
+    t.verify(&key, session)?;
     Ok((t.dec, t.received, key))
 }
