@@ -8,13 +8,18 @@
 //! server-to-client `DMA_READ`/`DMA_WRITE`, and interrupts are eventfds passed
 //! with `SCM_RIGHTS`.
 //!
-//! This module will become a vfio-user *server* that presents a
-//! [`RemoteDevice`](crate::RemoteDevice) to QEMU, so a guest drives a device
-//! that sits on another host. This first step is the I/O-free codec in
-//! [`wire`]: the 16-byte header, a typed request and reply for each command
-//! QEMU's client uses, validation with every length capped, and an
-//! incremental [`FrameDecoder`] for the stream socket. The socket loop, fd
-//! passing and the mapping onto [`cio_core::Device`] come in later steps.
+//! Two layers: the I/O-free codec in [`wire`] (the 16-byte header, a typed
+//! request and reply for each command QEMU's client uses, validation with
+//! every length capped, an incremental [`FrameDecoder`]), and the [`Server`]
+//! in [`server`], which serves one client on a Unix socket and presents any
+//! [`cio_core::Device`] — a [`RemoteDevice`](crate::RemoteDevice) on
+//! another host, or an emulated model — as a PCI device: regions, interrupts
+//! on the client's eventfds, reset. fds travel by `SCM_RIGHTS` (through
+//! `nix`; the one `unsafe` step is in a private `sys` module).
+//!
+//! DMA is the next step: DMA_MAP ranges without an fd are recorded, ranges
+//! with an fd (fd-backed guest RAM) are refused, and the server does not
+//! yet send DMA_READ/DMA_WRITE.
 //!
 //! ```
 //! use cio_frontend::vfio_user::{Body, Codec, FrameDecoder, Message, Request};
@@ -33,7 +38,11 @@
 //!
 //! [vfio-user]: https://www.qemu.org/docs/master/interop/vfio-user.html
 
+pub mod server;
+mod sys;
 pub mod wire;
+
+pub use server::{Error as ServerError, Served, Server, ServerConfig};
 
 pub use wire::{
     Body, Capabilities, Codec, Command, DmaAccess, DmaData, DmaLayout, DmaMap, DmaUnmap,

@@ -1,0 +1,820 @@
+//! A vfio-user server presenting any [`cio_core::Device`] on a Unix socket.
+//!
+//! One client at a time: [`Server::serve_next`] accepts a connection and
+//! serves it until the client goes away; a second client waits in the
+//! listen queue until then. Each request is answered in order on the
+//! serving thread; the device's interrupts go straight to the eventfds the
+//! client passed with `DEVICE_SET_IRQS`.
+//!
+//! What is served: VERSION, DEVICE_GET_INFO (a PCI device with VFIO's layout
+//! of 9 regions and 5 IRQ indexes), DEVICE_GET_REGION_INFO (no mmap),
+//! DEVICE_GET_IRQ_INFO, DEVICE_SET_IRQS with eventfds, REGION_READ,
+//! REGION_WRITE (posted when the client asks for no reply),
+//! REGION_WRITE_MULTI, DEVICE_RESET, and DMA_MAP/DMA_UNMAP of ranges
+//! *without* an fd, which are only recorded.
+//!
+//! Not yet: DMA itself. A DMA_MAP carrying an fd (fd-backed guest RAM) is
+//! refused with `ENOTSUP`, and the server never sends DMA_READ/DMA_WRITE,
+//! so a device that DMAs does not reach guest memory; that is the next
+//! step. No migration, no dirty bitmaps, no software-triggered interrupts.
+//!
+//! Malformed input never ends the process: a request whose header is
+//! intact gets an error reply (its fds are closed) and the next one is
+//! served; a stream that cannot be resynchronised (a header whose size is
+//! below 16 bytes, end of stream inside a message) ends the connection.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use cio_core::{Device, DeviceError, IrqKind};
+use nix::errno::Errno;
+use tracing::{debug, info, warn};
+
+use super::sys;
+use super::wire::{self, DEVICE_FLAG_PCI, DEVICE_FLAG_RESET, HEADER_SIZE};
+use super::{
+    Body, Capabilities, Codec, Command, DmaLayout, DmaMap, DmaUnmap, Header, IrqAction, IrqData,
+    Limits, Message, RegionAccess, RegionData, Reply, Request, SetIrqs, Version, WriteOne,
+};
+
+/// Number of regions VFIO's PCI layout has (6 BARs, ROM, config, VGA).
+pub const NUM_REGIONS: u32 = 9;
+/// Number of IRQ indexes VFIO's PCI layout has (INTx, MSI, MSI-X, ERR, REQ).
+pub const NUM_IRQS: u32 = 5;
+/// The protocol version this server speaks (major).
+pub const VERSION_MAJOR: u16 = 0;
+/// The protocol version this server speaks (minor).
+pub const VERSION_MINOR: u16 = 1;
+
+/// A header whose message is larger than this many times the size limit is
+/// not skipped but ends the connection.
+const MAX_SKIP_FACTOR: usize = 16;
+
+/// Limits the server advertises in its VERSION reply and enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Most fds accepted with one message.
+    pub max_msg_fds: u32,
+    /// Largest data count of one REGION_READ/WRITE.
+    pub max_data_xfer_size: u64,
+    /// Most DMA ranges recorded at once.
+    pub max_dma_maps: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_msg_fds: 16,
+            max_data_xfer_size: wire::DEFAULT_MAX_DATA_XFER_SIZE,
+            max_dma_maps: wire::DEFAULT_MAX_DMA_MAPS,
+        }
+    }
+}
+
+impl ServerConfig {
+    fn codec(&self) -> Codec {
+        Codec::new(
+            Limits {
+                max_msg_size: usize::try_from(self.max_data_xfer_size)
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(4096),
+                max_data_xfer_size: self.max_data_xfer_size,
+            },
+            DmaLayout::Qemu,
+        )
+    }
+}
+
+/// Why serving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Binding the listening socket failed.
+    #[error("bind vfio-user socket {}", path.display())]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Something that is not a stale socket is at the path, or a server
+    /// answers on it.
+    #[error("{} is in use or is not a socket", path.display())]
+    PathInUse {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// Accepting a client failed.
+    #[error("accept a vfio-user client")]
+    Accept(#[source] io::Error),
+    /// Receiving from or sending to the client failed; the connection is
+    /// closed (the client may connect again).
+    #[error("vfio-user connection")]
+    Io(#[source] io::Error),
+    /// The stream cannot be resynchronised; the connection is closed.
+    #[error("vfio-user stream broken")]
+    Stream(#[source] wire::Error),
+}
+
+/// What one served connection amounted to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Served {
+    /// Requests received.
+    pub requests: u64,
+    /// Requests answered with (or, posted, logged as) an error.
+    pub errors: u64,
+}
+
+/// A vfio-user server on a Unix stream socket.
+///
+/// ```no_run
+/// use cio_frontend::vfio_user::{Server, ServerConfig};
+/// # fn device() -> Box<dyn cio_core::Device> { unimplemented!() }
+/// let server = Server::bind("/tmp/edu.sock", ServerConfig::default()).unwrap();
+/// let mut dev = device();
+/// loop {
+///     let served = server.serve_next(dev.as_mut()).unwrap();
+///     println!("client gone after {} requests", served.requests);
+/// }
+/// ```
+#[derive(Debug)]
+pub struct Server {
+    listener: UnixListener,
+    path: Option<PathBuf>,
+    config: ServerConfig,
+}
+
+impl Server {
+    /// Listens on `path`, removing a stale socket left there by an earlier
+    /// server (one nobody answers on). The socket file is removed when the
+    /// server is dropped.
+    pub fn bind(path: impl AsRef<Path>, config: ServerConfig) -> Result<Server, Error> {
+        let path = path.as_ref().to_path_buf();
+        if let Ok(meta) = fs::symlink_metadata(&path) {
+            if !meta.file_type().is_socket() || UnixStream::connect(&path).is_ok() {
+                return Err(Error::PathInUse { path });
+            }
+            fs::remove_file(&path).map_err(|source| Error::Bind {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let listener = UnixListener::bind(&path).map_err(|source| Error::Bind {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Server {
+            listener,
+            path: Some(path),
+            config,
+        })
+    }
+
+    /// Serves on a listener the caller made (its socket file is left alone).
+    pub fn from_listener(listener: UnixListener, config: ServerConfig) -> Server {
+        Server {
+            listener,
+            path: None,
+            config,
+        }
+    }
+
+    /// The socket path, when the server bound it.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Accepts the next client and serves it until it disconnects. On
+    /// return, interrupts are disabled and DMA ranges forgotten, so the
+    /// device is ready for the next client.
+    pub fn serve_next(&self, device: &mut dyn Device) -> Result<Served, Error> {
+        let (stream, _) = self.listener.accept().map_err(Error::Accept)?;
+        info!(device = %device.info().name, "vfio-user client connected");
+        self.serve_stream(stream, device)
+    }
+
+    /// Serves one connected client until it disconnects.
+    pub fn serve_stream(
+        &self,
+        stream: UnixStream,
+        device: &mut dyn Device,
+    ) -> Result<Served, Error> {
+        let mut conn = Connection {
+            stream,
+            device,
+            config: self.config,
+            codec: self.config.codec(),
+            negotiated: false,
+            dma: BTreeMap::new(),
+            served: Served::default(),
+        };
+        let result = conn.run();
+        conn.release();
+        match &result {
+            Ok(s) => info!(
+                requests = s.requests,
+                errors = s.errors,
+                "vfio-user client gone"
+            ),
+            Err(e) => warn!("vfio-user connection closed: {}", cio_core::error_chain(e)),
+        }
+        result
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(p) = &self.path {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// A recorded DMA range: end (exclusive) and `DMA_MAP_FLAG_*`.
+#[derive(Debug, Clone, Copy)]
+struct DmaRange {
+    end: u64,
+    #[allow(dead_code)] // kept for the fd-backed step
+    flags: u32,
+}
+
+struct Connection<'a> {
+    stream: UnixStream,
+    device: &'a mut dyn Device,
+    config: ServerConfig,
+    codec: Codec,
+    negotiated: bool,
+    dma: BTreeMap<u64, DmaRange>,
+    served: Served,
+}
+
+/// An errno for an error reply.
+type Errno32 = u32;
+
+fn errno(e: Errno) -> Errno32 {
+    e as i32 as u32
+}
+
+fn device_errno(e: &DeviceError) -> Errno32 {
+    errno(match e {
+        DeviceError::NoRegion(_)
+        | DeviceError::Denied { .. }
+        | DeviceError::BadWidth { .. }
+        | DeviceError::Unaligned { .. }
+        | DeviceError::OutOfRange { .. }
+        | DeviceError::NoIrq { .. }
+        | DeviceError::Dma(_) => Errno::EINVAL,
+        DeviceError::Unsupported(_) => Errno::ENOTSUP,
+        _ => Errno::EIO,
+    })
+}
+
+/// The result of one request: a reply, or an errno and what went wrong.
+type Handled = Result<Reply, (Errno32, String)>;
+
+fn fail<T>(e: Errno, why: impl Into<String>) -> Result<T, (Errno32, String)> {
+    Err((errno(e), why.into()))
+}
+
+fn dev_fail<T>(what: &str, e: DeviceError) -> Result<T, (Errno32, String)> {
+    Err((
+        device_errno(&e),
+        format!("{what}: {}", cio_core::error_chain(&e)),
+    ))
+}
+
+impl Connection<'_> {
+    fn run(&mut self) -> Result<Served, Error> {
+        loop {
+            let mut fds = Vec::new();
+            let mut hdr = [0u8; HEADER_SIZE];
+            match self.read_exact(&mut hdr, &mut fds)? {
+                0 => return Ok(self.served),
+                HEADER_SIZE => {}
+                n => {
+                    return Err(Error::Stream(wire::Error::TruncatedHeader { have: n }));
+                }
+            }
+            self.served.requests += 1;
+            let max = self.codec.limits.max_msg_size;
+            let header = match Header::parse(&hdr, max) {
+                Ok(h) => h,
+                Err(e) => {
+                    self.bad_header(&hdr, e, fds)?;
+                    continue;
+                }
+            };
+            let mut frame = vec![0u8; header.size as usize];
+            frame[..HEADER_SIZE].copy_from_slice(&hdr);
+            let want = frame.len() - HEADER_SIZE;
+            if self.read_exact(&mut frame[HEADER_SIZE..], &mut fds)? != want {
+                return Err(Error::Stream(wire::Error::FrameLength {
+                    size: header.size,
+                    have: HEADER_SIZE,
+                }));
+            }
+            let reply = self.handle(&header, &frame, fds);
+            if let Some(reply) = reply {
+                self.send(&reply)?;
+            }
+        }
+    }
+
+    /// A header that failed validation: skip its body if its size can be
+    /// trusted that far and answer with an error; otherwise give up.
+    fn bad_header(&mut self, hdr: &[u8], e: wire::Error, fds: Vec<OwnedFd>) -> Result<(), Error> {
+        drop(fds);
+        let raw = |a: usize| u32::from_le_bytes([hdr[a], hdr[a + 1], hdr[a + 2], hdr[a + 3]]);
+        let size = raw(4) as usize;
+        let flags = raw(8);
+        let max = self.codec.limits.max_msg_size;
+        if size < HEADER_SIZE || size > max.saturating_mul(MAX_SKIP_FACTOR) {
+            return Err(Error::Stream(e));
+        }
+        warn!("vfio-user: bad header: {e}");
+        self.served.errors += 1;
+        let mut left = size - HEADER_SIZE;
+        let mut chunk = vec![0u8; left.min(64 * 1024)];
+        while left > 0 {
+            let n = left.min(chunk.len());
+            let mut fds = Vec::new();
+            if self.read_exact(&mut chunk[..n], &mut fds)? != n {
+                return Err(Error::Stream(e));
+            }
+            left -= n;
+        }
+        if flags & wire::FLAG_NO_REPLY == 0 {
+            let h = Header {
+                id: u16::from_le_bytes([hdr[0], hdr[1]]),
+                command: u16::from_le_bytes([hdr[2], hdr[3]]),
+                size: HEADER_SIZE as u32,
+                flags: wire::FLAG_TYPE_REPLY | wire::FLAG_ERROR,
+                error: e.errno(),
+            };
+            self.stream.write_all(&h.to_bytes()).map_err(Error::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Fills `buf` unless the stream ends; returns the bytes read.
+    fn read_exact(&mut self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usize, Error> {
+        let mut have = 0;
+        while have < buf.len() {
+            match sys::recv_with_fds(&self.stream, &mut buf[have..], fds) {
+                Ok(0) => break,
+                Ok(n) => have += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::Io(e)),
+            }
+        }
+        Ok(have)
+    }
+
+    fn send(&mut self, msg: &Message) -> Result<(), Error> {
+        let bytes = match self.codec.encode(msg) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!("vfio-user: cannot encode reply: {e}");
+                let Body::Reply(r) = &msg.body else {
+                    return Ok(());
+                };
+                let err = Message {
+                    id: msg.id,
+                    no_reply: false,
+                    body: Body::ErrorReply {
+                        command: r.command() as u16,
+                        errno: e.errno(),
+                    },
+                };
+                self.codec.encode(&err).map_err(Error::Stream)?
+            }
+        };
+        self.stream.write_all(&bytes).map_err(Error::Io)
+    }
+
+    /// Answers one frame; `None` when no reply is due. `fds` are closed
+    /// before this returns unless a device took them.
+    fn handle(&mut self, header: &Header, frame: &[u8], fds: Vec<OwnedFd>) -> Option<Message> {
+        let no_reply = header.no_reply();
+        let result = match self.codec.decode(frame) {
+            Ok(Message {
+                body: Body::Request(req),
+                ..
+            }) => self.request(req, fds),
+            Ok(_) => {
+                // We send no requests, so nothing can be answered.
+                warn!(
+                    command = header.command,
+                    "vfio-user: unexpected reply from the client"
+                );
+                self.served.errors += 1;
+                return None;
+            }
+            Err(e) => Err((e.errno(), e.to_string())),
+        };
+        let body = match result {
+            Ok(reply) => Body::Reply(reply),
+            Err((errno, why)) => {
+                self.served.errors += 1;
+                if no_reply {
+                    warn!("vfio-user: posted command {} failed: {why}", header.command);
+                } else {
+                    debug!("vfio-user: command {} failed: {why}", header.command);
+                }
+                Body::ErrorReply {
+                    command: header.command,
+                    errno,
+                }
+            }
+        };
+        (!no_reply).then_some(Message {
+            id: header.id,
+            no_reply: false,
+            body,
+        })
+    }
+
+    fn request(&mut self, req: Request, fds: Vec<OwnedFd>) -> Handled {
+        let command = req.command();
+        if fds.len() > self.config.max_msg_fds as usize {
+            return fail(
+                Errno::EINVAL,
+                format!(
+                    "{} fds with {command}, more than max_msg_fds {}",
+                    fds.len(),
+                    self.config.max_msg_fds
+                ),
+            );
+        }
+        let fds_allowed = match &req {
+            Request::DeviceSetIrqs(s) => s.expected_fds(),
+            Request::DmaMap(_) => 1,
+            _ => 0,
+        };
+        if fds.len() > fds_allowed {
+            return fail(
+                Errno::EINVAL,
+                format!(
+                    "{} fds with {command}, which takes {fds_allowed}",
+                    fds.len()
+                ),
+            );
+        }
+        if !self.negotiated && command != Command::Version {
+            return fail(Errno::EINVAL, format!("{command} before VERSION"));
+        }
+        match req {
+            Request::Version(v) => self.version(v),
+            Request::DeviceGetInfo { .. } => Ok(Reply::DeviceGetInfo(wire::DeviceInfo {
+                argsz: 16,
+                flags: DEVICE_FLAG_PCI | DEVICE_FLAG_RESET,
+                num_regions: NUM_REGIONS,
+                num_irqs: NUM_IRQS,
+            })),
+            Request::DeviceGetRegionInfo { index, .. } => self.region_info(index),
+            Request::DeviceGetIrqInfo { index, .. } => self.irq_info(index),
+            Request::DeviceSetIrqs(s) => self.set_irqs(s, fds),
+            Request::RegionRead(a) => self.region_read(a),
+            Request::RegionWrite(d) => {
+                self.region_write(d.region, d.offset, &d.data)?;
+                Ok(Reply::RegionWrite(RegionAccess {
+                    offset: d.offset,
+                    region: d.region,
+                    count: d.data.len() as u32,
+                }))
+            }
+            Request::RegionWriteMulti(wrs) => self.write_multi(&wrs),
+            Request::DeviceReset => match self.device.reset() {
+                Ok(()) => Ok(Reply::DeviceReset),
+                Err(e) => dev_fail("reset", e),
+            },
+            Request::DmaMap(m) => {
+                if !fds.is_empty() {
+                    return fail(
+                        Errno::ENOTSUP,
+                        "fd-backed DMA_MAP is not supported yet (only ranges without an fd)",
+                    );
+                }
+                self.dma_map(m)
+            }
+            Request::DmaUnmap(u) => self.dma_unmap(u),
+            Request::DmaRead(_) | Request::DmaWrite(_) => {
+                fail(Errno::EINVAL, format!("{command} is server-to-client"))
+            }
+        }
+    }
+
+    fn version(&mut self, v: Version) -> Handled {
+        if self.negotiated {
+            return fail(Errno::EINVAL, "VERSION sent twice");
+        }
+        if v.major != VERSION_MAJOR {
+            return fail(
+                Errno::ENOTSUP,
+                format!("protocol {}.{} (we speak 0.1)", v.major, v.minor),
+            );
+        }
+        let client = v.capabilities.unwrap_or_default();
+        if client.pgsizes() & wire::DEFAULT_PGSIZES == 0 {
+            return fail(Errno::EINVAL, "client does not support 4 KiB pages");
+        }
+        self.negotiated = true;
+        info!(
+            minor = v.minor,
+            client_max_msg_fds = client.max_msg_fds(),
+            client_max_data_xfer_size = client.max_data_xfer_size(),
+            "vfio-user version negotiated"
+        );
+        Ok(Reply::Version(Version {
+            major: VERSION_MAJOR,
+            minor: v.minor.min(VERSION_MINOR),
+            capabilities: Some(Capabilities {
+                max_msg_fds: Some(self.config.max_msg_fds),
+                max_data_xfer_size: Some(self.config.max_data_xfer_size),
+                pgsizes: Some(wire::DEFAULT_PGSIZES),
+                max_dma_maps: Some(self.config.max_dma_maps),
+                migration: None,
+                write_multiple: Some(true),
+                twin_socket: None,
+            }),
+        }))
+    }
+
+    fn region_info(&mut self, index: u32) -> Handled {
+        if index >= NUM_REGIONS {
+            return fail(Errno::EINVAL, format!("no region index {index}"));
+        }
+        let (size, flags) = match self.device.info().region(index) {
+            Some(r) => {
+                let mut flags = 0;
+                if r.flags & cio_core::device::REGION_READ != 0 {
+                    flags |= wire::REGION_FLAG_READ;
+                }
+                if r.flags & cio_core::device::REGION_WRITE != 0 {
+                    flags |= wire::REGION_FLAG_WRITE;
+                }
+                (r.size, flags)
+            }
+            None => (0, 0),
+        };
+        Ok(Reply::DeviceGetRegionInfo(wire::RegionInfo {
+            argsz: 32,
+            flags,
+            index,
+            cap_offset: 0,
+            size,
+            offset: 0,
+            caps: Vec::new(),
+        }))
+    }
+
+    fn irq_info(&mut self, index: u32) -> Handled {
+        let (count, flags) = match irq_kind(index) {
+            Some(IrqKind::Intx) => (
+                self.device.info().irq_count(IrqKind::Intx),
+                wire::IRQ_INFO_EVENTFD | wire::IRQ_INFO_MASKABLE | wire::IRQ_INFO_AUTOMASKED,
+            ),
+            Some(k) => (
+                self.device.info().irq_count(k),
+                wire::IRQ_INFO_EVENTFD | wire::IRQ_INFO_NORESIZE,
+            ),
+            None if index < NUM_IRQS => (0, wire::IRQ_INFO_EVENTFD),
+            None => return fail(Errno::EINVAL, format!("no IRQ index {index}")),
+        };
+        Ok(Reply::DeviceGetIrqInfo(wire::IrqInfo {
+            argsz: 16,
+            flags,
+            index,
+            count,
+        }))
+    }
+
+    fn set_irqs(&mut self, s: SetIrqs, fds: Vec<OwnedFd>) -> Handled {
+        let Some(kind) = irq_kind(s.index) else {
+            if s.index < NUM_IRQS && s.count == 0 {
+                return Ok(Reply::DeviceSetIrqs);
+            }
+            return fail(
+                Errno::EINVAL,
+                format!("IRQ index {} has no vectors", s.index),
+            );
+        };
+        let r = match (s.action, &s.data) {
+            (IrqAction::Trigger, IrqData::Eventfd) if fds.is_empty() => {
+                self.device.set_irqs(kind, 0, &[])
+            }
+            (IrqAction::Trigger, IrqData::Eventfd) => {
+                if fds.len() != s.count as usize {
+                    return fail(
+                        Errno::EINVAL,
+                        format!("{} eventfds for {} vectors", fds.len(), s.count),
+                    );
+                }
+                let fds: Vec<_> = fds.into_iter().map(sys::eventfd).collect();
+                debug!(%kind, start = s.start, count = fds.len(), "vfio-user: routing interrupts");
+                self.device.set_irqs(kind, s.start, &fds)
+            }
+            (IrqAction::Trigger, IrqData::None) if s.count == 0 => {
+                debug!(%kind, "vfio-user: disabling interrupts");
+                self.device.set_irqs(kind, 0, &[])
+            }
+            (IrqAction::Unmask, IrqData::None) if kind == IrqKind::Intx => {
+                self.device.unmask_intx()
+            }
+            (IrqAction::Unmask, IrqData::Bool(b)) if kind == IrqKind::Intx => {
+                if b.first().copied().unwrap_or(false) {
+                    self.device.unmask_intx()
+                } else {
+                    Ok(())
+                }
+            }
+            (action, data) => {
+                return fail(
+                    Errno::ENOTSUP,
+                    format!("SET_IRQS {action:?} with {data:?} on {kind} is not supported"),
+                )
+            }
+        };
+        match r {
+            Ok(()) => Ok(Reply::DeviceSetIrqs),
+            Err(e) => dev_fail("set irqs", e),
+        }
+    }
+
+    fn region_read(&mut self, a: RegionAccess) -> Handled {
+        let mut data = vec![0u8; a.count as usize];
+        let mut pos = 0usize;
+        for (off, w) in self.split(a.region, a.offset, data.len(), false)? {
+            if let Err(e) = self.device.read(a.region, off, &mut data[pos..pos + w]) {
+                return dev_fail("region read", e);
+            }
+            pos += w;
+        }
+        Ok(Reply::RegionRead(RegionData {
+            offset: a.offset,
+            region: a.region,
+            data,
+        }))
+    }
+
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), (u32, String)> {
+        let mut pos = 0usize;
+        for (off, w) in self.split(region, offset, data.len(), true)? {
+            if let Err(e) = self.device.write(region, off, &data[pos..pos + w]) {
+                return dev_fail("region write", e);
+            }
+            pos += w;
+        }
+        Ok(())
+    }
+
+    fn write_multi(&mut self, wrs: &[WriteOne]) -> Handled {
+        for w in wrs {
+            self.region_write(w.region, w.offset, &w.data)?;
+        }
+        Ok(Reply::RegionWriteMulti {
+            wr_cnt: wrs.len() as u64,
+        })
+    }
+
+    /// Splits an access into the widths the region accepts, the largest
+    /// aligned one first, after checking the whole access is inside.
+    fn split(
+        &self,
+        region: u32,
+        offset: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<Vec<(u64, usize)>, (u32, String)> {
+        let Some(r) = self.device.info().region(region) else {
+            return fail(Errno::EINVAL, format!("no region {region}"));
+        };
+        let needed = if write {
+            cio_core::device::REGION_WRITE
+        } else {
+            cio_core::device::REGION_READ
+        };
+        if r.flags & needed == 0 {
+            return fail(
+                Errno::EINVAL,
+                format!("region {region} does not allow this"),
+            );
+        }
+        let end = match offset.checked_add(len as u64) {
+            Some(end) if end <= r.size => end,
+            _ => {
+                return fail(
+                    Errno::EINVAL,
+                    format!(
+                    "{len} bytes at {offset:#x} is past the end of region {region} ({:#x} bytes)",
+                    r.size
+                ),
+                )
+            }
+        };
+        let mut parts = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let left = end - pos;
+            let w = [8u64, 4, 2, 1]
+                .into_iter()
+                .find(|&w| r.widths & (w as u8) != 0 && w <= left && pos % w == 0);
+            let Some(w) = w else {
+                return fail(
+                    Errno::EINVAL,
+                    format!("no access width of region {region} fits at {pos:#x}"),
+                );
+            };
+            parts.push((pos, w as usize));
+            pos += w;
+        }
+        Ok(parts)
+    }
+
+    fn dma_map(&mut self, m: DmaMap) -> Handled {
+        let page = wire::DEFAULT_PGSIZES;
+        let Some(end) = m.address.checked_add(m.size).filter(|_| m.size > 0) else {
+            return fail(Errno::EINVAL, "DMA range is empty or wraps");
+        };
+        if m.address % page != 0 || m.size % page != 0 {
+            return fail(Errno::EINVAL, "DMA range is not 4 KiB aligned");
+        }
+        if self.dma.len() >= self.config.max_dma_maps as usize {
+            return fail(Errno::ENOSPC, "max_dma_maps ranges already mapped");
+        }
+        if let Some((&start, r)) = self.dma.range(..end).next_back() {
+            if r.end > m.address {
+                return fail(
+                    Errno::EEXIST,
+                    format!(
+                        "DMA range {:#x}..{end:#x} overlaps {start:#x}..{:#x}",
+                        m.address, r.end
+                    ),
+                );
+            }
+        }
+        debug!(
+            address = m.address,
+            size = m.size,
+            "vfio-user: DMA range recorded"
+        );
+        self.dma.insert(
+            m.address,
+            DmaRange {
+                end,
+                flags: m.flags,
+            },
+        );
+        Ok(Reply::DmaMap)
+    }
+
+    fn dma_unmap(&mut self, u: DmaUnmap) -> Handled {
+        if u.flags & wire::DMA_UNMAP_FLAG_GET_DIRTY_BITMAP != 0 {
+            return fail(Errno::ENOTSUP, "dirty bitmaps are not supported");
+        }
+        if u.flags & wire::DMA_UNMAP_FLAG_ALL != 0 {
+            self.dma.clear();
+        } else {
+            let end = u.address.saturating_add(u.size);
+            let inside: Vec<u64> = self
+                .dma
+                .range(..end)
+                .filter(|(_, r)| r.end > u.address)
+                .map(|(&s, _)| s)
+                .collect();
+            for s in &inside {
+                if *s < u.address || self.dma[s].end > end {
+                    return fail(Errno::EINVAL, "DMA_UNMAP splits a mapped range");
+                }
+            }
+            for s in inside {
+                self.dma.remove(&s);
+            }
+        }
+        Ok(Reply::DmaUnmap(DmaUnmap { bitmap: None, ..u }))
+    }
+
+    /// Leaves the device as the next client should find it.
+    fn release(&mut self) {
+        for kind in [IrqKind::Intx, IrqKind::Msi, IrqKind::Msix] {
+            if self.device.info().irq_count(kind) > 0 {
+                if let Err(e) = self.device.set_irqs(kind, 0, &[]) {
+                    warn!("vfio-user: disabling {kind}: {}", cio_core::error_chain(&e));
+                }
+            }
+        }
+        if let Err(e) = self.device.flush() {
+            warn!("vfio-user: posted writes: {}", cio_core::error_chain(&e));
+        }
+        self.dma.clear();
+    }
+}
+
+fn irq_kind(index: u32) -> Option<IrqKind> {
+    u8::try_from(index).ok().and_then(IrqKind::from_u8)
+}

@@ -1,0 +1,555 @@
+//! The vfio-user server driven by a small test client (the codec plus a Unix
+//! socket, fds by SCM_RIGHTS), no QEMU: an emulated edu in-process, the
+//! same edu over a real cio session, and malformed requests.
+
+mod common;
+
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use cio_backend::models::Edu;
+use cio_core::Device;
+use cio_frontend::vfio_user::wire::{self, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
+use cio_frontend::vfio_user::{
+    Body, Capabilities, Codec, DmaMap, DmaUnmap, IrqAction, IrqData, Message, RegionAccess,
+    RegionData, Reply, Request, Served, Server, ServerConfig, SetIrqs, Version, WriteOne,
+};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Tests count this process's fds, so they run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const EINVAL: u32 = 22;
+const E2BIG: u32 = 7;
+const ENOTSUP: u32 = 95;
+const EEXIST: u32 = 17;
+
+const BAR0: u32 = 0;
+const CONFIG: u32 = 7;
+
+fn socket_path() -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "cio-vfio-user-{}-{}.sock",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// Serves `clients` connections one after another on a fresh socket.
+fn start(mut dev: Box<dyn Device>, clients: usize) -> (PathBuf, JoinHandle<Vec<Served>>) {
+    let path = socket_path();
+    let server = Server::bind(&path, ServerConfig::default()).unwrap();
+    let h = std::thread::spawn(move || {
+        (0..clients)
+            .map(|_| server.serve_next(dev.as_mut()).unwrap_or_default())
+            .collect()
+    });
+    (path, h)
+}
+
+struct TestClient {
+    sock: UnixStream,
+    codec: Codec,
+    id: u16,
+}
+
+impl TestClient {
+    fn connect(path: &PathBuf) -> Self {
+        let sock = UnixStream::connect(path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        TestClient {
+            sock,
+            codec: Codec::default(),
+            id: 0,
+        }
+    }
+
+    fn send_raw(&mut self, bytes: &[u8], fds: &[RawFd]) {
+        let cmsg = [ControlMessage::ScmRights(fds)];
+        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+        let n = sendmsg::<UnixAddr>(
+            self.sock.as_raw_fd(),
+            &[IoSlice::new(bytes)],
+            cmsgs,
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        self.sock.write_all(&bytes[n..]).unwrap();
+    }
+
+    fn send(&mut self, req: Request, no_reply: bool, fds: &[RawFd]) -> u16 {
+        self.id = self.id.wrapping_add(1);
+        let msg = Message {
+            id: self.id,
+            no_reply,
+            body: Body::Request(req),
+        };
+        let bytes = self.codec.encode(&msg).unwrap();
+        self.send_raw(&bytes, fds);
+        self.id
+    }
+
+    fn recv(&mut self) -> Message {
+        let mut hdr = [0u8; wire::HEADER_SIZE];
+        self.sock.read_exact(&mut hdr).unwrap();
+        let h = wire::Header::parse(&hdr, self.codec.limits.max_msg_size).unwrap();
+        let mut frame = hdr.to_vec();
+        frame.resize(h.size as usize, 0);
+        self.sock
+            .read_exact(&mut frame[wire::HEADER_SIZE..])
+            .unwrap();
+        self.codec.decode(&frame).unwrap()
+    }
+
+    /// A request and its reply: the reply, or the errno of an error reply.
+    fn call_fds(&mut self, req: Request, fds: &[RawFd]) -> Result<Reply, u32> {
+        let id = self.send(req, false, fds);
+        let m = self.recv();
+        assert_eq!(m.id, id);
+        match m.body {
+            Body::Reply(r) => Ok(r),
+            Body::ErrorReply { errno, .. } => Err(errno),
+            Body::Request(r) => panic!("request from the server: {r:?}"),
+        }
+    }
+
+    fn call(&mut self, req: Request) -> Result<Reply, u32> {
+        self.call_fds(req, &[])
+    }
+
+    fn version(&mut self) -> Capabilities {
+        let r = self.call(Request::Version(Version {
+            major: 0,
+            minor: 1,
+            capabilities: Some(Capabilities {
+                max_msg_fds: Some(8),
+                ..Capabilities::default()
+            }),
+        }));
+        let Ok(Reply::Version(v)) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!((v.major, v.minor), (0, 1));
+        v.capabilities.unwrap()
+    }
+
+    fn read(&mut self, region: u32, offset: u64, count: u32) -> Result<Vec<u8>, u32> {
+        match self.call(Request::RegionRead(RegionAccess {
+            offset,
+            region,
+            count,
+        }))? {
+            Reply::RegionRead(d) => Ok(d.data),
+            r => panic!("{r:?}"),
+        }
+    }
+
+    fn read32(&mut self, region: u32, offset: u64) -> u32 {
+        let d = self.read(region, offset, 4).unwrap();
+        u32::from_le_bytes(d.try_into().unwrap())
+    }
+
+    fn write_req(region: u32, offset: u64, data: &[u8]) -> Request {
+        Request::RegionWrite(RegionData {
+            offset,
+            region,
+            data: data.to_vec(),
+        })
+    }
+
+    fn post32(&mut self, region: u32, offset: u64, v: u32) {
+        self.send(Self::write_req(region, offset, &v.to_le_bytes()), true, &[]);
+    }
+
+    fn set_irqs(&mut self, index: u32, fds: &[RawFd]) -> Result<Reply, u32> {
+        self.call_fds(
+            Request::DeviceSetIrqs(SetIrqs {
+                argsz: 20,
+                action: IrqAction::Trigger,
+                data: IrqData::Eventfd,
+                index,
+                start: 0,
+                count: fds.len() as u32,
+            }),
+            fds,
+        )
+    }
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn wait_fired(efd: &EventFd) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if efd.read().is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    false
+}
+
+/// The edu walk every device under test goes through.
+fn drive_edu(c: &mut TestClient) {
+    let caps = c.version();
+    assert_eq!(caps.pgsizes, Some(4096));
+    assert!(caps.max_msg_fds.unwrap() >= 1);
+    assert!(caps.max_data_xfer_size.unwrap() >= 4096);
+    assert!(caps.max_dma_maps.unwrap() >= 1);
+    assert_eq!(caps.migration, None);
+
+    let Ok(Reply::DeviceGetInfo(info)) = c.call(Request::DeviceGetInfo { argsz: 16 }) else {
+        panic!()
+    };
+    assert_eq!((info.num_regions, info.num_irqs), (9, 5));
+    assert_eq!(info.flags, wire::DEVICE_FLAG_PCI | wire::DEVICE_FLAG_RESET);
+
+    let Ok(Reply::DeviceGetRegionInfo(bar0)) = c.call(Request::DeviceGetRegionInfo {
+        argsz: 32,
+        index: BAR0,
+    }) else {
+        panic!()
+    };
+    assert_eq!(bar0.size, 1 << 20);
+    assert_eq!(bar0.flags, wire::REGION_FLAG_READ | wire::REGION_FLAG_WRITE);
+    let Ok(Reply::DeviceGetRegionInfo(cfg)) = c.call(Request::DeviceGetRegionInfo {
+        argsz: 32,
+        index: CONFIG,
+    }) else {
+        panic!()
+    };
+    assert!(cfg.size >= 256);
+    let Ok(Reply::DeviceGetRegionInfo(bar1)) = c.call(Request::DeviceGetRegionInfo {
+        argsz: 32,
+        index: 1,
+    }) else {
+        panic!()
+    };
+    assert_eq!(bar1.size, 0);
+    let Ok(Reply::DeviceGetIrqInfo(msi)) = c.call(Request::DeviceGetIrqInfo {
+        argsz: 16,
+        index: 1,
+    }) else {
+        panic!()
+    };
+    assert_eq!(msi.count, 1);
+    assert_ne!(msi.flags & wire::IRQ_INFO_EVENTFD, 0);
+
+    assert_eq!(c.read32(BAR0, 0), 0x010000ed);
+    assert_eq!(c.read32(CONFIG, 0), 0x11e8_1234);
+    // 6 bytes of config space: split into a 4-byte and a 2-byte access.
+    assert_eq!(
+        c.read(CONFIG, 0, 6).unwrap()[..4],
+        0x11e8_1234u32.to_le_bytes()
+    );
+    assert_eq!(c.read(CONFIG, 2, 2).unwrap(), 0x11e8u16.to_le_bytes());
+
+    c.post32(BAR0, 0x04, 0x1234_5678);
+    assert_eq!(c.read32(BAR0, 0x04), !0x1234_5678);
+    c.post32(BAR0, 0x08, 5);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.read32(BAR0, 0x20) & 1 != 0 {
+        assert!(Instant::now() < deadline);
+    }
+    assert_eq!(c.read32(BAR0, 0x08), 120);
+    // A replied write.
+    let r = c.call(TestClient::write_req(BAR0, 0x08, &6u32.to_le_bytes()));
+    assert!(
+        matches!(r, Ok(Reply::RegionWrite(a)) if a.count == 4),
+        "{r:?}"
+    );
+    while c.read32(BAR0, 0x20) & 1 != 0 {}
+    assert_eq!(c.read32(BAR0, 0x08), 720);
+    // REGION_WRITE_MULTI.
+    let r = c.call(Request::RegionWriteMulti(vec![WriteOne {
+        offset: 0x04,
+        region: BAR0,
+        data: 7u32.to_le_bytes().to_vec(),
+    }]));
+    assert!(
+        matches!(r, Ok(Reply::RegionWriteMulti { wr_cnt: 1 })),
+        "{r:?}"
+    );
+    assert_eq!(c.read32(BAR0, 0x04), !7);
+
+    // MSI on an eventfd, raised through IRQ_RAISE.
+    let efd = EventFd::new(EFD_NONBLOCK).unwrap();
+    assert_eq!(c.set_irqs(1, &[efd.as_raw_fd()]), Ok(Reply::DeviceSetIrqs));
+    c.post32(BAR0, 0x60, 1);
+    assert!(wait_fired(&efd), "MSI did not reach the eventfd");
+    assert_eq!(c.read32(BAR0, 0x24), 1);
+    c.post32(BAR0, 0x64, 1);
+    // 0 fds + trigger: disabled; a raise no longer fires.
+    assert_eq!(c.set_irqs(1, &[]), Ok(Reply::DeviceSetIrqs));
+    c.post32(BAR0, 0x60, 1);
+    assert_eq!(c.read32(BAR0, 0x24), 1);
+    assert!(efd.read().is_err());
+    c.post32(BAR0, 0x64, 1);
+
+    c.post32(BAR0, 0x04, 1);
+    assert_eq!(c.read32(BAR0, 0x04), !1);
+    assert_eq!(c.call(Request::DeviceReset), Ok(Reply::DeviceReset));
+    // The power-on liveness value again.
+    assert_eq!(c.read32(BAR0, 0x04), 0);
+    assert_eq!(c.read32(BAR0, 0), 0x010000ed);
+}
+
+#[test]
+fn serves_an_emulated_edu() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (path, h) = start(Box::new(Edu::new("edu0")), 1);
+    let mut c = TestClient::connect(&path);
+    drive_edu(&mut c);
+    drop(c);
+    let served = h.join().unwrap();
+    assert_eq!(served[0].errors, 0, "{served:?}");
+}
+
+#[test]
+fn serves_a_remote_edu_over_a_cio_session() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = common::server();
+    {
+        let client = common::connect(s.endpoint());
+        let dev = client.open("edu0").unwrap();
+        let (path, h) = start(Box::new(dev), 1);
+        let mut c = TestClient::connect(&path);
+        drive_edu(&mut c);
+        drop(c);
+        let served = h.join().unwrap();
+        assert_eq!(served[0].errors, 0, "{served:?}");
+    }
+    common::assert_idle(&s);
+}
+
+#[test]
+fn requests_before_version_are_refused() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (path, h) = start(Box::new(Edu::new("edu0")), 1);
+    let mut c = TestClient::connect(&path);
+    assert_eq!(c.call(Request::DeviceReset), Err(EINVAL));
+    c.version();
+    assert_eq!(c.call(Request::DeviceReset), Ok(Reply::DeviceReset));
+    drop(c);
+    h.join().unwrap();
+}
+
+#[test]
+fn bad_requests_get_errors_and_the_server_keeps_serving() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Three connections: the main one, one that ends inside a header, one
+    // whose header says it is smaller than a header.
+    let (path, h) = start(Box::new(Edu::new("edu0")), 3);
+    let mut c = TestClient::connect(&path);
+    c.version();
+
+    // Size over the limit: E2BIG, the body is skipped.
+    let max = c.codec.limits.max_msg_size;
+    let big = wire::Header {
+        id: 100,
+        command: 8, // DEVICE_RESET
+        size: (max + 8) as u32,
+        flags: 0,
+        error: 0,
+    };
+    let mut bytes = big.to_bytes().to_vec();
+    bytes.resize(max + 8, 0xaa);
+    c.send_raw(&bytes, &[]);
+    let m = c.recv();
+    assert_eq!(m.id, 100);
+    assert!(
+        matches!(m.body, Body::ErrorReply { errno: E2BIG, .. }),
+        "{m:?}"
+    );
+    assert_eq!(c.read32(BAR0, 0), 0x010000ed);
+
+    // Unknown command.
+    let unknown = wire::Header {
+        id: 101,
+        command: 999,
+        size: 20,
+        flags: 0,
+        error: 0,
+    };
+    let mut bytes = unknown.to_bytes().to_vec();
+    bytes.extend_from_slice(&[0; 4]);
+    c.send_raw(&bytes, &[]);
+    let m = c.recv();
+    assert_eq!(m.id, 101);
+    assert!(
+        matches!(m.body, Body::ErrorReply { errno: EINVAL, .. }),
+        "{m:?}"
+    );
+
+    // A payload too short for its command.
+    let short = wire::Header {
+        id: 102,
+        command: 5, // DEVICE_GET_REGION_INFO
+        size: 20,
+        flags: 0,
+        error: 0,
+    };
+    let mut bytes = short.to_bytes().to_vec();
+    bytes.extend_from_slice(&[0; 4]);
+    c.send_raw(&bytes, &[]);
+    assert!(matches!(
+        c.recv().body,
+        Body::ErrorReply { errno: EINVAL, .. }
+    ));
+
+    // Reads beyond a region, of a width the region lacks, of a missing region.
+    assert_eq!(c.read(BAR0, (1 << 20) - 2, 4), Err(EINVAL));
+    assert_eq!(c.read(BAR0, u64::MAX - 1, 4), Err(EINVAL));
+    assert_eq!(c.read(BAR0, 0, 2), Err(EINVAL));
+    assert_eq!(c.read(3, 0, 4), Err(EINVAL));
+    assert_eq!(
+        c.call(Request::DeviceGetRegionInfo {
+            argsz: 32,
+            index: 9
+        }),
+        Err(EINVAL)
+    );
+
+    // fds: too many, and on a command that takes none; all closed.
+    let efds: Vec<EventFd> = (0..20)
+        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        .collect();
+    let raw: Vec<RawFd> = efds.iter().map(|e| e.as_raw_fd()).collect();
+    let before = open_fds();
+    assert_eq!(c.set_irqs(1, &raw), Err(EINVAL), "more than max_msg_fds");
+    assert_eq!(open_fds(), before);
+    assert_eq!(c.set_irqs(1, &raw[..2]), Err(EINVAL), "more than MSI has");
+    assert_eq!(open_fds(), before);
+    assert_eq!(
+        c.call_fds(Request::DeviceGetInfo { argsz: 16 }, &raw[..1]),
+        Err(EINVAL)
+    );
+    assert_eq!(open_fds(), before);
+    // A posted write with an fd: no reply, fd closed, next request served.
+    c.send(
+        TestClient::write_req(BAR0, 4, &[1, 0, 0, 0]),
+        true,
+        &raw[..1],
+    );
+    assert_eq!(c.read32(BAR0, 4), 0, "the refused write did not happen");
+    assert_eq!(open_fds(), before);
+    // A DMA_MAP with an fd is not supported yet.
+    let map = |address, size| {
+        Request::DmaMap(DmaMap {
+            argsz: 32,
+            flags: DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
+            offset: 0,
+            address,
+            size,
+        })
+    };
+    assert_eq!(c.call_fds(map(0x10000, 0x1000), &raw[..1]), Err(ENOTSUP));
+    assert_eq!(open_fds(), before);
+
+    // DMA ranges without fds: recorded, overlaps refused, unmapped.
+    assert_eq!(c.call(map(0x10000, 0x4000)), Ok(Reply::DmaMap));
+    assert_eq!(c.call(map(0x12000, 0x4000)), Err(EEXIST));
+    assert_eq!(c.call(map(0x0f000, 0x2000)), Err(EEXIST));
+    assert_eq!(c.call(map(0x0f000, 0x1000)), Ok(Reply::DmaMap));
+    assert_eq!(c.call(map(0x14000, 0x1000)), Ok(Reply::DmaMap));
+    assert_eq!(c.call(map(0x20000, 0)), Err(EINVAL));
+    assert_eq!(c.call(map(0x20001, 0x1000)), Err(EINVAL));
+    let unmap = |address, size| {
+        Request::DmaUnmap(DmaUnmap {
+            argsz: 24,
+            flags: 0,
+            address,
+            size,
+            bitmap: None,
+        })
+    };
+    assert_eq!(
+        c.call(unmap(0x11000, 0x1000)),
+        Err(EINVAL),
+        "splits a range"
+    );
+    assert!(matches!(
+        c.call(unmap(0x10000, 0x4000)),
+        Ok(Reply::DmaUnmap(_))
+    ));
+    assert_eq!(c.call(map(0x12000, 0x2000)), Ok(Reply::DmaMap));
+    // A second VERSION.
+    assert!(c.call(Request::Version(Version::default())).is_err());
+    // Still serving.
+    assert_eq!(c.read32(BAR0, 0), 0x010000ed);
+    drop(c);
+
+    // A connection that ends inside a header is closed...
+    let mut t = TestClient::connect(&path);
+    t.send_raw(&[1, 0, 1, 0, 16], &[]);
+    t.sock.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    t.sock.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    // ... so is one whose header claims less than a header.
+    let mut t = TestClient::connect(&path);
+    let tiny = wire::Header {
+        id: 1,
+        command: 1,
+        size: 8,
+        flags: 0,
+        error: 0,
+    };
+    t.send_raw(&tiny.to_bytes(), &[]);
+    let mut rest = Vec::new();
+    t.sock.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    let served = h.join().unwrap();
+    assert!(served[0].errors >= 15, "{served:?}");
+    // The served device is still fine for the next client.
+    drop(efds);
+}
+
+#[test]
+fn a_second_client_waits_for_the_first() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (path, h) = start(Box::new(Edu::new("edu0")), 2);
+    let mut a = TestClient::connect(&path);
+    a.version();
+    let mut b = TestClient::connect(&path);
+    b.send(
+        Request::Version(Version {
+            major: 0,
+            minor: 1,
+            capabilities: None,
+        }),
+        false,
+        &[],
+    );
+    b.sock
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        b.sock.read(&mut byte).is_err(),
+        "second client served early"
+    );
+    assert_eq!(a.read32(BAR0, 0), 0x010000ed);
+    drop(a);
+    b.sock
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(matches!(b.recv().body, Body::Reply(Reply::Version(_))));
+    assert_eq!(b.read32(BAR0, 0), 0x010000ed);
+    drop(b);
+    h.join().unwrap();
+    // The socket file goes with the server.
+    assert!(!path.exists());
+}
