@@ -142,6 +142,40 @@ enum Cmd {
         #[command(subcommand)]
         cmd: UsbCmd,
     },
+    /// Present a device to a VMM as a vfio-user server on a Unix socket
+    /// (QEMU 10.1+: -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"PATH"}}').
+    ///
+    /// DEVICE of the ciod at HOST, or with --emulate a model in this
+    /// process. Serves one client and exits when it disconnects. DMA is not
+    /// served yet (DMA_MAP with an fd is refused).
+    ///
+    /// Examples:
+    ///   cio vfio-user 192.0.2.10 edu0 --socket /tmp/edu.sock
+    ///   cio vfio-user --emulate edu --socket /tmp/edu.sock
+    #[command(verbatim_doc_comment)]
+    VfioUser {
+        /// Backend address (not with --emulate).
+        #[arg(required_unless_present = "emulate", conflicts_with = "emulate")]
+        host: Option<String>,
+        /// Device name (from `cio list`).
+        #[arg(required_unless_present = "emulate")]
+        device: Option<String>,
+        /// Serve an emulated model of this process instead of a remote device.
+        #[arg(long, value_enum)]
+        emulate: Option<EmulateArg>,
+        /// The Unix socket to listen on (a stale socket there is replaced;
+        /// the socket is removed on exit).
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum EmulateArg {
+    /// QEMU's edu (1234:11e8).
+    Edu,
+    /// cio's memory device (1 MiB BAR).
+    Memory,
 }
 
 #[derive(Debug, Subcommand)]
@@ -283,6 +317,12 @@ fn run(args: Args) -> Result<(), String> {
         }),
         Cmd::AdoptDemo { ticket } => demo::second_half(&ticket, &psk),
         Cmd::Session { cmd } => session_cmd(cmd, &psk),
+        Cmd::VfioUser {
+            host,
+            device,
+            emulate,
+            socket,
+        } => vfio_user(host, device, emulate, &socket, &psk),
         Cmd::Bench {
             quick,
             transport,
@@ -290,6 +330,51 @@ fn run(args: Args) -> Result<(), String> {
             only,
         } => bench(quick, transport, &json, only),
     }
+}
+
+/// `cio vfio-user`: serve one device to one vfio-user client.
+fn vfio_user(
+    host: Option<String>,
+    device: Option<String>,
+    emulate: Option<EmulateArg>,
+    socket: &std::path::Path,
+    psk: &Option<Psk>,
+) -> Result<(), String> {
+    use cio_backend::models::{Edu, Memory};
+    use cio_frontend::vfio_user::{Server, ServerConfig};
+    // The client outlives the device it opened.
+    let mut _client = None;
+    let mut dev: Box<dyn cio_core::Device> = match (emulate, host, device) {
+        (Some(EmulateArg::Edu), _, _) => Box::new(Edu::new("edu0")),
+        (Some(EmulateArg::Memory), _, _) => Box::new(
+            Memory::new("mem0", cio_backend::models::memory::DEFAULT_SIZE)
+                .map_err(|e| error_chain(&e))?,
+        ),
+        (None, Some(host), Some(device)) => {
+            let client = connect(&host, psk)?;
+            let dev = client.open(&device).map_err(|e| error_chain(&e))?;
+            _client = Some(client);
+            Box::new(dev)
+        }
+        _ => return Err("give HOST and DEVICE, or --emulate".into()),
+    };
+    let server = Server::bind(socket, ServerConfig::default()).map_err(|e| error_chain(&e))?;
+    let info = dev.info();
+    eprintln!(
+        "cio: serving {} ({:04x}:{:04x}) on {} (vfio-user); waiting for a client",
+        info.name,
+        info.vendor,
+        info.device,
+        socket.display()
+    );
+    let served = server
+        .serve_next(dev.as_mut())
+        .map_err(|e| error_chain(&e))?;
+    eprintln!(
+        "cio: client disconnected after {} requests ({} answered with an error)",
+        served.requests, served.errors
+    );
+    Ok(())
 }
 
 fn size_str(n: u64) -> String {

@@ -191,11 +191,19 @@ impl Server {
 
     /// Accepts the next client and serves it until it disconnects. On
     /// return, interrupts are disabled and DMA ranges forgotten, so the
-    /// device is ready for the next client.
+    /// device is ready for the next client. A connection that closes
+    /// without sending a byte (another server's [`bind`](Server::bind)
+    /// checking whether this one is alive) does not count: the next one is
+    /// accepted.
     pub fn serve_next(&self, device: &mut dyn Device) -> Result<Served, Error> {
-        let (stream, _) = self.listener.accept().map_err(Error::Accept)?;
-        info!(device = %device.info().name, "vfio-user client connected");
-        self.serve_stream(stream, device)
+        loop {
+            let (stream, _) = self.listener.accept().map_err(Error::Accept)?;
+            info!(device = %device.info().name, "vfio-user client connected");
+            let served = self.serve_stream(stream, device)?;
+            if served.requests > 0 {
+                return Ok(served);
+            }
+        }
     }
 
     /// Serves one connected client until it disconnects.
