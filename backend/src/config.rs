@@ -183,10 +183,11 @@ impl DeviceSpec {
         match model {
             "edu" if size.is_none() => Ok(Self::Edu { name }),
             "edu" => Err("the edu model has a fixed size".into()),
-            "memory" => Ok(Self::Memory {
-                name,
-                size: size.map_or(Ok(memory::DEFAULT_SIZE), parse_size)?,
-            }),
+            "memory" => {
+                let size = size.map_or(Ok(memory::DEFAULT_SIZE), parse_size)?;
+                memory::check_size(size)?;
+                Ok(Self::Memory { name, size })
+            }
             other => Err(format!(
                 "unknown device model {other:?} (known: edu, memory)"
             )),
@@ -239,11 +240,9 @@ mod tests {
         assert!("gpu".parse::<DeviceSpec>().is_err());
         assert!("edu:e:4K".parse::<DeviceSpec>().is_err());
         assert!("memory:m:lots".parse::<DeviceSpec>().is_err());
-        assert!("memory:m:3000"
-            .parse::<DeviceSpec>()
-            .unwrap()
-            .build()
-            .is_err());
+        // A bad size is refused when the spec is read, not when it is built.
+        let e = "memory:m:3000".parse::<DeviceSpec>().unwrap_err();
+        assert!(e.contains("power of two"), "{e}");
     }
 
     #[test]

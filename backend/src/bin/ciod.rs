@@ -51,9 +51,16 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     psk_file: Option<PathBuf>,
 
-    /// TOML config file (listen, psk_file, [[device]] tables).
+    /// TOML config file (listen, psk_file, [[device]] tables; see
+    /// docs/config.md).
     #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
+
+    /// Check a config file (syntax, unknown keys, device specs, release
+    /// policies, the listen address, that the key file reads as a key) and
+    /// exit: 0 if it is valid. Devices are not opened.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    check_config: Option<PathBuf>,
 
     /// Serve an emulated device: MODEL[:NAME[:SIZE]]; models: edu, memory.
     /// Repeat for several devices.
@@ -205,7 +212,54 @@ fn probe(bdf: &str, region: u32, offset: u64, reads: usize) -> Result<(), String
     Ok(())
 }
 
+/// `--check-config`: everything about the file that can be checked without
+/// opening a device.
+fn check_config(path: &std::path::Path) -> Result<(), String> {
+    let file = FileConfig::load(path)?;
+    let specs = file.specs()?;
+    let policies = file.release_policies()?;
+    let listen: Endpoint = file
+        .listen
+        .clone()
+        .unwrap_or_else(|| format!("127.0.0.1:{DEFAULT_PORT}"))
+        .parse()
+        .map_err(|e| format!("listen: {}", error_chain(&e)))?;
+    if let Some(p) = &file.psk_file {
+        Psk::from_file(p).map_err(|e| format!("psk_file: {}", error_chain(&e)))?;
+    } else if !listen.is_local_only().unwrap_or(false) {
+        return Err(format!(
+            "listen = {listen} reaches beyond this machine but no psk_file is set: ciod would refuse to start"
+        ));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for s in &specs {
+        if !names.insert(s.name().to_owned()) {
+            return Err(format!("two devices are named {:?}", s.name()));
+        }
+    }
+    println!("{}: valid", path.display());
+    println!(
+        "  listen {listen}, key {}",
+        if file.psk_file.is_some() {
+            "set"
+        } else {
+            "none"
+        }
+    );
+    for s in &specs {
+        let release = policies
+            .iter()
+            .find(|(n, _)| n == s.name())
+            .map_or("clear (default)".to_string(), |(_, r)| r.to_string());
+        println!("  device {:?}: {s:?}, release {release}", s.name());
+    }
+    Ok(())
+}
+
 fn run(args: Args) -> Result<(), String> {
+    if let Some(p) = &args.check_config {
+        return check_config(p);
+    }
     if let Some(Cmd::Probe {
         bdf,
         region,

@@ -61,6 +61,17 @@ pub const CMD_FROM_MEMORY: u64 = 2;
 /// Command flag: raise MSI 0 when done.
 pub const CMD_IRQ: u64 = 4;
 
+/// Checks a BAR0 size: a power of two from 4 KiB to [`MAX_SIZE`].
+pub fn check_size(size: u64) -> Result<(), String> {
+    if size.is_power_of_two() && (4096..=MAX_SIZE).contains(&size) {
+        Ok(())
+    } else {
+        Err(format!(
+            "memory BAR size {size:#x} must be a power of two from 4 KiB to {MAX_SIZE:#x}"
+        ))
+    }
+}
+
 /// The emulated memory function.
 #[derive(Debug)]
 pub struct Memory {
@@ -77,11 +88,7 @@ impl Memory {
     /// A memory device served as `name` with a BAR0 of `size` bytes (a power
     /// of two from 4 KiB to [`MAX_SIZE`]).
     pub fn new(name: &str, size: u64) -> Result<Self, DeviceError> {
-        if !size.is_power_of_two() || !(4096..=MAX_SIZE).contains(&size) {
-            return Err(DeviceError::Failed(format!(
-                "memory BAR size {size:#x} must be a power of two from 4 KiB to {MAX_SIZE:#x}"
-            )));
-        }
+        check_size(size).map_err(DeviceError::Failed)?;
         let ram = MmapMut::map_anon(size as usize).map_err(|e| {
             DeviceError::Failed(format!("allocating {size:#x} bytes of BAR memory: {e}"))
         })?;
