@@ -32,6 +32,7 @@ macro_rules! out {
 
 mod bench;
 mod demo;
+mod json;
 
 /// Use PCI and USB devices served by a ciod on another host, as if they were local.
 ///
@@ -53,6 +54,11 @@ struct Args {
     /// File with the pre-shared key the backend requires.
     #[arg(long, global = true, value_name = "FILE")]
     psk_file: Option<PathBuf>,
+
+    /// Print JSON instead of text (list, info, usb list, session show;
+    /// field names in docs/json.md).
+    #[arg(long, global = true)]
+    json: bool,
 
     #[command(subcommand)]
     cmd: Cmd,
@@ -277,10 +283,14 @@ fn run(args: Args) -> Result<(), String> {
         None => None,
     };
     match args.cmd {
-        Cmd::Usb { cmd } => usb_cmd(cmd, psk, args.psk_file.as_deref()),
+        Cmd::Usb { cmd } => usb_cmd(cmd, psk, args.psk_file.as_deref(), args.json),
         Cmd::List { host } => {
             let client = connect(&host, &psk)?;
             let devices = client.list().map_err(|e| error_chain(&e))?;
+            if args.json {
+                outln!("{}", json::device_list(&host, &devices));
+                return Ok(());
+            }
             if devices.is_empty() {
                 outln!("no devices");
             }
@@ -299,7 +309,11 @@ fn run(args: Args) -> Result<(), String> {
         Cmd::Info { host, device } => {
             let client = connect(&host, &psk)?;
             let dev = client.open(&device).map_err(|e| error_chain(&e))?;
-            out!("{}", describe(cio_core::Device::info(&dev)));
+            if args.json {
+                outln!("{}", json::device_info(cio_core::Device::info(&dev)));
+            } else {
+                out!("{}", describe(cio_core::Device::info(&dev)));
+            }
             Ok(())
         }
         Cmd::Demo {
@@ -316,7 +330,7 @@ fn run(args: Args) -> Result<(), String> {
             handoff,
         }),
         Cmd::AdoptDemo { ticket } => demo::second_half(&ticket, &psk),
-        Cmd::Session { cmd } => session_cmd(cmd, &psk),
+        Cmd::Session { cmd } => session_cmd(cmd, &psk, args.json),
         Cmd::VfioUser {
             host,
             device,
@@ -555,10 +569,14 @@ fn bench(
     Ok(())
 }
 
-fn session_cmd(cmd: SessionCmd, psk: &Option<Psk>) -> Result<(), String> {
+fn session_cmd(cmd: SessionCmd, psk: &Option<Psk>, as_json: bool) -> Result<(), String> {
     match cmd {
         SessionCmd::Show { ticket } => {
             let t = cio_frontend::Ticket::load(&ticket).map_err(|e| error_chain(&e))?;
+            if as_json {
+                outln!("{}", json::ticket(&t));
+                return Ok(());
+            }
             outln!("backend:  {}", t.endpoint);
             outln!("session:  {:#x}", t.session);
             let left = t.expires.duration_since(std::time::SystemTime::now());
@@ -657,6 +675,7 @@ fn usb_cmd(
     cmd: UsbCmd,
     psk: Option<Psk>,
     psk_file: Option<&std::path::Path>,
+    as_json: bool,
 ) -> Result<(), String> {
     let opts = ClientOptions {
         psk,
@@ -668,6 +687,10 @@ fn usb_cmd(
         UsbCmd::List { source: s } => {
             let src = source(&s)?;
             let devices = usb::list(&src, &opts).map_err(e)?;
+            if as_json {
+                outln!("{}", json::usb_devices(&s, &devices));
+                return Ok(());
+            }
             outln!("Exportable USB devices at {src}");
             outln!("======================");
             if devices.is_empty() {
