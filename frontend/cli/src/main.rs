@@ -33,6 +33,7 @@ macro_rules! out {
 mod bench;
 mod demo;
 mod json;
+mod regs;
 
 /// Use PCI and USB devices served by a ciod on another host, as if they were local.
 ///
@@ -42,6 +43,8 @@ mod json;
 ///   cio demo                      # self-contained: embedded ciod + emulated edu
 ///   cio demo --handoff            # ... and the session moves to a second process
 ///   cio session show TICKET       # what a handoff ticket hands on
+///   cio read 127.0.0.1 edu0 bar0 factorial   # a register, by name or offset
+///   cio dump 127.0.0.1 mem0 bar0 --len 256
 ///   cio list 127.0.0.1
 ///   cio info 127.0.0.1 edu0
 ///   cio --psk-file key list 192.0.2.10:7451
@@ -97,6 +100,63 @@ enum Cmd {
         /// Hand the session to a second cio process halfway through.
         #[arg(long)]
         handoff: bool,
+    },
+    /// Read one register: REGION is 0-5 / bar0-bar5 / config, OFFSET a
+    /// number or a register name from the device's hw profile.
+    ///
+    /// Each cio command is a session of its own: when it ends the device is
+    /// released, and reset if it has a reset (`cio info` says), so a value
+    /// written by one `cio write` is gone for the next `cio read` on such a
+    /// device. Sequences that must keep state belong in one program (the
+    /// library) or a resumable session.
+    ///
+    /// Example: cio read 127.0.0.1 edu0 bar0 factorial
+    Read {
+        /// Backend address.
+        host: String,
+        /// Device name.
+        device: String,
+        /// Region.
+        region: String,
+        /// Offset (decimal, 0x hex) or register name.
+        offset: String,
+        /// Access width in bytes (1, 2, 4, 8) [default: the register's, else 4].
+        width: Option<usize>,
+    },
+    /// Write one register (posted, then a round trip that reports an error).
+    ///
+    /// Example: cio write 127.0.0.1 edu0 bar0 factorial 10
+    Write {
+        /// Backend address.
+        host: String,
+        /// Device name.
+        device: String,
+        /// Region.
+        region: String,
+        /// Offset (decimal, 0x hex) or register name.
+        offset: String,
+        /// Value (decimal or 0x hex).
+        value: String,
+        /// Access width in bytes (1, 2, 4, 8) [default: the register's, else 4].
+        width: Option<usize>,
+    },
+    /// Dump a region (or part of it) as hex, or raw to a file.
+    Dump {
+        /// Backend address.
+        host: String,
+        /// Device name.
+        device: String,
+        /// Region.
+        region: String,
+        /// First byte.
+        #[arg(long, default_value = "0", value_parser = regs::number)]
+        offset: u64,
+        /// Bytes [default: to the end of the region].
+        #[arg(long, value_parser = regs::number)]
+        len: Option<u64>,
+        /// Write the raw bytes to FILE instead.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
     /// Handoff tickets (written by a program that called
     /// `Client::suspend`, or by `cio demo --handoff`).
@@ -331,6 +391,50 @@ fn run(args: Args) -> Result<(), String> {
         }),
         Cmd::AdoptDemo { ticket } => demo::second_half(&ticket, &psk),
         Cmd::Session { cmd } => session_cmd(cmd, &psk, args.json),
+        Cmd::Read {
+            host,
+            device,
+            region,
+            offset,
+            width,
+        } => {
+            let client = connect(&host, &psk)?;
+            let mut dev = client.open(&device).map_err(|e| error_chain(&e))?;
+            outln!("{}", regs::read(&mut dev, &region, &offset, width)?);
+            Ok(())
+        }
+        Cmd::Write {
+            host,
+            device,
+            region,
+            offset,
+            value,
+            width,
+        } => {
+            let client = connect(&host, &psk)?;
+            let mut dev = client.open(&device).map_err(|e| error_chain(&e))?;
+            outln!(
+                "{}",
+                regs::write(&mut dev, &region, &offset, &value, width)?
+            );
+            Ok(())
+        }
+        Cmd::Dump {
+            host,
+            device,
+            region,
+            offset,
+            len,
+            out,
+        } => {
+            let client = connect(&host, &psk)?;
+            let mut dev = client.open(&device).map_err(|e| error_chain(&e))?;
+            outln!(
+                "{}",
+                regs::dump(&mut dev, &region, offset, len, out.as_deref())?
+            );
+            Ok(())
+        }
         Cmd::VfioUser {
             host,
             device,

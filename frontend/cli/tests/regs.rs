@@ -1,0 +1,112 @@
+//! `cio read`, `cio write`, `cio dump` against a running backend.
+
+use std::process::Command;
+
+use cio_backend::models::{Edu, Memory};
+use cio_backend::{Limits, Server, ServerConfig, ServerHandle};
+
+fn cio(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cio"))
+        .args(args)
+        .output()
+        .expect("running cio");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn backend() -> ServerHandle {
+    Server::bind(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        psk: None,
+        devices: vec![
+            Box::new(Edu::new("edu0")),
+            Box::new(Memory::new("mem0", 1 << 16).unwrap()),
+        ],
+        limits: Limits::default(),
+        usb: Default::default(),
+    })
+    .unwrap()
+    .spawn()
+    .unwrap()
+}
+
+#[test]
+fn registers_by_offset_and_name_and_clear_refusals() {
+    let s = backend();
+    let h = s.endpoint().to_string();
+    let (ok, out) = cio(&["read", &h, "edu0", "bar0", "0"]);
+    assert!(ok && out.contains("bar0+0x0 (id) = 0x010000ed"), "{out}");
+    let (ok, out) = cio(&["read", &h, "edu0", "0", "id"]);
+    assert!(ok && out.contains("= 0x010000ed"), "{out}");
+    let (ok, out) = cio(&["read", &h, "edu0", "config", "0", "2"]);
+    assert!(ok && out.contains("config+0x0 = 0x1234"), "{out}");
+    let (ok, out) = cio(&["write", &h, "edu0", "bar0", "liveness", "0x5"]);
+    assert!(
+        ok && out.contains("bar0+0x4 (liveness) <- 0x00000005"),
+        "{out}"
+    );
+    let (ok, out) = cio(&[
+        "write",
+        &h,
+        "mem0",
+        "bar0",
+        "0x10",
+        "0x1122334455667788",
+        "8",
+    ]);
+    assert!(ok, "{out}");
+    for (args, want) in [
+        (
+            vec!["read", &h, "edu0", "bar0", "0", "2"],
+            "accepted widths: 4, 8",
+        ),
+        (
+            vec!["read", &h, "edu0", "bar0", "nope"],
+            "no register \"nope\"",
+        ),
+        (
+            vec!["read", &h, "edu0", "bar0", "0x100000"],
+            "past the end of region 0",
+        ),
+        (vec!["read", &h, "edu0", "bar9", "0"], "no region"),
+        (vec!["read", &h, "edu0", "rom", "0"], "give 0-5"),
+        (
+            vec!["write", &h, "edu0", "bar0", "0", "0x1_0000_0000"],
+            "does not fit in 4 bytes",
+        ),
+        (
+            vec!["read", &h, "edu0", "bar0", "0", "3"],
+            "give 1, 2, 4 or 8",
+        ),
+        (vec!["read", &h, "nodev", "bar0", "0"], "no device named"),
+    ] {
+        let (ok, out) = cio(&args);
+        assert!(!ok, "{args:?} passed: {out}");
+        assert!(out.contains(want), "{args:?}: expected {want:?} in {out}");
+    }
+}
+
+#[test]
+fn dumps_as_hex_and_raw() {
+    let s = backend();
+    let h = s.endpoint().to_string();
+    let (ok, out) = cio(&["dump", &h, "edu0", "bar0", "--len", "16"]);
+    assert!(ok, "{out}");
+    // The identification register, little-endian, then liveness (0).
+    assert!(
+        out.starts_with("00000000: ed 00 00 01 00 00 00 00"),
+        "{out}"
+    );
+    let file = std::env::temp_dir().join(format!("cio-dump-{}", std::process::id()));
+    let f = file.to_str().unwrap();
+    let (ok, out) = cio(&[
+        "dump", &h, "mem0", "bar0", "--offset", "0x100", "--len", "4096", "--out", f,
+    ]);
+    assert!(ok && out.contains("4096 bytes"), "{out}");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 4096);
+    std::fs::remove_file(&file).unwrap();
+    // The whole (64 KiB) region when no length is given.
+    let (ok, out) = cio(&["dump", &h, "mem0", "bar0"]);
+    assert!(ok && out.lines().count() == 4096, "{}", out.lines().count());
+}
