@@ -58,11 +58,6 @@ struct Args {
     #[arg(long, global = true, value_name = "FILE")]
     psk_file: Option<PathBuf>,
 
-    /// Print JSON instead of text (list, info, usb list, session show;
-    /// field names in docs/json.md).
-    #[arg(long, global = true)]
-    json: bool,
-
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -73,6 +68,9 @@ enum Cmd {
     List {
         /// Backend address.
         host: String,
+        /// Print JSON instead of text (fields in docs/json.md).
+        #[arg(long)]
+        json: bool,
     },
     /// Describe one device: ids, regions, interrupts, named registers.
     Info {
@@ -80,6 +78,9 @@ enum Cmd {
         host: String,
         /// Device name (from `cio list`).
         device: String,
+        /// Print JSON instead of text (fields in docs/json.md).
+        #[arg(long)]
+        json: bool,
     },
     /// Drive an edu through the real TCP path: factorials, interrupts, DMA
     /// round trip, reset. Without HOST it starts an embedded backend with
@@ -250,6 +251,9 @@ enum UsbCmd {
     List {
         /// ciod address or usbip://HOST[:PORT].
         source: String,
+        /// Print JSON instead of text (fields in docs/json.md).
+        #[arg(long)]
+        json: bool,
     },
     /// Attach a device of SOURCE to this host (needs root and vhci-hcd).
     /// With a ciod it stays in the foreground carrying the device and exits
@@ -291,6 +295,9 @@ enum SessionCmd {
     Show {
         /// Ticket file.
         ticket: PathBuf,
+        /// Print JSON instead of text (fields in docs/json.md).
+        #[arg(long)]
+        json: bool,
     },
     /// Adopt the session and end it at once: its devices are released
     /// (reset) now instead of when the ticket expires.
@@ -343,11 +350,14 @@ fn run(args: Args) -> Result<(), String> {
         None => None,
     };
     match args.cmd {
-        Cmd::Usb { cmd } => usb_cmd(cmd, psk, args.psk_file.as_deref(), args.json),
-        Cmd::List { host } => {
+        Cmd::Usb { cmd } => usb_cmd(cmd, psk, args.psk_file.as_deref()),
+        Cmd::List {
+            host,
+            json: as_json,
+        } => {
             let client = connect(&host, &psk)?;
             let devices = client.list().map_err(|e| error_chain(&e))?;
-            if args.json {
+            if as_json {
                 outln!("{}", json::device_list(&host, &devices));
                 return Ok(());
             }
@@ -366,10 +376,14 @@ fn run(args: Args) -> Result<(), String> {
             }
             Ok(())
         }
-        Cmd::Info { host, device } => {
+        Cmd::Info {
+            host,
+            device,
+            json: as_json,
+        } => {
             let client = connect(&host, &psk)?;
             let dev = client.open(&device).map_err(|e| error_chain(&e))?;
-            if args.json {
+            if as_json {
                 outln!("{}", json::device_info(cio_core::Device::info(&dev)));
             } else {
                 out!("{}", describe(cio_core::Device::info(&dev)));
@@ -390,7 +404,7 @@ fn run(args: Args) -> Result<(), String> {
             handoff,
         }),
         Cmd::AdoptDemo { ticket } => demo::second_half(&ticket, &psk),
-        Cmd::Session { cmd } => session_cmd(cmd, &psk, args.json),
+        Cmd::Session { cmd } => session_cmd(cmd, &psk),
         Cmd::Read {
             host,
             device,
@@ -673,9 +687,12 @@ fn bench(
     Ok(())
 }
 
-fn session_cmd(cmd: SessionCmd, psk: &Option<Psk>, as_json: bool) -> Result<(), String> {
+fn session_cmd(cmd: SessionCmd, psk: &Option<Psk>) -> Result<(), String> {
     match cmd {
-        SessionCmd::Show { ticket } => {
+        SessionCmd::Show {
+            ticket,
+            json: as_json,
+        } => {
             let t = cio_frontend::Ticket::load(&ticket).map_err(|e| error_chain(&e))?;
             if as_json {
                 outln!("{}", json::ticket(&t));
@@ -779,7 +796,6 @@ fn usb_cmd(
     cmd: UsbCmd,
     psk: Option<Psk>,
     psk_file: Option<&std::path::Path>,
-    as_json: bool,
 ) -> Result<(), String> {
     let opts = ClientOptions {
         psk,
@@ -788,7 +804,10 @@ fn usb_cmd(
     let source = |s: &str| s.parse::<UsbSource>();
     let e = |e: usb::UsbError| error_chain(&e);
     match cmd {
-        UsbCmd::List { source: s } => {
+        UsbCmd::List {
+            source: s,
+            json: as_json,
+        } => {
             let src = source(&s)?;
             let devices = usb::list(&src, &opts).map_err(e)?;
             if as_json {
@@ -909,5 +928,15 @@ fn usb_cmd(
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        super::Args::command().debug_assert();
     }
 }

@@ -10,8 +10,8 @@ use serde_json::Value;
 
 fn cio_json(args: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_cio"))
-        .arg("--json")
         .args(args)
+        .arg("--json")
         .output()
         .expect("running cio");
     assert!(
