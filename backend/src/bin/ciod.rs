@@ -373,3 +373,13 @@ fn run(args: Args) -> Result<(), String> {
     handle.shutdown();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        super::Args::command().debug_assert();
+    }
+}
