@@ -141,6 +141,13 @@ enum Cmd {
         /// Access width in bytes (1, 2, 4, 8) [default: the register's, else 4].
         width: Option<usize>,
     },
+    /// The config header and capability list, decoded (like lspci -vv).
+    Config {
+        /// Backend address.
+        host: String,
+        /// Device name.
+        device: String,
+    },
     /// Dump a region (or part of it) as hex, or raw to a file.
     Dump {
         /// Backend address.
@@ -431,6 +438,12 @@ fn run(args: Args) -> Result<(), String> {
                 "{}",
                 regs::write(&mut dev, &region, &offset, &value, width)?
             );
+            Ok(())
+        }
+        Cmd::Config { host, device } => {
+            let client = connect(&host, &psk)?;
+            let mut dev = client.open(&device).map_err(|e| error_chain(&e))?;
+            outln!("{}", regs::config(&mut dev)?);
             Ok(())
         }
         Cmd::Dump {

@@ -205,3 +205,111 @@ pub fn dump(
     }
     Ok(s.trim_end().to_string())
 }
+
+/// `cio config`: the config header and the capability list, decoded as
+/// `lspci -vv` does (for the parts cio knows).
+pub fn config(dev: &mut RemoteDevice) -> Result<String, String> {
+    let size = dev
+        .info()
+        .region(CONFIG_REGION)
+        .map_or(256, |r| r.size.min(256)) as usize;
+    let mut c = vec![0u8; size];
+    for (i, chunk) in c.chunks_mut(4).enumerate() {
+        dev.read(CONFIG_REGION, 4 * i as u64, chunk)
+            .map_err(|e| error_chain(&e))?;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([c[o], c[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes([c[o], c[o + 1], c[o + 2], c[o + 3]]);
+    let bit = |v: u16, b: u16, name: &str| format!("{name}{}", if v & b != 0 { "+" } else { "-" });
+    let cmd = u16_at(0x04);
+    let status = u16_at(0x06);
+    let mut s = String::new();
+    let mut line = |t: String| {
+        s.push_str(&t);
+        s.push('\n');
+    };
+    line(format!(
+        "{}: {:04x}:{:04x} (rev {:02x}) class {:02x}{:02x}{:02x}, header type {:#04x}",
+        dev.info().name,
+        u16_at(0),
+        u16_at(2),
+        c[0x08],
+        c[0x0b],
+        c[0x0a],
+        c[0x09],
+        c[0x0e]
+    ));
+    line(format!(
+        "\tControl: {} {} {} {}",
+        bit(cmd, 0x1, "I/O"),
+        bit(cmd, 0x2, "Mem"),
+        bit(cmd, 0x4, "BusMaster"),
+        bit(cmd, 0x400, "DisINTx")
+    ));
+    line(format!(
+        "\tStatus: {} {}",
+        bit(status, 0x10, "Cap"),
+        bit(status, 0x8, "INTx")
+    ));
+    if c[0x0e] & 0x7f == 0 {
+        for i in 0..6 {
+            let v = u32_at(0x10 + 4 * i);
+            if v != 0 {
+                line(format!("\tBAR{i}: {v:#010x}"));
+            }
+        }
+        line(format!(
+            "\tSubsystem: {:04x}:{:04x}",
+            u16_at(0x2c),
+            u16_at(0x2e)
+        ));
+    }
+    if c[0x3d] != 0 {
+        line(format!(
+            "\tInterrupt: pin {}, line {}",
+            (b'A' + c[0x3d] - 1) as char,
+            c[0x3c]
+        ));
+    }
+    if status & 0x10 == 0 {
+        line("\tCapabilities: none".into());
+        return Ok(s.trim_end().to_string());
+    }
+    let mut at = (c[0x34] & !3) as usize;
+    let mut seen = 0;
+    while at >= 0x40 && at + 2 <= size && seen < 48 {
+        seen += 1;
+        let (id, next) = (c[at], (c[at + 1] & !3) as usize);
+        let what = match id {
+            0x01 => format!("Power Management version {}", u16_at(at + 2) & 7),
+            0x05 => {
+                let ctl = u16_at(at + 2);
+                format!(
+                    "MSI: Enable{} Count={}/{} 64bit{}",
+                    if ctl & 1 != 0 { "+" } else { "-" },
+                    1 << ((ctl >> 4) & 7),
+                    1 << ((ctl >> 1) & 7),
+                    if ctl & 0x80 != 0 { "+" } else { "-" }
+                )
+            }
+            0x09 => "Vendor Specific".into(),
+            0x10 => format!("Express (v{})", u16_at(at + 2) & 0xf),
+            0x11 => {
+                let ctl = u16_at(at + 2);
+                format!(
+                    "MSI-X: Enable{} Count={} Masked{}",
+                    if ctl & 0x8000 != 0 { "+" } else { "-" },
+                    (ctl & 0x7ff) + 1,
+                    if ctl & 0x4000 != 0 { "+" } else { "-" }
+                )
+            }
+            other => format!("capability {other:#04x}"),
+        };
+        line(format!("\tCapabilities: [{at:02x}] {what}"));
+        if next == 0 || next == at {
+            break;
+        }
+        at = next;
+    }
+    Ok(s.trim_end().to_string())
+}

@@ -110,3 +110,24 @@ fn dumps_as_hex_and_raw() {
     let (ok, out) = cio(&["dump", &h, "mem0", "bar0"]);
     assert!(ok && out.lines().count() == 4096, "{}", out.lines().count());
 }
+
+#[test]
+fn config_space_decoded() {
+    let s = backend();
+    let h = s.endpoint().to_string();
+    let (ok, out) = cio(&["config", &h, "edu0"]);
+    assert!(ok, "{out}");
+    for want in [
+        "edu0: 1234:11e8 (rev 10) class 00ff00",
+        "Subsystem: 1af4:1100",
+        "Interrupt: pin A",
+        "Capabilities: [40] MSI: Enable- Count=1/1 64bit+",
+    ] {
+        assert!(out.contains(want), "{want:?} in {out}");
+    }
+    let (ok, out) = cio(&["config", &h, "mem0"]);
+    assert!(
+        ok && out.contains("BAR0: 0x0000000c"),
+        "64-bit prefetchable BAR0: {out}"
+    );
+}
