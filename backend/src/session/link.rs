@@ -2,9 +2,9 @@
 //! partial frame being received, and what the poll loop knows about it.
 
 use std::io;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use cio_transports::{Conn, FrameReader, Received, Resolve};
+use cio_transports::{Conn, FrameReader, OutQueue, Received, Resolve};
 
 /// A session's connection.
 pub(crate) struct Link {
@@ -52,4 +52,13 @@ impl Link {
         }
         Ok(got)
     }
+}
+
+/// Writes everything `out` holds to `conn`, blocking for at most `wait`
+/// each time the socket is full: for the last frames on a connection, or
+/// the ones that must be out before anything else happens on it.
+pub(crate) fn flush_blocking(out: &mut OutQueue, conn: &Conn, wait: Duration) -> io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_write_timeout(Some(wait))?;
+    out.write_to(conn, Some(wait)).map(|_| ())
 }

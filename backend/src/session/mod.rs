@@ -52,7 +52,7 @@ use admission::Admission;
 pub use admission::LogGate;
 use devices::{Devices, Handled, Outbox, IRQ_BASE};
 use handshake::{State, Step};
-use link::Link;
+use link::{flush_blocking, Link};
 use usb::{UsbRelay, USB};
 
 /// Per-session and per-server limits.
@@ -461,12 +461,7 @@ impl Session {
         };
         self.out.push(&msg, 0);
         if let Some(link) = &self.link {
-            let wait = Some(Duration::from_millis(200));
-            let _ = link
-                .conn
-                .set_nonblocking(false)
-                .and_then(|()| link.conn.set_write_timeout(wait))
-                .and_then(|()| self.out.write_to(&link.conn, wait));
+            let _ = flush_blocking(&mut self.out, &link.conn, Duration::from_millis(200));
             let _ = link.conn.shutdown();
         }
     }
@@ -825,15 +820,10 @@ impl Session {
             mac,
         };
         hs.push(&resumed, 0);
-        let wait = Some(Duration::from_secs(5));
         // Counted before the client can see `Resumed`.
         self.shared.counters.resumes.fetch_add(1, Ordering::Relaxed);
-        let registered = h
-            .conn
-            .set_nonblocking(false)
-            .and_then(|()| h.conn.set_write_timeout(wait))
-            .and_then(|()| hs.write_to(&h.conn, wait))
-            .and_then(|_| h.conn.set_nonblocking(true))
+        let registered = flush_blocking(&mut hs, &h.conn, Duration::from_secs(5))
+            .and_then(|()| h.conn.set_nonblocking(true))
             .and_then(|()| {
                 self.poll.registry().register(
                     &mut SourceFd(&h.conn.as_raw_fd()),
@@ -1209,12 +1199,7 @@ impl Session {
         r.suspended = Some(self.out.next_seq() - 1);
         // The client reads the ticket before the link goes.
         if let Some(link) = &self.link {
-            let wait = Some(Duration::from_secs(2));
-            let _ = link
-                .conn
-                .set_nonblocking(false)
-                .and_then(|()| link.conn.set_write_timeout(wait))
-                .and_then(|()| self.out.write_to(&link.conn, wait));
+            let _ = flush_blocking(&mut self.out, &link.conn, Duration::from_secs(2));
         }
         info!(session = %self.hex(), ttl = ?ttl, "suspended for a handoff");
         self.park("suspended for a handoff".into());
@@ -1242,12 +1227,7 @@ impl Session {
             .registry()
             .deregister(&mut SourceFd(&link.conn.as_raw_fd()));
         // `Welcome` must be out before the session writes `Resumed`.
-        let wait = Some(Duration::from_secs(1));
-        let flushed = link
-            .conn
-            .set_nonblocking(false)
-            .and_then(|()| link.conn.set_write_timeout(wait))
-            .and_then(|()| self.out.write_to(&link.conn, wait));
+        let flushed = flush_blocking(&mut self.out, &link.conn, Duration::from_secs(1));
         if let Err(e) = flushed {
             return End::clean(format!("resuming session {target:#x}: {e}"));
         }
@@ -1287,9 +1267,8 @@ impl Session {
         // Best effort: let the peer read why we ended.
         if let Some(link) = &self.link {
             let conn = &link.conn;
-            if !self.out.is_empty() && conn.set_nonblocking(false).is_ok() {
-                let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
-                let _ = self.out.write_to(conn, Some(Duration::from_secs(1)));
+            if !self.out.is_empty() {
+                let _ = flush_blocking(&mut self.out, conn, Duration::from_secs(1));
             }
             let _ = conn.shutdown();
         }

@@ -18,6 +18,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use tracing::{info, warn};
 
+use super::link::flush_blocking;
 use super::{End, ReqError, Shared};
 use crate::usb::{UsbError, UsbExport};
 
@@ -148,10 +149,7 @@ pub(crate) fn import_direct(
         },
         seq,
     );
-    let sent = conn
-        .set_nonblocking(false)
-        .and_then(|()| conn.set_write_timeout(Some(Duration::from_secs(5))))
-        .and_then(|()| out.write_to(conn, Some(Duration::from_secs(5))).map(|_| ()));
+    let sent = flush_blocking(out, conn, Duration::from_secs(5));
     if sent.is_err() {
         // The client never learns of the import: end it now.
         export.hang_up();
