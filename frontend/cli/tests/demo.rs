@@ -1,34 +1,10 @@
 //! `cio demo` as a user runs it: embedded, against a running backend, and
 //! with the session handed to a second process.
 
-use std::process::Command;
+mod common;
 
-use cio_backend::models::Edu;
-use cio_backend::{Limits, Server, ServerConfig, ServerHandle};
 use cio_transports::Psk;
-
-fn cio(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_cio"))
-        .args(args)
-        .output()
-        .expect("running cio");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
-}
-
-fn backend(psk: Option<Psk>) -> ServerHandle {
-    Server::bind(ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        psk,
-        devices: vec![Box::new(Edu::new("edu0"))],
-        limits: Limits::default(),
-        usb: Default::default(),
-    })
-    .unwrap()
-    .spawn()
-    .unwrap()
-}
+use common::{backend, cio};
 
 #[test]
 fn the_embedded_demo_hands_its_session_to_a_second_process() {

@@ -1,19 +1,14 @@
 //! `--json` output parses and carries the documented fields.
 
-use std::process::Command;
+mod common;
+
 use std::sync::Arc;
 
-use cio_backend::models::{Edu, Memory};
-use cio_backend::usb::{CdcAcmEcho, UsbProvider};
-use cio_backend::{Limits, Server, ServerConfig, ServerHandle};
 use serde_json::Value;
 
 fn cio_json(args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_cio"))
-        .args(args)
-        .arg("--json")
-        .output()
-        .expect("running cio");
+    let args: Vec<&str> = args.iter().copied().chain(["--json"]).collect();
+    let out = common::run(&args);
     assert!(
         out.status.success(),
         "{}",
@@ -22,25 +17,9 @@ fn cio_json(args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("one JSON document")
 }
 
-fn backend() -> ServerHandle {
-    Server::bind(ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        psk: None,
-        devices: vec![
-            Box::new(Edu::new("edu0")),
-            Box::new(Memory::new("mem0", 1 << 20).unwrap()),
-        ],
-        limits: Limits::default(),
-        usb: Arc::new(UsbProvider::new(vec![], vec![Arc::new(CdcAcmEcho)])),
-    })
-    .unwrap()
-    .spawn()
-    .unwrap()
-}
-
 #[test]
 fn listings_and_descriptions_as_json() {
-    let s = backend();
+    let s = common::backend(None);
     let host = s.endpoint().to_string();
     let list = cio_json(&["list", &host]);
     let names: Vec<&str> = list["devices"]
@@ -82,7 +61,7 @@ fn listings_and_descriptions_as_json() {
 #[test]
 fn a_ticket_as_json() {
     use cio_core::{Device, DmaDir, DmaRegion};
-    let s = backend();
+    let s = common::backend(None);
     let c = cio_frontend::Client::connect(s.endpoint(), Default::default()).unwrap();
     let mut d = c.open("mem0").unwrap();
     d.dma_map(Arc::new(

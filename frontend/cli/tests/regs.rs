@@ -1,39 +1,12 @@
 //! `cio read`, `cio write`, `cio dump` against a running backend.
 
-use std::process::Command;
+mod common;
 
-use cio_backend::models::{Edu, Memory};
-use cio_backend::{Limits, Server, ServerConfig, ServerHandle};
-
-fn cio(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_cio"))
-        .args(args)
-        .output()
-        .expect("running cio");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
-}
-
-fn backend() -> ServerHandle {
-    Server::bind(ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        psk: None,
-        devices: vec![
-            Box::new(Edu::new("edu0")),
-            Box::new(Memory::new("mem0", 1 << 16).unwrap()),
-        ],
-        limits: Limits::default(),
-        usb: Default::default(),
-    })
-    .unwrap()
-    .spawn()
-    .unwrap()
-}
+use common::cio;
 
 #[test]
 fn registers_by_offset_and_name_and_clear_refusals() {
-    let s = backend();
+    let s = common::backend(None);
     let h = s.endpoint().to_string();
     let (ok, out) = cio(&["read", &h, "edu0", "bar0", "0"]);
     assert!(ok && out.contains("bar0+0x0 (id) = 0x010000ed"), "{out}");
@@ -89,7 +62,7 @@ fn registers_by_offset_and_name_and_clear_refusals() {
 
 #[test]
 fn dumps_as_hex_and_raw() {
-    let s = backend();
+    let s = common::backend(None);
     let h = s.endpoint().to_string();
     let (ok, out) = cio(&["dump", &h, "edu0", "bar0", "--len", "16"]);
     assert!(ok, "{out}");
@@ -113,7 +86,7 @@ fn dumps_as_hex_and_raw() {
 
 #[test]
 fn config_space_decoded() {
-    let s = backend();
+    let s = common::backend(None);
     let h = s.endpoint().to_string();
     let (ok, out) = cio(&["config", &h, "edu0"]);
     assert!(ok, "{out}");
