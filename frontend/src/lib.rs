@@ -10,5 +10,5 @@ mod remote;
 pub mod usb;
 pub mod vfio_user;
 
-pub use client::{Client, ClientError, ClientOptions, Ticket, TicketDeviceInfo};
+pub use client::{Client, ClientError, ClientOptions, Ticket, TicketDevice};
 pub use remote::RemoteDevice;

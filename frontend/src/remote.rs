@@ -25,7 +25,7 @@ use crate::client::{lock, ClientError, Shared, Target};
 pub struct RemoteDevice {
     shared: Arc<Shared>,
     handle: u32,
-    info: DeviceInfo,
+    /// Its description (`target.info`), mappings and interrupt routes.
     target: Arc<Target>,
     /// Registers whose writes start device work (from the hw profile):
     /// those writes are sent at once instead of being batched.
@@ -33,12 +33,8 @@ pub struct RemoteDevice {
 }
 
 impl RemoteDevice {
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        handle: u32,
-        info: DeviceInfo,
-        target: Arc<Target>,
-    ) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, handle: u32, target: Arc<Target>) -> Self {
+        let info = &target.info;
         let doorbells = cio_hw_profiles::Profile::builtin_for(info.vendor, info.device)
             .map(|p| {
                 p.bars
@@ -55,7 +51,6 @@ impl RemoteDevice {
         Self {
             shared,
             handle,
-            info,
             target,
             doorbells,
         }
@@ -102,11 +97,13 @@ impl RemoteDevice {
 
 impl Device for RemoteDevice {
     fn info(&self) -> &DeviceInfo {
-        &self.info
+        &self.target.info
     }
 
     fn read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
-        self.info.check_access(region, offset, data.len(), false)?;
+        self.target
+            .info
+            .check_access(region, offset, data.len(), false)?;
         let msg = Message::RegionRead {
             handle: self.handle,
             region,
@@ -128,7 +125,9 @@ impl Device for RemoteDevice {
     }
 
     fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
-        self.info.check_access(region, offset, data.len(), true)?;
+        self.target
+            .info
+            .check_access(region, offset, data.len(), true)?;
         let urgent = self.doorbells.contains(&(region, offset));
         Ok(self
             .shared
@@ -144,7 +143,8 @@ impl Device for RemoteDevice {
             IrqAction::Enable
         };
         let end = start.saturating_add(count);
-        if self.info.irq_count(kind) == 0 || end > self.info.irq_count(kind) {
+        let n = self.target.info.irq_count(kind);
+        if n == 0 || end > n {
             return Err(DeviceError::NoIrq { kind, start, end });
         }
         let clones = fds

@@ -97,7 +97,7 @@ fn an_adopter_continues_the_session_with_nothing_reset_and_memory_brought_over()
     std::fs::remove_file(&dir).unwrap();
     let devs = loaded.devices();
     assert_eq!(
-        (devs.len(), devs[0].handle, devs[0].name.as_str()),
+        (devs.len(), devs[0].handle, devs[0].info.name.as_str()),
         (1, 1, "mem0")
     );
     assert_eq!(devs[0].mappings.len(), 2);

@@ -459,7 +459,11 @@ fn nvme_session_handed_to_another_process_and_resumed_across_cuts() {
     // 2. Adopted by this process.
     let ticket = Ticket::load(&ticket_path).unwrap();
     assert!(!ticket.expired());
-    let names: Vec<_> = ticket.devices().into_iter().map(|d| d.name).collect();
+    let names: Vec<_> = ticket
+        .devices()
+        .iter()
+        .map(|d| d.info.name.clone())
+        .collect();
     assert_eq!(names, ["vnvme0"]);
     let t = Instant::now();
     let (client, mut devs) =

@@ -135,7 +135,7 @@ pub fn ticket(t: &Ticket) -> Value {
         .unwrap_or_default();
     let devices: Vec<Value> = t
         .devices()
-        .into_iter()
+        .iter()
         .map(|d| {
             let mappings: Vec<Value> = d
                 .mappings
@@ -147,7 +147,7 @@ pub fn ticket(t: &Ticket) -> Value {
                 .iter()
                 .map(|&(k, v)| json!({ "kind": irq_kind(k), "vector": v }))
                 .collect();
-            json!({ "handle": d.handle, "name": d.name, "mappings": mappings, "irqs": irqs })
+            json!({ "handle": d.handle, "name": d.info.name, "mappings": mappings, "irqs": irqs })
         })
         .collect();
     json!({

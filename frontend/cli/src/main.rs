@@ -719,11 +719,11 @@ fn session_cmd(cmd: SessionCmd, psk: &Option<Psk>) -> Result<(), String> {
                 Err(e) => outln!("expires:  expired {:.0}s ago", e.duration().as_secs_f64()),
             }
             for d in t.devices() {
-                outln!("device:   {} (handle {})", d.name, d.handle);
-                for (iova, len, dir) in d.mappings {
+                outln!("device:   {} (handle {})", d.info.name, d.handle);
+                for (iova, len, dir) in &d.mappings {
                     outln!("  dma     {iova:#x}+{len:#x} {dir:?}");
                 }
-                for (kind, vector) in d.irqs {
+                for (kind, vector) in &d.irqs {
                     outln!("  irq     {kind} {vector}");
                 }
             }

@@ -37,20 +37,11 @@ pub struct Ticket {
 
 /// One open device of a suspended session.
 #[derive(Debug, Clone)]
-pub(crate) struct TicketDevice {
-    pub(crate) handle: u32,
-    pub(crate) info: DeviceInfo,
-    pub(crate) mappings: Vec<(u64, u64, DmaDir)>,
-    pub(crate) irqs: Vec<(IrqKind, u32)>,
-}
-
-/// One device a ticket hands on, as [`Ticket::devices`] shows it.
-#[derive(Debug, Clone)]
-pub struct TicketDeviceInfo {
+pub struct TicketDevice {
     /// The backend's handle.
     pub handle: u32,
-    /// Device name.
-    pub name: String,
+    /// Its description, as the backend sent it.
+    pub info: DeviceInfo,
     /// DMA mappings: IOVA, length, direction.
     pub mappings: Vec<(u64, u64, DmaDir)>,
     /// Interrupt routes: kind and vector.
@@ -115,16 +106,8 @@ fn unhex(s: &str) -> Result<Vec<u8>, ClientError> {
 
 impl Ticket {
     /// What it hands on, device by device.
-    pub fn devices(&self) -> Vec<TicketDeviceInfo> {
-        self.devices
-            .iter()
-            .map(|d| TicketDeviceInfo {
-                handle: d.handle,
-                name: d.info.name.clone(),
-                mappings: d.mappings.clone(),
-                irqs: d.irqs.clone(),
-            })
-            .collect()
+    pub fn devices(&self) -> &[TicketDevice] {
+        &self.devices
     }
 
     /// True once the backend no longer keeps the session.

@@ -25,7 +25,7 @@ use cio_core::DeviceError;
 use cio_transports::{Conn, Endpoint, Psk};
 
 use crate::remote::RemoteDevice;
-pub use handoff::{Ticket, TicketDeviceInfo};
+pub use handoff::{Ticket, TicketDevice};
 pub(crate) use handshake::{handshake, read_frame, Handshake};
 pub(crate) use link::Inner;
 pub(crate) use target::{lock, Target};
@@ -268,14 +268,9 @@ impl Client {
                 )))
             }
         };
-        let target = Arc::new(Target::new(info.clone()));
+        let target = Arc::new(Target::new(info));
         lock(&self.shared.inner.targets).insert(handle, Arc::clone(&target));
-        Ok(RemoteDevice::new(
-            Arc::clone(&self.shared),
-            handle,
-            info,
-            target,
-        ))
+        Ok(RemoteDevice::new(Arc::clone(&self.shared), handle, target))
     }
 
     /// Hands the session on: the backend keeps it (devices untouched,
@@ -403,7 +398,7 @@ impl Client {
                     .inner
                     .target(d.handle)
                     .expect("inserted above");
-                RemoteDevice::new(Arc::clone(&client.shared), d.handle, d.info.clone(), target)
+                RemoteDevice::new(Arc::clone(&client.shared), d.handle, target)
             })
             .collect();
         Ok((client, devices))
