@@ -418,6 +418,15 @@ pub trait Device: Send {
         Ok(())
     }
 
+    /// True when the device DMAs from a copy of the mapped memory kept
+    /// elsewhere (a device on another host), false when it reads and writes
+    /// the mapped memory itself. A server handing the device memory whose
+    /// owner writes it without telling (a VM's RAM) gives a copying device a
+    /// [`DmaRegion::mirror_fd`] and the others [`DmaRegion::map_fd`].
+    fn dma_is_copied(&self) -> bool {
+        false
+    }
+
     /// Called by a server before an access that may start device work: a
     /// device that DMAs from its own copy of the mapped memory brings that
     /// copy up to date with what was applied to the mappings.

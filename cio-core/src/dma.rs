@@ -7,7 +7,17 @@
 //! locally; at the ordering points the dirty pages travel to the other side
 //! and are applied there with [`DmaRegion::apply`], which does not mark them
 //! dirty again. Cost therefore follows dirty bytes, not mapped bytes.
+//!
+//! Memory can also come from someone else, through an fd (a VM's RAM that
+//! QEMU's vfio-user client shares): [`DmaRegion::map_fd`] uses it in place,
+//! for a device in the same process; [`DmaRegion::mirror_fd`] keeps a copy of
+//! it for a device that DMAs from its own copy on another host. The owner
+//! writes its memory without telling anyone, so a mirror finds the owner's
+//! changes by comparing page by page ([`DmaRegion::refresh`]) at the points
+//! where the device may look, and writes the other side's data through to
+//! the owner's memory as it arrives.
 
+use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use memmap2::MmapMut;
@@ -69,6 +79,17 @@ pub enum DmaError {
     Alloc {
         /// Requested size.
         len: u64,
+        /// What mmap said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Memory shared through an fd could not be mapped.
+    #[error("mapping {len:#x} bytes at offset {offset:#x} of a shared memory fd")]
+    MapFd {
+        /// Requested size.
+        len: u64,
+        /// Offset in the fd.
+        offset: u64,
         /// What mmap said.
         #[source]
         source: std::io::Error,
@@ -202,7 +223,10 @@ impl Pages {
 
 #[derive(Debug)]
 struct Inner {
+    /// The region's bytes: what was last exchanged with the other side.
     mem: MmapMut,
+    /// For a mirror, the owner's memory that `mem` copies.
+    owner: Option<MmapMut>,
     /// Pages changed locally since the last sync (to send).
     dirty: Pages,
     /// Pages received from the other side since a device last took them
@@ -226,20 +250,98 @@ impl DmaRegion {
     /// [`PAGE_SIZE`]; memory is committed lazily, as it is touched.
     pub fn new(iova: u64, len: u64, dir: DmaDir) -> Result<Self, DmaError> {
         check_range(iova, len)?;
-        let mem =
-            MmapMut::map_anon(len as usize).map_err(|source| DmaError::Alloc { len, source })?;
+        Ok(Self::with_memory(iova, len, dir, anon(len)?, None))
+    }
+
+    /// Uses `len` bytes of the shared memory `fd` at `offset` in place (for a
+    /// device in this process, which then reads and writes the owner's memory
+    /// directly). The fd may be closed afterwards.
+    pub fn map_fd(
+        iova: u64,
+        len: u64,
+        dir: DmaDir,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+    ) -> Result<Self, DmaError> {
+        check_range(iova, len)?;
+        Ok(Self::with_memory(
+            iova,
+            len,
+            dir,
+            map_fd(fd, offset, len)?,
+            None,
+        ))
+    }
+
+    /// A copy of `len` bytes of the shared memory `fd` at `offset`, for a
+    /// device that DMAs from its own copy elsewhere. The copy starts zeroed,
+    /// as the other side's does: [`refresh`](Self::refresh) finds what the
+    /// owner wrote. Whatever the other side sends is written to the copy and
+    /// through to the owner's memory. The fd may be closed afterwards.
+    pub fn mirror_fd(
+        iova: u64,
+        len: u64,
+        dir: DmaDir,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+    ) -> Result<Self, DmaError> {
+        check_range(iova, len)?;
+        let owner = map_fd(fd, offset, len)?;
+        Ok(Self::with_memory(iova, len, dir, anon(len)?, Some(owner)))
+    }
+
+    fn with_memory(iova: u64, len: u64, dir: DmaDir, mem: MmapMut, owner: Option<MmapMut>) -> Self {
         let pages = len / PAGE_SIZE;
-        Ok(Self {
+        Self {
             iova,
             len,
             dir,
             inner: Mutex::new(Inner {
                 mem,
+                owner,
                 dirty: Pages::new(pages),
                 applied: Pages::new(pages),
                 written: Pages::new(pages),
             }),
-        })
+        }
+    }
+
+    /// True for a [`mirror_fd`](Self::mirror_fd) region.
+    pub fn is_mirror(&self) -> bool {
+        self.lock().owner.is_some()
+    }
+
+    /// For a mirror the device reads from: copies the pages in which the
+    /// owner's memory differs from the copy into the copy and marks them
+    /// dirty (to send), returning how many there were. 0 for other regions.
+    /// The cost is one comparison of the whole region.
+    pub fn refresh(&self) -> usize {
+        if !self.dir.device_reads() {
+            return 0;
+        }
+        let mut g = self.lock();
+        let Inner {
+            mem,
+            owner,
+            dirty,
+            written,
+            ..
+        } = &mut *g;
+        let Some(owner) = owner else {
+            return 0;
+        };
+        let p = PAGE_SIZE as usize;
+        let mut changed = 0;
+        for (i, (copy, theirs)) in mem.chunks_mut(p).zip(owner.chunks(p)).enumerate() {
+            if copy != theirs {
+                copy.copy_from_slice(theirs);
+                let off = i as u64 * PAGE_SIZE;
+                dirty.mark(off, PAGE_SIZE);
+                written.mark(off, PAGE_SIZE);
+                changed += 1;
+            }
+        }
+        changed
     }
 
     /// First IOVA.
@@ -323,6 +425,10 @@ impl DmaRegion {
         let mut g = self.lock();
         let o = offset as usize;
         let r = f(&mut g.mem[o..o + len]);
+        let g = &mut *g;
+        if let Some(owner) = &mut g.owner {
+            owner[o..o + len].copy_from_slice(&g.mem[o..o + len]);
+        }
         g.written.mark(offset, len as u64);
         if mark {
             g.dirty.mark(offset, len as u64);
@@ -429,6 +535,18 @@ impl DmaRegion {
     pub fn take_all_dirty(&self, max_run: usize) -> Vec<DirtyRun> {
         self.take_dirty(0, self.len, max_run)
     }
+}
+
+fn anon(len: u64) -> Result<MmapMut, DmaError> {
+    MmapMut::map_anon(len as usize).map_err(|source| DmaError::Alloc { len, source })
+}
+
+fn map_fd(fd: BorrowedFd<'_>, offset: u64, len: u64) -> Result<MmapMut, DmaError> {
+    crate::sys::map_shared(fd, offset, len as usize).map_err(|source| DmaError::MapFd {
+        len,
+        offset,
+        source,
+    })
 }
 
 fn check_range(iova: u64, len: u64) -> Result<(), DmaError> {
@@ -543,6 +661,115 @@ impl DmaSpace {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileExt;
+
+    /// A file standing in for a VM's shared RAM, removed when dropped.
+    struct SharedFile(std::fs::File, std::path::PathBuf);
+
+    impl SharedFile {
+        fn new(len: u64) -> Self {
+            let path = std::env::temp_dir().join(format!(
+                "cio-dma-test-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .unwrap();
+            f.set_len(len).unwrap();
+            SharedFile(f, path)
+        }
+    }
+
+    impl Drop for SharedFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.1);
+        }
+    }
+
+    #[test]
+    fn map_fd_uses_the_owners_memory_in_place() {
+        let f = SharedFile::new(4 * PAGE_SIZE);
+        f.0.write_all_at(b"guest", PAGE_SIZE + 8).unwrap();
+        let r = DmaRegion::map_fd(
+            0x10000,
+            2 * PAGE_SIZE,
+            DmaDir::Bidirectional,
+            f.0.as_fd(),
+            PAGE_SIZE,
+        )
+        .unwrap();
+        assert!(!r.is_mirror());
+        let mut buf = [0u8; 5];
+        r.read(8, &mut buf).unwrap();
+        assert_eq!(&buf, b"guest");
+        r.write(PAGE_SIZE, b"device").unwrap();
+        let mut back = [0u8; 6];
+        f.0.read_exact_at(&mut back, 2 * PAGE_SIZE).unwrap();
+        assert_eq!(&back, b"device");
+        assert_eq!(r.refresh(), 0, "in place: nothing to compare");
+    }
+
+    #[test]
+    fn mirror_finds_owner_changes_by_page_and_writes_the_other_side_through() {
+        let f = SharedFile::new(8 * PAGE_SIZE);
+        f.0.write_all_at(&[7; 10], 3 * PAGE_SIZE - 5).unwrap(); // pages 2 and 3
+        let r =
+            DmaRegion::mirror_fd(0, 8 * PAGE_SIZE, DmaDir::Bidirectional, f.0.as_fd(), 0).unwrap();
+        assert!(r.is_mirror());
+        // The copy starts zeroed, like the other side's.
+        let mut b = [1u8; 1];
+        r.read(3 * PAGE_SIZE - 5, &mut b).unwrap();
+        assert_eq!(b, [0]);
+        assert_eq!(r.refresh(), 2);
+        let p = PAGE_SIZE as usize;
+        assert_eq!(
+            r.take_dirty_runs(0, r.len(), 1 << 20),
+            [(2 * PAGE_SIZE, 2 * p)]
+        );
+        r.read(3 * PAGE_SIZE - 5, &mut b).unwrap();
+        assert_eq!(b, [7]);
+        assert_eq!(r.refresh(), 0, "nothing changed since");
+        // Data from the other side reaches the owner and is not sent back.
+        r.apply(6 * PAGE_SIZE, b"done").unwrap();
+        let mut back = [0u8; 4];
+        f.0.read_exact_at(&mut back, 6 * PAGE_SIZE).unwrap();
+        assert_eq!(&back, b"done");
+        assert_eq!(r.refresh(), 0);
+        assert_eq!(r.dirty_pages(), 0);
+        // The owner changing one byte of a page sends that page.
+        f.0.write_all_at(&[9], 6 * PAGE_SIZE + 1).unwrap();
+        assert_eq!(r.refresh(), 1);
+        assert_eq!(r.take_dirty_runs(0, r.len(), 1 << 20), [(6 * PAGE_SIZE, p)]);
+    }
+
+    #[test]
+    fn a_mirror_the_device_only_writes_is_never_compared() {
+        let f = SharedFile::new(PAGE_SIZE);
+        f.0.write_all_at(&[1], 0).unwrap();
+        let r = DmaRegion::mirror_fd(0, PAGE_SIZE, DmaDir::FromDevice, f.0.as_fd(), 0).unwrap();
+        assert_eq!(r.refresh(), 0);
+    }
+
+    #[test]
+    fn map_fd_past_the_end_of_the_fd_fails_cleanly() {
+        let f = SharedFile::new(PAGE_SIZE);
+        // mmap itself accepts a range past the end of a file (touching it
+        // would be SIGBUS), so the check is ours.
+        for offset in [1, PAGE_SIZE, u64::MAX - 10] {
+            let e =
+                DmaRegion::map_fd(0, PAGE_SIZE, DmaDir::ToDevice, f.0.as_fd(), offset).unwrap_err();
+            assert!(matches!(e, DmaError::MapFd { .. }), "{e}");
+        }
+        let e =
+            DmaRegion::mirror_fd(0, 2 * PAGE_SIZE, DmaDir::ToDevice, f.0.as_fd(), 0).unwrap_err();
+        assert!(matches!(e, DmaError::MapFd { .. }), "{e}");
+    }
 
     #[test]
     fn written_runs_cover_pages_either_side_wrote_and_survive_syncs() {

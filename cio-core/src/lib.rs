@@ -5,6 +5,7 @@
 
 pub mod device;
 pub mod dma;
+mod sys;
 pub mod usbip;
 pub mod wire;
 

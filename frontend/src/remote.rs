@@ -202,6 +202,10 @@ impl Device for RemoteDevice {
         Ok(lock(&self.target.dma).remove(iova)?)
     }
 
+    fn dma_is_copied(&self) -> bool {
+        true
+    }
+
     fn sync_for_device(&mut self, iova: u64, len: u64) -> Result<(), DeviceError> {
         Ok(self
             .shared

@@ -10,13 +10,26 @@
 //! of 9 regions and 5 IRQ indexes), DEVICE_GET_REGION_INFO (no mmap),
 //! DEVICE_GET_IRQ_INFO, DEVICE_SET_IRQS with eventfds, REGION_READ,
 //! REGION_WRITE (posted when the client asks for no reply),
-//! REGION_WRITE_MULTI, DEVICE_RESET, and DMA_MAP/DMA_UNMAP of ranges
-//! *without* an fd, which are only recorded.
+//! REGION_WRITE_MULTI, DEVICE_RESET, and DMA_MAP/DMA_UNMAP.
 //!
-//! Not yet: DMA itself. A DMA_MAP carrying an fd (fd-backed guest RAM) is
-//! refused with `ENOTSUP`, and the server never sends DMA_READ/DMA_WRITE,
-//! so a device that DMAs does not reach guest memory; that is the next
-//! step. No migration, no dirty bitmaps, no software-triggered interrupts.
+//! DMA: a DMA_MAP with an fd (guest RAM QEMU shares, e.g. with
+//! `memory-backend-memfd,share=on`) is mapped and given to the device. A
+//! device in this process uses the memory in place; a device that DMAs from
+//! a copy on another host ([`Device::dma_is_copied`], a `RemoteDevice`) gets
+//! a mirror, and since the guest writes its RAM without telling anyone, the
+//! mirrors the device reads are compared page by page with guest memory
+//! before every access that reaches the device (a doorbell, a read, a
+//! reset): the changed pages travel ahead of the access. The device's
+//! writes are written through to guest memory as they arrive, which is
+//! before the interrupt or read reply that follows them. Unmapping a range
+//! (with a vIOMMU in the guest, the end of each streaming mapping) brings
+//! the device's last writes to it first. So the cost follows what is mapped
+//! at a time: small with a vIOMMU (`intel-iommu,caching-mode=on`: rings and
+//! in-flight buffers), all of guest RAM without one.
+//!
+//! Not yet: ranges mapped *without* an fd are only recorded (the server
+//! never sends DMA_READ/DMA_WRITE), so a device DMAing to them fails. No
+//! migration, no dirty bitmaps, no software-triggered interrupts.
 //!
 //! Malformed input never ends the process: a request whose header is
 //! intact gets an error reply (its fds are closed) and the next one is
@@ -26,12 +39,13 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use cio_core::{Device, DeviceError, IrqKind};
+use cio_core::{Device, DeviceError, DmaDir, DmaRegion, IrqKind};
 use nix::errno::Errno;
 use tracing::{debug, info, warn};
 
@@ -243,13 +257,17 @@ impl Drop for Server {
     }
 }
 
-/// A recorded DMA range: end (exclusive) and `DMA_MAP_FLAG_*`.
-#[derive(Debug, Clone, Copy)]
+/// A mapped DMA range: its end (exclusive) and, for a range mapped with an
+/// fd, the memory the device was given.
+#[derive(Debug)]
 struct DmaRange {
     end: u64,
-    #[allow(dead_code)] // kept for the fd-backed step
-    flags: u32,
+    region: Option<Arc<DmaRegion>>,
 }
+
+/// A mirror larger than this is worth a warning: it is compared at every
+/// access (the guest has no vIOMMU, so all its RAM is one mapping).
+const LARGE_MIRROR: u64 = 256 << 20;
 
 struct Connection<'a> {
     stream: UnixStream,
@@ -487,8 +505,12 @@ impl Connection<'_> {
             Request::DeviceGetRegionInfo { index, .. } => self.region_info(index),
             Request::DeviceGetIrqInfo { index, .. } => self.irq_info(index),
             Request::DeviceSetIrqs(s) => self.set_irqs(s, fds),
-            Request::RegionRead(a) => self.region_read(a),
+            Request::RegionRead(a) => {
+                self.refresh_dma();
+                self.region_read(a)
+            }
             Request::RegionWrite(d) => {
+                self.refresh_dma();
                 self.region_write(d.region, d.offset, &d.data)?;
                 Ok(Reply::RegionWrite(RegionAccess {
                     offset: d.offset,
@@ -496,20 +518,15 @@ impl Connection<'_> {
                     count: d.data.len() as u32,
                 }))
             }
-            Request::RegionWriteMulti(wrs) => self.write_multi(&wrs),
+            Request::RegionWriteMulti(wrs) => {
+                self.refresh_dma();
+                self.write_multi(&wrs)
+            }
             Request::DeviceReset => match self.device.reset() {
                 Ok(()) => Ok(Reply::DeviceReset),
                 Err(e) => dev_fail("reset", e),
             },
-            Request::DmaMap(m) => {
-                if !fds.is_empty() {
-                    return fail(
-                        Errno::ENOTSUP,
-                        "fd-backed DMA_MAP is not supported yet (only ranges without an fd)",
-                    );
-                }
-                self.dma_map(m)
-            }
+            Request::DmaMap(m) => self.dma_map(m, fds.into_iter().next()),
             Request::DmaUnmap(u) => self.dma_unmap(u),
             Request::DmaRead(_) | Request::DmaWrite(_) => {
                 fail(Errno::EINVAL, format!("{command} is server-to-client"))
@@ -744,7 +761,22 @@ impl Connection<'_> {
         Ok(parts)
     }
 
-    fn dma_map(&mut self, m: DmaMap) -> Handled {
+    /// Brings the mirrors the device reads up to date with guest memory
+    /// (the changed pages go to the device ahead of the next access).
+    fn refresh_dma(&mut self) {
+        let mut pages = 0;
+        for r in self.dma.values().filter_map(|r| r.region.as_ref()) {
+            pages += r.refresh();
+        }
+        if pages > 0 {
+            debug!(
+                pages,
+                "vfio-user: guest pages changed since the last access"
+            );
+        }
+    }
+
+    fn dma_map(&mut self, m: DmaMap, fd: Option<OwnedFd>) -> Handled {
         let page = wire::DEFAULT_PGSIZES;
         let Some(end) = m.address.checked_add(m.size).filter(|_| m.size > 0) else {
             return fail(Errno::EINVAL, "DMA range is empty or wraps");
@@ -766,19 +798,81 @@ impl Connection<'_> {
                 );
             }
         }
+        let region = match fd {
+            Some(fd) => Some(self.map_fd(&m, &fd)?),
+            None => {
+                debug!(
+                    address = m.address,
+                    size = m.size,
+                    "vfio-user: DMA range without an fd recorded"
+                );
+                None
+            }
+        };
+        self.dma.insert(m.address, DmaRange { end, region });
+        Ok(Reply::DmaMap)
+    }
+
+    /// Maps the guest memory of a DMA_MAP with an fd and gives it to the
+    /// device.
+    fn map_fd(&mut self, m: &DmaMap, fd: &OwnedFd) -> Result<Arc<DmaRegion>, (u32, String)> {
+        let dir = match (
+            m.flags & wire::DMA_MAP_FLAG_READ != 0,
+            m.flags & wire::DMA_MAP_FLAG_WRITE != 0,
+        ) {
+            (true, true) => DmaDir::Bidirectional,
+            (true, false) => DmaDir::ToDevice,
+            (false, true) => DmaDir::FromDevice,
+            (false, false) => return fail(Errno::EINVAL, "DMA_MAP allows neither read nor write"),
+        };
+        let copied = self.device.dma_is_copied();
+        let made = if copied {
+            DmaRegion::mirror_fd(m.address, m.size, dir, fd.as_fd(), m.offset)
+        } else {
+            DmaRegion::map_fd(m.address, m.size, dir, fd.as_fd(), m.offset)
+        };
+        let region = match made {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                return fail(
+                    Errno::EINVAL,
+                    format!("DMA_MAP: {}", cio_core::error_chain(&e)),
+                )
+            }
+        };
+        if let Err(e) = self.device.dma_map(Arc::clone(&region)) {
+            return dev_fail("DMA_MAP", e);
+        }
+        if copied && dir.device_reads() && m.size >= LARGE_MIRROR {
+            warn!(
+                size = m.size,
+                "vfio-user: a large DMA mapping is compared with guest memory at every \
+                 device access; give the guest a vIOMMU (intel-iommu,caching-mode=on) \
+                 so that only what the driver maps is"
+            );
+        }
         debug!(
             address = m.address,
             size = m.size,
-            "vfio-user: DMA range recorded"
+            ?dir,
+            mirror = copied,
+            "vfio-user: guest memory mapped for DMA"
         );
-        self.dma.insert(
-            m.address,
-            DmaRange {
-                end,
-                flags: m.flags,
-            },
-        );
-        Ok(Reply::DmaMap)
+        Ok(region)
+    }
+
+    /// Takes the range at `start` away from the device (which sends its last
+    /// writes to it first) and forgets it.
+    fn unmap_range(&mut self, start: u64) -> Result<(), (u32, String)> {
+        let Some(range) = self.dma.remove(&start) else {
+            return Ok(());
+        };
+        if range.region.is_some() {
+            if let Err(e) = self.device.dma_unmap(start) {
+                return dev_fail("DMA_UNMAP", e);
+            }
+        }
+        Ok(())
     }
 
     fn dma_unmap(&mut self, u: DmaUnmap) -> Handled {
@@ -786,7 +880,10 @@ impl Connection<'_> {
             return fail(Errno::ENOTSUP, "dirty bitmaps are not supported");
         }
         if u.flags & wire::DMA_UNMAP_FLAG_ALL != 0 {
-            self.dma.clear();
+            let all: Vec<u64> = self.dma.keys().copied().collect();
+            for s in all {
+                self.unmap_range(s)?;
+            }
         } else {
             let end = u.address.saturating_add(u.size);
             let inside: Vec<u64> = self
@@ -801,7 +898,7 @@ impl Connection<'_> {
                 }
             }
             for s in inside {
-                self.dma.remove(&s);
+                self.unmap_range(s)?;
             }
         }
         Ok(Reply::DmaUnmap(DmaUnmap { bitmap: None, ..u }))
@@ -819,7 +916,12 @@ impl Connection<'_> {
         if let Err(e) = self.device.flush() {
             warn!("vfio-user: posted writes: {}", cio_core::error_chain(&e));
         }
-        self.dma.clear();
+        let all: Vec<u64> = self.dma.keys().copied().collect();
+        for s in all {
+            if let Err((_, why)) = self.unmap_range(s) {
+                warn!("vfio-user: {why}");
+            }
+        }
     }
 }
 
