@@ -40,6 +40,88 @@ pub fn rig() -> Option<PathBuf> {
     None
 }
 
+/// QEMU 11 (the first with a vfio-user client), which the rig links as
+/// `qemu11` (qemu-tests/qemu11.sh builds it). Panics if it is missing.
+pub fn qemu11(rig: &std::path::Path) -> PathBuf {
+    let q = rig.join("qemu11");
+    assert!(
+        q.exists(),
+        "{} is missing: rebuild the rig with qemu-tests/rig.sh",
+        q.display()
+    );
+    q
+}
+
+/// A static binary of the rig (`cio` or `ciod`, the ones in the guests),
+/// which runs on the host as well.
+pub fn rig_binary(rig: &std::path::Path, name: &str) -> PathBuf {
+    let b = rig.join(name);
+    assert!(b.is_file(), "{} is missing: rebuild the rig", b.display());
+    b
+}
+
+/// A child process killed (and reaped) when dropped: a server a test
+/// started.
+#[derive(Debug)]
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cio vfio-user ARGS --socket SOCK` from the rig with its log in
+/// `log`, and waits until it listens.
+pub fn vfio_user_server(
+    rig: &std::path::Path,
+    args: &[&str],
+    sock: &std::path::Path,
+    log: &std::path::Path,
+) -> Killed {
+    let child = Command::new(rig_binary(rig, "cio"))
+        .arg("vfio-user")
+        .args(args)
+        .arg("--socket")
+        .arg(sock)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("server log"))
+        .spawn()
+        .expect("starting cio vfio-user");
+    let server = Killed(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "cio vfio-user did not listen:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server
+}
+
+/// The `-device` value of QEMU 11's vfio-user client on `sock`, at PCI slot
+/// `addr`, with a reply timeout fit for a device on another host.
+pub fn vfio_user_device(sock: &std::path::Path, addr: u8) -> String {
+    format!(
+        "{{\"driver\":\"vfio-user-pci\",\"socket\":{{\"type\":\"unix\",\"path\":\"{}\"}},\"addr\":\"{addr:#x}\",\"x-msg-timeout\":60000}}",
+        sock.display()
+    )
+}
+
+/// QEMU arguments giving a guest of the harness's 512 MiB RAM shared by
+/// memfd, as a vfio-user server needs for DMA.
+pub const SHARED_RAM: [&str; 4] = [
+    "-object",
+    "memory-backend-memfd,id=mem,size=512M,share=on",
+    "-machine",
+    "memory-backend=mem",
+];
+
 /// A running guest. Dropping it kills QEMU; if the test is failing, the
 /// console is printed first.
 #[derive(Debug)]
@@ -116,9 +198,25 @@ impl Guest {
     /// Like [`boot`](Self::boot) with raw QEMU arguments and words added
     /// to the kernel command line (`cio.test=usb` runs the USB scenario).
     pub fn boot_with(rig: &std::path::Path, qemu_args: &[&str], cmdline: &str) -> Self {
+        Self::boot_qemu(
+            std::path::Path::new("qemu-system-x86_64"),
+            rig,
+            qemu_args,
+            cmdline,
+        )
+    }
+
+    /// Like [`boot_with`](Self::boot_with) with another QEMU binary (e.g.
+    /// [`qemu11`]).
+    pub fn boot_qemu(
+        qemu: &std::path::Path,
+        rig: &std::path::Path,
+        qemu_args: &[&str],
+        cmdline: &str,
+    ) -> Self {
         let port = free_port();
         let key = format!("qemu-test-key-{port}-0123456789abcdef");
-        let mut cmd = Command::new("qemu-system-x86_64");
+        let mut cmd = Command::new(qemu);
         cmd.args([
             "-machine",
             "q35,kernel-irqchip=split",
@@ -148,7 +246,7 @@ impl Guest {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("starting qemu-system-x86_64");
+            .unwrap_or_else(|e| panic!("starting {}: {e}", qemu.display()));
         let console = Arc::new(Mutex::new(String::new()));
         for stream in [
             Box::new(child.stdout.take().expect("piped")) as Box<dyn std::io::Read + Send>,

@@ -168,6 +168,21 @@ impl ConfigSpace {
         u16::from_le_bytes([self.bytes[0x04], self.bytes[0x05]])
     }
 
+    /// True when the driver set Interrupt Disable (command bit 10): the
+    /// function must not assert INTx.
+    pub fn intx_disabled(&self) -> bool {
+        self.command() & 0x0400 != 0
+    }
+
+    /// Sets the status register's Interrupt Status bit (3), which tells
+    /// whether the function asserts INTx, whatever Interrupt Disable says:
+    /// drivers that mask INTx with the command register (Linux's vfio-pci,
+    /// uio_pci_generic) read it to tell their interrupt from a neighbour's.
+    pub fn set_intx_status(&mut self, asserted: bool) {
+        let st = &mut self.bytes[0x06];
+        *st = if asserted { *st | 0x08 } else { *st & !0x08 };
+    }
+
     /// Sets the MSI enable bit, as VFIO does when MSI is routed.
     pub fn set_msi_enabled(&mut self, on: bool) {
         if self.has_msi {
@@ -220,6 +235,21 @@ mod tests {
         c.write(0x10, &[0xff; 4]);
         assert_eq!(r32(&c, 0x10), 0xfff0_0000, "1 MiB BAR sizing mask");
         assert_eq!(r32(&c, 0x08), 0x00ff_0010, "class and revision");
+    }
+
+    #[test]
+    fn interrupt_status_bit_follows_the_line_and_is_read_only() {
+        let mut c = cfg();
+        assert_eq!(r32(&c, 0x04) >> 16 & 0x08, 0);
+        c.set_intx_status(true);
+        assert_eq!(r32(&c, 0x04) >> 16 & 0x08, 0x08);
+        c.write(0x06, &[0, 0]);
+        assert_eq!(r32(&c, 0x04) >> 16 & 0x08, 0x08, "not writable");
+        c.set_intx_status(false);
+        assert_eq!(r32(&c, 0x04) >> 16 & 0x08, 0);
+        assert!(!c.intx_disabled());
+        c.write(0x04, &0x0400u16.to_le_bytes());
+        assert!(c.intx_disabled());
     }
 
     #[test]

@@ -123,20 +123,25 @@ impl Edu {
 
     fn raise_irq(&mut self, val: u32) {
         self.irq_status |= val;
-        if self.irq_status != 0 {
-            if self.irqs.msi_enabled() {
-                self.irqs.msi_notify(0);
-            } else {
-                self.irqs.set_intx_level(true);
-            }
+        if self.irq_status != 0 && self.irqs.msi_enabled() {
+            self.irqs.msi_notify(0);
         }
+        self.update_intx();
     }
 
     fn lower_irq(&mut self, val: u32) {
         self.irq_status &= !val;
-        if self.irq_status == 0 && !self.irqs.msi_enabled() {
-            self.irqs.set_intx_level(false);
-        }
+        self.update_intx();
+    }
+
+    /// INTx follows the interrupt status while MSI is off, as in QEMU's
+    /// edu; the status register shows it, Interrupt Disable keeps it off
+    /// the line.
+    fn update_intx(&mut self) {
+        let asserted = self.irq_status != 0 && !self.irqs.msi_enabled();
+        self.config.set_intx_status(asserted);
+        self.irqs
+            .set_intx_level(asserted && !self.config.intx_disabled());
     }
 
     fn mmio_read(&self, addr: u64, size: usize) -> u64 {
@@ -252,6 +257,8 @@ impl Device for Edu {
         self.info.check_access(region, offset, data.len(), true)?;
         if region == CONFIG_REGION {
             self.config.write(offset, data);
+            // Interrupt Disable may have changed.
+            self.update_intx();
             return Ok(());
         }
         let mut v = [0u8; 8];

@@ -220,11 +220,18 @@ enum Cmd {
     /// (QEMU 10.1+: -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"PATH"}}').
     ///
     /// DEVICE of the ciod at HOST, or with --emulate a model in this
-    /// process. Serves one client and exits when it disconnects. DMA is not
-    /// served yet (DMA_MAP with an fd is refused).
+    /// process. Serves one client and exits when it disconnects.
+    ///
+    /// DMA needs guest RAM shared by fd and is cheapest with a vIOMMU in the
+    /// guest (only what its driver maps is compared with the device's copy):
+    ///   -object memory-backend-memfd,id=mem,size=1G,share=on
+    ///   -machine q35,memory-backend=mem -device intel-iommu,caching-mode=on
+    /// A remote device answers slower than a local one and its link may be
+    /// resumed underneath: raise the client's reply timeout (QEMU:
+    /// x-msg-timeout=MILLISECONDS, default 5000) above cio's resume time.
     ///
     /// Examples:
-    ///   cio vfio-user 192.0.2.10 edu0 --socket /tmp/edu.sock
+    ///   cio vfio-user 192.0.2.10 vnvme0 --socket /tmp/nvme.sock
     ///   cio vfio-user --emulate edu --socket /tmp/edu.sock
     #[command(verbatim_doc_comment)]
     VfioUser {

@@ -234,6 +234,7 @@ impl Server {
             negotiated: false,
             dma: BTreeMap::new(),
             served: Served::default(),
+            warned_large: false,
         };
         let result = conn.run();
         conn.release();
@@ -277,6 +278,9 @@ struct Connection<'a> {
     negotiated: bool,
     dma: BTreeMap<u64, DmaRange>,
     served: Served,
+    /// A large mirror was warned about (once per connection: QEMU maps
+    /// all of RAM several times while the guest boots).
+    warned_large: bool,
 }
 
 /// An errno for an error reply.
@@ -450,7 +454,7 @@ impl Connection<'_> {
                 if no_reply {
                     warn!("vfio-user: posted command {} failed: {why}", header.command);
                 } else {
-                    debug!("vfio-user: command {} failed: {why}", header.command);
+                    info!("vfio-user: command {} failed: {why}", header.command);
                 }
                 Body::ErrorReply {
                     command: header.command,
@@ -843,12 +847,14 @@ impl Connection<'_> {
         if let Err(e) = self.device.dma_map(Arc::clone(&region)) {
             return dev_fail("DMA_MAP", e);
         }
-        if copied && dir.device_reads() && m.size >= LARGE_MIRROR {
+        if copied && dir.device_reads() && m.size >= LARGE_MIRROR && !self.warned_large {
+            self.warned_large = true;
             warn!(
                 size = m.size,
-                "vfio-user: a large DMA mapping is compared with guest memory at every \
-                 device access; give the guest a vIOMMU (intel-iommu,caching-mode=on) \
-                 so that only what the driver maps is"
+                "vfio-user: a large DMA mapping (all of guest RAM?) is compared with guest \
+                 memory at every device access; with a vIOMMU in the guest \
+                 (intel-iommu,caching-mode=on) that lasts only until its kernel enables it, \
+                 without one it stays so"
             );
         }
         debug!(
