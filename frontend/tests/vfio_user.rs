@@ -459,58 +459,56 @@ fn dma_with_shared_guest_memory(c: &mut TestClient) {
     assert_eq!(c.read32(BAR0, 0), edu::ID);
 }
 
+/// Serves an emulated edu to one test client that `walk` drives.
+fn on_emulated_edu(walk: fn(&mut TestClient)) -> Served {
+    let (path, h) = start(Box::new(Edu::new("edu0")), 1);
+    let mut c = TestClient::connect(&path);
+    walk(&mut c);
+    drop(c);
+    h.join().unwrap().remove(0)
+}
+
+/// Serves the edu of a backend, opened over a cio session, to one test
+/// client that `walk` drives; the backend is idle afterwards.
+fn on_remote_edu(walk: fn(&mut TestClient)) -> Served {
+    let s = common::server();
+    let served = {
+        let client = common::connect(s.endpoint());
+        let dev = client.open("edu0").unwrap();
+        let (path, h) = start(Box::new(dev), 1);
+        let mut c = TestClient::connect(&path);
+        walk(&mut c);
+        drop(c);
+        h.join().unwrap().remove(0)
+    };
+    common::assert_idle(&s);
+    served
+}
+
 #[test]
 fn dma_reaches_shared_guest_memory_of_an_emulated_edu() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (path, h) = start(Box::new(Edu::new("edu0")), 1);
-    let mut c = TestClient::connect(&path);
-    dma_with_shared_guest_memory(&mut c);
-    drop(c);
-    h.join().unwrap();
+    on_emulated_edu(dma_with_shared_guest_memory);
 }
 
 #[test]
 fn dma_reaches_shared_guest_memory_of_a_remote_edu() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let s = common::server();
-    {
-        let client = common::connect(s.endpoint());
-        let dev = client.open("edu0").unwrap();
-        let (path, h) = start(Box::new(dev), 1);
-        let mut c = TestClient::connect(&path);
-        dma_with_shared_guest_memory(&mut c);
-        drop(c);
-        h.join().unwrap();
-    }
-    common::assert_idle(&s);
+    on_remote_edu(dma_with_shared_guest_memory);
 }
 
 #[test]
 fn serves_an_emulated_edu() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (path, h) = start(Box::new(Edu::new("edu0")), 1);
-    let mut c = TestClient::connect(&path);
-    drive_edu(&mut c);
-    drop(c);
-    let served = h.join().unwrap();
-    assert_eq!(served[0].errors, 0, "{served:?}");
+    let served = on_emulated_edu(drive_edu);
+    assert_eq!(served.errors, 0, "{served:?}");
 }
 
 #[test]
 fn serves_a_remote_edu_over_a_cio_session() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let s = common::server();
-    {
-        let client = common::connect(s.endpoint());
-        let dev = client.open("edu0").unwrap();
-        let (path, h) = start(Box::new(dev), 1);
-        let mut c = TestClient::connect(&path);
-        drive_edu(&mut c);
-        drop(c);
-        let served = h.join().unwrap();
-        assert_eq!(served[0].errors, 0, "{served:?}");
-    }
-    common::assert_idle(&s);
+    let served = on_remote_edu(drive_edu);
+    assert_eq!(served.errors, 0, "{served:?}");
 }
 
 #[test]
