@@ -1,7 +1,8 @@
 #!/bin/busybox sh
 # Init of the QEMU test guest. Loads the modules, binds every edu
 # (1234:11e8) to vfio-pci, brings up the user-net NIC and starts ciod; or,
-# with cio.test=usb on the kernel command line, runs the USB scenario.
+# with cio.test=usb (or nvme-remote) on the kernel command line, runs that
+# scenario instead.
 # Lines starting with CIO- are read by the harness.
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -17,6 +18,11 @@ ip link set lo up
 case " $(cat /proc/cmdline) " in
     *" cio.test=usb "*)
         . /usb-test.sh
+        echo "CIO-EXIT"
+        poweroff -f
+        ;;
+    *" cio.test=nvme-remote "*)
+        . /nvme-remote-test.sh
         echo "CIO-EXIT"
         poweroff -f
         ;;

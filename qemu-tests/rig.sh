@@ -4,7 +4,8 @@
 #   vmlinuz         Debian bookworm's 6.1 kernel, from the package archive
 #   initramfs.gz    busybox, the kernel modules the tests need, static ciod
 #                   and cio, Debian's usbip/usbipd with their libraries, and
-#                   the init scripts (qemu-tests/guest-init.sh, guest-usb.sh)
+#                   the init scripts (qemu-tests/guest-init.sh, guest-usb.sh,
+#                   guest-nvme-remote.sh)
 #   cio, ciod       the static binaries, for the host side of the tests
 #   qemu11          a link to QEMU 11 (qemu-tests/qemu11.sh, cached outside
 #                   the checkout), for the guests that need vfio-user
@@ -111,10 +112,18 @@ modules=(
     drivers/usb/usbip/usbip-host.ko
     drivers/usb/usbip/vhci-hcd.ko
 )
+# Copied to /modules/extra but not loaded at boot: the guest that needs them
+# loads them (nvme's driver would otherwise claim the nvme that guest A
+# serves through VFIO).
+extra_modules=(
+    drivers/nvme/host/nvme-core.ko
+    drivers/nvme/host/nvme.ko
+)
 
 initrd="$rig/initramfs.gz"
 stamp="$rig/initramfs.inputs"
-inputs=$(sha256sum "$ciod" "$cio" qemu-tests/guest-init.sh qemu-tests/guest-usb.sh qemu-tests/rig.sh \
+inputs=$(sha256sum "$ciod" "$cio" qemu-tests/guest-init.sh qemu-tests/guest-usb.sh \
+    qemu-tests/guest-nvme-remote.sh qemu-tests/rig.sh \
     /usr/sbin/usbip /usr/sbin/usbipd | sha256sum | cut -d' ' -f1)
 if [ -f "$initrd" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$inputs" ]; then
     log "initramfs up to date"
@@ -128,7 +137,8 @@ else
     cp "$cio" "$tree/bin/cio"
     cp qemu-tests/guest-init.sh "$tree/init"
     cp qemu-tests/guest-usb.sh "$tree/usb-test.sh"
-    chmod +x "$tree/init" "$tree/usb-test.sh"
+    cp qemu-tests/guest-nvme-remote.sh "$tree/nvme-remote-test.sh"
+    chmod +x "$tree/init" "$tree/usb-test.sh" "$tree/nvme-remote-test.sh"
     # Debian's usbip tools (the stock client and server) with their
     # libraries at the same paths, and what they read at run time.
     mkdir -p "$tree/usr/sbin" "$tree/usr/share/misc" "$tree/var/run/vhci_hcd"
@@ -153,6 +163,11 @@ else
         loaded="$loaded${name//-/_} "
         cp "$moddir/$m" "$tree/modules/"
         basename "$m" >> "$tree/modules/order"
+    done
+    mkdir -p "$tree/modules/extra"
+    for m in "${extra_modules[@]}"; do
+        [ -f "$moddir/$m" ] || { log "module $m missing from kernel $kver"; exit 1; }
+        cp "$moddir/$m" "$tree/modules/extra/"
     done
     (cd "$tree" && find . | cpio -o -H newc --quiet | gzip -1 > "$initrd.tmp")
     mv "$initrd.tmp" "$initrd"

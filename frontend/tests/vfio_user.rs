@@ -485,6 +485,41 @@ fn on_remote_edu(walk: fn(&mut TestClient)) -> Served {
     served
 }
 
+/// Vectors enabled without fds (QEMU's way of enabling MSI-X before the
+/// guest assigns any) switch the device to MSI, raising into nothing; an
+/// eventfd set afterwards for that vector gets the next raise.
+fn unassigned_then_assigned_vector(c: &mut TestClient) {
+    c.version();
+    let unassigned = Request::DeviceSetIrqs(SetIrqs {
+        argsz: 20,
+        action: IrqAction::Trigger,
+        data: IrqData::Eventfd,
+        index: 1,
+        start: 0,
+        count: 1,
+    });
+    assert_eq!(c.call(unassigned), Ok(Reply::DeviceSetIrqs));
+    // The device uses MSI now: its MSI enable bit is set.
+    let ctl = c.read(CONFIG, 0x40 + 2, 2);
+    let msi_on = ctl.map(|b| b[0] & 1 == 1);
+    c.post32(BAR0, edu::reg::IRQ_RAISE, 1);
+    c.post32(BAR0, edu::reg::IRQ_ACK, 1);
+    let efd = EventFd::new(EFD_NONBLOCK).unwrap();
+    assert_eq!(c.set_irqs(1, &[efd.as_raw_fd()]), Ok(Reply::DeviceSetIrqs));
+    assert!(efd.read().is_err(), "the unassigned raise went nowhere");
+    c.post32(BAR0, edu::reg::IRQ_RAISE, 1);
+    assert!(wait_fired(&efd), "MSI did not reach the eventfd set later");
+    c.post32(BAR0, edu::reg::IRQ_ACK, 1);
+    assert_eq!(msi_on, Ok(true), "MSI enabled by the fd-less SET_IRQS");
+}
+
+#[test]
+fn vectors_enabled_without_fds_are_unassigned_until_set() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    on_emulated_edu(unassigned_then_assigned_vector);
+    on_remote_edu(unassigned_then_assigned_vector);
+}
+
 #[test]
 fn dma_reaches_shared_guest_memory_of_an_emulated_edu() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

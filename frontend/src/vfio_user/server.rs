@@ -36,7 +36,7 @@
 //! served; a stream that cannot be resynchronised (a header whose size is
 //! below 16 bytes, end of stream inside a message) ends the connection.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -45,7 +45,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cio_core::{Device, DeviceError, DmaDir, DmaRegion, IrqKind};
+use cio_core::{Device, DeviceError, DmaDir, DmaRegion, EventFd, IrqKind};
 use nix::errno::Errno;
 use tracing::{debug, info, warn};
 
@@ -235,6 +235,7 @@ impl Server {
             dma: BTreeMap::new(),
             served: Served::default(),
             warned_large: false,
+            vectors: HashMap::new(),
         };
         let result = conn.run();
         conn.release();
@@ -278,6 +279,9 @@ struct Connection<'a> {
     negotiated: bool,
     dma: BTreeMap<u64, DmaRange>,
     served: Served,
+    /// Each interrupt kind's vectors as the client set them (`None`:
+    /// enabled but unassigned).
+    vectors: HashMap<IrqKind, Vec<Option<EventFd>>>,
     /// A large mirror was warned about (once per connection: QEMU maps
     /// all of RAM several times while the guest boots).
     warned_large: bool,
@@ -634,24 +638,23 @@ impl Connection<'_> {
             );
         };
         let r = match (s.action, &s.data) {
-            (IrqAction::Trigger, IrqData::Eventfd) if fds.is_empty() => {
-                self.device.set_irqs(kind, 0, &[])
-            }
+            (IrqAction::Trigger, IrqData::Eventfd) if s.count == 0 => self.route(kind, None),
             (IrqAction::Trigger, IrqData::Eventfd) => {
-                if fds.len() != s.count as usize {
+                // Without fds, the vectors are enabled but unassigned: QEMU
+                // enables MSI-X this way when the guest does (an fd of -1
+                // in VFIO terms), and a device may depend on it (QEMU's
+                // nvme only signals vectors enabled when a queue was made).
+                if !fds.is_empty() && fds.len() != s.count as usize {
                     return fail(
                         Errno::EINVAL,
                         format!("{} eventfds for {} vectors", fds.len(), s.count),
                     );
                 }
-                let fds: Vec<_> = fds.into_iter().map(sys::eventfd).collect();
-                debug!(%kind, start = s.start, count = fds.len(), "vfio-user: routing interrupts");
-                self.device.set_irqs(kind, s.start, &fds)
+                let mut fds = fds.into_iter().map(sys::eventfd);
+                let set = (0..s.count).map(|_| fds.next()).collect();
+                self.route(kind, Some((s.start, set)))
             }
-            (IrqAction::Trigger, IrqData::None) if s.count == 0 => {
-                debug!(%kind, "vfio-user: disabling interrupts");
-                self.device.set_irqs(kind, 0, &[])
-            }
+            (IrqAction::Trigger, IrqData::None) if s.count == 0 => self.route(kind, None),
             (IrqAction::Unmask, IrqData::None) if kind == IrqKind::Intx => {
                 self.device.unmask_intx()
             }
@@ -673,6 +676,54 @@ impl Connection<'_> {
             Ok(()) => Ok(Reply::DeviceSetIrqs),
             Err(e) => dev_fail("set irqs", e),
         }
+    }
+
+    /// Updates the vector table of `kind` (`None`: disables every vector;
+    /// `Some((start, fds))`: sets vectors `start..` to `fds`, `None` for an
+    /// unassigned one) and gives the device the whole table from vector 0,
+    /// unassigned vectors on eventfds of the server's that nobody reads. A
+    /// device is only ever asked for a range from 0, which every `Device`
+    /// supports, while a client may update any part of it.
+    fn route(
+        &mut self,
+        kind: IrqKind,
+        set: Option<(u32, Vec<Option<EventFd>>)>,
+    ) -> Result<(), DeviceError> {
+        let Some((start, fds)) = set else {
+            debug!(%kind, "vfio-user: disabling interrupts");
+            self.vectors.remove(&kind);
+            return self.device.set_irqs(kind, 0, &[]);
+        };
+        let available = self.device.info().irq_count(kind);
+        let end = start.saturating_add(fds.len() as u32);
+        if end > available {
+            return Err(DeviceError::NoIrq { kind, start, end });
+        }
+        let table = self.vectors.entry(kind).or_default();
+        if table.len() < end as usize {
+            table.resize_with(end as usize, || None);
+        }
+        for (slot, fd) in table[start as usize..].iter_mut().zip(fds) {
+            *slot = fd;
+        }
+        let mut routed = Vec::with_capacity(table.len());
+        for fd in table.iter() {
+            routed.push(match fd {
+                Some(fd) => fd
+                    .try_clone()
+                    .map_err(|e| DeviceError::Failed(format!("duplicating eventfd: {e}")))?,
+                None => EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
+                    .map_err(|e| DeviceError::Failed(format!("creating eventfd: {e}")))?,
+            });
+        }
+        debug!(
+            %kind,
+            start,
+            vectors = routed.len(),
+            assigned = table.iter().filter(|f| f.is_some()).count(),
+            "vfio-user: routing interrupts"
+        );
+        self.device.set_irqs(kind, 0, &routed)
     }
 
     fn region_read(&mut self, a: RegionAccess) -> Handled {
@@ -912,6 +963,7 @@ impl Connection<'_> {
 
     /// Leaves the device as the next client should find it.
     fn release(&mut self) {
+        self.vectors.clear();
         for kind in [IrqKind::Intx, IrqKind::Msi, IrqKind::Msix] {
             if self.device.info().irq_count(kind) > 0 {
                 if let Err(e) = self.device.set_irqs(kind, 0, &[]) {
