@@ -18,8 +18,8 @@
 //! a copy on another host ([`Device::dma_is_copied`], a `RemoteDevice`) gets
 //! a mirror, and since the guest writes its RAM without telling anyone, the
 //! mirrors the device reads are compared page by page with guest memory
-//! before every access that reaches the device (a doorbell, a read, a
-//! reset): the changed pages travel ahead of the access. The device's
+//! before every register access that reaches the device (a doorbell, a
+//! read): the changed pages travel ahead of the access. The device's
 //! writes are written through to guest memory as they arrive, which is
 //! before the interrupt or read reply that follows them. Unmapping a range
 //! (with a vIOMMU in the guest, the end of each streaming mapping) brings
@@ -279,9 +279,10 @@ struct Connection<'a> {
     negotiated: bool,
     dma: BTreeMap<u64, DmaRange>,
     served: Served,
-    /// Each interrupt kind's vectors as the client set them (`None`:
-    /// enabled but unassigned).
-    vectors: HashMap<IrqKind, Vec<Option<EventFd>>>,
+    /// Each interrupt kind's vectors as the client set them, from vector 0;
+    /// an enabled but unassigned vector holds an eventfd of the server's
+    /// that nobody reads.
+    vectors: HashMap<IrqKind, Vec<EventFd>>,
     /// A large mirror was warned about (once per connection: QEMU maps
     /// all of RAM several times while the guest boots).
     warned_large: bool,
@@ -638,7 +639,9 @@ impl Connection<'_> {
             );
         };
         let r = match (s.action, &s.data) {
-            (IrqAction::Trigger, IrqData::Eventfd) if s.count == 0 => self.route(kind, None),
+            (IrqAction::Trigger, IrqData::Eventfd | IrqData::None) if s.count == 0 => {
+                self.route(kind, None)
+            }
             (IrqAction::Trigger, IrqData::Eventfd) => {
                 // Without fds, the vectors are enabled but unassigned: QEMU
                 // enables MSI-X this way when the guest does (an fd of -1
@@ -654,7 +657,6 @@ impl Connection<'_> {
                 let set = (0..s.count).map(|_| fds.next()).collect();
                 self.route(kind, Some((s.start, set)))
             }
-            (IrqAction::Trigger, IrqData::None) if s.count == 0 => self.route(kind, None),
             (IrqAction::Unmask, IrqData::None) if kind == IrqKind::Intx => {
                 self.device.unmask_intx()
             }
@@ -680,9 +682,8 @@ impl Connection<'_> {
 
     /// Updates the vector table of `kind` (`None`: disables every vector;
     /// `Some((start, fds))`: sets vectors `start..` to `fds`, `None` for an
-    /// unassigned one) and gives the device the whole table from vector 0,
-    /// unassigned vectors on eventfds of the server's that nobody reads. A
-    /// device is only ever asked for a range from 0, which every `Device`
+    /// unassigned one) and gives the device the whole table from vector 0.
+    /// A device is only ever asked for a range from 0, which every `Device`
     /// supports, while a client may update any part of it.
     fn route(
         &mut self,
@@ -699,31 +700,28 @@ impl Connection<'_> {
         if end > available {
             return Err(DeviceError::NoIrq { kind, start, end });
         }
+        let unassigned = || {
+            EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
+                .map_err(|e| DeviceError::Failed(format!("creating eventfd: {e}")))
+        };
         let table = self.vectors.entry(kind).or_default();
-        if table.len() < end as usize {
-            table.resize_with(end as usize, || None);
+        while table.len() < end as usize {
+            table.push(unassigned()?);
         }
         for (slot, fd) in table[start as usize..].iter_mut().zip(fds) {
-            *slot = fd;
-        }
-        let mut routed = Vec::with_capacity(table.len());
-        for fd in table.iter() {
-            routed.push(match fd {
-                Some(fd) => fd
-                    .try_clone()
-                    .map_err(|e| DeviceError::Failed(format!("duplicating eventfd: {e}")))?,
-                None => EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
-                    .map_err(|e| DeviceError::Failed(format!("creating eventfd: {e}")))?,
-            });
+            *slot = match fd {
+                Some(fd) => fd,
+                None => unassigned()?,
+            };
         }
         debug!(
             %kind,
             start,
-            vectors = routed.len(),
-            assigned = table.iter().filter(|f| f.is_some()).count(),
+            end,
+            vectors = table.len(),
             "vfio-user: routing interrupts"
         );
-        self.device.set_irqs(kind, 0, &routed)
+        self.device.set_irqs(kind, 0, table)
     }
 
     fn region_read(&mut self, a: RegionAccess) -> Handled {
