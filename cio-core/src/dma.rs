@@ -276,8 +276,10 @@ impl DmaRegion {
     /// A copy of `len` bytes of the shared memory `fd` at `offset`, for a
     /// device that DMAs from its own copy elsewhere. The copy starts zeroed,
     /// as the other side's does: [`refresh`](Self::refresh) finds what the
-    /// owner wrote. Whatever the other side sends is written to the copy and
-    /// through to the owner's memory. The fd may be closed afterwards.
+    /// owner wrote. Whatever the other side sends is written to the copy, and
+    /// the bytes it changes there through to the owner's memory (so a page
+    /// the device wrote part of keeps what the owner wrote in the rest). The
+    /// fd may be closed afterwards.
     pub fn mirror_fd(
         iova: u64,
         len: u64,
@@ -423,12 +425,23 @@ impl DmaRegion {
     ) -> Result<R, DmaError> {
         self.check(offset, len)?;
         let mut g = self.lock();
-        let o = offset as usize;
-        let r = f(&mut g.mem[o..o + len]);
         let g = &mut *g;
-        if let Some(owner) = &mut g.owner {
-            owner[o..o + len].copy_from_slice(&g.mem[o..o + len]);
-        }
+        let o = offset as usize;
+        let r = match &mut g.owner {
+            None => f(&mut g.mem[o..o + len]),
+            Some(owner) => {
+                // Only the bytes `f` changed go through to the owner: the
+                // rest of the copy may be older than the owner's memory
+                // (the owner writes at will between refreshes, and a page
+                // the device wrote a few bytes of may hold the owner's own
+                // data too), and `f` may fill only part of the range (a
+                // receive that got fewer bytes).
+                let before = g.mem[o..o + len].to_vec();
+                let r = f(&mut g.mem[o..o + len]);
+                write_changes(&mut owner[o..o + len], &before, &g.mem[o..o + len]);
+                r
+            }
+        };
         g.written.mark(offset, len as u64);
         if mark {
             g.dirty.mark(offset, len as u64);
@@ -534,6 +547,22 @@ impl DmaRegion {
     /// Takes every dirty page; see [`take_dirty`](Self::take_dirty).
     pub fn take_all_dirty(&self, max_run: usize) -> Vec<DirtyRun> {
         self.take_dirty(0, self.len, max_run)
+    }
+}
+
+/// Copies into `dst` the runs of bytes in which `new` differs from `old`.
+fn write_changes(dst: &mut [u8], old: &[u8], new: &[u8]) {
+    let mut i = 0;
+    while i < new.len() {
+        if new[i] == old[i] {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < new.len() && new[i] != old[i] {
+            i += 1;
+        }
+        dst[start..i].copy_from_slice(&new[start..i]);
     }
 }
 
@@ -742,6 +771,29 @@ mod tests {
         assert_eq!(&back, b"done");
         assert_eq!(r.refresh(), 0);
         assert_eq!(r.dirty_pages(), 0);
+        // A device write of part of a page leaves the owner's newer bytes
+        // in the rest of it, even when the other side sends the whole page.
+        f.0.write_all_at(b"guest's", 5 * PAGE_SIZE + 100).unwrap();
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        page[..4].copy_from_slice(b"dev!");
+        r.apply(5 * PAGE_SIZE, &page).unwrap();
+        let mut back = [0u8; 7];
+        f.0.read_exact_at(&mut back[..4], 5 * PAGE_SIZE).unwrap();
+        assert_eq!(&back[..4], b"dev!");
+        f.0.read_exact_at(&mut back, 5 * PAGE_SIZE + 100).unwrap();
+        assert_eq!(&back, b"guest's");
+        // A receive that fills only part of its range writes only that.
+        f.0.write_all_at(b"keep", 5 * PAGE_SIZE + 200).unwrap();
+        r.with_mut_clean(5 * PAGE_SIZE + 190, 100, |s| s[..2].copy_from_slice(b"ok"))
+            .unwrap();
+        let mut four = [0u8; 4];
+        f.0.read_exact_at(&mut four, 5 * PAGE_SIZE + 200).unwrap();
+        assert_eq!(&four, b"keep");
+        f.0.read_exact_at(&mut four[..2], 5 * PAGE_SIZE + 190)
+            .unwrap();
+        assert_eq!(&four[..2], b"ok");
+        assert_eq!(r.refresh(), 1, "the owner's bytes differ from the copy");
+        let _ = r.take_dirty_runs(0, r.len(), 1 << 20);
         // The owner changing one byte of a page sends that page.
         f.0.write_all_at(&[9], 6 * PAGE_SIZE + 1).unwrap();
         assert_eq!(r.refresh(), 1);
