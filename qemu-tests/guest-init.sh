@@ -73,7 +73,9 @@ done
 chmod 600 /tmp/psk
 # Serves the emulated edu as edu0 and each real one (through VFIO) as veduN.
 # shellcheck disable=SC2086
-RUST_LOG=info /bin/ciod --listen 0.0.0.0:7451 --psk-file /tmp/psk --emulate edu $vfio_args &
+# Plaintext beyond loopback: the guest's only network is QEMU user-net, which
+# the host reaches through a port forward on its own loopback.
+RUST_LOG=info /bin/ciod --listen 0.0.0.0:7451 --insecure-plaintext --psk-file /tmp/psk --emulate edu $vfio_args &
 
 # Ready once port 7451 (0x1D1B) is listening.
 i=0

@@ -1,8 +1,10 @@
 //! `ciod` configuration: a TOML file and/or command-line device specs.
 //!
 //! ```toml
-//! listen = "127.0.0.1:7451"      # or "unix:/run/ciod.sock"
-//! psk_file = "/etc/cio/key"       # required for non-loopback addresses
+//! listen = "0.0.0.0:7451"        # or "unix:/run/ciod.sock"
+//! identity = "/etc/cio/ciod.pem"  # TLS; required beyond loopback
+//! authorized_clients = "/etc/cio/authorized_clients"
+//! psk_file = "/etc/cio/key"       # optional with TLS
 //!
 //! [[device]]
 //! model = "edu"                   # emulated QEMU edu
@@ -38,6 +40,13 @@ pub struct FileConfig {
     pub listen: Option<String>,
     /// Pre-shared key file.
     pub psk_file: Option<PathBuf>,
+    /// The backend's TLS identity (key and certificate, `ciod keygen`).
+    pub identity: Option<PathBuf>,
+    /// Client keys let in over TLS, one `sha256:… NAME` per line.
+    pub authorized_clients: Option<PathBuf>,
+    /// Plaintext beyond loopback (with a pre-shared key only).
+    #[serde(default)]
+    pub insecure_plaintext: bool,
     /// Devices.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceEntry>,

@@ -12,5 +12,5 @@ pub mod usb;
 pub mod vfio;
 
 pub use config::{DeviceSpec, FileConfig};
-pub use server::{Server, ServerConfig, ServerError, ServerHandle, Stats};
+pub use server::{Security, Server, ServerConfig, ServerError, ServerHandle, Stats};
 pub use session::Limits;

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use cio_core::Device;
-use cio_transports::{Endpoint, Listener, Psk};
+use cio_transports::{Endpoint, Listener, Psk, ServerTls};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::os::fd::{AsFd, AsRawFd};
@@ -32,14 +32,90 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// USB devices to export (default: none).
     pub usb: Arc<UsbProvider>,
+    /// Plaintext or TLS.
+    pub security: Security,
+}
+
+/// How a listener protects its connections.
+#[derive(Debug, Clone, Default)]
+pub enum Security {
+    /// Plaintext, allowed only on loopback addresses and Unix sockets (the
+    /// default).
+    #[default]
+    LocalPlaintext,
+    /// TLS 1.3 on every connection.
+    Tls(ServerTls),
+    /// Plaintext on an address that reaches beyond this machine, asked for
+    /// explicitly (`--insecure-plaintext`); a pre-shared key is required.
+    InsecurePlaintext,
+}
+
+impl Security {
+    /// Whether a listener on `listen` may be protected this way (with or
+    /// without a pre-shared key): the rule `bind` applies.
+    pub fn check(&self, listen: &Endpoint, psk: bool) -> Result<(), ServerError> {
+        let local = listen.is_local_only()?;
+        match self {
+            Self::LocalPlaintext if !local => Err(ServerError::NeedsTls(listen.to_string())),
+            Self::InsecurePlaintext if !psk && !local => {
+                Err(ServerError::NeedsKey(listen.to_string()))
+            }
+            Self::Tls(_) if matches!(listen, Endpoint::Unix(_)) => Err(ServerError::Config(
+                "TLS runs over TCP only; a unix: socket needs no encryption".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Loads what the configuration names: TLS with the identity at
+    /// `identity` (and the clients in `clients`, or any client key when a
+    /// pre-shared key is configured and no file is given), else plaintext,
+    /// insecure beyond loopback only when `insecure` says so.
+    pub fn load(
+        identity: Option<&std::path::Path>,
+        clients: Option<&std::path::Path>,
+        insecure: bool,
+        psk: bool,
+    ) -> Result<Self, String> {
+        let Some(identity) = identity else {
+            if clients.is_some() {
+                return Err("authorized_clients is set but no identity: TLS needs the backend's identity (make one with `ciod keygen FILE`)".into());
+            }
+            return Ok(if insecure {
+                Self::InsecurePlaintext
+            } else {
+                Self::LocalPlaintext
+            });
+        };
+        if insecure {
+            return Err("an identity (TLS) and insecure_plaintext exclude each other".into());
+        }
+        let id = cio_transports::Identity::load(identity).map_err(|e| cio_core::error_chain(&e))?;
+        let allowed = match clients {
+            Some(p) => {
+                cio_transports::AuthorizedClients::load(p).map_err(|e| cio_core::error_chain(&e))?
+            }
+            None => Default::default(),
+        };
+        if allowed.is_empty() && !psk {
+            return Err("TLS is configured but no client could connect: list client keys in authorized_clients (their `cio keygen` fingerprints), or set psk_file to let any client key in that proves the key".into());
+        }
+        let any = allowed.is_empty() && psk;
+        Ok(Self::Tls(
+            ServerTls::new(&id, allowed, any).map_err(|e| cio_core::error_chain(&e))?,
+        ))
+    }
 }
 
 /// Server errors.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// Listening beyond this machine without a key.
-    #[error("refusing to listen on {0} without a pre-shared key: anyone who can reach it could drive the devices (use --psk-file, or listen on 127.0.0.1 or a unix: socket)")]
+    #[error("refusing to listen on {0} in plaintext without a pre-shared key: anyone who can reach it could drive the devices (use TLS with --identity, or --psk-file, or listen on 127.0.0.1 or a unix: socket)")]
     NeedsKey(String),
+    /// Listening beyond this machine without TLS.
+    #[error("refusing to listen on {0} without TLS: device registers and DMA would cross the network in the clear (give --identity, made with `ciod keygen`; or --insecure-plaintext with --psk-file on a network you trust; or listen on 127.0.0.1 or a unix: socket)")]
+    NeedsTls(String),
     /// The configuration is inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -93,10 +169,12 @@ pub struct Stats {
 impl Server {
     /// Checks the configuration and binds the listener.
     pub fn bind(cfg: ServerConfig) -> Result<Self, ServerError> {
-        if cfg.psk.is_none() && !cfg.listen.is_local_only()? {
-            return Err(ServerError::NeedsKey(cfg.listen.to_string()));
-        }
+        cfg.security.check(&cfg.listen, cfg.psk.is_some())?;
         let registry = Registry::new(cfg.devices).map_err(ServerError::Config)?;
+        let mut shared = Shared::new(registry, cfg.usb, cfg.psk, cfg.limits);
+        if let Security::Tls(t) = cfg.security {
+            shared.tls = Some(t);
+        }
         let listener = Listener::bind(&cfg.listen)?;
         let endpoint = listener
             .local_endpoint()
@@ -107,7 +185,7 @@ impl Server {
         Ok(Self {
             listener,
             endpoint,
-            shared: Arc::new(Shared::new(registry, cfg.usb, cfg.psk, cfg.limits)),
+            shared: Arc::new(shared),
         })
     }
 
@@ -144,7 +222,12 @@ impl Server {
             .map_err(io_err("polling the listener"))?;
         let endpoint = self.endpoint.clone();
         let shared = Arc::clone(&self.shared);
-        info!(%endpoint, auth = self.shared.psk.is_some(), "listening");
+        match &self.shared.tls {
+            Some(t) => {
+                info!(%endpoint, key = %t.fingerprint(), psk = self.shared.psk.is_some(), "listening with TLS")
+            }
+            None => info!(%endpoint, psk = self.shared.psk.is_some(), "listening in plaintext"),
+        }
         let thread = std::thread::Builder::new()
             .name("ciod-accept".into())
             .spawn(move || self.accept_loop(poll))

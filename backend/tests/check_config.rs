@@ -51,7 +51,13 @@ fn each_mistake_is_named() {
         ),
         ("[[device]]\nmodel = \"edu\"\nrelease = \"keep\"\n", "unknown variant"),
         ("[[device]]\nmodel = \"memory\"\nsize = \"3M\"\n", "power of two"),
-        ("listen = \"0.0.0.0:7451\"\n", "no psk_file"),
+        ("listen = \"0.0.0.0:7451\"\n", "without TLS"),
+        (
+            "listen = \"0.0.0.0:7451\"\ninsecure_plaintext = true\n",
+            "without a pre-shared key",
+        ),
+        ("identity = \"/nonexistent/ciod.pem\"\n", "/nonexistent/ciod.pem"),
+        ("authorized_clients = \"/etc/passwd\"\n", "no identity"),
         ("psk_file = \"/nonexistent/key\"\n", "psk_file"),
         ("listen = \"tcp:\"\n", "listen"),
     ] {

@@ -121,6 +121,8 @@ impl ErrorCode {
     /// The server could not keep this connection now (its handshake slot
     /// went to a newer one): connecting again may work.
     pub const RETRY: Self = Self(17);
+    /// The listener speaks TLS only and the client did not.
+    pub const TLS_REQUIRED: Self = Self(18);
 
     /// Short name for logs and messages.
     pub fn name(self) -> &'static str {
@@ -142,6 +144,7 @@ impl ErrorCode {
             15 => "shutting down",
             16 => "usb export failed",
             17 => "try again",
+            18 => "TLS required",
             _ => "unknown error",
         }
     }

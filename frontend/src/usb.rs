@@ -116,7 +116,7 @@ impl fmt::Display for UsbSource {
 }
 
 fn cio_session(ep: &Endpoint, opts: &ClientOptions) -> Result<(Conn, Handshake), UsbError> {
-    let conn = Conn::connect(ep, opts.connect_timeout).map_err(ClientError::from)?;
+    let conn = crate::client::dial(ep, opts)?;
     let hs = handshake(&conn, opts, false)?;
     Ok((conn, hs))
 }
@@ -255,6 +255,12 @@ pub fn import(
     match source {
         UsbSource::Cio(ep) => {
             let (conn, mut hs) = cio_session(ep, opts)?;
+            if direct && conn.is_tls() {
+                return Err(ClientError::Protocol(
+                    "--direct hands the connection to the kernel, which cannot encrypt it: on a TLS link use the relayed attach (the default), or a plaintext link (loopback, or --insecure-plaintext) for --direct".into(),
+                )
+                .into());
+            }
             let msg = Message::UsbImport {
                 busid: busid.into(),
                 direct,
@@ -516,6 +522,7 @@ impl Imported {
             Link::Stock(tcp) => Ok((UrbStream::Tcp(tcp), None)),
             Link::Direct(Conn::Tcp(tcp)) => Ok((UrbStream::Tcp(tcp), None)),
             Link::Direct(Conn::Unix(s)) => Ok((UrbStream::Unix(s), None)),
+            Link::Direct(Conn::Tls(_)) => unreachable!("direct imports are refused on TLS"),
             Link::Cio { conn, hs } => {
                 let (ours, theirs) =
                     cio_transports::relay_pair().map_err(io_err("creating a socket pair"))?;
@@ -541,6 +548,7 @@ impl Imported {
             Link::Stock(tcp) => (OwnedFd::from(tcp), None),
             Link::Direct(Conn::Tcp(s)) => (OwnedFd::from(s), None),
             Link::Direct(Conn::Unix(s)) => (OwnedFd::from(s), None),
+            Link::Direct(Conn::Tls(_)) => unreachable!("direct imports are refused on TLS"),
         };
         // Another attach may take the port between the look and the write:
         // try the next free one a few times.

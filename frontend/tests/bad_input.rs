@@ -326,6 +326,7 @@ fn non_loopback_listen_without_key_is_refused() {
         devices: vec![],
         limits: Limits::default(),
         usb: Default::default(),
+        security: cio_backend::Security::InsecurePlaintext,
     })
     .unwrap_err();
     assert!(e.to_string().contains("without a pre-shared key"), "{e}");

@@ -284,6 +284,7 @@ fn unix_socket_transport_runs_the_same_driver() {
         devices: vec![Box::new(cio_backend::models::Edu::new("edu0"))],
         limits: Default::default(),
         usb: Default::default(),
+        security: Default::default(),
     })
     .unwrap()
     .spawn()

@@ -128,7 +128,7 @@ fn killed_session_writes(ep: &Endpoint, key: &[u8], device: &str, offset: u64, v
     send(
         &mut out,
         &Message::AuthProof {
-            mac: psk.proof(Side::Client, &nonce, &server, session),
+            mac: psk.proof(Side::Client, &nonce, &server, session, &[]),
         },
     );
     assert!(matches!(next(&mut dec), Message::AuthOk { .. }));

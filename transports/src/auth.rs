@@ -77,17 +77,35 @@ impl Psk {
         Self::new(key)
     }
 
-    /// `HMAC(key, label | own nonce | peer nonce | session)` for `side`.
-    fn mac(&self, side: Side, client: &Nonce, server: &Nonce, session: u64) -> Hmac<Sha256> {
+    /// `HMAC(key, label | own nonce | peer nonce | session | binding)` for
+    /// `side`. `binding` is the TLS session's exported keying material
+    /// ([`crate::Conn::binding`]), empty on a plain connection: a proof made
+    /// through a TLS session that a man in the middle terminates does not
+    /// verify on the other side of it.
+    fn mac(
+        &self,
+        side: Side,
+        client: &Nonce,
+        server: &Nonce,
+        session: u64,
+        binding: &[u8],
+    ) -> Hmac<Sha256> {
         match side {
-            Side::Client => mac(&self.0, b"cio-v1 client", client, server, session, &[]),
-            Side::Server => mac(&self.0, b"cio-v1 server", server, client, session, &[]),
+            Side::Client => mac(&self.0, b"cio-v1 client", client, server, session, binding),
+            Side::Server => mac(&self.0, b"cio-v1 server", server, client, session, binding),
         }
     }
 
     /// The proof `side` sends.
-    pub fn proof(&self, side: Side, client: &Nonce, server: &Nonce, session: u64) -> Nonce {
-        bytes(self.mac(side, client, server, session))
+    pub fn proof(
+        &self,
+        side: Side,
+        client: &Nonce,
+        server: &Nonce,
+        session: u64,
+        binding: &[u8],
+    ) -> Nonce {
+        bytes(self.mac(side, client, server, session, binding))
     }
 
     /// Checks, in constant time, a proof `side` sent.
@@ -97,9 +115,10 @@ impl Psk {
         client: &Nonce,
         server: &Nonce,
         session: u64,
+        binding: &[u8],
         proof: &Nonce,
     ) -> bool {
-        self.mac(side, client, server, session)
+        self.mac(side, client, server, session, binding)
             .verify_slice(proof)
             .is_ok()
     }
@@ -265,14 +284,25 @@ mod tests {
         let k = Psk::new(*b"0123456789abcdef").unwrap();
         let other = Psk::new(*b"0123456789abcdeX").unwrap();
         let (c, s) = (nonce().unwrap(), nonce().unwrap());
-        let p = k.proof(Side::Client, &c, &s, 1);
-        assert!(k.verify(Side::Client, &c, &s, 1, &p));
-        assert!(!other.verify(Side::Client, &c, &s, 1, &p));
-        assert!(!k.verify(Side::Client, &s, &c, 1, &p));
-        assert!(!k.verify(Side::Client, &c, &s, 2, &p));
+        let p = k.proof(Side::Client, &c, &s, 1, &[]);
+        assert!(k.verify(Side::Client, &c, &s, 1, &[], &p));
+        assert!(!other.verify(Side::Client, &c, &s, 1, &[], &p));
+        assert!(!k.verify(Side::Client, &s, &c, 1, &[], &p));
+        assert!(!k.verify(Side::Client, &c, &s, 2, &[], &p));
         // A client proof is not a server proof.
-        assert!(!k.verify(Side::Server, &c, &s, 1, &p));
-        assert!(k.verify(Side::Server, &c, &s, 1, &k.proof(Side::Server, &c, &s, 1)));
+        assert!(!k.verify(Side::Server, &c, &s, 1, &[], &p));
+        assert!(k.verify(
+            Side::Server,
+            &c,
+            &s,
+            1,
+            &[],
+            &k.proof(Side::Server, &c, &s, 1, &[])
+        ));
+        let bound = k.proof(Side::Client, &c, &s, 1, b"tls session one");
+        assert!(k.verify(Side::Client, &c, &s, 1, b"tls session one", &bound));
+        assert!(!k.verify(Side::Client, &c, &s, 1, b"tls session two", &bound));
+        assert!(!k.verify(Side::Client, &c, &s, 1, &[], &bound));
     }
 
     #[test]
@@ -304,8 +334,8 @@ mod tests {
         let b = Psk::new(*b"0123456789abcdef").unwrap();
         let (c, s) = ([1; 32], [2; 32]);
         assert_eq!(
-            a.proof(Side::Client, &c, &s, 0),
-            b.proof(Side::Client, &c, &s, 0)
+            a.proof(Side::Client, &c, &s, 0, &[]),
+            b.proof(Side::Client, &c, &s, 0, &[])
         );
         assert!(matches!(
             Psk::from_file(Path::new("/nonexistent/key")),

@@ -1,6 +1,8 @@
-//! Connections and listeners over TCP and Unix sockets, and in-process
-//! pairs for tests. All are plain file descriptors, so the backend polls
-//! them with mio and the frontend with poll(2).
+//! Connections and listeners over TCP (plain or TLS) and Unix sockets, and
+//! in-process pairs for tests. Each has one file descriptor, so the backend
+//! polls them with mio and the frontend with poll(2); a TLS connection may
+//! also hold decrypted bytes ([`Conn::buffered`]) and encrypted ones not
+//! yet sent ([`Conn::flush_pending`]), which the pollers ask about.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -11,7 +13,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
-use crate::{sys, Endpoint, Error};
+use crate::tls::{ClientTls, ServerTls, TlsStream};
+use crate::{sys, Endpoint, Error, Fingerprint};
 
 /// A connected byte stream.
 #[derive(Debug)]
@@ -20,6 +23,8 @@ pub enum Conn {
     Tcp(TcpStream),
     /// Unix stream socket (also used for in-process pairs).
     Unix(UnixStream),
+    /// TLS 1.3 over TCP.
+    Tls(Box<TlsStream>),
 }
 
 impl Conn {
@@ -62,6 +67,93 @@ impl Conn {
         Ok(conn)
     }
 
+    /// Connects to `ep` and runs the TLS handshake, both within `timeout`.
+    /// TLS runs over TCP only.
+    pub fn connect_tls(ep: &Endpoint, timeout: Duration, tls: &ClientTls) -> Result<Self, Error> {
+        if let Endpoint::Unix(_) = ep {
+            return Err(Error::Tls {
+                endpoint: ep.to_string(),
+                why: "TLS runs over TCP only; a unix: socket needs no encryption".into(),
+                transient: false,
+            });
+        }
+        let start = std::time::Instant::now();
+        let Self::Tcp(sock) = Self::connect(ep, timeout)? else {
+            unreachable!("a TCP endpoint gives a TCP connection")
+        };
+        let left = timeout
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_millis(100));
+        Ok(Self::Tls(Box::new(TlsStream::client(sock, tls, ep, left)?)))
+    }
+
+    /// Wraps an accepted TCP connection in the server side of TLS; the
+    /// handshake runs as the connection is read.
+    pub fn into_tls_server(self, tls: &ServerTls) -> io::Result<Self> {
+        match self {
+            Self::Tcp(s) => Ok(Self::Tls(Box::new(TlsStream::server(s, tls)?))),
+            other => Ok(other),
+        }
+    }
+
+    /// True for a TLS connection.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Self::Tls(_))
+    }
+
+    /// The peer's key fingerprint (TLS, once the handshake is done).
+    pub fn peer_key(&self) -> Option<Fingerprint> {
+        match self {
+            Self::Tls(t) => t.peer_key(),
+            _ => None,
+        }
+    }
+
+    /// Keying material unique to this TLS session, which a pre-shared
+    /// key's proofs are bound to (`None` on plain connections).
+    pub fn binding(&self) -> Option<[u8; 32]> {
+        match self {
+            Self::Tls(t) => t.binding(),
+            _ => None,
+        }
+    }
+
+    /// True if received bytes wait inside the connection (TLS): read before
+    /// polling the socket.
+    pub fn buffered(&self) -> bool {
+        match self {
+            Self::Tls(t) => t.buffered(),
+            _ => false,
+        }
+    }
+
+    /// Sends, without waiting, bytes a non-blocking TLS write left
+    /// encrypted inside the connection; true when none are left (always on
+    /// plain connections).
+    pub fn flush_pending(&self) -> io::Result<bool> {
+        match self {
+            Self::Tls(t) => t.flush_pending(),
+            _ => Ok(true),
+        }
+    }
+
+    /// Sends from `data` without waiting, whatever the connection's mode.
+    pub fn send_nonblocking(&self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Tls(t) => t.send(&[IoSlice::new(data)], true),
+            _ => sys::send_nonblocking(self.as_fd(), data),
+        }
+    }
+
+    /// Receives into `buf`; with `nonblocking`, without waiting. `Ok(0)` is
+    /// end of stream.
+    pub fn recv_slice(&self, buf: &mut [u8], nonblocking: bool) -> io::Result<usize> {
+        match self {
+            Self::Tls(t) => t.recv_slice(buf, nonblocking),
+            _ => sys::recv_slice(self.as_fd(), buf, nonblocking),
+        }
+    }
+
     /// Two connected ends in this process (a Unix socketpair).
     pub fn pair() -> io::Result<(Self, Self)> {
         let (a, b) = UnixStream::pair()?;
@@ -80,6 +172,10 @@ impl Conn {
         match self {
             Self::Tcp(s) => s.set_nonblocking(on),
             Self::Unix(s) => s.set_nonblocking(on),
+            Self::Tls(t) => {
+                t.set_nonblocking(on);
+                Ok(())
+            }
         }
     }
 
@@ -88,6 +184,10 @@ impl Conn {
         match self {
             Self::Tcp(s) => s.set_read_timeout(t),
             Self::Unix(s) => s.set_read_timeout(t),
+            Self::Tls(s) => {
+                s.set_read_timeout(t);
+                Ok(())
+            }
         }
     }
 
@@ -96,6 +196,10 @@ impl Conn {
         match self {
             Self::Tcp(s) => s.set_write_timeout(t),
             Self::Unix(s) => s.set_write_timeout(t),
+            Self::Tls(s) => {
+                s.set_write_timeout(t);
+                Ok(())
+            }
         }
     }
 
@@ -109,17 +213,20 @@ impl Conn {
         interval: Duration,
         retries: u32,
     ) -> io::Result<()> {
-        if let Self::Tcp(s) = self {
-            set_tcp_keepalive(s, idle, interval, retries)?;
+        match self {
+            Self::Tcp(s) => set_tcp_keepalive(s, idle, interval, retries),
+            Self::Tls(t) => set_tcp_keepalive(t.socket(), idle, interval, retries),
+            Self::Unix(_) => Ok(()),
         }
-        Ok(())
     }
 
-    /// Shuts both directions down (the peer sees end of stream).
+    /// Shuts both directions down (the peer sees end of stream; a TLS peer
+    /// a close_notify first).
     pub fn shutdown(&self) -> io::Result<()> {
         match self {
             Self::Tcp(s) => s.shutdown(Shutdown::Both),
             Self::Unix(s) => s.shutdown(Shutdown::Both),
+            Self::Tls(t) => t.shutdown(),
         }
     }
 
@@ -127,6 +234,7 @@ impl Conn {
     pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
         match self {
             Self::Tcp(s) => s.peer_addr().ok().map(|a| a.ip()),
+            Self::Tls(t) => t.socket().peer_addr().ok().map(|a| a.ip()),
             Self::Unix(_) => None,
         }
     }
@@ -137,6 +245,10 @@ impl Conn {
             Self::Tcp(s) => s
                 .peer_addr()
                 .map_or_else(|_| "tcp:?".into(), |a| format!("tcp:{a}")),
+            Self::Tls(t) => t
+                .socket()
+                .peer_addr()
+                .map_or_else(|_| "tls:?".into(), |a| format!("tls:{a}")),
             Self::Unix(_) => "unix".into(),
         }
     }
@@ -148,7 +260,10 @@ impl Conn {
         want: usize,
         nonblocking: bool,
     ) -> io::Result<usize> {
-        sys::recv_into(self.as_fd(), buf, want, nonblocking)
+        match self {
+            Self::Tls(t) => t.recv_into(buf, want, nonblocking),
+            _ => sys::recv_into(self.as_fd(), buf, want, nonblocking),
+        }
     }
 }
 
@@ -157,6 +272,7 @@ impl AsFd for Conn {
         match self {
             Self::Tcp(s) => s.as_fd(),
             Self::Unix(s) => s.as_fd(),
+            Self::Tls(t) => t.socket().as_fd(),
         }
     }
 }
@@ -172,6 +288,7 @@ impl Read for &Conn {
         match self {
             Conn::Tcp(s) => (&*s).read(buf),
             Conn::Unix(s) => (&*s).read(buf),
+            Conn::Tls(t) => (&**t).read(buf),
         }
     }
 }
@@ -181,6 +298,7 @@ impl Write for &Conn {
         match self {
             Conn::Tcp(s) => (&*s).write(buf),
             Conn::Unix(s) => (&*s).write(buf),
+            Conn::Tls(t) => (&**t).write(buf),
         }
     }
 
@@ -188,6 +306,7 @@ impl Write for &Conn {
         match self {
             Conn::Tcp(s) => (&*s).write_vectored(bufs),
             Conn::Unix(s) => (&*s).write_vectored(bufs),
+            Conn::Tls(t) => (&**t).write_vectored(bufs),
         }
     }
 

@@ -1,6 +1,7 @@
 //! cio transports: one connection abstraction ([`Conn`], [`Listener`]) over
-//! TCP and Unix sockets, in-process pairs for tests, the batched send queue
-//! ([`OutQueue`]) and pre-shared-key authentication ([`auth`]).
+//! TCP, TLS over TCP ([`tls`], with [`identity`] keys pinned by
+//! fingerprint) and Unix sockets, in-process pairs for tests, the batched
+//! send queue ([`OutQueue`]) and pre-shared-key authentication ([`auth`]).
 //!
 //! Everything is a file descriptor, so the backend's mio loop and the
 //! frontend's poll(2) pump can wait on any transport the same way.
@@ -9,15 +10,19 @@
 pub mod auth;
 mod conn;
 mod endpoint;
+pub mod identity;
 mod out;
 mod reader;
 pub mod sys;
+pub mod tls;
 
 pub use auth::{Psk, ResumeKey, Side};
 pub use conn::{relay_pair, set_tcp_keepalive, Conn, Listener, RELAY_BUFFER};
 pub use endpoint::{Endpoint, DEFAULT_PORT};
+pub use identity::{AuthorizedClients, Fingerprint, Identity, KnownBackends};
 pub use out::{BadAck, OutQueue};
 pub use reader::{FrameReader, Received, Resolve, DIRECT_MIN};
+pub use tls::{ClientTls, Pin, ServerTls};
 
 /// Transport errors.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +69,23 @@ pub enum Error {
     /// The key is too short to be safe.
     #[error("pre-shared key has {0} bytes; at least {min} are required", min = auth::MIN_KEY_LEN)]
     WeakKey(usize),
+    /// A TLS connection could not be set up.
+    #[error("TLS with {endpoint}: {why}")]
+    Tls {
+        /// The endpoint.
+        endpoint: String,
+        /// What went wrong, in words a user can act on.
+        why: String,
+        /// The link failed (timeout, reset), not the keys: trying again
+        /// may work.
+        transient: bool,
+    },
+    /// An identity (key and certificate) could not be read or made.
+    #[error("identity {0}")]
+    Identity(String),
+    /// An authorized-clients or known-backends file is unusable.
+    #[error("trust file {0}")]
+    TrustFile(String),
     /// The system random generator failed.
     #[error("system random number generator: {0}")]
     Random(String),
@@ -73,6 +95,14 @@ impl Error {
     /// True if trying again later may succeed (the peer was unreachable),
     /// false if the configuration itself is wrong.
     pub fn should_reconnect(&self) -> bool {
-        matches!(self, Self::Connect { .. } | Self::Resolve { .. })
+        matches!(
+            self,
+            Self::Connect { .. }
+                | Self::Resolve { .. }
+                | Self::Tls {
+                    transient: true,
+                    ..
+                }
+        )
     }
 }

@@ -309,7 +309,7 @@ impl OutQueue {
                     offset,
                     len,
                 } => region
-                    .with_slice(*offset, *len, |s| sys::send_nonblocking(conn.as_fd(), s))
+                    .with_slice(*offset, *len, |s| conn.send_nonblocking(s))
                     .map_err(io::Error::other)?,
                 Chunk::Bytes(_) => {
                     let mut iov = [IoSlice::new(&[]); MAX_IOV];
@@ -368,7 +368,23 @@ impl OutQueue {
                 self.sent.push_back(done);
             }
         }
-        Ok(true)
+        // A TLS stream may still hold encrypted bytes of what it took.
+        loop {
+            if conn.flush_pending()? {
+                return Ok(true);
+            }
+            match wait {
+                None => return Ok(false),
+                Some(t) => {
+                    if !sys::poll_writable(conn.as_fd(), t)? {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("peer took no data for {t:?}"),
+                        ));
+                    }
+                }
+            }
+        }
     }
 }
 

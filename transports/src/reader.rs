@@ -2,13 +2,12 @@
 //! straight into the DMA memory they are for.
 
 use std::io;
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cio_core::{DmaRegion, Frame, FrameDecoder, WireError};
 
-use crate::{sys, Conn};
+use crate::Conn;
 
 /// `DmaData` payloads at least this large skip the frame buffer.
 pub const DIRECT_MIN: usize = 64 * 1024;
@@ -72,6 +71,14 @@ impl FrameReader {
         self.decoder.next_seq() - 1 - u64::from(self.direct.is_some())
     }
 
+    /// True if the connection's first bytes are a TLS record (a TLS client
+    /// on a plaintext listener).
+    pub fn starts_like_tls(&mut self) -> bool {
+        let first = self.decoder.next_seq() == 1;
+        let b = self.decoder.buffer();
+        first && b.len() >= 2 && b[0] == 0x16 && b[1] == 0x03
+    }
+
     /// True while part of a frame has been received.
     pub fn has_partial(&self) -> bool {
         self.direct.is_some() || self.decoder.has_partial()
@@ -122,9 +129,7 @@ impl FrameReader {
         // and nothing the sender does depends on this region.
         let r = d
             .region
-            .with_mut_clean(d.offset, d.left, |s| {
-                sys::recv_slice(conn.as_fd(), s, wait.is_none())
-            })
+            .with_mut_clean(d.offset, d.left, |s| conn.recv_slice(s, wait.is_none()))
             .map_err(io::Error::other)?;
         let n = match r {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && wait.is_some() => {

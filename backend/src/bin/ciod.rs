@@ -10,25 +10,29 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use cio_backend::usb::{stock::UsbipServer, CdcAcmEcho, UsbFilter, UsbModel, UsbProvider};
-use cio_backend::{DeviceSpec, FileConfig, Limits, Server, ServerConfig};
+use cio_backend::{DeviceSpec, FileConfig, Limits, Security, Server, ServerConfig};
 use cio_core::error_chain;
 use cio_core::usbip::USBIP_PORT;
-use cio_transports::{Endpoint, Psk, DEFAULT_PORT};
+use cio_transports::{AuthorizedClients, Endpoint, Psk, DEFAULT_PORT};
 use clap::Parser;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Serve PCI and USB devices to cio frontends over TCP or Unix sockets.
 ///
 /// Devices come from `--emulate` specs and/or a TOML config file. By default
-/// ciod listens on 127.0.0.1 only; any other address needs `--psk-file`, and
-/// every client must then prove the same key before it sees a device.
+/// ciod listens on 127.0.0.1 only, in plaintext. Any other address needs
+/// TLS: an identity (`ciod keygen`) and the keys of the clients it lets in
+/// (`--authorized-clients`, reloaded on SIGHUP), and/or a pre-shared key
+/// every client must prove; nothing is visible before that.
 ///
 /// Examples:
 ///   ciod --emulate edu                       # edu0 on 127.0.0.1:7451
 ///   ciod --emulate edu --emulate memory:mem0:64M --listen unix:/run/ciod.sock
-///   ciod --listen 0.0.0.0:7451 --psk-file /etc/cio/key --config /etc/cio/ciod.toml
+///   ciod keygen /etc/cio/ciod.pem            # prints the key clients trust
+///   ciod --listen 0.0.0.0:7451 --identity /etc/cio/ciod.pem \
+///        --authorized-clients /etc/cio/authorized_clients --config /etc/cio/ciod.toml
 ///   ciod --vfio 0000:00:02.0=edu0            # a real function bound to vfio-pci
 ///   ciod probe 0000:00:02.0 --reads 1000     # check and time it locally first
 ///   ciod --usb 1-1 --usbip-listen 127.0.0.1   # a USB device, also to stock usbip
@@ -47,9 +51,28 @@ struct Args {
     #[arg(short, long)]
     listen: Option<String>,
 
-    /// File holding the pre-shared key clients must prove (at least 16 bytes).
+    /// File holding the pre-shared key clients must prove (at least 16
+    /// bytes). With TLS it is optional; its proof is then bound to each TLS
+    /// session, so a man in the middle fails even where keys are not pinned.
     #[arg(long, value_name = "FILE")]
     psk_file: Option<PathBuf>,
+
+    /// This backend's TLS identity (make it with `ciod keygen FILE`): every
+    /// connection is then TLS 1.3. Required to listen beyond loopback.
+    #[arg(long, value_name = "FILE")]
+    identity: Option<PathBuf>,
+
+    /// Client keys let in over TLS: one `sha256:… NAME` per line (the
+    /// fingerprints `cio keygen` printed). Without it, with --psk-file, any
+    /// client key that proves the pre-shared key is let in.
+    #[arg(long, value_name = "FILE")]
+    authorized_clients: Option<PathBuf>,
+
+    /// Listen beyond loopback in plaintext (needs --psk-file): register
+    /// writes and DMA cross the network in the clear. Only on a network
+    /// where every host is trusted.
+    #[arg(long, conflicts_with = "identity")]
+    insecure_plaintext: bool,
 
     /// TOML config file (listen, psk_file, [[device]] tables; see
     /// docs/config.md).
@@ -146,6 +169,17 @@ enum UsbModelName {
 
 #[derive(Debug, clap::Subcommand)]
 enum Cmd {
+    /// Make this backend's TLS identity in FILE and print its fingerprint.
+    ///
+    /// The identity is a key in a self-signed certificate; clients trust
+    /// it with `cio trust HOST FINGERPRINT`.
+    Keygen {
+        /// Where to write it (never overwritten), e.g. /etc/cio/ciod.pem.
+        file: PathBuf,
+        /// A name for the key, kept in its certificate.
+        #[arg(long, default_value = "ciod")]
+        name: String,
+    },
     /// Open a function bound to vfio-pci here, describe it and time local
     /// reads of one register (the local baseline for remote reads).
     Probe {
@@ -226,11 +260,16 @@ fn check_config(path: &std::path::Path) -> Result<(), String> {
         .map_err(|e| format!("listen: {}", error_chain(&e)))?;
     if let Some(p) = &file.psk_file {
         Psk::from_file(p).map_err(|e| format!("psk_file: {}", error_chain(&e)))?;
-    } else if !listen.is_local_only().unwrap_or(false) {
-        return Err(format!(
-            "listen = {listen} reaches beyond this machine but no psk_file is set: ciod would refuse to start"
-        ));
     }
+    let security = Security::load(
+        file.identity.as_deref(),
+        file.authorized_clients.as_deref(),
+        file.insecure_plaintext,
+        file.psk_file.is_some(),
+    )?;
+    security
+        .check(&listen, file.psk_file.is_some())
+        .map_err(|e| format!("ciod would refuse to start: {e}"))?;
     let mut names = std::collections::BTreeSet::new();
     for s in &specs {
         if !names.insert(s.name().to_owned()) {
@@ -238,8 +277,13 @@ fn check_config(path: &std::path::Path) -> Result<(), String> {
         }
     }
     println!("{}: valid", path.display());
+    let link = match &security {
+        Security::Tls(t) => format!("TLS as {}", t.fingerprint()),
+        Security::LocalPlaintext => "plaintext (local)".into(),
+        Security::InsecurePlaintext => "plaintext (insecure)".into(),
+    };
     println!(
-        "  listen {listen}, key {}",
+        "  listen {listen}, {link}, pre-shared key {}",
         if file.psk_file.is_some() {
             "set"
         } else {
@@ -260,14 +304,24 @@ fn run(args: Args) -> Result<(), String> {
     if let Some(p) = &args.check_config {
         return check_config(p);
     }
-    if let Some(Cmd::Probe {
-        bdf,
-        region,
-        offset,
-        reads,
-    }) = &args.cmd
-    {
-        return probe(bdf, *region, *offset, *reads);
+    match &args.cmd {
+        Some(Cmd::Probe {
+            bdf,
+            region,
+            offset,
+            reads,
+        }) => return probe(bdf, *region, *offset, *reads),
+        Some(Cmd::Keygen { file, name }) => {
+            let id = cio_transports::Identity::create(file, name).map_err(|e| error_chain(&e))?;
+            println!("{}", id.fingerprint());
+            eprintln!(
+                "identity written to {}; clients trust it with: cio trust HOST {}",
+                file.display(),
+                id.fingerprint()
+            );
+            return Ok(());
+        }
+        None => {}
     }
     let file = match &args.config {
         Some(p) => FileConfig::load(p)?,
@@ -317,6 +371,20 @@ fn run(args: Args) -> Result<(), String> {
         Some(p) => Some(Psk::from_file(p).map_err(|e| error_chain(&e))?),
         None => None,
     };
+    let clients_file = args
+        .authorized_clients
+        .clone()
+        .or(file.authorized_clients.clone());
+    let security = Security::load(
+        args.identity.as_deref().or(file.identity.as_deref()),
+        clients_file.as_deref(),
+        args.insecure_plaintext || file.insecure_plaintext,
+        psk.is_some(),
+    )?;
+    let tls = match &security {
+        Security::Tls(t) => Some(t.clone()),
+        _ => None,
+    };
     let mut devices = Vec::new();
     for s in &specs {
         let d = s
@@ -340,6 +408,7 @@ fn run(args: Args) -> Result<(), String> {
             ..Limits::default()
         },
         usb: Arc::clone(&usb),
+        security,
     })
     .map_err(|e| error_chain(&e))?;
     for (name, release) in file.release_policies()? {
@@ -352,8 +421,8 @@ fn run(args: Args) -> Result<(), String> {
             .set_release(name, cio_backend::registry::Release::AsIs)
             .map_err(|e| error_chain(&e))?;
     }
-    let mut signals =
-        Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("installing signal handlers: {e}"))?;
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(|e| format!("installing signal handlers: {e}"))?;
     let usbip = match usbip_addr {
         Some(a) => Some(
             UsbipServer::bind(a, Arc::clone(&usb))
@@ -363,8 +432,26 @@ fn run(args: Args) -> Result<(), String> {
         None => None,
     };
     let handle = server.spawn().map_err(|e| error_chain(&e))?;
-    if let Some(sig) = signals.forever().next() {
-        info!("signal {sig}: shutting down");
+    for sig in signals.forever() {
+        if sig != SIGHUP {
+            info!("signal {sig}: shutting down");
+            break;
+        }
+        // Reload the authorized clients: new connections see the new list,
+        // sessions already authenticated keep going.
+        match (&tls, &clients_file) {
+            (Some(tls), Some(path)) => match AuthorizedClients::load(path) {
+                Ok(c) => {
+                    info!(clients = c.len(), file = %path.display(), "SIGHUP: authorized clients reloaded");
+                    tls.set_clients(c);
+                }
+                Err(e) => warn!(
+                    "SIGHUP: keeping the authorized clients: {}",
+                    error_chain(&e)
+                ),
+            },
+            _ => info!("SIGHUP: nothing to reload (no TLS authorized_clients file)"),
+        }
     }
     // Both end their USB imports, which gives the devices back.
     if let Some(u) = usbip {

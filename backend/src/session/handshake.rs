@@ -68,7 +68,10 @@ impl State {
     }
 
     /// Advances the handshake of session `session` with frame `seq`. An
-    /// error ends the connection (the caller sends it).
+    /// error ends the connection (the caller sends it). `binding` is the TLS
+    /// session's keying material the key proofs are bound to (empty on a
+    /// plain connection).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn step(
         &mut self,
         seq: u64,
@@ -76,6 +79,7 @@ impl State {
         shared: &Shared,
         session: u64,
         peer: &str,
+        binding: &[u8],
         out: &mut dyn Outbox,
     ) -> Result<Step, ReqError> {
         match (&*self, msg) {
@@ -173,11 +177,11 @@ impl State {
             ) => {
                 let (client, server, features, version) = (*client, *server, *features, *version);
                 let psk = shared.psk.as_ref().expect("proof state implies a key");
-                if !psk.verify(Side::Client, &client, &server, session, &mac) {
+                if !psk.verify(Side::Client, &client, &server, session, binding, &mac) {
                     let why = "pre-shared key proof did not verify (wrong key?)".to_string();
                     return Err((ErrorCode::AUTH_FAILED, why));
                 }
-                let mac = psk.proof(Side::Server, &client, &server, session);
+                let mac = psk.proof(Side::Server, &client, &server, session, binding);
                 out.push(&Message::AuthOk { mac }, seq);
                 Ok(self.ready(shared, session, client, server, features, version))
             }

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use cio_core::wire::{ErrorCode, Message, NONCE_LEN};
 use cio_core::Frame;
-use cio_transports::{auth, Conn, OutQueue, Psk, ResumeKey, Side};
+use cio_transports::{auth, Conn, OutQueue, Psk, ResumeKey, ServerTls, Side};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::{debug, info, warn};
@@ -139,6 +139,8 @@ pub struct Shared {
     pub usb: Arc<UsbProvider>,
     /// Key clients must prove, if any.
     pub psk: Option<Psk>,
+    /// TLS on every connection, if set.
+    pub tls: Option<ServerTls>,
     /// Limits.
     pub limits: Limits,
     /// Counters.
@@ -197,6 +199,7 @@ impl Shared {
             registry,
             usb,
             psk,
+            tls: None,
             limits,
             counters: Counters::default(),
             stopping: AtomicBool::new(false),
@@ -402,6 +405,10 @@ impl Session {
     /// Prepares a session for `conn`; returns it with the waker that stops
     /// it (valid while the session lives).
     pub fn new(conn: Conn, shared: Arc<Shared>) -> io::Result<(Self, Weak<Waker>)> {
+        let conn = match &shared.tls {
+            Some(tls) => conn.into_tls_server(tls)?,
+            None => conn,
+        };
         conn.set_nonblocking(true)?;
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
@@ -482,7 +489,12 @@ impl Session {
             let why = format!("server already serves its maximum of {max} sessions");
             return Err(self.fatal(ErrorCode::LIMIT, 0, why));
         }
-        info!(session = %self.hex(), peer = %self.peer, resumable = self.resume.is_some(), "authenticated");
+        let key = self.link.as_ref().and_then(|l| l.conn.peer_key());
+        let client = match (&self.shared.tls, key) {
+            (Some(tls), Some(fp)) => tls.client_name(&fp).unwrap_or_else(|| fp.to_string()),
+            _ => "-".into(),
+        };
+        info!(session = %self.hex(), peer = %self.peer, client_key = %client, resumable = self.resume.is_some(), "authenticated");
         Ok(())
     }
 
@@ -934,6 +946,18 @@ impl Session {
                 .reply(seq, &Message::Error { code, message }, &mut self.out);
             return Ok(());
         }
+        if self.link().conn.is_tls() {
+            let message = "a direct USB import hands the connection to the kernel, which cannot encrypt it: on a TLS link use the relayed import".to_string();
+            self.devices.reply(
+                seq,
+                &Message::Error {
+                    code: ErrorCode::USB,
+                    message,
+                },
+                &mut self.out,
+            );
+            return Ok(());
+        }
         if self.link().reader.has_partial() || !self.out.is_empty() {
             let why = "a direct USB import must be the last frame in flight".to_string();
             return Err(self.fatal(ErrorCode::STATE, seq, why));
@@ -999,6 +1023,10 @@ impl Session {
                     if let Some(r) = &mut self.resume {
                         r.unacked.1 += got.bytes;
                     }
+                    if !link.conn.is_tls() && link.reader.starts_like_tls() {
+                        let why = "a TLS client connected to this plaintext listener: this backend does not use TLS".to_string();
+                        return Err(self.fatal(ErrorCode::MALFORMED, 0, why));
+                    }
                     loop {
                         let Some(link) = &mut self.link else {
                             return Ok(());
@@ -1051,12 +1079,14 @@ impl Session {
     fn handle(&mut self, frame: Frame) -> Result<(), End> {
         let seq = frame.seq;
         if !self.state.is_ready() {
+            let binding = self.link.as_ref().and_then(|l| l.conn.binding());
             let step = self.state.step(
                 seq,
                 frame.msg,
                 &self.shared,
                 self.id,
                 &self.peer,
+                binding.as_ref().map_or(&[][..], |b| &b[..]),
                 &mut self.out,
             );
             return match step {

@@ -313,6 +313,7 @@ fn start_backend(t: Transport) -> BenchResult<(ServerHandle, Arc<std::sync::atom
         devices: vec![Box::new(Edu::new("edu0")), Box::new(mem)],
         limits: Limits::default(),
         usb: Default::default(),
+        security: Default::default(),
     })
     .and_then(|s| s.spawn())
     .map_err(err("embedded backend"))?;

@@ -54,6 +54,7 @@ fn embedded() -> Result<ServerHandle, String> {
         devices: vec![Box::new(EduModel::new("edu0"))],
         limits: Limits::default(),
         usb: Default::default(),
+        security: Default::default(),
     })
     .and_then(|s| s.spawn())
     .map_err(err)?;

@@ -11,7 +11,7 @@ use cio_core::{DeviceInfo, RegionKind};
 use cio_frontend::usb::{self, RelayEnd, UsbSource, Vhci};
 use cio_frontend::{Client, ClientOptions};
 use cio_hw_profiles::Profile;
-use cio_transports::{Endpoint, Psk};
+use cio_transports::{Endpoint, Fingerprint, Identity};
 use clap::{Parser, Subcommand};
 
 /// `println!` that does not panic when stdout is gone (`cio usb list | grep -q`).
@@ -33,11 +33,14 @@ macro_rules! out {
 mod bench;
 mod demo;
 mod json;
+mod keys;
 mod regs;
 
 /// Use PCI and USB devices served by a ciod on another host, as if they were local.
 ///
 /// HOST is HOST[:PORT] (default port 7451), tcp:HOST:PORT or unix:PATH.
+/// Links beyond loopback are TLS 1.3 with pinned keys (see --tls, --identity,
+/// --known-backends); plaintext there needs --insecure-plaintext.
 ///
 /// Examples:
 ///   cio demo                      # self-contained: embedded ciod + emulated edu
@@ -47,16 +50,17 @@ mod regs;
 ///   cio dump 127.0.0.1 mem0 bar0 --len 256
 ///   cio list 127.0.0.1
 ///   cio info 127.0.0.1 edu0
-///   cio --psk-file key list 192.0.2.10:7451
+///   cio keygen                    # this client's TLS key; prints its fingerprint
+///   cio trust 192.0.2.10 sha256:… # the backend's key (from `ciod keygen`)
+///   cio list 192.0.2.10           # TLS beyond loopback, keys checked both ways
 ///   cio usb list 192.0.2.10          # USB devices; see cio usb --help
 ///
 /// Log verbosity follows RUST_LOG (e.g. RUST_LOG=debug).
 #[derive(Debug, Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
-    /// File with the pre-shared key the backend requires.
-    #[arg(long, global = true, value_name = "FILE")]
-    psk_file: Option<PathBuf>,
+    #[command(flatten)]
+    link: keys::LinkArgs,
 
     #[command(subcommand)]
     cmd: Cmd,
@@ -64,6 +68,31 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Make this client's TLS identity and print its fingerprint.
+    ///
+    /// The identity is a key in a self-signed certificate; the fingerprint
+    /// is the line the backend's administrator adds to ciod's
+    /// authorized_clients file.
+    Keygen {
+        /// Where to write it (never overwritten)
+        /// [default: ~/.config/cio/identity.pem].
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// A name for the key, kept in its certificate.
+        #[arg(long, default_value = "cio client")]
+        name: String,
+    },
+    /// Trust a backend's key for TLS.
+    ///
+    /// Adds `HOST FINGERPRINT` to the known-backends file. Get the
+    /// fingerprint from the backend's administrator (`ciod keygen` printed
+    /// it) over a channel you trust.
+    Trust {
+        /// Backend address, as given to the other commands.
+        host: String,
+        /// The key, sha256:…
+        fingerprint: Fingerprint,
+    },
     /// List the devices a backend serves.
     List {
         /// Backend address.
@@ -346,30 +375,32 @@ fn main() -> ExitCode {
     }
 }
 
-fn connect(host: &str, psk: &Option<Psk>) -> Result<Client, String> {
+fn connect(host: &str, link: &keys::LinkArgs) -> Result<Client, String> {
     let ep: Endpoint = host.parse().map_err(|e| error_chain(&e))?;
-    Client::connect(
-        &ep,
-        ClientOptions {
-            psk: psk.clone(),
-            ..ClientOptions::default()
-        },
-    )
-    .map_err(|e| error_chain(&e))
+    Client::connect(&ep, link.options(&ep)?).map_err(|e| error_chain(&e))
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let psk = match &args.psk_file {
-        Some(p) => Some(Psk::from_file(p).map_err(|e| error_chain(&e))?),
-        None => None,
-    };
+    let link = &args.link;
+    let psk = link.psk()?;
     match args.cmd {
-        Cmd::Usb { cmd } => usb_cmd(cmd, psk, args.psk_file.as_deref()),
+        Cmd::Usb { cmd } => usb_cmd(cmd, link),
+        Cmd::Keygen { out, name } => {
+            let out = out.unwrap_or_else(keys::default_identity);
+            let id = Identity::create(&out, &name).map_err(|e| error_chain(&e))?;
+            outln!("{}", id.fingerprint());
+            eprintln!(
+                "identity written to {}; give the line above to the backend's administrator for its authorized_clients file",
+                out.display()
+            );
+            Ok(())
+        }
+        Cmd::Trust { host, fingerprint } => link.trust(&host, fingerprint),
         Cmd::List {
             host,
             json: as_json,
         } => {
-            let client = connect(&host, &psk)?;
+            let client = connect(&host, link)?;
             let devices = client.list().map_err(|e| error_chain(&e))?;
             if as_json {
                 outln!("{}", json::device_list(&host, &devices));
@@ -395,7 +426,7 @@ fn run(args: Args) -> Result<(), String> {
             device,
             json: as_json,
         } => {
-            let client = connect(&host, &psk)?;
+            let client = connect(&host, link)?;
             let dev = client.open(&device).map_err(|e| error_chain(&e))?;
             if as_json {
                 outln!("{}", json::device_info(cio_core::Device::info(&dev)));
@@ -413,12 +444,12 @@ fn run(args: Args) -> Result<(), String> {
             host,
             device,
             psk,
-            psk_file: args.psk_file.clone(),
+            psk_file: link.psk_file.clone(),
             skip_reset,
             handoff,
         }),
         Cmd::AdoptDemo { ticket } => demo::second_half(&ticket, &psk),
-        Cmd::Session { cmd } => session_cmd(cmd, &psk),
+        Cmd::Session { cmd } => session_cmd(cmd, link),
         Cmd::Read {
             host,
             device,
@@ -426,7 +457,7 @@ fn run(args: Args) -> Result<(), String> {
             offset,
             width,
         } => {
-            let client = connect(&host, &psk)?;
+            let client = connect(&host, link)?;
             let mut dev = client.open(&device).map_err(|e| error_chain(&e))?;
             outln!("{}", regs::read(&mut dev, &region, &offset, width)?);
             Ok(())
@@ -439,7 +470,7 @@ fn run(args: Args) -> Result<(), String> {
             value,
             width,
         } => {
-            let client = connect(&host, &psk)?;
+            let client = connect(&host, link)?;
             let mut dev = client.open(&device).map_err(|e| error_chain(&e))?;
             outln!(
                 "{}",
@@ -448,7 +479,7 @@ fn run(args: Args) -> Result<(), String> {
             Ok(())
         }
         Cmd::Config { host, device } => {
-            let client = connect(&host, &psk)?;
+            let client = connect(&host, link)?;
             let mut dev = client.open(&device).map_err(|e| error_chain(&e))?;
             outln!("{}", regs::config(&mut dev)?);
             Ok(())
@@ -461,7 +492,7 @@ fn run(args: Args) -> Result<(), String> {
             len,
             out,
         } => {
-            let client = connect(&host, &psk)?;
+            let client = connect(&host, link)?;
             let mut dev = client.open(&device).map_err(|e| error_chain(&e))?;
             outln!(
                 "{}",
@@ -474,7 +505,7 @@ fn run(args: Args) -> Result<(), String> {
             device,
             emulate,
             socket,
-        } => vfio_user(host, device, emulate, &socket, &psk),
+        } => vfio_user(host, device, emulate, &socket, link),
         Cmd::Bench {
             quick,
             transport,
@@ -490,7 +521,7 @@ fn vfio_user(
     device: Option<String>,
     emulate: Option<EmulateArg>,
     socket: &std::path::Path,
-    psk: &Option<Psk>,
+    link: &keys::LinkArgs,
 ) -> Result<(), String> {
     use cio_backend::models::{Edu, Memory};
     use cio_frontend::vfio_user::{Server, ServerConfig};
@@ -503,7 +534,7 @@ fn vfio_user(
                 .map_err(|e| error_chain(&e))?,
         ),
         (None, Some(host), Some(device)) => {
-            let client = connect(&host, psk)?;
+            let client = connect(&host, link)?;
             let dev = client.open(&device).map_err(|e| error_chain(&e))?;
             _client = Some(client);
             Box::new(dev)
@@ -707,7 +738,7 @@ fn bench(
     Ok(())
 }
 
-fn session_cmd(cmd: SessionCmd, psk: &Option<Psk>) -> Result<(), String> {
+fn session_cmd(cmd: SessionCmd, link: &keys::LinkArgs) -> Result<(), String> {
     match cmd {
         SessionCmd::Show {
             ticket,
@@ -738,14 +769,8 @@ fn session_cmd(cmd: SessionCmd, psk: &Option<Psk>) -> Result<(), String> {
         }
         SessionCmd::Release { ticket } => {
             let t = cio_frontend::Ticket::load(&ticket).map_err(|e| error_chain(&e))?;
-            let (client, devices) = Client::adopt(
-                &t,
-                ClientOptions {
-                    psk: psk.clone(),
-                    ..ClientOptions::default()
-                },
-            )
-            .map_err(|e| error_chain(&e))?;
+            let (client, devices) =
+                Client::adopt(&t, link.options(&t.endpoint)?).map_err(|e| error_chain(&e))?;
             let n = devices.len();
             drop(devices);
             drop(client);
@@ -764,7 +789,7 @@ fn session_cmd(cmd: SessionCmd, psk: &Option<Psk>) -> Result<(), String> {
 fn attach_in_background(
     source: &str,
     busid: &str,
-    psk_file: Option<&std::path::Path>,
+    link: &keys::LinkArgs,
     keepalive: u64,
 ) -> Result<(), String> {
     use std::io::BufRead;
@@ -776,9 +801,7 @@ fn attach_in_background(
         .map_err(|e| format!("creating {}: {e}", log_path.display()))?;
     let exe = std::env::current_exe().map_err(|e| format!("finding this program: {e}"))?;
     let mut cmd = std::process::Command::new(exe);
-    if let Some(p) = psk_file {
-        cmd.arg("--psk-file").arg(p);
-    }
+    cmd.args(link.to_args());
     let mut child = cmd
         .args([
             "usb",
@@ -812,14 +835,10 @@ fn attach_in_background(
     Err(why.trim().trim_start_matches("cio: ").to_owned())
 }
 
-fn usb_cmd(
-    cmd: UsbCmd,
-    psk: Option<Psk>,
-    psk_file: Option<&std::path::Path>,
-) -> Result<(), String> {
-    let opts = ClientOptions {
-        psk,
-        ..ClientOptions::default()
+fn usb_cmd(cmd: UsbCmd, link: &keys::LinkArgs) -> Result<(), String> {
+    let opts_for = |src: &UsbSource| match src {
+        UsbSource::Cio(ep) => link.options(ep),
+        UsbSource::Usbip(_) => Ok(ClientOptions::default()),
     };
     let source = |s: &str| s.parse::<UsbSource>();
     let e = |e: usb::UsbError| error_chain(&e);
@@ -829,7 +848,7 @@ fn usb_cmd(
             json: as_json,
         } => {
             let src = source(&s)?;
-            let devices = usb::list(&src, &opts).map_err(e)?;
+            let devices = usb::list(&src, &opts_for(&src)?).map_err(e)?;
             if as_json {
                 outln!("{}", json::usb_devices(&s, &devices));
                 return Ok(());
@@ -884,11 +903,11 @@ fn usb_cmd(
         } => {
             let src = source(&s)?;
             if background && !direct && matches!(src, UsbSource::Cio(_)) {
-                return attach_in_background(&s, &busid, psk_file, keepalive);
+                return attach_in_background(&s, &busid, link, keepalive);
             }
             let opts = ClientOptions {
                 keepalive: std::time::Duration::from_secs(keepalive),
-                ..opts
+                ..opts_for(&src)?
             };
             let vhci = Vhci::default();
             vhci.ports().map_err(e)?; // fail before importing if vhci is missing

@@ -137,12 +137,21 @@ pub(crate) fn handshake(
         (AuthMethod::None, Some(_)) => return Err(ClientError::ServerNotAuthenticated),
         (AuthMethod::PreSharedKey, None) => return Err(ClientError::KeyRequired),
         (AuthMethod::PreSharedKey, Some(psk)) => {
-            let mac = psk.proof(Side::Client, &client_nonce, &server_nonce, session);
+            let binding = conn.binding();
+            let binding = binding.as_ref().map_or(&[][..], |b| &b[..]);
+            let mac = psk.proof(Side::Client, &client_nonce, &server_nonce, session, binding);
             out.push(&Message::AuthProof { mac }, 0);
             send(conn, &mut out, opts)?;
             match read_frame(conn, &mut dec)?.msg {
                 Message::AuthOk { mac }
-                    if psk.verify(Side::Server, &client_nonce, &server_nonce, session, &mac) => {}
+                    if psk.verify(
+                        Side::Server,
+                        &client_nonce,
+                        &server_nonce,
+                        session,
+                        binding,
+                        &mac,
+                    ) => {}
                 Message::AuthOk { .. } => return Err(ClientError::BadServerProof),
                 m => {
                     return Err(ClientError::Protocol(format!(

@@ -353,12 +353,10 @@ impl Inner {
         let mut attempts = 0;
         let (conn, dec, theirs) = loop {
             attempts += 1;
-            let attempt = Conn::connect(&r.endpoint, r.opts.connect_timeout)
-                .map_err(ClientError::from)
-                .and_then(|c| {
-                    handshake::resume(&c, &r.opts, session, &r.key, received)
-                        .map(|(dec, theirs)| (c, dec, theirs))
-                });
+            let attempt = super::dial(&r.endpoint, &r.opts).and_then(|c| {
+                handshake::resume(&c, &r.opts, session, &r.key, received)
+                    .map(|(dec, theirs)| (c, dec, theirs))
+            });
             match attempt {
                 Ok(done) => break done,
                 Err(e)
@@ -731,7 +729,11 @@ impl Inner {
                 && !self.recovering.load(Ordering::Acquire);
             let timeout = self.pump_timeout();
             let (conn, generation) = self.conn();
-            let polled = if watch {
+            let polled = if watch && conn.buffered() {
+                // Decrypted bytes wait inside a TLS connection: the socket
+                // may have nothing more to say about them.
+                Ok(vec![false, false, true])
+            } else if watch {
                 sys::poll_readable(&[&self.stop, &self.kick, &*conn], timeout)
             } else {
                 let t = timeout.map_or(PUMP_RECHECK, |t| t.min(PUMP_RECHECK));

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use cio_core::wire::{DeviceSummary, ErrorCode, Message};
 use cio_core::DeviceError;
-use cio_transports::{Conn, Endpoint, Psk};
+use cio_transports::{ClientTls, Conn, Endpoint, Pin, Psk};
 
 use crate::remote::RemoteDevice;
 pub use handoff::{Ticket, TicketDevice};
@@ -56,6 +56,12 @@ pub struct ClientOptions {
     /// How long to keep trying to reconnect after the link broke before
     /// the session is given up (keep it below the backend's grace period).
     pub resume_timeout: Duration,
+    /// TLS with this identity and backend key. Without it a connection is
+    /// plaintext, which is allowed only to loopback addresses and Unix
+    /// sockets unless [`insecure_plaintext`](Self::insecure_plaintext).
+    pub tls: Option<ClientTls>,
+    /// Allow plaintext to an address beyond this machine.
+    pub insecure_plaintext: bool,
 }
 
 impl Default for ClientOptions {
@@ -69,6 +75,29 @@ impl Default for ClientOptions {
             keepalive: Duration::from_secs(5),
             resume: true,
             resume_timeout: Duration::from_secs(20),
+            tls: None,
+            insecure_plaintext: false,
+        }
+    }
+}
+
+/// Connects to `ep` as `opts` say: TLS when configured, else plaintext
+/// where that is allowed.
+pub(crate) fn dial(ep: &Endpoint, opts: &ClientOptions) -> Result<Conn, ClientError> {
+    match &opts.tls {
+        Some(tls) if tls.pin == Pin::AnyWithPsk && opts.psk.is_none() => {
+            Err(ClientError::Transport(cio_transports::Error::Tls {
+                endpoint: ep.to_string(),
+                why: "accepting any backend key needs a pre-shared key, whose proof then authenticates the backend: pin the backend's key (known_backends) or give --psk-file".into(),
+                transient: false,
+            }))
+        }
+        Some(tls) => Ok(Conn::connect_tls(ep, opts.connect_timeout, tls)?),
+        None => {
+            if !opts.insecure_plaintext && !ep.is_local_only()? {
+                return Err(ClientError::TlsRequired(ep.to_string()));
+            }
+            Ok(Conn::connect(ep, opts.connect_timeout)?)
         }
     }
 }
@@ -87,6 +116,9 @@ pub enum ClientError {
         /// Explanation.
         message: String,
     },
+    /// Plaintext to an address beyond this machine was not allowed.
+    #[error("refusing to connect to {0} in plaintext: it is not a loopback address, and device registers and DMA would cross the network in the clear (use TLS: --tls with an identity from `cio keygen`; or --insecure-plaintext on a network you trust)")]
+    TlsRequired(String),
     /// The backend requires a key and none was given.
     #[error("the backend requires a pre-shared key: pass --psk-file")]
     KeyRequired,
@@ -176,7 +208,7 @@ impl Client {
         let start = std::time::Instant::now();
         let mut pause = Duration::from_millis(2);
         loop {
-            let conn = Conn::connect(ep, opts.connect_timeout)?;
+            let conn = dial(ep, &opts)?;
             match Self::start(conn, opts.clone(), Some(ep.clone())) {
                 Err(ClientError::Server { code, .. })
                     if code == ErrorCode::RETRY
@@ -342,7 +374,7 @@ impl Client {
                 ago.as_secs_f64()
             )));
         }
-        let conn = Conn::connect(&ticket.endpoint, opts.connect_timeout)?;
+        let conn = dial(&ticket.endpoint, &opts)?;
         let (mut dec, theirs, key) =
             handshake::adopt(&conn, &opts, ticket.session, &ticket.secret)?;
         dec.set_next_seq(ticket.server_next);

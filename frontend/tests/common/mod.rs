@@ -55,6 +55,7 @@ fn spawn(
         ],
         limits,
         usb,
+        security: Default::default(),
     };
     Server::bind(cfg).unwrap().spawn().unwrap()
 }

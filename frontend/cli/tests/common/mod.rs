@@ -39,6 +39,7 @@ pub fn backend(psk: Option<Psk>) -> ServerHandle {
         ],
         limits: Limits::default(),
         usb: Arc::new(UsbProvider::new(vec![], vec![Arc::new(CdcAcmEcho)])),
+        security: Default::default(),
     })
     .unwrap()
     .spawn()

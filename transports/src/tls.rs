@@ -1,0 +1,781 @@
+//! TLS 1.3 on a TCP connection (rustls), with identities pinned by
+//! fingerprint instead of certificate authorities.
+//!
+//! - [`ServerTls`]: a backend's identity and the clients it lets in (or, with
+//!   a pre-shared key configured, any client key: the key's proof, bound to
+//!   the TLS session, then authenticates the client);
+//! - [`ClientTls`]: a frontend's identity and the backend key it expects (or
+//!   any key when a pre-shared key is configured, for the same reason);
+//! - [`TlsStream`]: the connection, used through [`crate::Conn`] exactly
+//!   like a plain socket. The socket itself is always non-blocking; blocking
+//!   reads and writes wait in poll(2) with the rustls state unlocked, so one
+//!   thread may wait for a reply while another sends.
+//!
+//! What a caller must know: decrypted bytes can wait inside the stream
+//! while the socket has nothing to read ([`crate::Conn::buffered`]), and
+//! encrypted bytes can wait to be sent after a non-blocking write
+//! ([`crate::Conn::flush_pending`]); the send queue and the frontend's pump
+//! take care of both.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use cio_core::wire::{ErrorCode, Message};
+use cio_core::FrameDecoder;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName};
+use rustls::{Connection, SignatureScheme};
+
+use crate::{sys, AuthorizedClients, Endpoint, Error, Fingerprint, Identity};
+
+/// Label of the keying material a pre-shared key's proofs are bound to
+/// (RFC 5705 / RFC 8446 exporter).
+pub const BINDING_LABEL: &[u8] = b"EXPORTER-cio-psk-binding";
+
+/// Plaintext encrypted per write call at most, so a large write never
+/// leaves more than this waiting inside the stream.
+const WRITE_CHUNK: usize = 128 * 1024;
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    rustls::crypto::ring::default_provider().signature_verification_algorithms
+}
+
+/// The TLS side of a backend.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    config: Arc<rustls::ServerConfig>,
+    clients: Arc<RwLock<AuthorizedClients>>,
+    fingerprint: Fingerprint,
+}
+
+impl ServerTls {
+    /// A backend presenting `identity`, letting in the clients listed in
+    /// `clients` or, with `any_client` (a pre-shared key is configured and
+    /// authenticates clients), any client key.
+    pub fn new(
+        identity: &Identity,
+        clients: AuthorizedClients,
+        any_client: bool,
+    ) -> Result<Self, Error> {
+        let clients = Arc::new(RwLock::new(clients));
+        let verifier = Arc::new(ClientKeys {
+            clients: Arc::clone(&clients),
+            any_client,
+            algs: algorithms(),
+        });
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_config)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
+            .map_err(tls_config)?;
+        config.send_tls13_tickets = 0;
+        Ok(Self {
+            config: Arc::new(config),
+            clients,
+            fingerprint: identity.fingerprint(),
+        })
+    }
+
+    /// Replaces the authorized clients (config reload); connections already
+    /// made are not affected.
+    pub fn set_clients(&self, clients: AuthorizedClients) {
+        *self.clients.write().unwrap_or_else(|e| e.into_inner()) = clients;
+    }
+
+    /// The name an authorized client goes by.
+    pub fn client_name(&self, fp: &Fingerprint) -> Option<String> {
+        let c = self.clients.read().unwrap_or_else(|e| e.into_inner());
+        c.name(fp).map(str::to_string)
+    }
+
+    /// The backend's own fingerprint.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+}
+
+/// Which backend key a client accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pin {
+    /// Exactly this key.
+    Key(Fingerprint),
+    /// Any key: only with a pre-shared key, whose proof (bound to the TLS
+    /// session) then authenticates the backend.
+    AnyWithPsk,
+}
+
+/// The TLS side of a frontend.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// The client's own identity.
+    pub identity: Identity,
+    /// The backend key it accepts.
+    pub pin: Pin,
+}
+
+fn tls_config(e: rustls::Error) -> Error {
+    Error::Identity(format!("TLS configuration: {e}"))
+}
+
+/// Checks a peer's handshake signature against the key in its certificate
+/// (the certificate itself is trusted by fingerprint, not by signature).
+fn verify13(
+    algs: &WebPkiSupportedAlgorithms,
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    verify_tls13_signature(message, cert, dss, algs)
+}
+
+#[derive(Debug)]
+struct ClientKeys {
+    clients: Arc<RwLock<AuthorizedClients>>,
+    any_client: bool,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for ClientKeys {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let fp = Fingerprint::of(end_entity);
+        let c = self.clients.read().unwrap_or_else(|e| e.into_inner());
+        if self.any_client || c.name(&fp).is_some() {
+            Ok(ClientCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify13(&self.algs, message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct BackendKey {
+    pin: Pin,
+    /// The key the backend presented, for the error message.
+    seen: Arc<OnceLock<Fingerprint>>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for BackendKey {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let fp = Fingerprint::of(end_entity);
+        let _ = self.seen.set(fp);
+        match self.pin {
+            Pin::Key(want) if want != fp => Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            )),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify13(&self.algs, message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Bytes kept of what the peer sent first, to tell a peer that does not
+/// speak TLS from one that breaks it.
+const FIRST_BYTES: usize = 512;
+
+struct State {
+    conn: Connection,
+    /// Decrypted bytes not yet taken.
+    plaintext: usize,
+    /// The peer closed its side (cleanly or not).
+    closed: bool,
+    /// The first bytes the peer sent.
+    first: Vec<u8>,
+}
+
+/// A TLS connection over TCP; see the module documentation.
+pub struct TlsStream {
+    sock: TcpStream,
+    state: Mutex<State>,
+    nonblocking: AtomicBool,
+    timeouts: Mutex<(Option<Duration>, Option<Duration>)>,
+    /// This end's own fingerprint (for error messages).
+    own: Fingerprint,
+    /// Client side: what the backend presented.
+    seen: Arc<OnceLock<Fingerprint>>,
+    /// Server side: a frame to answer a plaintext client with.
+    refusal: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsStream")
+            .field("sock", &self.sock)
+            .field("own", &self.own)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads the socket for rustls without waiting, keeping the first bytes.
+struct SockRead<'a> {
+    sock: &'a TcpStream,
+    first: &'a mut Vec<u8>,
+}
+
+impl Read for SockRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = sys::recv_slice(self.sock.as_fd(), buf, true)?;
+        if self.first.len() < FIRST_BYTES {
+            let take = n.min(FIRST_BYTES - self.first.len());
+            self.first.extend_from_slice(&buf[..take]);
+        }
+        Ok(n)
+    }
+}
+
+/// What one read of the socket brought.
+enum Pulled {
+    Data,
+    Closed,
+    Nothing,
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+impl TlsStream {
+    /// Runs the client handshake on `sock` within `timeout`.
+    pub(crate) fn client(
+        sock: TcpStream,
+        tls: &ClientTls,
+        endpoint: &Endpoint,
+        timeout: Duration,
+    ) -> Result<Self, Error> {
+        let seen = Arc::new(OnceLock::new());
+        let verifier = Arc::new(BackendKey {
+            pin: tls.pin,
+            seen: Arc::clone(&seen),
+            algs: algorithms(),
+        });
+        let fail = |why: String| Error::Tls {
+            endpoint: endpoint.to_string(),
+            why,
+            transient: false,
+        };
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| fail(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(
+                vec![tls.identity.cert.clone()],
+                tls.identity.key.clone_key(),
+            )
+            .map_err(|e| fail(e.to_string()))?;
+        config.resumption = rustls::client::Resumption::disabled();
+        let name = ServerName::try_from("cio").expect("a valid name");
+        let conn = rustls::ClientConnection::new(Arc::new(config), name)
+            .map_err(|e| fail(e.to_string()))?;
+        let s = Self::wrap(
+            sock,
+            Connection::Client(conn),
+            tls.identity.fingerprint(),
+            seen,
+            None,
+        )
+        .map_err(|e| fail(e.to_string()))?;
+        s.handshake(Instant::now() + timeout)
+            .map_err(|e| Error::Tls {
+                endpoint: endpoint.to_string(),
+                why: e.to_string(),
+                transient: e.kind() != io::ErrorKind::InvalidData,
+            })?;
+        Ok(s)
+    }
+
+    /// Starts the server side on an accepted `sock`; the handshake runs as
+    /// the session reads (no wait here).
+    pub(crate) fn server(sock: TcpStream, tls: &ServerTls) -> io::Result<Self> {
+        let conn = rustls::ServerConnection::new(Arc::clone(&tls.config))
+            .map_err(|e| invalid(e.to_string()))?;
+        let mut refusal = bytes::BytesMut::new();
+        Message::Error {
+            code: ErrorCode::TLS_REQUIRED,
+            message: "this backend speaks TLS only: connect with TLS (cio --tls and an identity from `cio keygen`)".into(),
+        }
+        .encode(1, 0, &mut refusal);
+        Self::wrap(
+            sock,
+            Connection::Server(conn),
+            tls.fingerprint,
+            Arc::new(OnceLock::new()),
+            Some(refusal.to_vec()),
+        )
+    }
+
+    fn wrap(
+        sock: TcpStream,
+        mut conn: Connection,
+        own: Fingerprint,
+        seen: Arc<OnceLock<Fingerprint>>,
+        refusal: Option<Vec<u8>>,
+    ) -> io::Result<Self> {
+        sock.set_nonblocking(true)?;
+        conn.set_buffer_limit(Some(2 * WRITE_CHUNK));
+        Ok(Self {
+            sock,
+            state: Mutex::new(State {
+                conn,
+                plaintext: 0,
+                closed: false,
+                first: Vec::new(),
+            }),
+            nonblocking: AtomicBool::new(false),
+            timeouts: Mutex::new((None, None)),
+            own,
+            seen,
+            refusal,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The TCP socket underneath.
+    pub fn socket(&self) -> &TcpStream {
+        &self.sock
+    }
+
+    /// The peer's fingerprint, once the handshake has got that far.
+    pub fn peer_key(&self) -> Option<Fingerprint> {
+        let st = self.lock();
+        st.conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| Fingerprint::of(c))
+    }
+
+    /// Keying material both ends derive from this session (RFC 8446 7.5),
+    /// `None` before the handshake is complete.
+    pub fn binding(&self) -> Option<[u8; 32]> {
+        let st = self.lock();
+        if st.conn.is_handshaking() {
+            return None;
+        }
+        st.conn
+            .export_keying_material([0u8; 32], BINDING_LABEL, None)
+            .ok()
+    }
+
+    pub(crate) fn set_nonblocking(&self, on: bool) {
+        self.nonblocking.store(on, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_read_timeout(&self, t: Option<Duration>) {
+        self.timeouts.lock().unwrap_or_else(|e| e.into_inner()).0 = t;
+    }
+
+    pub(crate) fn set_write_timeout(&self, t: Option<Duration>) {
+        self.timeouts.lock().unwrap_or_else(|e| e.into_inner()).1 = t;
+    }
+
+    fn deadline(&self, write: bool) -> Option<Instant> {
+        let t = self.timeouts.lock().unwrap_or_else(|e| e.into_inner());
+        let t = if write { t.1 } else { t.0 };
+        t.map(|t| Instant::now() + t)
+    }
+
+    /// Waits for the socket (readable, or writable with `write`) until
+    /// `deadline`; `WouldBlock` when it passes, as a socket timeout does.
+    fn wait(&self, write: bool, deadline: Option<Instant>) -> io::Result<()> {
+        let left = match deadline {
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(l) if !l.is_zero() => Some(l),
+                _ => return Err(io::ErrorKind::WouldBlock.into()),
+            },
+            None => None,
+        };
+        let ready = if write {
+            sys::poll_writable(self.sock.as_fd(), left.unwrap_or(Duration::from_secs(3600)))?
+        } else {
+            sys::poll_readable(&[&self.sock], left)?[0]
+        };
+        if ready || deadline.is_none() {
+            Ok(())
+        } else {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+    }
+
+    /// Sends what rustls has encrypted, without waiting; true when nothing
+    /// is left.
+    fn flush_locked(&self, st: &mut State) -> io::Result<bool> {
+        while st.conn.wants_write() {
+            match st.conn.write_tls(&mut &self.sock) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads the socket once, without waiting, and decrypts what came.
+    fn pull(&self, st: &mut State) -> io::Result<Pulled> {
+        let State {
+            conn,
+            first,
+            closed,
+            ..
+        } = st;
+        let before = first.len();
+        let n = match conn.read_tls(&mut SockRead {
+            sock: &self.sock,
+            first,
+        }) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Pulled::Nothing),
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            *closed = true;
+        }
+        if before < 2 && first.len() >= 2 && !(first[0] == 0x16 && first[1] == 0x03) {
+            if let Some(r) = &self.refusal {
+                let _ = sys::send_nonblocking(self.sock.as_fd(), r);
+                return Err(invalid(
+                    "a plaintext client connected to this TLS listener (refused with TLS_REQUIRED)"
+                        .into(),
+                ));
+            }
+        }
+        match conn.process_new_packets() {
+            Ok(io) => st.plaintext = io.plaintext_bytes_to_read(),
+            Err(e) => {
+                let _ = self.flush_locked(st);
+                return Err(invalid(self.explain(st, &e)));
+            }
+        }
+        if st.conn.wants_write() {
+            self.flush_locked(st)?;
+        }
+        Ok(if n == 0 { Pulled::Closed } else { Pulled::Data })
+    }
+
+    /// A rustls error in words a user can act on.
+    fn explain(&self, st: &State, e: &rustls::Error) -> String {
+        let client = matches!(st.conn, Connection::Client(_));
+        let refused_key = matches!(
+            e,
+            rustls::Error::AlertReceived(
+                AlertDescription::BadCertificate
+                    | AlertDescription::CertificateUnknown
+                    | AlertDescription::AccessDenied
+                    | AlertDescription::CertificateRequired
+                    | AlertDescription::UnknownCA
+            )
+        );
+        let tls_record =
+            st.first.len() >= 2 && (0x14..=0x17).contains(&st.first[0]) && st.first[1] == 0x03;
+        if client && !st.first.is_empty() && !tls_record {
+            let mut dec = FrameDecoder::new();
+            dec.buffer().extend_from_slice(&st.first);
+            let said = match dec.next_frame() {
+                Ok(Some(f)) => match f.msg {
+                    Message::Error { message, .. } => format!(" (it said: {message})"),
+                    _ => String::new(),
+                },
+                _ => String::new(),
+            };
+            return format!("the backend does not speak TLS: it listens in plaintext{said}");
+        }
+        match (client, e) {
+            (true, rustls::Error::InvalidCertificate(_)) => match self.seen.get() {
+                Some(fp) => format!("the backend presented key {fp}, which is not the key trusted for it"),
+                None => format!("the backend's certificate is unusable: {e}"),
+            },
+            (true, _) if refused_key => format!(
+                "the backend refused this client's key {} (it is not in the backend's authorized clients)",
+                self.own
+            ),
+            (false, rustls::Error::InvalidCertificate(_)) => {
+                let fp = st
+                    .conn
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map_or_else(|| "?".to_string(), |c| Fingerprint::of(c).to_string());
+                format!("client key {fp} is not authorized")
+            }
+            (false, rustls::Error::NoCertificatesPresented) => {
+                "the client presented no key (TLS clients need an identity)".into()
+            }
+            (false, _) if refused_key => "the client refused this backend's key".into(),
+            _ => format!("TLS: {e}"),
+        }
+    }
+
+    /// Drives the handshake to its end (client side, blocking).
+    fn handshake(&self, deadline: Instant) -> io::Result<()> {
+        loop {
+            let write = {
+                let mut st = self.lock();
+                let flushed = self.flush_locked(&mut st)?;
+                if !st.conn.is_handshaking() && flushed {
+                    return Ok(());
+                }
+                if flushed {
+                    match self.pull(&mut st)? {
+                        Pulled::Data => continue,
+                        Pulled::Closed => {
+                            return Err(invalid(if st.first.is_empty() {
+                                "the backend closed the connection during the TLS handshake".into()
+                            } else {
+                                self.explain(&st, &rustls::Error::HandshakeNotComplete)
+                            }))
+                        }
+                        Pulled::Nothing => false,
+                    }
+                } else {
+                    true
+                }
+            };
+            self.wait(write, Some(deadline)).map_err(|e| {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    io::Error::new(io::ErrorKind::TimedOut, "the TLS handshake timed out")
+                } else {
+                    e
+                }
+            })?;
+        }
+    }
+
+    /// Receives up to `want` decrypted bytes, handing them to `put` (which
+    /// must take exactly the count it is given from the reader); returns
+    /// how many. Fewer than `want` only when the socket is drained (or at
+    /// end of stream, 0). Non-blocking unless the stream is in blocking
+    /// mode and `nonblocking` is false.
+    fn recv_with(
+        &self,
+        want: usize,
+        nonblocking: bool,
+        put: &mut dyn FnMut(&mut dyn Read, usize) -> io::Result<()>,
+    ) -> io::Result<usize> {
+        let nonblocking = nonblocking || self.nonblocking.load(Ordering::Relaxed);
+        let deadline = self.deadline(false);
+        let mut got = 0;
+        loop {
+            {
+                let mut st = self.lock();
+                loop {
+                    if st.plaintext > 0 {
+                        let n = st.plaintext.min(want - got);
+                        put(&mut st.conn.reader(), n)?;
+                        st.plaintext -= n;
+                        got += n;
+                        if got == want {
+                            return Ok(got);
+                        }
+                        continue;
+                    }
+                    if st.closed {
+                        return Ok(got);
+                    }
+                    match self.pull(&mut st)? {
+                        Pulled::Data | Pulled::Closed => {}
+                        Pulled::Nothing if got > 0 => return Ok(got),
+                        Pulled::Nothing => break,
+                    }
+                }
+            }
+            if nonblocking {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.wait(false, deadline)?;
+        }
+    }
+
+    /// Receives into `buf`.
+    pub(crate) fn recv_slice(&self, buf: &mut [u8], nonblocking: bool) -> io::Result<usize> {
+        let mut at = 0;
+        self.recv_with(buf.len(), nonblocking, &mut |r, n| {
+            r.read_exact(&mut buf[at..at + n])?;
+            at += n;
+            Ok(())
+        })
+    }
+
+    /// Receives up to `want` bytes onto the end of `buf`.
+    pub(crate) fn recv_into(
+        &self,
+        buf: &mut bytes::BytesMut,
+        want: usize,
+        nonblocking: bool,
+    ) -> io::Result<usize> {
+        self.recv_with(want, nonblocking, &mut |r, n| {
+            let at = buf.len();
+            buf.resize(at + n, 0);
+            r.read_exact(&mut buf[at..])
+        })
+    }
+
+    /// True if decrypted bytes wait to be received.
+    pub(crate) fn buffered(&self) -> bool {
+        self.lock().plaintext > 0
+    }
+
+    /// Encrypts and sends from `bufs` (at most [`WRITE_CHUNK`] bytes); see
+    /// [`crate::Conn::flush_pending`] for what a non-blocking write leaves.
+    pub(crate) fn send(&self, bufs: &[IoSlice<'_>], nonblocking: bool) -> io::Result<usize> {
+        let nonblocking = nonblocking || self.nonblocking.load(Ordering::Relaxed);
+        let deadline = self.deadline(true);
+        loop {
+            let accepted = {
+                let mut st = self.lock();
+                if self.flush_locked(&mut st)? {
+                    let mut n = 0;
+                    for b in bufs {
+                        let room = WRITE_CHUNK - n;
+                        let took = st.conn.writer().write(&b[..b.len().min(room)])?;
+                        n += took;
+                        if took < b.len() || n == WRITE_CHUNK {
+                            break;
+                        }
+                    }
+                    let flushed = self.flush_locked(&mut st)?;
+                    if flushed || nonblocking {
+                        return Ok(n);
+                    }
+                    Some(n)
+                } else {
+                    None
+                }
+            };
+            if nonblocking {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.wait(true, deadline).map_err(|e| {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    io::Error::new(io::ErrorKind::TimedOut, "the peer took no data in time")
+                } else {
+                    e
+                }
+            })?;
+            if let Some(n) = accepted {
+                // Blocking: the accepted bytes must be on the wire before
+                // returning.
+                while !self.flush_pending()? {
+                    self.wait(true, deadline)?;
+                }
+                return Ok(n);
+            }
+        }
+    }
+
+    /// Sends encrypted bytes a non-blocking write left behind; true when
+    /// none are left.
+    pub(crate) fn flush_pending(&self) -> io::Result<bool> {
+        let mut st = self.lock();
+        self.flush_locked(&mut st)
+    }
+
+    /// Says goodbye (close_notify) without waiting, then shuts the socket.
+    pub(crate) fn shutdown(&self) -> io::Result<()> {
+        {
+            let mut st = self.lock();
+            st.conn.send_close_notify();
+            let _ = self.flush_locked(&mut st);
+        }
+        self.sock.shutdown(std::net::Shutdown::Both)
+    }
+}
+
+impl Write for &TlsStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.send(&[IoSlice::new(buf)], false)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.send(bufs, false)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Read for &TlsStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.recv_slice(buf, false)
+    }
+}
