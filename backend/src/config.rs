@@ -6,6 +6,10 @@
 //! authorized_clients = "/etc/cio/authorized_clients"
 //! psk_file = "/etc/cio/key"       # optional with TLS
 //!
+//! [[access]]                      # without these, every client may use
+//! client = "alice"                # every device; a name from
+//! devices = ["edu0", "1-1"]       # authorized_clients, or "*"
+//!
 //! [[device]]
 //! model = "edu"                   # emulated QEMU edu
 //! name = "edu0"
@@ -50,6 +54,9 @@ pub struct FileConfig {
     /// Devices.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceEntry>,
+    /// Who may use which device (`[[access]]` tables; none: everyone all).
+    #[serde(default, rename = "access")]
+    pub access: Vec<crate::access::Rule>,
 }
 
 /// A `[[device]]` table.

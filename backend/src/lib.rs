@@ -3,6 +3,7 @@
 //! devices; `ciod` is the daemon binary.
 #![deny(missing_docs)]
 
+pub mod access;
 pub mod config;
 pub mod models;
 pub mod registry;

@@ -202,6 +202,15 @@ impl Server {
             .map_err(ServerError::Config)
     }
 
+    /// Sets who may use which device.
+    pub fn set_access(&self, access: crate::access::Access) {
+        *self
+            .shared
+            .access
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = access;
+    }
+
     /// The address actually listened on.
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
@@ -319,6 +328,16 @@ impl ServerHandle {
     /// Where it listens.
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
+    }
+
+    /// Replaces the access rules (a config reload): new lists and opens
+    /// follow them at once; devices already open stay open.
+    pub fn set_access(&self, access: crate::access::Access) {
+        *self
+            .shared
+            .access
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = access;
     }
 
     /// Current counters.

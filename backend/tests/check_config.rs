@@ -60,6 +60,8 @@ fn each_mistake_is_named() {
         ("authorized_clients = \"/etc/passwd\"\n", "no identity"),
         ("psk_file = \"/nonexistent/key\"\n", "psk_file"),
         ("listen = \"tcp:\"\n", "listen"),
+        ("[[access]]\nclient = \"\"\ndevices = [\"edu0\"]\n", "empty client"),
+        ("[[access]]\nclient = \"a\"\ndevice = [\"edu0\"]\n", "unknown field"),
     ] {
         let (ok, out) = check(text);
         assert!(!ok, "{text:?} passed: {out}");

@@ -283,3 +283,52 @@ fn a_man_in_the_middle_fails_on_the_pin_and_on_the_key_binding() {
     let e = refused(&ep, with_psk(Pin::AnyWithPsk));
     assert!(e.contains("proof did not verify"), "{e}");
 }
+
+#[test]
+fn access_rules_show_each_client_only_its_devices() {
+    use cio_backend::access::{Access, Rule};
+    let (alice, bob) = (
+        Identity::generate("alice").unwrap(),
+        Identity::generate("bob").unwrap(),
+    );
+    let (s, id) = tls_backend(&[&alice, &bob], None);
+    let rule = |client: &str, devices: &[&str]| Rule {
+        client: client.into(),
+        devices: devices.iter().map(|d| d.to_string()).collect(),
+    };
+    // tls_backend names them client0 (alice) and client1 (bob).
+    s.set_access(
+        Access::new(vec![rule("client0", &["edu0"]), rule("client1", &["mem0"])]).unwrap(),
+    );
+    let pin = Pin::Key(id.fingerprint());
+    let a = Client::connect(s.endpoint(), tls_opts(&alice, pin)).unwrap();
+    let b = Client::connect(s.endpoint(), tls_opts(&bob, pin)).unwrap();
+    let names =
+        |c: &Client| -> Vec<String> { c.list().unwrap().into_iter().map(|d| d.name).collect() };
+    assert_eq!(names(&a), ["edu0"]);
+    assert_eq!(names(&b), ["mem0"]);
+    let e = a.open("mem0").unwrap_err().to_string();
+    assert!(
+        e.contains("no device \"mem0\" that this client may use"),
+        "{e}"
+    );
+    let e = b.open("edu0").unwrap_err().to_string();
+    assert!(e.contains("that this client may use"), "{e}");
+    let mut bm = b.open("mem0").unwrap();
+    bm.write64(0, 0, 42).unwrap();
+
+    // A reload gives bob edu0 too; his open device and session carry on.
+    s.set_access(
+        Access::new(vec![
+            rule("client0", &["edu0"]),
+            rule("client1", &["mem0", "edu0"]),
+        ])
+        .unwrap(),
+    );
+    assert_eq!(names(&b), ["edu0", "mem0"]);
+    assert_eq!(bm.read64(0, 0).unwrap(), 42);
+    let mut be = b.open("edu0").unwrap();
+    assert_eq!(be.read32(0, 0).unwrap(), 0x010000ed);
+    // And alice still sees only hers.
+    assert_eq!(names(&a), ["edu0"]);
+}

@@ -230,6 +230,11 @@ impl AuthorizedClients {
         self.names.get(fp).map(String::as_str)
     }
 
+    /// The names of the clients.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.values().map(String::as_str)
+    }
+
     /// Lets `fp` in as `name`.
     pub fn insert(&mut self, fp: Fingerprint, name: &str) {
         self.names.insert(fp, name.to_string());

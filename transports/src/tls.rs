@@ -250,6 +250,10 @@ impl ServerCertVerifier for BackendKey {
 /// speak TLS from one that breaks it.
 const FIRST_BYTES: usize = 512;
 
+/// Encrypted bytes received from the socket at most per system call
+/// (rustls itself would read 4 KiB at a time).
+const RAW_CHUNK: usize = 64 * 1024;
+
 struct State {
     conn: Connection,
     /// Decrypted bytes not yet taken.
@@ -258,6 +262,16 @@ struct State {
     closed: bool,
     /// The first bytes the peer sent.
     first: Vec<u8>,
+    /// Received bytes not yet given to rustls: `raw[raw_at..raw_len]`.
+    raw: Box<[u8]>,
+    raw_at: usize,
+    raw_len: usize,
+}
+
+impl State {
+    fn raw_left(&self) -> bool {
+        self.raw_at < self.raw_len
+    }
 }
 
 /// A TLS connection over TCP; see the module documentation.
@@ -280,23 +294,6 @@ impl std::fmt::Debug for TlsStream {
             .field("sock", &self.sock)
             .field("own", &self.own)
             .finish_non_exhaustive()
-    }
-}
-
-/// Reads the socket for rustls without waiting, keeping the first bytes.
-struct SockRead<'a> {
-    sock: &'a TcpStream,
-    first: &'a mut Vec<u8>,
-}
-
-impl Read for SockRead<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = sys::recv_slice(self.sock.as_fd(), buf, true)?;
-        if self.first.len() < FIRST_BYTES {
-            let take = n.min(FIRST_BYTES - self.first.len());
-            self.first.extend_from_slice(&buf[..take]);
-        }
-        Ok(n)
     }
 }
 
@@ -397,6 +394,9 @@ impl TlsStream {
                 plaintext: 0,
                 closed: false,
                 first: Vec::new(),
+                raw: vec![0u8; RAW_CHUNK].into_boxed_slice(),
+                raw_at: 0,
+                raw_len: 0,
             }),
             nonblocking: AtomicBool::new(false),
             timeouts: Mutex::new((None, None)),
@@ -491,46 +491,68 @@ impl TlsStream {
         Ok(true)
     }
 
-    /// Reads the socket once, without waiting, and decrypts what came.
+    /// Reads the socket once, without waiting (unless received bytes are
+    /// still waiting for rustls), and decrypts what came, until rustls holds
+    /// a full buffer of plaintext.
     fn pull(&self, st: &mut State) -> io::Result<Pulled> {
-        let State {
-            conn,
-            first,
-            closed,
-            ..
-        } = st;
-        let before = first.len();
-        let n = match conn.read_tls(&mut SockRead {
-            sock: &self.sock,
-            first,
-        }) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Pulled::Nothing),
-            Err(e) => return Err(e),
-        };
-        if n == 0 {
-            *closed = true;
-        }
-        if before < 2 && first.len() >= 2 && !(first[0] == 0x16 && first[1] == 0x03) {
-            if let Some(r) = &self.refusal {
-                let _ = sys::send_nonblocking(self.sock.as_fd(), r);
-                return Err(invalid(
-                    "a plaintext client connected to this TLS listener (refused with TLS_REQUIRED)"
-                        .into(),
-                ));
+        let mut eof = false;
+        if !st.raw_left() {
+            let n = match sys::recv_slice(self.sock.as_fd(), &mut st.raw, true) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Pulled::Nothing),
+                Err(e) => return Err(e),
+            };
+            let before = st.first.len();
+            if before < FIRST_BYTES {
+                let take = n.min(FIRST_BYTES - before);
+                let head = st.raw[..take].to_vec();
+                st.first.extend_from_slice(&head);
+            }
+            (st.raw_at, st.raw_len) = (0, n);
+            if n == 0 {
+                eof = true;
+                st.closed = true;
+                // Tells rustls the stream ended.
+                let _ = st.conn.read_tls(&mut &[][..]);
+            }
+            if before < 2 && st.first.len() >= 2 && !(st.first[0] == 0x16 && st.first[1] == 0x03) {
+                if let Some(r) = &self.refusal {
+                    let _ = sys::send_nonblocking(self.sock.as_fd(), r);
+                    return Err(invalid(
+                        "a plaintext client connected to this TLS listener (refused with TLS_REQUIRED)"
+                            .into(),
+                    ));
+                }
             }
         }
-        match conn.process_new_packets() {
-            Ok(io) => st.plaintext = io.plaintext_bytes_to_read(),
-            Err(e) => {
-                let _ = self.flush_locked(st);
-                return Err(invalid(self.explain(st, &e)));
+        loop {
+            if st.raw_left() {
+                let mut rest = &st.raw[st.raw_at..st.raw_len];
+                match st.conn.read_tls(&mut rest) {
+                    // Closed by the peer's close_notify: the rest is ignored.
+                    Ok(0) => st.raw_at = st.raw_len,
+                    Ok(n) => st.raw_at += n,
+                    // rustls holds all the plaintext it takes: the caller
+                    // must take some first.
+                    Err(_) if st.plaintext > 0 => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            match st.conn.process_new_packets() {
+                Ok(io) => st.plaintext = io.plaintext_bytes_to_read(),
+                Err(e) => {
+                    let _ = self.flush_locked(st);
+                    return Err(invalid(self.explain(st, &e)));
+                }
+            }
+            if !st.raw_left() || st.plaintext >= RAW_CHUNK / 4 {
+                break;
             }
         }
         if st.conn.wants_write() {
             self.flush_locked(st)?;
         }
-        Ok(if n == 0 { Pulled::Closed } else { Pulled::Data })
+        Ok(if eof { Pulled::Closed } else { Pulled::Data })
     }
 
     /// A rustls error in words a user can act on.
@@ -648,7 +670,7 @@ impl TlsStream {
                         }
                         continue;
                     }
-                    if st.closed {
+                    if st.closed && !st.raw_left() {
                         return Ok(got);
                     }
                     match self.pull(&mut st)? {
@@ -689,9 +711,10 @@ impl TlsStream {
         })
     }
 
-    /// True if decrypted bytes wait to be received.
+    /// True if received bytes wait inside the stream (decrypted or not).
     pub(crate) fn buffered(&self) -> bool {
-        self.lock().plaintext > 0
+        let st = self.lock();
+        st.plaintext > 0 || st.raw_left()
     }
 
     /// Encrypts and sends from `bufs` (at most [`WRITE_CHUNK`] bytes); see
@@ -777,5 +800,136 @@ impl Write for &TlsStream {
 impl Read for &TlsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.recv_slice(buf, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Conn, Listener};
+
+    /// A TLS pair over loopback: (client, server), the handshake done.
+    fn pair() -> (Conn, Conn) {
+        let (a, b) = (
+            Identity::generate("a").unwrap(),
+            Identity::generate("b").unwrap(),
+        );
+        let mut clients = AuthorizedClients::default();
+        clients.insert(a.fingerprint(), "a");
+        let server = ServerTls::new(&b, clients, false).unwrap();
+        let l = Listener::bind(&"127.0.0.1:0".parse().unwrap()).unwrap();
+        let ep = l.local_endpoint().unwrap();
+        let t = std::thread::spawn(move || {
+            let tls = ClientTls {
+                identity: a,
+                pin: Pin::Key(b.fingerprint()),
+            };
+            let c = Conn::connect_tls(&ep, Duration::from_secs(5), &tls).unwrap();
+            (&c).write_all(b"!").unwrap();
+            c
+        });
+        let start = Instant::now();
+        let s = loop {
+            match l.accept() {
+                Ok(c) => break c.into_tls_server(&server).unwrap(),
+                Err(_) if start.elapsed() < Duration::from_secs(5) => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        // The server's handshake runs as it reads.
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut one = [0u8];
+        assert_eq!(s.recv_slice(&mut one, false).unwrap(), 1);
+        let c = t.join().unwrap();
+        (c, s)
+    }
+
+    fn pattern(i: usize) -> u8 {
+        (i ^ (i >> 7) ^ (i >> 13)) as u8
+    }
+
+    #[test]
+    fn bulk_both_ways_with_non_blocking_writes_and_odd_reads() {
+        let (c, s) = pair();
+        const LEN: usize = 6 << 20;
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let c = Arc::new(c);
+        let s = Arc::new(s);
+        // Each end sends LEN bytes without blocking (flushing what TLS
+        // kept back when the socket was full) while the other reads it in
+        // odd-sized pieces, some into slices, some into a BytesMut.
+        let send = |conn: Arc<Conn>| {
+            std::thread::spawn(move || {
+                let data: Vec<u8> = (0..LEN).map(pattern).collect();
+                let mut at = 0;
+                let start = Instant::now();
+                while at < LEN || !conn.flush_pending().unwrap() {
+                    assert!(start.elapsed() < Duration::from_secs(30), "stuck at {at}");
+                    if at < LEN {
+                        let end = (at + 70_001).min(LEN);
+                        match conn.send_nonblocking(&data[at..end]) {
+                            Ok(n) => at += n,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    let _ = sys::poll_writable(conn.as_fd(), Duration::from_millis(10));
+                }
+            })
+        };
+        let recv = |conn: Arc<Conn>| {
+            std::thread::spawn(move || {
+                let mut got = 0usize;
+                let mut buf = bytes::BytesMut::new();
+                let mut slice = vec![0u8; 3_333];
+                let mut k = 0;
+                while got < LEN {
+                    k += 1;
+                    let n = if k % 2 == 0 {
+                        buf.clear();
+                        let n = conn.recv_into(&mut buf, 50_000, false).unwrap();
+                        for (i, b) in buf.iter().enumerate() {
+                            assert_eq!(*b, pattern(got + i), "byte {}", got + i);
+                        }
+                        n
+                    } else {
+                        let n = conn.recv_slice(&mut slice, false).unwrap();
+                        for (i, b) in slice[..n].iter().enumerate() {
+                            assert_eq!(*b, pattern(got + i), "byte {}", got + i);
+                        }
+                        n
+                    };
+                    assert!(n > 0, "end of stream after {got}");
+                    got += n;
+                }
+                assert!(!conn.buffered());
+            })
+        };
+        let ts = [
+            send(c.clone()),
+            send(s.clone()),
+            recv(c.clone()),
+            recv(s.clone()),
+        ];
+        for t in ts {
+            t.join().unwrap();
+        }
+        // The session is bound: both ends export the same material.
+        assert_eq!(c.binding(), s.binding());
+        assert!(c.binding().is_some());
+        assert_eq!(
+            c.peer_key(),
+            Some(match &*s {
+                Conn::Tls(t) => t.own,
+                _ => unreachable!(),
+            })
+        );
+        // A clean close reads as end of stream on the other side.
+        c.shutdown().unwrap();
+        let mut b = [0u8; 8];
+        assert_eq!(s.recv_slice(&mut b, false).unwrap(), 0);
     }
 }

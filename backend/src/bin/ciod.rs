@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use cio_backend::access::Access;
 use cio_backend::usb::{stock::UsbipServer, CdcAcmEcho, UsbFilter, UsbModel, UsbProvider};
 use cio_backend::{DeviceSpec, FileConfig, Limits, Security, Server, ServerConfig};
 use cio_core::error_chain;
@@ -276,6 +277,20 @@ fn check_config(path: &std::path::Path) -> Result<(), String> {
             return Err(format!("two devices are named {:?}", s.name()));
         }
     }
+    Access::new(file.access.clone())?;
+    if let (Some(path), false) = (&file.authorized_clients, file.access.is_empty()) {
+        let clients = AuthorizedClients::load(path).map_err(|e| error_chain(&e))?;
+        let known: Vec<String> = clients.names().map(str::to_string).collect();
+        for r in &file.access {
+            if r.client != "*" && !known.contains(&r.client) {
+                return Err(format!(
+                    "[[access]] names client {:?}, which {} does not list",
+                    r.client,
+                    path.display()
+                ));
+            }
+        }
+    }
     println!("{}: valid", path.display());
     let link = match &security {
         Security::Tls(t) => format!("TLS as {}", t.fingerprint()),
@@ -290,6 +305,9 @@ fn check_config(path: &std::path::Path) -> Result<(), String> {
             "none"
         }
     );
+    for r in &file.access {
+        println!("  access {:?}: {}", r.client, r.devices.join(", "));
+    }
     for s in &specs {
         let release = policies
             .iter()
@@ -416,6 +434,7 @@ fn run(args: Args) -> Result<(), String> {
             .set_release(&name, release)
             .map_err(|e| error_chain(&e))?;
     }
+    server.set_access(Access::new(file.access.clone())?);
     for name in &args.keep_state {
         server
             .set_release(name, cio_backend::registry::Release::AsIs)
@@ -437,21 +456,14 @@ fn run(args: Args) -> Result<(), String> {
             info!("signal {sig}: shutting down");
             break;
         }
-        // Reload the authorized clients: new connections see the new list,
-        // sessions already authenticated keep going.
-        match (&tls, &clients_file) {
-            (Some(tls), Some(path)) => match AuthorizedClients::load(path) {
-                Ok(c) => {
-                    info!(clients = c.len(), file = %path.display(), "SIGHUP: authorized clients reloaded");
-                    tls.set_clients(c);
-                }
-                Err(e) => warn!(
-                    "SIGHUP: keeping the authorized clients: {}",
-                    error_chain(&e)
-                ),
-            },
-            _ => info!("SIGHUP: nothing to reload (no TLS authorized_clients file)"),
-        }
+        // Reload the authorized clients and the access rules: new
+        // connections and requests follow them, sessions keep going.
+        reload(
+            &handle,
+            args.config.as_deref(),
+            tls.as_ref(),
+            clients_file.as_deref(),
+        );
     }
     // Both end their USB imports, which gives the devices back.
     if let Some(u) = usbip {
@@ -459,6 +471,37 @@ fn run(args: Args) -> Result<(), String> {
     }
     handle.shutdown();
     Ok(())
+}
+
+/// SIGHUP: reads the authorized clients and the config file's access rules
+/// again; keeps the old ones when a file is unusable.
+fn reload(
+    handle: &cio_backend::ServerHandle,
+    config: Option<&std::path::Path>,
+    tls: Option<&cio_transports::ServerTls>,
+    clients: Option<&std::path::Path>,
+) {
+    if let (Some(tls), Some(path)) = (tls, clients) {
+        match AuthorizedClients::load(path) {
+            Ok(c) => {
+                info!(clients = c.len(), file = %path.display(), "SIGHUP: authorized clients reloaded");
+                tls.set_clients(c);
+            }
+            Err(e) => warn!(
+                "SIGHUP: keeping the authorized clients: {}",
+                error_chain(&e)
+            ),
+        }
+    }
+    if let Some(path) = config {
+        match FileConfig::load(path).and_then(|f| Access::new(f.access)) {
+            Ok(a) => {
+                info!(file = %path.display(), open = a.is_open(), "SIGHUP: access rules reloaded");
+                handle.set_access(a);
+            }
+            Err(e) => warn!("SIGHUP: keeping the access rules: {e}"),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -141,6 +141,8 @@ pub struct Shared {
     pub psk: Option<Psk>,
     /// TLS on every connection, if set.
     pub tls: Option<ServerTls>,
+    /// Who may use which device (replaced on a config reload).
+    pub access: std::sync::RwLock<crate::access::Access>,
     /// Limits.
     pub limits: Limits,
     /// Counters.
@@ -200,6 +202,7 @@ impl Shared {
             usb,
             psk,
             tls: None,
+            access: Default::default(),
             limits,
             counters: Counters::default(),
             stopping: AtomicBool::new(false),
@@ -207,6 +210,14 @@ impl Shared {
             admission: Admission::default(),
             refusals: LogGate::default(),
         }
+    }
+
+    /// May `client` use `device`?
+    fn allows(&self, client: Option<&str>, device: &str) -> bool {
+        self.access
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .allows(client, device)
     }
 
     /// Connections in their handshake now.
@@ -352,6 +363,15 @@ struct Resume {
 /// A request that failed without ending the session.
 type ReqError = (ErrorCode, String);
 
+/// A device the access rules keep from this client: refused as one that
+/// does not exist, so its existence is not revealed either.
+fn not_yours(name: &str) -> ReqError {
+    (
+        ErrorCode::NO_DEVICE,
+        format!("no device {name:?} that this client may use"),
+    )
+}
+
 /// Which slot a session holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {
@@ -375,6 +395,8 @@ pub struct Session {
     link: Option<Link>,
     /// Peer of the current (or last) link, for logs.
     peer: String,
+    /// The client's name from authorized_clients (TLS), for access rules.
+    client: Option<String>,
     out: OutQueue,
     state: State,
     /// Last frame received and handled, in the session's numbering.
@@ -429,6 +451,7 @@ impl Session {
                 shared,
                 poll,
                 peer: link.peer.clone(),
+                client: None,
                 link: Some(link),
                 out: OutQueue::new(),
                 state: State::Hello,
@@ -490,11 +513,16 @@ impl Session {
             return Err(self.fatal(ErrorCode::LIMIT, 0, why));
         }
         let key = self.link.as_ref().and_then(|l| l.conn.peer_key());
-        let client = match (&self.shared.tls, key) {
-            (Some(tls), Some(fp)) => tls.client_name(&fp).unwrap_or_else(|| fp.to_string()),
-            _ => "-".into(),
+        self.client = match (&self.shared.tls, key) {
+            (Some(tls), Some(fp)) => tls.client_name(&fp),
+            _ => None,
         };
-        info!(session = %self.hex(), peer = %self.peer, client_key = %client, resumable = self.resume.is_some(), "authenticated");
+        let shown = match (&self.client, key) {
+            (Some(name), _) => name.clone(),
+            (None, Some(fp)) => fp.to_string(),
+            (None, None) => "-".into(),
+        };
+        info!(session = %self.hex(), peer = %self.peer, client_key = %shown, resumable = self.resume.is_some(), "authenticated");
         Ok(())
     }
 
@@ -1131,8 +1159,19 @@ impl Session {
                 return Ok(());
             }
             Message::UsbList => Ok(Message::UsbDeviceList {
-                devices: self.shared.usb.list(),
+                devices: self
+                    .shared
+                    .usb
+                    .list()
+                    .into_iter()
+                    .filter(|d| self.shared.allows(self.client.as_deref(), &d.busid))
+                    .collect(),
             }),
+            Message::UsbImport { busid, .. }
+                if !self.shared.allows(self.client.as_deref(), &busid) =>
+            {
+                Err(not_yours(&busid))
+            }
             Message::UsbImport {
                 busid,
                 direct: false,
@@ -1141,6 +1180,9 @@ impl Session {
                 busid,
                 direct: true,
             } => return self.usb_import_direct(seq, &busid),
+            Message::Open { name } if !self.shared.allows(self.client.as_deref(), &name) => {
+                Err(not_yours(&name))
+            }
             Message::Open { .. } if self.usb.is_some() => Err((
                 ErrorCode::STATE,
                 "this session carries a USB device; open PCI devices in another session".into(),
@@ -1149,7 +1191,13 @@ impl Session {
             Message::Suspend => return self.suspend(seq),
             Message::Ping { payload } => Ok(Message::Pong { payload }),
             Message::ListDevices => Ok(Message::DeviceList {
-                devices: self.shared.registry.list(),
+                devices: self
+                    .shared
+                    .registry
+                    .list()
+                    .into_iter()
+                    .filter(|d| self.shared.allows(self.client.as_deref(), &d.name))
+                    .collect(),
             }),
             msg => match self
                 .devices

@@ -21,7 +21,9 @@ use cio_backend::models::memory::{self, CMD_TO_MEMORY};
 use cio_backend::models::{Edu, Memory};
 use cio_backend::{Limits, Server, ServerConfig, ServerHandle};
 use cio_core::{Device, DmaDir, DmaRegion, EventFd, IrqKind, PAGE_SIZE};
-use cio_transports::{sys, Conn, Endpoint, Listener};
+use cio_transports::{
+    sys, AuthorizedClients, ClientTls, Conn, Endpoint, Identity, Listener, Pin, ServerTls,
+};
 use serde::Serialize;
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
@@ -35,6 +37,8 @@ pub enum Transport {
     Tcp,
     /// Unix stream socket.
     Unix,
+    /// TLS over loopback TCP, measured against plaintext TCP (rows T1, T3).
+    Tls,
 }
 
 impl std::fmt::Display for Transport {
@@ -42,6 +46,7 @@ impl std::fmt::Display for Transport {
         f.write_str(match self {
             Self::Tcp => "tcp",
             Self::Unix => "unix",
+            Self::Tls => "tls",
         })
     }
 }
@@ -290,7 +295,7 @@ fn raw_client(
 
 fn endpoint(t: Transport, tag: &str) -> Endpoint {
     match t {
-        Transport::Tcp => "127.0.0.1:0".parse().expect("valid"),
+        Transport::Tcp | Transport::Tls => "127.0.0.1:0".parse().expect("valid"),
         Transport::Unix => Endpoint::Unix(
             std::env::temp_dir().join(format!("cio-bench-{}-{tag}.sock", std::process::id())),
         ),
@@ -301,6 +306,13 @@ const BIG_BAR: u64 = 64 << 20;
 
 /// The embedded backend, and the stamp mem0 takes when its doorbell rings.
 fn start_backend(t: Transport) -> BenchResult<(ServerHandle, Arc<std::sync::atomic::AtomicU64>)> {
+    start_backend_with(t, Default::default())
+}
+
+fn start_backend_with(
+    t: Transport,
+    security: cio_backend::Security,
+) -> BenchResult<(ServerHandle, Arc<std::sync::atomic::AtomicU64>)> {
     let stamp = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mem = Stamped {
         inner: Memory::new("mem0", BIG_BAR).map_err(err("memory device"))?,
@@ -313,7 +325,7 @@ fn start_backend(t: Transport) -> BenchResult<(ServerHandle, Arc<std::sync::atom
         devices: vec![Box::new(Edu::new("edu0")), Box::new(mem)],
         limits: Limits::default(),
         usb: Default::default(),
-        security: Default::default(),
+        security,
     })
     .and_then(|s| s.spawn())
     .map_err(err("embedded backend"))?;
@@ -321,14 +333,126 @@ fn start_backend(t: Transport) -> BenchResult<(ServerHandle, Arc<std::sync::atom
 }
 
 fn client(s: &ServerHandle, batch: bool) -> BenchResult<Client> {
+    client_with(s, batch, None)
+}
+
+fn client_with(s: &ServerHandle, batch: bool, tls: Option<ClientTls>) -> BenchResult<Client> {
     Client::connect(
         s.endpoint(),
         ClientOptions {
             batch_writes: batch,
+            tls,
             ..ClientOptions::default()
         },
     )
     .map_err(err("connect"))
+}
+
+/// T1 and T3: what TLS costs. The same work through a TLS backend and a
+/// plaintext one (both loopback TCP, both embedded), alternating: a 4-byte
+/// BAR read, and DMA sync both ways.
+fn tls_cost(quick: bool) -> BenchResult<Vec<Row>> {
+    let t = Transport::Tls;
+    let backend = Identity::generate("bench backend").map_err(err("identity"))?;
+    let me = Identity::generate("bench client").map_err(err("identity"))?;
+    let mut allowed = AuthorizedClients::default();
+    allowed.insert(me.fingerprint(), "bench");
+    let tls = ServerTls::new(&backend, allowed, false).map_err(err("tls"))?;
+    let (ts, _) = start_backend_with(t, cio_backend::Security::Tls(tls))?;
+    let (ps, _) = start_backend(Transport::Tcp)?;
+    let pin = ClientTls {
+        identity: me,
+        pin: Pin::Key(backend.fingerprint()),
+    };
+    let (tc, pc) = (client_with(&ts, true, Some(pin))?, client(&ps, true)?);
+    let mut td = tc.open("mem0").map_err(err("open"))?;
+    let mut pd = pc.open("mem0").map_err(err("open"))?;
+    let mut rows = Vec::new();
+    let (blocks, per) = if quick { (4, 200) } else { (20, 1500) };
+    let mut buf = [0u8; 4];
+    let mut pbuf = [0u8; 4];
+    let (vt, vp) = alternate(
+        blocks,
+        per,
+        || td.read(0, 0x40, &mut buf).map_err(err("read")),
+        || pd.read(0, 0x40, &mut pbuf).map_err(err("read")),
+    )?;
+    let (tls_s, plain) = (stat(vt, false), stat(vp, false));
+    let ratio = tls_s.median / plain.median;
+    rows.push(row(
+        "T1",
+        "BAR read 4 B round trip, TLS vs plaintext".into(),
+        t,
+        "us",
+        tls_s,
+        plain,
+        "tls/plain",
+        ratio,
+        ("<= 1.05", ratio <= 1.05),
+    ));
+    let size: u64 = if quick { 1 << 20 } else { 16 << 20 };
+    let iters = if quick { 3 } else { 24 };
+    for (dir, cmd) in [("dev->target", Some(CMD_TO_MEMORY)), ("target->dev", None)] {
+        let mut runs = Vec::new();
+        for (k, d) in [&mut td, &mut pd].into_iter().enumerate() {
+            let flow = if cmd.is_some() {
+                DmaDir::FromDevice
+            } else {
+                DmaDir::ToDevice
+            };
+            let r = Arc::new(
+                DmaRegion::new(0x1_0000_0000 + k as u64 * BIG_BAR, size, flow)
+                    .map_err(err("region"))?,
+            );
+            d.dma_map(Arc::clone(&r)).map_err(err("map"))?;
+            d.write64(2, memory::reg::DMA_ADDR, r.iova())
+                .map_err(err("write"))?;
+            d.write64(2, memory::reg::BAR_OFFSET, 0)
+                .map_err(err("write"))?;
+            d.write64(2, memory::reg::LEN, size).map_err(err("write"))?;
+            runs.push(r);
+        }
+        let once = |d: &mut RemoteDevice, r: &DmaRegion| -> BenchResult<()> {
+            match cmd {
+                Some(c) => d.write64(2, memory::reg::CMD, c).map_err(err("cmd"))?,
+                None => r.with_mut(0, size as usize, |_| ()).map_err(err("mark"))?,
+            }
+            d.read64(2, memory::reg::COMPLETED)
+                .map(|_| ())
+                .map_err(err("fence"))
+        };
+        let (vt, vp) = alternate(
+            iters,
+            1,
+            || once(&mut td, &runs[0]),
+            || once(&mut pd, &runs[1]),
+        )?;
+        let bw = |v: Vec<f64>| {
+            v.into_iter()
+                .map(|u| mib_s(size, Duration::from_secs_f64(u.max(1.0) / 1e6)))
+                .collect::<Vec<_>>()
+        };
+        let (tls_s, plain) = (stat(bw(vt), true), stat(bw(vp), true));
+        let ratio = tls_s.median / plain.median;
+        rows.push(row(
+            "T3",
+            format!("DMA sync {dir}, {}, TLS vs plaintext", size_label(size)),
+            t,
+            "MiB/s",
+            tls_s,
+            plain,
+            "tls/plain",
+            ratio,
+            (">= 0.80", ratio >= 0.80),
+        ));
+        for (d, r) in [&mut td, &mut pd].into_iter().zip(&runs) {
+            d.dma_unmap(r.iova()).map_err(err("unmap"))?;
+        }
+    }
+    drop((td, pd, tc, pc));
+    ts.shutdown();
+    ps.shutdown();
+    Ok(rows)
 }
 
 fn us(d: Duration) -> f64 {
@@ -747,6 +871,14 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> BenchResult<Report
         rows.push(r);
     };
     for &t in &opts.transports {
+        if t == Transport::Tls {
+            if opts.wants("T1") || opts.wants("T3") {
+                for r in tls_cost(opts.quick)? {
+                    push(r, &mut rows);
+                }
+            }
+            continue;
+        }
         let (s, stamp) = start_backend(t)?;
         if opts.wants("P1") {
             for width in [4, 8] {

@@ -210,7 +210,8 @@ enum Cmd {
     },
     /// Measure cio against the raw transport in the same run (P1 read
     /// latency, P2 posted writes/s, P3 DMA sync bandwidth, P4 interrupt
-    /// latency, P7 sync cost vs mapping size) and print ratios.
+    /// latency, P7 sync cost vs mapping size; T1 and T3: the same read and
+    /// DMA sync over TLS against plaintext) and print ratios.
     Bench {
         /// A few seconds instead of minutes: checks the code paths, the
         /// numbers are not meant to be read.
@@ -222,7 +223,7 @@ enum Cmd {
         /// Where to write the results as JSON.
         #[arg(long, value_name = "FILE", default_value = "cio-bench.json")]
         json: PathBuf,
-        /// Run only these measurements (comma-separated: P1,P2,P3,P4,P7).
+        /// Run only these measurements (comma-separated: P1,P2,P3,P4,P7,T1,T3).
         #[arg(long, value_delimiter = ',', value_name = "IDS")]
         only: Vec<String>,
     },
@@ -354,6 +355,8 @@ enum SessionCmd {
 enum TransportArg {
     Tcp,
     Unix,
+    /// TLS against plaintext TCP (rows T1, T3).
+    Tls,
     All,
 }
 
@@ -705,7 +708,8 @@ fn bench(
     let transports = match transport {
         TransportArg::Tcp => vec![Transport::Tcp],
         TransportArg::Unix => vec![Transport::Unix],
-        TransportArg::All => vec![Transport::Tcp, Transport::Unix],
+        TransportArg::Tls => vec![Transport::Tls],
+        TransportArg::All => vec![Transport::Tcp, Transport::Unix, Transport::Tls],
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     outln!(
