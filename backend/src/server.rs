@@ -164,6 +164,8 @@ pub struct Stats {
     pub parked: usize,
     /// Connections that took a session over since start.
     pub resumes: u64,
+    /// Bytes queued to send, all sessions together.
+    pub queued_bytes: usize,
 }
 
 impl Server {
@@ -354,6 +356,7 @@ impl ServerHandle {
             handshaking: self.shared.handshaking(),
             authenticated: c.authenticated.load(Ordering::Relaxed),
             resumes: c.resumes.load(Ordering::Relaxed),
+            queued_bytes: c.queued_bytes.load(Ordering::Relaxed),
         }
     }
 

@@ -210,14 +210,21 @@ impl OpHeader {
 
 /// Writes `s` as a NUL-padded fixed field (cut to leave one NUL).
 fn put_fixed(out: &mut BytesMut, s: &str, len: usize) {
-    let b = &s.as_bytes()[..s.len().min(len - 1)];
-    out.put_slice(b);
-    out.put_bytes(0, len - b.len());
+    // Room for the NUL, and never half a character.
+    let mut end = s.len().min(len - 1);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.put_slice(&s.as_bytes()[..end]);
+    out.put_bytes(0, len - end);
 }
 
-/// Reads a NUL-padded fixed field.
+/// Reads a NUL-padded fixed field. The kernel reads these as C strings,
+/// so a field without its NUL is refused.
 pub fn fixed_str(b: &[u8]) -> Result<String, UsbipError> {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    let end = b.iter().position(|&c| c == 0).ok_or(UsbipError::Invalid(
+        "string field without its terminating NUL",
+    ))?;
     std::str::from_utf8(&b[..end])
         .map(str::to_owned)
         .map_err(|_| UsbipError::Invalid("string field"))
@@ -407,6 +414,18 @@ impl UrbHeader {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn fixed_fields_need_their_nul_and_never_split_a_character() {
+        assert!(fixed_str(&[b'1'; BUSID_LEN]).is_err(), "no NUL");
+        let mut out = BytesMut::new();
+        // 31 bytes fit; the 2-byte character at 30..32 must not be split.
+        let s = format!("{}é", "x".repeat(30));
+        put_fixed(&mut out, &s, BUSID_LEN);
+        assert_eq!(out.len(), BUSID_LEN);
+        assert_eq!(fixed_str(&out).unwrap(), "x".repeat(30));
+    }
+
     use super::*;
 
     fn dev() -> UsbDevice {

@@ -1330,7 +1330,8 @@ impl FrameDecoder {
         self.buf.advance(HEADER_LEN);
         let body = self.buf.split_to(len as usize).freeze();
         let msg = Message::decode(kind, body)?;
-        self.next_seq += 1;
+        // Wraps only after 2^64 frames, or from a resume point a peer chose.
+        self.next_seq = self.next_seq.wrapping_add(1);
         Ok(Some(Frame { seq, reply_to, msg }))
     }
 }

@@ -193,3 +193,134 @@ fn a_frozen_device_holder_loses_the_device_after_the_link_timeout() {
     // mem0 is free for the next user.
     common::bystander_works(&s);
 }
+
+/// This process's resident memory.
+fn rss() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb << 10
+}
+
+#[test]
+fn shadow_memory_is_bounded_per_session_and_in_all_and_others_are_still_served() {
+    use cio_core::{DmaDir, DmaRegion};
+    const MIB: u64 = 1 << 20;
+    let s = common::server_with(
+        None,
+        Limits {
+            max_mapped_bytes: 48 * MIB,
+            max_mapped_total: 64 * MIB,
+            ..Limits::default()
+        },
+    );
+    let before = rss();
+    let hog = common::connect(s.endpoint());
+    let mut m = hog.open("mem0").unwrap();
+    // Maps and touches (pushes) its whole share: 48 MiB in 3 mappings.
+    let mut regions = Vec::new();
+    for i in 0..3u64 {
+        let r = Arc::new(DmaRegion::new(i << 32, 16 * MIB, DmaDir::ToDevice).unwrap());
+        m.dma_map(Arc::clone(&r)).unwrap();
+        r.with_mut(0, (16 * MIB) as usize, |b| b.fill(0x5a))
+            .unwrap();
+        regions.push(r);
+    }
+    m.read32(0, 0).unwrap(); // the fence pushes every dirty page
+                             // One byte more is refused, naming the session's limit.
+    let extra = Arc::new(DmaRegion::new(3 << 32, 4096, DmaDir::ToDevice).unwrap());
+    let e = m.dma_map(Arc::clone(&extra)).unwrap_err().to_string();
+    assert!(e.contains("max_mapped_bytes"), "{e}");
+    assert_eq!(s.stats().shadow_bytes, 48 * MIB);
+
+    // A second client gets what is left of the total, then is refused
+    // naming the total, and is otherwise served as usual.
+    let other = common::connect(s.endpoint());
+    let mut e0 = other.open("edu0").unwrap();
+    let r = Arc::new(DmaRegion::new(1 << 32, 16 * MIB, DmaDir::ToDevice).unwrap());
+    e0.dma_map(Arc::clone(&r)).unwrap();
+    let more = Arc::new(DmaRegion::new(2 << 32, 4096, DmaDir::ToDevice).unwrap());
+    let e = e0.dma_map(more).unwrap_err().to_string();
+    assert!(e.contains("max_mapped_total"), "{e}");
+    assert_eq!(e0.read32(0, 0).unwrap(), 0x010000ed);
+    assert!(s.stats().shadow_bytes <= 64 * MIB);
+    // The daemon's memory grew by the shadow it committed (48 MiB) and
+    // the test's own copies (48 MiB), not more.
+    let grown = rss().saturating_sub(before);
+    assert!(grown < 140 * MIB, "RSS grew by {} MiB", grown >> 20);
+
+    // Unmapping gives the space back to everyone.
+    for r in &regions {
+        m.dma_unmap(r.iova()).unwrap();
+    }
+    let again = Arc::new(DmaRegion::new(2 << 32, 16 * MIB, DmaDir::ToDevice).unwrap());
+    e0.dma_map(again).unwrap();
+}
+
+#[test]
+fn replies_queued_for_clients_that_do_not_read_are_bounded_in_all() {
+    const KIB: usize = 1 << 10;
+    let s = common::server_with(
+        None,
+        Limits {
+            max_sessions: 4,
+            max_queued_total: 1024 * KIB,
+            ..Limits::default()
+        },
+    );
+    // Three clients ask for 64 KiB pongs and never read them: without the
+    // total each could queue 32 MiB.
+    let stop = Arc::new(AtomicBool::new(false));
+    let hogs: Vec<_> = (0..3)
+        .map(|_| {
+            let mut raw = common::Raw::ready(s.endpoint());
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                raw.conn
+                    .set_write_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
+                let ping = Message::Ping {
+                    payload: vec![7u8; 64 * KIB].into(),
+                };
+                for _ in 0..200 {
+                    raw.out.push(&ping, 0);
+                    if raw
+                        .out
+                        .write_to(&raw.conn, Some(Duration::from_millis(200)))
+                        .is_err()
+                        || stop.load(Ordering::Relaxed)
+                    {
+                        break;
+                    }
+                }
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                drop(raw);
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    let queued = s.stats().queued_bytes;
+    // Past the total each hog stops at its fair share (256 KiB); sessions
+    // reading at the same moment overshoot by a few replies each. Without
+    // the total each could hold 32 MiB.
+    assert!(
+        queued <= 1024 * KIB + 3 * 256 * KIB,
+        "{} KiB queued in all",
+        queued / KIB
+    );
+    // And a fourth client is served at once.
+    let t = Instant::now();
+    let c = common::connect(s.endpoint());
+    let mut d = c.open("edu0").unwrap();
+    assert_eq!(d.read32(0, 0).unwrap(), 0x010000ed);
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    for h in hogs {
+        h.join().unwrap();
+    }
+}

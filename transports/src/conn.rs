@@ -295,18 +295,14 @@ impl Read for &Conn {
 
 impl Write for &Conn {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Conn::Tcp(s) => (&*s).write(buf),
-            Conn::Unix(s) => (&*s).write(buf),
-            Conn::Tls(t) => (&**t).write(buf),
-        }
+        self.write_vectored(&[IoSlice::new(buf)])
     }
 
+    /// Never raises SIGPIPE (see [`sys::send_vectored`]).
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
-            Conn::Tcp(s) => (&*s).write_vectored(bufs),
-            Conn::Unix(s) => (&*s).write_vectored(bufs),
             Conn::Tls(t) => (&**t).write_vectored(bufs),
+            _ => sys::send_vectored(self.as_fd(), bufs, false),
         }
     }
 

@@ -93,6 +93,27 @@ pub fn send_nonblocking(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
     })
 }
 
+/// Sends from `bufs` in one `sendmsg`, never raising SIGPIPE (a peer
+/// that went away is `BrokenPipe`, also in a program that did not ignore
+/// the signal, such as one embedding the library); with `nonblocking`,
+/// without waiting, otherwise as the socket's mode says.
+pub fn send_vectored(
+    fd: BorrowedFd<'_>,
+    bufs: &[std::io::IoSlice<'_>],
+    nonblocking: bool,
+) -> io::Result<usize> {
+    let flags = libc::MSG_NOSIGNAL | if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+    // SAFETY: an all-zero msghdr is a valid empty message.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // IoSlice is guaranteed ABI-compatible with iovec on Unix; sendmsg only
+    // reads the buffers.
+    msg.msg_iov = bufs.as_ptr().cast_mut().cast::<libc::iovec>();
+    msg.msg_iovlen = bufs.len().min(1024);
+    // SAFETY: `msg` points at `msg_iovlen` valid iovecs borrowed for the
+    // call, with no name and no control data; the fd is valid.
+    retry(|| unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, flags) })
+}
+
 /// Receives into `buf`; with `nonblocking`, without waiting
 /// (`MSG_DONTWAIT`), otherwise as the socket's mode says. `Ok(0)` is end of
 /// stream.

@@ -297,6 +297,23 @@ impl std::fmt::Debug for TlsStream {
     }
 }
 
+/// Sends for rustls without waiting and without SIGPIPE.
+struct SockWrite<'a>(&'a TcpStream);
+
+impl Write for SockWrite<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        sys::send_nonblocking(self.0.as_fd(), buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        sys::send_vectored(self.0.as_fd(), bufs, true)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// What one read of the socket brought.
 enum Pulled {
     Data,
@@ -480,7 +497,7 @@ impl TlsStream {
     /// is left.
     fn flush_locked(&self, st: &mut State) -> io::Result<bool> {
         while st.conn.wants_write() {
-            match st.conn.write_tls(&mut &self.sock) {
+            match st.conn.write_tls(&mut SockWrite(&self.sock)) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use cio_backend::access::Access;
+use cio_backend::config::parse_size;
 use cio_backend::usb::{stock::UsbipServer, CdcAcmEcho, UsbFilter, UsbModel, UsbProvider};
 use cio_backend::{DeviceSpec, FileConfig, Limits, Security, Server, ServerConfig};
 use cio_core::error_chain;
@@ -154,6 +155,28 @@ struct Args {
     /// "as-is"` in the device's table.
     #[arg(long, value_name = "NAME")]
     keep_state: Vec<String>,
+
+    /// DMA address space one session may map (e.g. 4G): the most shadow
+    /// memory it can make ciod commit [default: a quarter of this
+    /// machine's memory, at most 64G].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_mapped_per_session: Option<u64>,
+
+    /// DMA address space all sessions together may map: the bound on
+    /// ciod's shadow memory [default: half of this machine's memory].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_mapped_total: Option<u64>,
+
+    /// Replies one session may have waiting for a slow client before it
+    /// stops reading that client's requests.
+    #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_size)]
+    max_queued_per_session: u64,
+
+    /// Replies all sessions together may have waiting; past it, sessions
+    /// holding more than their share (this over --max-sessions) stop
+    /// reading.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    max_queued_total: u64,
 
     /// Take the link of a resumable session as lost when its client sent
     /// nothing (frontends ping every few seconds) for SECS seconds.
@@ -411,6 +434,7 @@ fn run(args: Args) -> Result<(), String> {
         info!(device = %d.info().name, "serving {:04x}:{:04x}", d.info().vendor, d.info().device);
         devices.push(d);
     }
+    let defaults = Limits::default();
     let server = Server::bind(ServerConfig {
         listen,
         psk,
@@ -423,7 +447,13 @@ fn run(args: Args) -> Result<(), String> {
             max_handshakes_per_peer: args.max_handshakes_per_peer as usize,
             handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout),
             link_timeout: std::time::Duration::from_secs(args.link_timeout),
-            ..Limits::default()
+            max_mapped_bytes: args
+                .max_mapped_per_session
+                .unwrap_or(defaults.max_mapped_bytes),
+            max_mapped_total: args.max_mapped_total.unwrap_or(defaults.max_mapped_total),
+            max_queued_bytes: usize::try_from(args.max_queued_per_session).unwrap_or(usize::MAX),
+            max_queued_total: usize::try_from(args.max_queued_total).unwrap_or(usize::MAX),
+            ..defaults
         },
         usb: Arc::clone(&usb),
         security,

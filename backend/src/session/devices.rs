@@ -498,6 +498,7 @@ impl Devices {
 
     fn dma_map(&mut self, handle: u32, iova: u64, len: u64, dir: DmaDir) -> Result<(), ReqError> {
         let limits = self.shared.limits.clone();
+        let shared = Arc::clone(&self.shared);
         let session_bytes: u64 = self.handles.values().map(|d| d.dma.mapped_bytes()).sum();
         let d = self.open_dev(handle)?;
         if d.dma.regions().len() >= limits.max_mappings {
@@ -510,23 +511,43 @@ impl Devices {
             return Err((
                 ErrorCode::LIMIT,
                 format!(
-                    "mapping {len:#x} bytes would exceed the session's {:#x}-byte dma limit",
+                    "mapping {len:#x} bytes would exceed the session's {:#x}-byte dma limit (max_mapped_bytes)",
                     limits.max_mapped_bytes
                 ),
             ));
         }
         d.dma.check_free(iova, len).map_err(dma_err)?;
-        let region = Arc::new(DmaRegion::new(iova, len, dir).map_err(dma_err)?);
-        d.lease
-            .device()
-            .dma_map(Arc::clone(&region))
-            .map_err(dev_err(ErrorCode::DMA))?;
-        d.dma.insert(region).map_err(dma_err)?;
-        self.shared
-            .counters
-            .shadow_bytes
-            .fetch_add(len, Ordering::Relaxed);
-        Ok(())
+        // Reserve the bytes in the daemon's total first, so that sessions
+        // mapping at the same time cannot pass it together.
+        let total = &shared.counters.shadow_bytes;
+        if total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                t.checked_add(len).filter(|n| *n <= limits.max_mapped_total)
+            })
+            .is_err()
+        {
+            return Err((
+                ErrorCode::LIMIT,
+                format!(
+                    "mapping {len:#x} bytes would exceed the server's {:#x}-byte dma limit for all sessions together (max_mapped_total)",
+                    limits.max_mapped_total
+                ),
+            ));
+        }
+        let mapped = DmaRegion::new(iova, len, dir)
+            .map_err(dma_err)
+            .and_then(|r| {
+                let region = Arc::new(r);
+                d.lease
+                    .device()
+                    .dma_map(Arc::clone(&region))
+                    .map_err(dev_err(ErrorCode::DMA))?;
+                d.dma.insert(region).map_err(dma_err)
+            });
+        if mapped.is_err() {
+            total.fetch_sub(len, Ordering::Relaxed);
+        }
+        mapped
     }
 
     fn dma_unmap(&mut self, handle: u32, iova: u64, out: &mut dyn Outbox) -> Result<(), ReqError> {

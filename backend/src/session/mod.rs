@@ -69,12 +69,21 @@ pub struct Limits {
     pub max_handles: usize,
     /// DMA mappings per device.
     pub max_mappings: usize,
-    /// Bytes of DMA address space per session (shadow memory is committed
-    /// only as it is written).
+    /// Bytes of DMA address space per session. Shadow memory is committed
+    /// only as it is written (by the client's pushes or the device's DMA),
+    /// never beyond what is mapped, so this bounds what one session can
+    /// make the daemon commit.
     pub max_mapped_bytes: u64,
+    /// Bytes of DMA address space all sessions together may map: the bound
+    /// on the daemon's shadow memory.
+    pub max_mapped_total: u64,
     /// Queued outgoing bytes above which the session stops reading
     /// requests until the peer catches up.
     pub max_queued_bytes: usize,
+    /// Queued outgoing bytes of all sessions together above which a session
+    /// holding more than its fair share (this over `max_sessions`) stops
+    /// reading too.
+    pub max_queued_total: usize,
     /// Authenticated sessions per server (parked ones included).
     pub max_sessions: usize,
     /// A session carrying a USB device ends when the client sends nothing
@@ -91,16 +100,33 @@ pub struct Limits {
     pub link_timeout: Duration,
 }
 
+/// This machine's memory, from /proc/meminfo (64 GiB if unreadable).
+pub fn physical_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(64 << 30, |kb| kb << 10)
+}
+
 impl Default for Limits {
+    /// Defaults; the shadow memory bounds follow this machine's memory (a
+    /// quarter of it per session, half in all).
     fn default() -> Self {
+        let ram = physical_memory();
         Self {
             handshake_timeout: Duration::from_secs(5),
             max_handshakes: 32,
             max_handshakes_per_peer: 8,
             max_handles: 64,
             max_mappings: 1024,
-            max_mapped_bytes: 64 << 30,
+            max_mapped_bytes: (64 << 30).min(ram / 4),
+            max_mapped_total: ram / 2,
             max_queued_bytes: 32 << 20,
+            max_queued_total: 256 << 20,
             max_sessions: 64,
             usb_idle_timeout: Duration::from_secs(60),
             resume_grace: Duration::from_secs(30),
@@ -120,6 +146,8 @@ pub struct Counters {
     pub sessions_total: AtomicU64,
     /// Bytes of shadow DMA memory mapped now.
     pub shadow_bytes: AtomicU64,
+    /// Bytes queued to send, all sessions together (as each last said).
+    pub queued_bytes: AtomicUsize,
     /// Interrupt eventfds registered now.
     pub irq_fds: AtomicUsize,
     /// Sessions that ended because of a protocol error.
@@ -405,6 +433,8 @@ pub struct Session {
     devices: Devices,
     /// Interrupt slots that fired while too much was queued.
     deferred_irqs: BTreeSet<usize>,
+    /// What this session last added to `Counters::queued_bytes`.
+    queued_reported: usize,
     usb: Option<UsbRelay>,
     /// A direct USB import: usbip-host owns the connection.
     direct: Option<UsbExport>,
@@ -458,6 +488,7 @@ impl Session {
                 received: 0,
                 resume: None,
                 deferred_irqs: BTreeSet::new(),
+                queued_reported: 0,
                 usb: None,
                 direct: None,
                 _waker: waker,
@@ -568,6 +599,8 @@ impl Session {
         }
         self.leave_slot();
         self.finish();
+        self.out = OutQueue::new();
+        self.report_queue();
         drop(self);
         shared.counters.sessions.fetch_sub(1, Ordering::Relaxed);
     }
@@ -692,6 +725,7 @@ impl Session {
                     }
                 }
             }
+            self.report_queue();
         }
     }
 
@@ -935,10 +969,30 @@ impl Session {
     }
 
     /// True while neither our replies nor bytes for the USB device have
-    /// piled up beyond the limit.
+    /// piled up beyond the limit, and, when all sessions together have
+    /// queued more than the total, ours hold no more than a fair share.
     fn can_read(&self) -> bool {
-        let max = self.shared.limits.max_queued_bytes;
-        self.out.len() < max && self.usb.as_ref().is_none_or(|u| u.pending() < max)
+        let l = &self.shared.limits;
+        let max = l.max_queued_bytes;
+        // The others as they last said, and ours as it is now.
+        let total = (self.shared.counters.queued_bytes.load(Ordering::Relaxed) + self.out.len())
+            .saturating_sub(self.queued_reported);
+        let fair = l.max_queued_total / l.max_sessions.max(1);
+        self.out.len() < max
+            && self.usb.as_ref().is_none_or(|u| u.pending() < max)
+            && (total < l.max_queued_total || self.out.len() <= fair)
+    }
+
+    /// Tells the other sessions how much this one has queued.
+    fn report_queue(&mut self) {
+        let now = self.out.len();
+        let q = &self.shared.counters.queued_bytes;
+        if now > self.queued_reported {
+            q.fetch_add(now - self.queued_reported, Ordering::Relaxed);
+        } else {
+            q.fetch_sub(self.queued_reported - now, Ordering::Relaxed);
+        }
+        self.queued_reported = now;
     }
 
     fn usb_io(&mut self) -> Result<(), End> {
@@ -1026,6 +1080,7 @@ impl Session {
     /// Reads what the socket has and handles every complete frame.
     fn read_and_handle(&mut self) -> Result<(), End> {
         loop {
+            self.report_queue();
             if !self.can_read() {
                 return Ok(()); // resume once the peer drains our replies
             }
