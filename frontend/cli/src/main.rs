@@ -35,6 +35,7 @@ mod demo;
 mod json;
 mod keys;
 mod regs;
+mod soak;
 
 /// Use PCI and USB devices served by a ciod on another host, as if they were local.
 ///
@@ -227,6 +228,23 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', value_name = "IDS")]
         only: Vec<String>,
     },
+    /// Soak an embedded backend: CLIENTS clients with mixed IO (edu
+    /// self-tests with MSI and DMA; posted-write bursts and DMA round trips
+    /// on memory devices; a new session every few rounds) and one hostile
+    /// client (garbage, cut frames, silence) for SECS seconds, reporting
+    /// operations, errors, RSS and fds as it goes. Exits non-zero on any
+    /// error or if the backend is not idle at the end.
+    Soak {
+        /// How long, in seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Well-behaved clients.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=64))]
+        clients: u64,
+        /// Seconds between report lines.
+        #[arg(long, default_value_t = 10)]
+        every: u64,
+    },
     /// USB devices of another host, attached here through vhci-hcd.
     ///
     /// SOURCE is a ciod (HOST[:PORT], unix:PATH; authenticated, relayed by
@@ -388,6 +406,15 @@ fn run(args: Args) -> Result<(), String> {
     let psk = link.psk()?;
     match args.cmd {
         Cmd::Usb { cmd } => usb_cmd(cmd, link),
+        Cmd::Soak {
+            seconds,
+            clients,
+            every,
+        } => soak::run(&soak::Options {
+            duration: std::time::Duration::from_secs(seconds),
+            clients: clients as usize,
+            every: std::time::Duration::from_secs(every.max(1)),
+        }),
         Cmd::Keygen { out, name } => {
             let out = out.unwrap_or_else(keys::default_identity);
             let id = Identity::create(&out, &name).map_err(|e| error_chain(&e))?;
