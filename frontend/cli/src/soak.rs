@@ -117,7 +117,10 @@ fn hostile(ep: &Endpoint, stop: &AtomicBool, tally: &Tally) {
         let _ = match k % 4 {
             0 => (&conn).write_all(&junk),
             1 => (&conn).write_all(&[0xff, 0xff, 0, 0, 1, 0]), // a huge frame, cut
-            2 => Ok(std::thread::sleep(Duration::from_millis(50))), // silent
+            2 => {
+                std::thread::sleep(Duration::from_millis(50)); // silent
+                Ok(())
+            }
             _ => (&conn).write_all(&[24, 0, 0, 0, 0x12, 0, 0, 0, 1, 0, 0, 0]),
         };
         drop(conn);
