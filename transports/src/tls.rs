@@ -43,8 +43,21 @@ pub const BINDING_LABEL: &[u8] = b"EXPORTER-cio-psk-binding";
 /// leaves more than this waiting inside the stream.
 const WRITE_CHUNK: usize = 128 * 1024;
 
+/// ring's provider with AES-128-GCM preferred: the fastest suite here
+/// (AES instructions), as strong as the link needs; AES-256-GCM and
+/// ChaCha20-Poly1305 stay allowed.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..rustls::crypto::ring::default_provider()
+    })
 }
 
 fn algorithms() -> WebPkiSupportedAlgorithms {
@@ -266,6 +279,8 @@ struct State {
     raw: Box<[u8]>,
     raw_at: usize,
     raw_len: usize,
+    /// The last receive was short: the socket had nothing more then.
+    drained: bool,
 }
 
 impl State {
@@ -414,6 +429,7 @@ impl TlsStream {
                 raw: vec![0u8; RAW_CHUNK].into_boxed_slice(),
                 raw_at: 0,
                 raw_len: 0,
+                drained: false,
             }),
             nonblocking: AtomicBool::new(false),
             timeouts: Mutex::new((None, None)),
@@ -526,6 +542,7 @@ impl TlsStream {
                 st.first.extend_from_slice(&head);
             }
             (st.raw_at, st.raw_len) = (0, n);
+            st.drained = n < st.raw.len();
             if n == 0 {
                 eof = true;
                 st.closed = true;
@@ -688,6 +705,11 @@ impl TlsStream {
                         continue;
                     }
                     if st.closed && !st.raw_left() {
+                        return Ok(got);
+                    }
+                    // A short receive drained the socket a moment ago: as
+                    // for a plain socket, no receive just to learn EAGAIN.
+                    if got > 0 && st.drained && !st.raw_left() {
                         return Ok(got);
                     }
                     match self.pull(&mut st)? {
