@@ -57,6 +57,28 @@ pub struct FileConfig {
     /// Who may use which device (`[[access]]` tables; none: everyone all).
     #[serde(default, rename = "access")]
     pub access: Vec<crate::access::Rule>,
+    /// The `[limits]` table: what the flags of the same names set (a flag
+    /// given on the command line wins).
+    pub limits: Option<LimitsFile>,
+}
+
+/// The `[limits]` table; see `docs/config.md`. Sizes are strings
+/// (`"4G"`), times seconds.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct LimitsFile {
+    pub max_sessions: Option<u64>,
+    pub max_handshakes: Option<u64>,
+    pub max_handshakes_per_peer: Option<u64>,
+    pub handshake_timeout: Option<u64>,
+    pub resume_grace: Option<u64>,
+    pub link_timeout: Option<u64>,
+    pub usb_idle_timeout: Option<u64>,
+    pub max_mapped_per_session: Option<String>,
+    pub max_mapped_total: Option<String>,
+    pub max_queued_per_session: Option<String>,
+    pub max_queued_total: Option<String>,
 }
 
 /// A `[[device]]` table.

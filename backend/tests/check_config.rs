@@ -62,6 +62,9 @@ fn each_mistake_is_named() {
         ("listen = \"tcp:\"\n", "listen"),
         ("[[access]]\nclient = \"\"\ndevices = [\"edu0\"]\n", "empty client"),
         ("[[access]]\nclient = \"a\"\ndevice = [\"edu0\"]\n", "unknown field"),
+        ("[limits]\nmax_sessions = 0\n", "max_sessions = 0: must be between 1 and 4096"),
+        ("[limits]\nmax_mapped_total = \"3X\"\n", "invalid size"),
+        ("[limits]\nmax_session = 3\n", "unknown field"),
     ] {
         let (ok, out) = check(text);
         assert!(!ok, "{text:?} passed: {out}");

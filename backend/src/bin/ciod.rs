@@ -119,35 +119,35 @@ struct Args {
     usbip_listen: Option<String>,
 
     /// End a USB import whose client sent nothing (not even its keepalive
-    /// pings) for SECS seconds, and give the device back.
-    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
-    usb_idle_timeout: u64,
+    /// pings) for SECS seconds, and give the device back. [default: 60]
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    usb_idle_timeout: Option<u64>,
 
     /// Keep a PCI session whose link broke for SECS seconds, its devices
     /// untouched (no reset, interrupts and DMA data queued), so that its
     /// client can reconnect and resume it with nothing lost. 0 ends
-    /// sessions with their connection (devices reset at once).
-    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86400))]
-    resume_grace: u64,
+    /// sessions with their connection (devices reset at once). [default: 30]
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=86400))]
+    resume_grace: Option<u64>,
 
     /// Authenticated sessions at once (parked ones included); more are
-    /// refused with a LIMIT error at Hello.
-    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
-    max_sessions: u64,
+    /// refused with a LIMIT error at Hello. [default: 64]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    max_sessions: Option<u64>,
 
     /// Connections in their handshake at once, in slots of their own; when
     /// all are taken a new connection evicts the oldest, so idle or
-    /// unauthenticated connections cannot lock clients out.
-    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
-    max_handshakes: u64,
+    /// unauthenticated connections cannot lock clients out. [default: 32]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    max_handshakes: Option<u64>,
 
-    /// Connections in their handshake at once from one IP address.
-    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
-    max_handshakes_per_peer: u64,
+    /// Connections in their handshake at once from one IP address. [default: 8]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    max_handshakes_per_peer: Option<u64>,
 
-    /// Seconds a connection has to complete its handshake.
-    #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
-    handshake_timeout: u64,
+    /// Seconds a connection has to complete its handshake. [default: 5]
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=600))]
+    handshake_timeout: Option<u64>,
 
     /// Hand device NAME on to the next session exactly as the last one left
     /// it, when it has no reset that clears its state (the default clears
@@ -168,20 +168,20 @@ struct Args {
     max_mapped_total: Option<u64>,
 
     /// Replies one session may have waiting for a slow client before it
-    /// stops reading that client's requests.
-    #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_size)]
-    max_queued_per_session: u64,
+    /// stops reading that client's requests [default: 32M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_queued_per_session: Option<u64>,
 
     /// Replies all sessions together may have waiting; past it, sessions
     /// holding more than their share (this over --max-sessions) stop
-    /// reading.
-    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
-    max_queued_total: u64,
+    /// reading [default: 256M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_queued_total: Option<u64>,
 
     /// Take the link of a resumable session as lost when its client sent
-    /// nothing (frontends ping every few seconds) for SECS seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=86400))]
-    link_timeout: u64,
+    /// nothing (frontends ping every few seconds) for SECS seconds. [default: 20]
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    link_timeout: Option<u64>,
 }
 
 /// Emulated USB models `--emulate-usb` knows.
@@ -301,6 +301,7 @@ fn check_config(path: &std::path::Path) -> Result<(), String> {
         }
     }
     Access::new(file.access.clone())?;
+    limits(&Args::parse_from(["ciod"]), &file)?;
     if let (Some(path), false) = (&file.authorized_clients, file.access.is_empty()) {
         let clients = AuthorizedClients::load(path).map_err(|e| error_chain(&e))?;
         let known: Vec<String> = clients.names().map(str::to_string).collect();
@@ -405,6 +406,7 @@ fn run(args: Args) -> Result<(), String> {
     };
     let listen = args
         .listen
+        .clone()
         .or(file.listen.clone())
         .unwrap_or_else(|| format!("127.0.0.1:{DEFAULT_PORT}"));
     let listen: Endpoint = listen.parse().map_err(|e| error_chain(&e))?;
@@ -434,27 +436,12 @@ fn run(args: Args) -> Result<(), String> {
         info!(device = %d.info().name, "serving {:04x}:{:04x}", d.info().vendor, d.info().device);
         devices.push(d);
     }
-    let defaults = Limits::default();
+    let limits = limits(&args, &file)?;
     let server = Server::bind(ServerConfig {
         listen,
         psk,
         devices,
-        limits: Limits {
-            usb_idle_timeout: std::time::Duration::from_secs(args.usb_idle_timeout),
-            resume_grace: std::time::Duration::from_secs(args.resume_grace),
-            max_sessions: args.max_sessions as usize,
-            max_handshakes: args.max_handshakes as usize,
-            max_handshakes_per_peer: args.max_handshakes_per_peer as usize,
-            handshake_timeout: std::time::Duration::from_secs(args.handshake_timeout),
-            link_timeout: std::time::Duration::from_secs(args.link_timeout),
-            max_mapped_bytes: args
-                .max_mapped_per_session
-                .unwrap_or(defaults.max_mapped_bytes),
-            max_mapped_total: args.max_mapped_total.unwrap_or(defaults.max_mapped_total),
-            max_queued_bytes: usize::try_from(args.max_queued_per_session).unwrap_or(usize::MAX),
-            max_queued_total: usize::try_from(args.max_queued_total).unwrap_or(usize::MAX),
-            ..defaults
-        },
+        limits,
         usb: Arc::clone(&usb),
         security,
     })
@@ -501,6 +488,114 @@ fn run(args: Args) -> Result<(), String> {
     }
     handle.shutdown();
     Ok(())
+}
+
+/// The limits: each from its flag, else the config file's `[limits]`
+/// table, else the default; every value checked against its range.
+fn limits(args: &Args, file: &FileConfig) -> Result<Limits, String> {
+    use std::time::Duration;
+    let d = Limits::default();
+    let f = file.limits.clone().unwrap_or_default();
+    let pick =
+        |name: &str, flag: Option<u64>, file: Option<u64>, default: u64, lo: u64, hi: u64| {
+            let v = flag.or(file).unwrap_or(default);
+            if (lo..=hi).contains(&v) {
+                Ok(v)
+            } else {
+                Err(format!("{name} = {v}: must be between {lo} and {hi}"))
+            }
+        };
+    let size =
+        |name: &str, flag: Option<u64>, file: &Option<String>, default: u64| match (flag, file) {
+            (Some(v), _) => Ok(v),
+            (None, Some(t)) => parse_size(t).map_err(|e| format!("[limits] {name}: {e}")),
+            (None, None) => Ok(default),
+        };
+    let secs = Duration::from_secs;
+    let count = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+    Ok(Limits {
+        usb_idle_timeout: secs(pick(
+            "usb_idle_timeout",
+            args.usb_idle_timeout,
+            f.usb_idle_timeout,
+            d.usb_idle_timeout.as_secs(),
+            1,
+            86400,
+        )?),
+        resume_grace: secs(pick(
+            "resume_grace",
+            args.resume_grace,
+            f.resume_grace,
+            d.resume_grace.as_secs(),
+            0,
+            86400,
+        )?),
+        max_sessions: count(pick(
+            "max_sessions",
+            args.max_sessions,
+            f.max_sessions,
+            d.max_sessions as u64,
+            1,
+            4096,
+        )?),
+        max_handshakes: count(pick(
+            "max_handshakes",
+            args.max_handshakes,
+            f.max_handshakes,
+            d.max_handshakes as u64,
+            1,
+            4096,
+        )?),
+        max_handshakes_per_peer: count(pick(
+            "max_handshakes_per_peer",
+            args.max_handshakes_per_peer,
+            f.max_handshakes_per_peer,
+            d.max_handshakes_per_peer as u64,
+            1,
+            4096,
+        )?),
+        handshake_timeout: secs(pick(
+            "handshake_timeout",
+            args.handshake_timeout,
+            f.handshake_timeout,
+            d.handshake_timeout.as_secs(),
+            1,
+            600,
+        )?),
+        link_timeout: secs(pick(
+            "link_timeout",
+            args.link_timeout,
+            f.link_timeout,
+            d.link_timeout.as_secs(),
+            1,
+            86400,
+        )?),
+        max_mapped_bytes: size(
+            "max_mapped_per_session",
+            args.max_mapped_per_session,
+            &f.max_mapped_per_session,
+            d.max_mapped_bytes,
+        )?,
+        max_mapped_total: size(
+            "max_mapped_total",
+            args.max_mapped_total,
+            &f.max_mapped_total,
+            d.max_mapped_total,
+        )?,
+        max_queued_bytes: count(size(
+            "max_queued_per_session",
+            args.max_queued_per_session,
+            &f.max_queued_per_session,
+            d.max_queued_bytes as u64,
+        )?),
+        max_queued_total: count(size(
+            "max_queued_total",
+            args.max_queued_total,
+            &f.max_queued_total,
+            d.max_queued_total as u64,
+        )?),
+        ..d
+    })
 }
 
 /// SIGHUP: reads the authorized clients and the config file's access rules
