@@ -44,7 +44,12 @@ use tracing::{info, warn};
 ///
 /// Log verbosity follows RUST_LOG (e.g. RUST_LOG=debug).
 #[derive(Debug, Parser)]
-#[command(version, verbatim_doc_comment, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "ciod",
+    version,
+    verbatim_doc_comment,
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -193,6 +198,14 @@ enum UsbModelName {
 
 #[derive(Debug, clap::Subcommand)]
 enum Cmd {
+    /// Print shell completions for ciod (e.g. `ciod completions bash >
+    /// /etc/bash_completion.d/ciod`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print ciod's man page (roff; `ciod man | man -l -`).
+    Man,
     /// Make this backend's TLS identity in FILE and print its fingerprint.
     ///
     /// The identity is a key in a self-signed certificate; clients trust
@@ -347,6 +360,22 @@ fn run(args: Args) -> Result<(), String> {
         return check_config(p);
     }
     match &args.cmd {
+        Some(Cmd::Completions { shell }) => {
+            use clap::CommandFactory;
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut Args::command(), "ciod", &mut buf);
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &buf);
+            return Ok(());
+        }
+        Some(Cmd::Man) => {
+            use clap::CommandFactory;
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(Args::command())
+                .render(&mut buf)
+                .map_err(|e| format!("writing the man page: {e}"))?;
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &buf);
+            return Ok(());
+        }
         Some(Cmd::Probe {
             bdf,
             region,

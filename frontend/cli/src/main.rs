@@ -58,7 +58,7 @@ mod soak;
 ///
 /// Log verbosity follows RUST_LOG (e.g. RUST_LOG=debug).
 #[derive(Debug, Parser)]
-#[command(version, verbatim_doc_comment)]
+#[command(name = "cio", version, verbatim_doc_comment)]
 struct Args {
     #[command(flatten)]
     link: keys::LinkArgs,
@@ -245,6 +245,14 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         every: u64,
     },
+    /// Print shell completions for cio (e.g. `cio completions bash >
+    /// /etc/bash_completion.d/cio`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print cio's man page (roff; `cio man | man -l -`).
+    Man,
     /// USB devices of another host, attached here through vhci-hcd.
     ///
     /// SOURCE is a ciod (HOST[:PORT], unix:PATH; authenticated, relayed by
@@ -415,6 +423,22 @@ fn run(args: Args) -> Result<(), String> {
             clients: clients as usize,
             every: std::time::Duration::from_secs(every.max(1)),
         }),
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Args::command(), "cio", &mut buf);
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &buf);
+            Ok(())
+        }
+        Cmd::Man => {
+            use clap::CommandFactory;
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(Args::command())
+                .render(&mut buf)
+                .map_err(|e| format!("writing the man page: {e}"))?;
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &buf);
+            Ok(())
+        }
         Cmd::Keygen { out, name } => {
             let out = out.unwrap_or_else(keys::default_identity);
             let id = Identity::create(&out, &name).map_err(|e| error_chain(&e))?;
