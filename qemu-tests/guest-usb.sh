@@ -76,6 +76,7 @@ say "WRITE cio $W $R"
 bench cio
 vhci_port || fail "cio usb port shows nothing"
 say "PORT $(cio usb port | grep -A2 '^Port' | tr -s ' \n' ' ')"
+say "PORTJSON $PORT $(cio usb port --json)"
 cio usb detach "$PORT" >/dev/null || fail "cio usb detach"
 waitfor 100 sh -c "! kill -0 $ATT 2>/dev/null" || fail "cio attach did not exit after detach"
 wait $ATT; say "DETACH cio exit $? $(tail -n 1 /tmp/attach.out)"

@@ -108,8 +108,31 @@ fn usb_storage_through_cio_and_stock_usbip_in_both_directions() {
             "{l} list"
         );
     }
-    let port = g.lines_with("CIO-USB PORT").join(" ");
+    let port = g.lines_with("CIO-USB PORT ").join(" ");
     assert!(port.contains("cio://") && port.contains(&src[0]), "{port}");
+    // The same port as JSON, parsed.
+    let line = g.lines_with("CIO-USB PORTJSON").join("");
+    let (number, json) = line
+        .split_once("PORTJSON ")
+        .and_then(|(_, r)| r.split_once(' '))
+        .expect("PORTJSON line");
+    let v: serde_json::Value = serde_json::from_str(json).expect("cio usb port --json parses");
+    let p = &v["ports"][0];
+    assert_eq!(p["port"].as_u64(), number.parse().ok(), "{json}");
+    assert!(
+        p["source"].as_str().is_some_and(|s| s.contains(&src[0])),
+        "{json}"
+    );
+    assert!(
+        p["local_busid"].as_str().is_some_and(|b| !b.is_empty()),
+        "{json}"
+    );
+    assert!(
+        p["speed_name"]
+            .as_str()
+            .is_some_and(|n| n.contains("Speed")),
+        "{json}"
+    );
     // Every kind of end gives the device back to its own driver.
     let restored: Vec<String> = fields(&g, "RESTORED")
         .iter()

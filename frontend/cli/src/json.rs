@@ -127,6 +127,43 @@ pub fn usb_devices(source: &str, devices: &[UsbDevice]) -> Value {
     json!({ "source": source, "devices": devices })
 }
 
+/// A vhci-hcd port in use, with what sysfs says of its device.
+#[derive(Debug)]
+pub struct PortView {
+    /// The port.
+    pub port: cio_frontend::usb::VhciPort,
+    /// `idVendor`, `idProduct`, `product` of the device here.
+    pub vendor: String,
+    /// See `vendor`.
+    pub product_id: String,
+    /// See `vendor`.
+    pub product: String,
+    /// Where it came from (the attach's record), if known.
+    pub source: Option<String>,
+}
+
+/// `cio usb port`.
+pub fn usb_ports(ports: &[PortView]) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|v| {
+            json!({
+                "port": v.port.port,
+                "speed": v.port.speed as u32,
+                "speed_name": v.port.speed.name(),
+                "local_busid": v.port.local_busid,
+                "remote_busnum": v.port.devid >> 16,
+                "remote_devnum": v.port.devid & 0xffff,
+                "vendor": v.vendor,
+                "product": v.product_id,
+                "product_name": v.product,
+                "source": v.source,
+            })
+        })
+        .collect();
+    json!({ "ports": ports })
+}
+
 /// `cio session show`.
 pub fn ticket(t: &Ticket) -> Value {
     let expires = t

@@ -355,7 +355,11 @@ enum UsbCmd {
         port: u32,
     },
     /// Show the devices attached through vhci-hcd.
-    Port,
+    Port {
+        /// Print JSON instead of text (fields in docs/json.md).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -994,26 +998,40 @@ fn usb_cmd(cmd: UsbCmd, link: &keys::LinkArgs) -> Result<(), String> {
             outln!("port {port}: detached");
             Ok(())
         }
-        UsbCmd::Port => {
-            let ports = Vhci::default().ports().map_err(e)?;
+        UsbCmd::Port { json: as_json } => {
+            let ports: Vec<json::PortView> = Vhci::default()
+                .ports()
+                .map_err(e)?
+                .into_iter()
+                .filter(|p| !p.is_free())
+                .map(|p| {
+                    let dev = std::path::Path::new("/sys/bus/usb/devices").join(&p.local_busid);
+                    let attr = |n: &str| {
+                        std::fs::read_to_string(dev.join(n))
+                            .map(|s| s.trim().to_owned())
+                            .unwrap_or_default()
+                    };
+                    json::PortView {
+                        vendor: attr("idVendor"),
+                        product_id: attr("idProduct"),
+                        product: attr("product"),
+                        source: usb::port_record(p.port).map(|s| s.trim().to_owned()),
+                        port: p,
+                    }
+                })
+                .collect();
+            if as_json {
+                outln!("{}", json::usb_ports(&ports));
+                return Ok(());
+            }
             outln!("Imported USB devices");
             outln!("====================");
-            for p in ports.iter().filter(|p| !p.is_free()) {
+            for v in &ports {
+                let p = &v.port;
                 outln!("Port {:02}: <Port in Use> at {}", p.port, p.speed.name());
-                let dev = std::path::Path::new("/sys/bus/usb/devices").join(&p.local_busid);
-                let attr = |n: &str| {
-                    std::fs::read_to_string(dev.join(n))
-                        .map(|s| s.trim().to_owned())
-                        .unwrap_or_default()
-                };
-                outln!(
-                    "       {}:{} {}",
-                    attr("idVendor"),
-                    attr("idProduct"),
-                    attr("product")
-                );
-                let from = usb::port_record(p.port).unwrap_or_else(|| "(unknown source)".into());
-                outln!("       {} -> {}", p.local_busid, from.trim());
+                outln!("       {}:{} {}", v.vendor, v.product_id, v.product);
+                let from = v.source.as_deref().unwrap_or("(unknown source)");
+                outln!("       {} -> {}", p.local_busid, from);
                 outln!(
                     "           -> remote bus/dev {:03}/{:03}",
                     p.devid >> 16,
