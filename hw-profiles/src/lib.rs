@@ -15,6 +15,9 @@ pub mod edu;
 const BUILTIN: &[(&str, &str)] = &[
     ("edu.toml", include_str!("../profiles/edu.toml")),
     ("memory.toml", include_str!("../profiles/memory.toml")),
+    ("nvme.toml", include_str!("../profiles/nvme.toml")),
+    ("e1000e.toml", include_str!("../profiles/e1000e.toml")),
+    ("ivshmem.toml", include_str!("../profiles/ivshmem.toml")),
 ];
 
 /// Errors loading or checking a profile.

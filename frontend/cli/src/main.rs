@@ -10,7 +10,6 @@ use cio_core::error_chain;
 use cio_core::{DeviceInfo, RegionKind};
 use cio_frontend::usb::{self, RelayEnd, UsbSource, Vhci};
 use cio_frontend::{Client, ClientOptions};
-use cio_hw_profiles::Profile;
 use cio_transports::{Endpoint, Fingerprint, Identity};
 use clap::{Parser, Subcommand};
 
@@ -62,6 +61,12 @@ mod soak;
 struct Args {
     #[command(flatten)]
     link: keys::LinkArgs,
+
+    /// A hw profile (TOML, as in hw-profiles/profiles/) naming the
+    /// registers of devices with its vendor:device ids, instead of the
+    /// built-in one (for `info`, `read`, `write`, `dump`).
+    #[arg(long, global = true, value_name = "FILE")]
+    profile: Option<PathBuf>,
 
     #[command(subcommand)]
     cmd: Cmd,
@@ -415,6 +420,9 @@ fn connect(host: &str, link: &keys::LinkArgs) -> Result<Client, String> {
 
 fn run(args: Args) -> Result<(), String> {
     let link = &args.link;
+    if let Some(p) = &args.profile {
+        regs::load_profile(p)?;
+    }
     let psk = link.psk()?;
     match args.cmd {
         Cmd::Usb { cmd } => usb_cmd(cmd, link),
@@ -630,7 +638,7 @@ fn size_str(n: u64) -> String {
 /// A short `lspci -v`-like description.
 fn describe(info: &DeviceInfo) -> String {
     use std::fmt::Write;
-    let profile = Profile::builtin_for(info.vendor, info.device);
+    let profile = regs::profile_for(info.vendor, info.device);
     let mut s = String::new();
     let label = profile
         .as_ref()

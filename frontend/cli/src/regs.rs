@@ -41,9 +41,9 @@ fn offset(
         return Ok((n, None, name));
     }
     let info = dev.info();
-    let profile = Profile::builtin_for(info.vendor, info.device).ok_or_else(|| {
+    let profile = profile_for(info.vendor, info.device).ok_or_else(|| {
         format!(
-            "{s:?} is not a number, and {} has no built-in profile naming registers",
+            "{s:?} is not a number, and {} has no profile naming registers (give one with --profile FILE)",
             info.name
         )
     })?;
@@ -63,9 +63,30 @@ fn offset(
     Ok((reg.offset, Some(reg.width as usize), reg.name.clone()))
 }
 
+/// A profile given with `--profile FILE`, used for devices of its ids.
+static GIVEN: std::sync::OnceLock<Profile> = std::sync::OnceLock::new();
+
+/// Loads `--profile FILE` (checked like the built-in ones).
+pub fn load_profile(path: &std::path::Path) -> Result<(), String> {
+    let p = Profile::load(path).map_err(|e| e.to_string())?;
+    p.validate().map_err(|e| e.to_string())?;
+    let _ = GIVEN.set(p);
+    Ok(())
+}
+
+/// The profile for a device: the one given with `--profile` if its ids
+/// match, else the built-in one.
+pub fn profile_for(vendor: u16, device: u16) -> Option<Profile> {
+    GIVEN
+        .get()
+        .filter(|p| p.vendor == vendor && p.device == device)
+        .cloned()
+        .or_else(|| Profile::builtin_for(vendor, device))
+}
+
 fn register_at(dev: &RemoteDevice, region: u32, off: u64) -> Option<String> {
     let info = dev.info();
-    let p = Profile::builtin_for(info.vendor, info.device)?;
+    let p = profile_for(info.vendor, info.device)?;
     let b = p.bars.iter().find(|b| b.index == region)?;
     b.registers
         .iter()

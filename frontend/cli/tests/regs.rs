@@ -104,3 +104,39 @@ fn config_space_decoded() {
         "64-bit prefetchable BAR0: {out}"
     );
 }
+
+#[test]
+fn a_profile_given_by_file_names_registers() {
+    let s = common::backend(None);
+    let h = s.endpoint().to_string();
+    let path = std::env::temp_dir().join(format!("cio-profile-{}.toml", std::process::id()));
+    std::fs::write(
+        &path,
+        "name = \"mine\"\ndescription = \"x\"\nvendor = 0x1234\ndevice = 0xc10d\nreset = \"none\"\nquirks = []\n\
+         [[bar]]\nindex = 2\nsize = 0x1000\nwidths = [8]\n\
+         [[bar.register]]\nname = \"source\"\noffset = 0x0\nwidth = 8\naccess = \"rw\"\ndescription = \"d\"\n",
+    )
+    .unwrap();
+    let p = path.to_str().unwrap();
+    let (ok, out) = cio(&[
+        "--profile",
+        p,
+        "write",
+        &h,
+        "mem0",
+        "bar2",
+        "source",
+        "0x1234",
+    ]);
+    assert!(
+        ok && out.contains("bar2+0x0 (source) <- 0x0000000000001234"),
+        "{out}"
+    );
+    // Without it the built-in profile's names apply.
+    let (ok, out) = cio(&["read", &h, "mem0", "bar2", "source"]);
+    assert!(!ok && out.contains("no register \"source\""), "{out}");
+    std::fs::write(&path, "name = \"broken\"").unwrap();
+    let (ok, out) = cio(&["--profile", p, "list", &h]);
+    assert!(!ok, "{out}");
+    std::fs::remove_file(&path).unwrap();
+}
