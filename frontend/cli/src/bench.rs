@@ -874,7 +874,9 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> BenchResult<Report
         if t == Transport::Tls {
             if opts.wants("T1") || opts.wants("T3") {
                 for r in tls_cost(opts.quick)? {
-                    push(r, &mut rows);
+                    if opts.wants(r.id) {
+                        push(r, &mut rows);
+                    }
                 }
             }
             continue;

@@ -33,6 +33,7 @@ mod bench;
 mod demo;
 mod json;
 mod keys;
+mod progress;
 mod regs;
 mod soak;
 
@@ -784,6 +785,7 @@ fn bench(
         }
     );
     outln!("{}", bench::header());
+    let spin = progress::spinner("measuring (cio and its baseline alternate)");
     let report = bench::run(
         &bench::Options {
             quick,
@@ -791,9 +793,10 @@ fn bench(
             only,
         },
         |r| {
-            outln!("{}", bench::format_row(r));
+            spin.suspend(|| outln!("{}", bench::format_row(r)));
         },
     )?;
+    spin.finish_and_clear();
     let text = serde_json::to_string_pretty(&report).map_err(|e| format!("encoding JSON: {e}"))?;
     std::fs::write(json, text).map_err(|e| format!("writing {}: {e}", json.display()))?;
     let missed = report.rows.iter().filter(|r| !r.met).count();

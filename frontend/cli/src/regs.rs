@@ -192,10 +192,17 @@ pub fn dump(
             format!("region {region} takes no access width that fits {len} bytes at {off:#x}")
         })?;
     let mut data = vec![0u8; len as usize];
+    // Each access is a round trip: a large dump takes a while, so a
+    // terminal gets a progress bar (a pipe or a file nothing).
+    let bar = crate::progress::bar(len, "reading");
     for (i, chunk) in data.chunks_mut(w).enumerate() {
         dev.read(region, off + (i * w) as u64, chunk)
             .map_err(|e| error_chain(&e))?;
+        if i % 256 == 255 {
+            bar.set_position(((i + 1) * w) as u64);
+        }
     }
+    bar.finish_and_clear();
     if let Some(path) = out {
         std::fs::File::create(path)
             .and_then(|mut f| f.write_all(&data))
