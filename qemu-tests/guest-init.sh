@@ -75,7 +75,7 @@ chmod 600 /tmp/psk
 # shellcheck disable=SC2086
 # Plaintext beyond loopback: the guest's only network is QEMU user-net, which
 # the host reaches through a port forward on its own loopback.
-RUST_LOG=info /bin/ciod --listen 0.0.0.0:7451 --insecure-plaintext --psk-file /tmp/psk --emulate edu $vfio_args &
+RUST_LOG=info /bin/ciod --listen 0.0.0.0:7451 --no-announce --insecure-plaintext --psk-file /tmp/psk --emulate edu $vfio_args &
 
 # Ready once port 7451 (0x1D1B) is listening.
 i=0

@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod access;
+pub mod announce;
 pub mod config;
 pub mod models;
 pub mod registry;

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use cio_backend::access::Access;
+use cio_backend::announce::{Announcement, Announcer};
 use cio_backend::config::parse_size;
 use cio_backend::usb::{stock::UsbipServer, CdcAcmEcho, UsbFilter, UsbModel, UsbProvider};
 use cio_backend::{DeviceSpec, FileConfig, Limits, Security, Server, ServerConfig};
@@ -74,6 +75,11 @@ struct Args {
     /// client key that proves the pre-shared key is let in.
     #[arg(long, value_name = "FILE")]
     authorized_clients: Option<PathBuf>,
+
+    /// Do not announce this backend by mDNS/DNS-SD (`_cio._tcp`, found by
+    /// `cio discover`). A loopback listener is announced on loopback only.
+    #[arg(long)]
+    no_announce: bool,
 
     /// Listen beyond loopback in plaintext (needs --psk-file): register
     /// writes and DMA cross the network in the clear. Only on a network
@@ -466,6 +472,7 @@ fn run(args: Args) -> Result<(), String> {
         devices.push(d);
     }
     let limits = limits(&args, &file)?;
+    let n_devices = devices.len() + usb.list().len();
     let server = Server::bind(ServerConfig {
         listen,
         psk,
@@ -497,6 +504,26 @@ fn run(args: Args) -> Result<(), String> {
         None => None,
     };
     let handle = server.spawn().map_err(|e| error_chain(&e))?;
+    let _announcer = if args.no_announce {
+        None
+    } else {
+        let a = Announcement {
+            endpoint: handle.endpoint().clone(),
+            key: tls.as_ref().map(|t| t.fingerprint()),
+            devices: n_devices,
+        };
+        match Announcer::start(&a) {
+            Ok(Some(a)) => {
+                info!(name = a.fullname(), "announced by mDNS (_cio._tcp)");
+                Some(a)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                warn!("not announced by mDNS: {e}");
+                None
+            }
+        }
+    };
     for sig in signals.forever() {
         if sig != SIGHUP {
             info!("signal {sig}: shutting down");

@@ -31,6 +31,7 @@ macro_rules! out {
 
 mod bench;
 mod demo;
+mod discover;
 mod json;
 mod keys;
 mod progress;
@@ -99,6 +100,19 @@ enum Cmd {
         host: String,
         /// The key, sha256:…
         fingerprint: Fingerprint,
+    },
+    /// Find backends on the local networks (mDNS/DNS-SD `_cio._tcp`, which
+    /// ciod announces) and list their devices.
+    Discover {
+        /// How long to wait for answers, in seconds.
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+        /// Only the announcements; do not connect to list devices.
+        #[arg(long)]
+        no_list: bool,
+        /// Print JSON instead of text (fields in docs/json.md).
+        #[arg(long)]
+        json: bool,
     },
     /// List the devices a backend serves.
     List {
@@ -427,6 +441,16 @@ fn run(args: Args) -> Result<(), String> {
     let psk = link.psk()?;
     match args.cmd {
         Cmd::Usb { cmd } => usb_cmd(cmd, link),
+        Cmd::Discover {
+            timeout,
+            no_list,
+            json: as_json,
+        } => discover::run(
+            std::time::Duration::from_secs(timeout.max(1)),
+            as_json,
+            !no_list,
+            link,
+        ),
         Cmd::Soak {
             seconds,
             clients,
