@@ -54,7 +54,7 @@ say "SUM local $(sum_known)"
 
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > /tmp/psk
 chmod 600 /tmp/psk
-RUST_LOG=info ciod --listen 127.0.0.1:7451 --psk-file /tmp/psk --usb "$BUSID" \
+RUST_LOG=info ciod --listen 127.0.0.1:7451 --no-announce --psk-file /tmp/psk --usb "$BUSID" \
     --emulate-usb cdc-acm --usbip-listen 127.0.0.1:3240 2>/tmp/ciod.log &
 CIOD=$!
 waitfor 100 grep -q ':1D1B 00000000:0000 0A' /proc/net/tcp || fail "ciod did not listen"
@@ -176,7 +176,7 @@ grep -c "device restored" /tmp/ciod.log | sed 's/^/CIO-USB RESTORES /'
 # 7. ciod killed outright (no chance to clean up): the device stays on
 # usbip-host until the next ciod starts and gives it back.
 start_ciod() {
-    RUST_LOG=info ciod --listen 127.0.0.1:7451 --psk-file /tmp/psk --usb "$BUSID" "$@" 2>>/tmp/ciod.log &
+    RUST_LOG=info ciod --listen 127.0.0.1:7451 --no-announce --psk-file /tmp/psk --usb "$BUSID" "$@" 2>>/tmp/ciod.log &
     CIOD=$!
     waitfor 100 grep -q ':1D1B 00000000:0000 0A' /proc/net/tcp || fail "ciod did not listen again"
 }
