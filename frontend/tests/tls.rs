@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use cio_backend::models::{Edu, Memory};
 use cio_backend::{Limits, Security, Server, ServerConfig, ServerHandle};
-use cio_core::{Device, DmaDir, DmaRegion};
+use cio_core::Device;
 use cio_frontend::drivers::edu;
 use cio_frontend::{Client, ClientOptions};
 use cio_transports::{AuthorizedClients, ClientTls, Conn, Endpoint, Identity, Pin, Psk, ServerTls};
@@ -84,25 +84,8 @@ fn a_pinned_session_carries_registers_interrupts_and_bulk_dma() {
         let mut d = c.open("edu0").unwrap();
         edu::self_test(&mut d, 0x10_0000, |_| {}).unwrap();
     }
-    use cio_backend::models::memory::{reg, CMD_FROM_MEMORY, CMD_TO_MEMORY};
     let mut m = c.open("mem0").unwrap();
-    const LEN: u64 = 768 * 1024;
-    let src = Arc::new(DmaRegion::new(0x100_0000, LEN, DmaDir::ToDevice).unwrap());
-    let dst = Arc::new(DmaRegion::new(0x200_0000, LEN, DmaDir::FromDevice).unwrap());
-    m.dma_map(Arc::clone(&src)).unwrap();
-    m.dma_map(Arc::clone(&dst)).unwrap();
-    let data: Vec<u8> = (0..LEN).map(|i| (i ^ (i >> 11)) as u8).collect();
-    src.write(0, &data).unwrap();
-    m.write64(2, reg::DMA_ADDR, 0x100_0000).unwrap();
-    m.write64(2, reg::BAR_OFFSET, 0).unwrap();
-    m.write64(2, reg::LEN, LEN).unwrap();
-    m.write64(2, reg::CMD, CMD_FROM_MEMORY).unwrap();
-    m.write64(2, reg::DMA_ADDR, 0x200_0000).unwrap();
-    m.write64(2, reg::CMD, CMD_TO_MEMORY).unwrap();
-    assert_eq!(m.read64(2, reg::COMPLETED).unwrap(), 2);
-    let mut back = vec![0u8; LEN as usize];
-    dst.read(0, &mut back).unwrap();
-    assert!(back == data, "bulk DMA through TLS differs");
+    common::memory_dma_round_trip(&mut m, 768 * 1024);
     // 4096 posted writes, then one read that must see the last of them.
     for i in 0..4096u64 {
         m.write64(0, (i % 512) * 8, i).unwrap();

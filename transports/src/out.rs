@@ -329,12 +329,7 @@ impl OutQueue {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => match wait {
                     None => return Ok(false),
                     Some(t) => {
-                        if !sys::poll_writable(conn.as_fd(), t)? {
-                            return Err(io::Error::new(
-                                io::ErrorKind::TimedOut,
-                                format!("peer took no data for {t:?}"),
-                            ));
-                        }
+                        wait_writable(conn, t)?;
                         continue;
                     }
                 },
@@ -375,16 +370,21 @@ impl OutQueue {
             }
             match wait {
                 None => return Ok(false),
-                Some(t) => {
-                    if !sys::poll_writable(conn.as_fd(), t)? {
-                        return Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("peer took no data for {t:?}"),
-                        ));
-                    }
-                }
+                Some(t) => wait_writable(conn, t)?,
             }
         }
+    }
+}
+
+/// Waits up to `t` for `conn` to take more data; `TimedOut` if it does not.
+fn wait_writable(conn: &Conn, t: Duration) -> io::Result<()> {
+    if sys::poll_writable(conn.as_fd(), t)? {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("peer took no data for {t:?}"),
+        ))
     }
 }
 
