@@ -315,3 +315,30 @@ fn access_rules_show_each_client_only_its_devices() {
     // And alice still sees only hers.
     assert_eq!(names(&a), ["edu0"]);
 }
+
+#[test]
+fn a_direct_usb_import_is_refused_on_tls_and_the_relayed_one_works() {
+    use cio_backend::usb::{CdcAcmEcho, UsbProvider};
+    use cio_frontend::usb::{import, UsbSource};
+    let me = Identity::generate("client").unwrap();
+    let backend_id = Identity::generate("backend").unwrap();
+    let mut allowed = AuthorizedClients::default();
+    allowed.insert(me.fingerprint(), "me");
+    let s = Server::bind(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        psk: None,
+        devices: vec![],
+        limits: Limits::default(),
+        usb: Arc::new(UsbProvider::new(vec![], vec![Arc::new(CdcAcmEcho)])),
+        security: Security::Tls(ServerTls::new(&backend_id, allowed, false).unwrap()),
+    })
+    .unwrap()
+    .spawn()
+    .unwrap();
+    let src = UsbSource::Cio(s.endpoint().clone());
+    let opts = tls_opts(&me, Pin::Key(backend_id.fingerprint()));
+    let e = import(&src, "emu-1", &opts, true).unwrap_err().to_string();
+    assert!(e.contains("cannot encrypt"), "{e}");
+    let relayed = import(&src, "emu-1", &opts, false).unwrap();
+    assert_eq!(relayed.device.busid, "emu-1");
+}
