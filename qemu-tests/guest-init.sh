@@ -74,8 +74,12 @@ chmod 600 /tmp/psk
 # Serves the emulated edu as edu0 and each real one (through VFIO) as veduN.
 # shellcheck disable=SC2086
 # Plaintext beyond loopback: the guest's only network is QEMU user-net, which
-# the host reaches through a port forward on its own loopback.
-RUST_LOG=info /bin/ciod --listen 0.0.0.0:7451 --no-announce --insecure-plaintext --psk-file /tmp/psk --emulate edu $vfio_args &
+# the host reaches through a port forward on its own loopback. The mapped-DMA
+# limits default to a quarter and half of this guest's 512 MiB; a vfio-user
+# guest B maps all of its RAM while it boots (mapped, hardly touched), so
+# they are raised.
+RUST_LOG=info /bin/ciod --listen 0.0.0.0:7451 --no-announce --insecure-plaintext --psk-file /tmp/psk \
+    --max-mapped-per-session 4G --max-mapped-total 8G --emulate edu $vfio_args &
 
 # Ready once port 7451 (0x1D1B) is listening.
 i=0
