@@ -474,6 +474,30 @@ pub trait Device: Send {
     fn write64(&mut self, region: u32, offset: u64, value: u64) -> Result<(), DeviceError> {
         self.write(region, offset, &value.to_le_bytes())
     }
+
+    /// Reads a byte.
+    fn read8(&mut self, region: u32, offset: u64) -> Result<u8, DeviceError> {
+        let mut b = [0u8; 1];
+        self.read(region, offset, &mut b)?;
+        Ok(b[0])
+    }
+
+    /// Reads a 16-bit little-endian value.
+    fn read16(&mut self, region: u32, offset: u64) -> Result<u16, DeviceError> {
+        let mut b = [0u8; 2];
+        self.read(region, offset, &mut b)?;
+        Ok(u16::from_le_bytes(b))
+    }
+
+    /// Writes a byte.
+    fn write8(&mut self, region: u32, offset: u64, value: u8) -> Result<(), DeviceError> {
+        self.write(region, offset, &[value])
+    }
+
+    /// Writes a 16-bit little-endian value.
+    fn write16(&mut self, region: u32, offset: u64, value: u16) -> Result<(), DeviceError> {
+        self.write(region, offset, &value.to_le_bytes())
+    }
 }
 
 impl fmt::Debug for dyn Device {

@@ -336,3 +336,22 @@ fn bulk_dma_both_ways_through_the_memory_device() {
     assert!(e.to_string().contains("outside the"), "{e}");
     assert_eq!(m.read64(2, mreg::COMPLETED).unwrap(), 2);
 }
+
+#[test]
+fn typed_helpers_at_every_width() {
+    let s = common::server();
+    let c = common::connect(s.endpoint());
+    let mut m = c.open("mem0").unwrap();
+    m.write8(0, 0x10, 0xab).unwrap();
+    m.write16(0, 0x12, 0xcdef).unwrap();
+    m.write32(0, 0x14, 0x0123_4567).unwrap();
+    assert_eq!(m.read8(0, 0x10).unwrap(), 0xab);
+    assert_eq!(m.read16(0, 0x12).unwrap(), 0xcdef);
+    assert_eq!(m.read32(0, 0x10).unwrap(), 0xcdef_00ab);
+    assert_eq!(m.read64(0, 0x10).unwrap(), 0x0123_4567_cdef_00ab);
+    let mut e = c.open("edu0").unwrap();
+    assert_eq!(
+        e.read16(cio_core::device::CONFIG_REGION, 0).unwrap(),
+        0x1234
+    );
+}
