@@ -342,3 +342,28 @@ fn a_direct_usb_import_is_refused_on_tls_and_the_relayed_one_works() {
     let relayed = import(&src, "emu-1", &opts, false).unwrap();
     assert_eq!(relayed.device.busid, "emu-1");
 }
+
+#[test]
+fn a_session_is_handed_off_over_tls_to_another_authorized_key() {
+    let (first, second) = (
+        Identity::generate("first").unwrap(),
+        Identity::generate("second").unwrap(),
+    );
+    let stranger = Identity::generate("stranger").unwrap();
+    let (s, id) = tls_backend(&[&first, &second], None);
+    let pin = Pin::Key(id.fingerprint());
+    let a = Client::connect(s.endpoint(), tls_opts(&first, pin)).unwrap();
+    let mut m = a.open("mem0").unwrap();
+    m.write64(0, 0x80, 0x5eed).unwrap();
+    let ticket = a.suspend().unwrap();
+    drop(m);
+    drop(a);
+    // A key the backend does not know cannot adopt, ticket or not.
+    let e = Client::adopt(&ticket, tls_opts(&stranger, pin)).unwrap_err();
+    assert!(e.to_string().contains("refused this client's key"), "{e}");
+    let (b, mut devs) = Client::adopt(&ticket, tls_opts(&second, pin)).unwrap();
+    let mut m = devs.pop().unwrap();
+    assert_eq!(m.read64(0, 0x80).unwrap(), 0x5eed, "the device was reset");
+    drop(m);
+    drop(b);
+}
