@@ -206,11 +206,7 @@ impl Server {
 
     /// Sets who may use which device.
     pub fn set_access(&self, access: crate::access::Access) {
-        *self
-            .shared
-            .access
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = access;
+        self.shared.set_access(access);
     }
 
     /// The address actually listened on.
@@ -335,11 +331,7 @@ impl ServerHandle {
     /// Replaces the access rules (a config reload): new lists and opens
     /// follow them at once; devices already open stay open.
     pub fn set_access(&self, access: crate::access::Access) {
-        *self
-            .shared
-            .access
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = access;
+        self.shared.set_access(access);
     }
 
     /// Current counters.

@@ -60,8 +60,11 @@ fn provider() -> Arc<CryptoProvider> {
     })
 }
 
-fn algorithms() -> WebPkiSupportedAlgorithms {
-    rustls::crypto::ring::default_provider().signature_verification_algorithms
+/// The fingerprint of the key the peer presented, once it has.
+fn peer_fingerprint(conn: &Connection) -> Option<Fingerprint> {
+    conn.peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| Fingerprint::of(c))
 }
 
 /// The TLS side of a backend.
@@ -82,12 +85,13 @@ impl ServerTls {
         any_client: bool,
     ) -> Result<Self, Error> {
         let clients = Arc::new(RwLock::new(clients));
+        let provider = provider();
         let verifier = Arc::new(ClientKeys {
             clients: Arc::clone(&clients),
             any_client,
-            algs: algorithms(),
+            algs: provider.signature_verification_algorithms,
         });
-        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls_config)?
             .with_client_cert_verifier(verifier)
@@ -326,17 +330,18 @@ impl TlsStream {
         timeout: Duration,
     ) -> Result<Self, Error> {
         let seen = Arc::new(OnceLock::new());
+        let provider = provider();
         let verifier = Arc::new(BackendKey {
             pin: tls.pin,
             seen: Arc::clone(&seen),
-            algs: algorithms(),
+            algs: provider.signature_verification_algorithms,
         });
         let fail = |why: String| Error::Tls {
             endpoint: endpoint.to_string(),
             why,
             transient: false,
         };
-        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| fail(e.to_string()))?
             .dangerous()
@@ -427,11 +432,7 @@ impl TlsStream {
 
     /// The peer's fingerprint, once the handshake has got that far.
     pub fn peer_key(&self) -> Option<Fingerprint> {
-        let st = self.lock();
-        st.conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .map(|c| Fingerprint::of(c))
+        peer_fingerprint(&self.lock().conn)
     }
 
     /// Keying material both ends derive from this session (RFC 8446 7.5),
@@ -515,8 +516,7 @@ impl TlsStream {
             let before = st.first.len();
             if before < FIRST_BYTES {
                 let take = n.min(FIRST_BYTES - before);
-                let head = st.raw[..take].to_vec();
-                st.first.extend_from_slice(&head);
+                st.first.extend_from_slice(&st.raw[..take]);
             }
             (st.raw_at, st.raw_len) = (0, n);
             st.drained = n < st.raw.len();
@@ -603,11 +603,7 @@ impl TlsStream {
                 self.own
             ),
             (false, rustls::Error::InvalidCertificate(_)) => {
-                let fp = st
-                    .conn
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map_or_else(|| "?".to_string(), |c| Fingerprint::of(c).to_string());
+                let fp = peer_fingerprint(&st.conn).map_or_else(|| "?".into(), |f| f.to_string());
                 format!("client key {fp} is not authorized")
             }
             (false, rustls::Error::NoCertificatesPresented) => {

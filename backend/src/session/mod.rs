@@ -240,6 +240,11 @@ impl Shared {
         }
     }
 
+    /// Replaces the access rules.
+    pub(crate) fn set_access(&self, access: crate::access::Access) {
+        *self.access.write().unwrap_or_else(|e| e.into_inner()) = access;
+    }
+
     /// May `client` use `device`?
     fn allows(&self, client: Option<&str>, device: &str) -> bool {
         self.access
