@@ -1,6 +1,7 @@
 #!/bin/busybox sh
-# Init of the QEMU test guest. Loads the modules, binds every edu
-# (1234:11e8) to vfio-pci, brings up the user-net NIC and starts ciod; or,
+# Init of the QEMU test guest. Loads the modules, binds the test devices
+# (edu, nvme, e1000e) to vfio-pci, brings up the user-net NIC, starts ciod and runs
+# the commands the harness sends on the console; or,
 # with cio.test=usb (or nvme-remote) on the kernel command line, runs that
 # scenario instead.
 # Lines starting with CIO- are read by the harness.
@@ -89,6 +90,17 @@ while ! grep -q ':1D1B 00000000:0000 0A' /proc/net/tcp; do
     sleep 0.1
 done
 echo "CIO-READY"
+# Commands from the harness (Guest::run) arrive on the console, one a line:
+# "ID COMMAND". Each answers with its output as "CIO-OUT ID LINE" and
+# "CIO-END ID STATUS". Without input (the harness's stdin closed) this waits
+# forever, as ciod does.
+while read -r id cmd; do
+    case "$id" in ''|*[!0-9]*) continue ;; esac
+    eval "$cmd" > /tmp/cmd.out 2>&1
+    rc=$?
+    sed "s/^/CIO-OUT $id /" /tmp/cmd.out
+    echo "CIO-END $id $rc"
+done
 wait
 echo "CIO-EXIT"
 poweroff -f

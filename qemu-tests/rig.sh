@@ -3,14 +3,15 @@
 # rebuilds what changed):
 #   vmlinuz         Debian bookworm's 6.1 kernel, from the package archive
 #   initramfs.gz    busybox, the kernel modules the tests need, static ciod
-#                   and cio, Debian's usbip/usbipd with their libraries, and
+#                   and cio, Debian's usbip/usbipd and lspci/setpci with
+#                   their libraries, and
 #                   the init scripts (qemu-tests/guest-init.sh, guest-usb.sh,
 #                   guest-nvme-remote.sh)
 #   cio, ciod       the static binaries, for the host side of the tests
 #   qemu11          a link to QEMU 11 (qemu-tests/qemu11.sh, cached outside
 #                   the checkout), for the guests that need vfio-user
-# Installs qemu-system-x86, busybox-static, cpio, usbip and usb.ids with apt
-# if missing.
+# Installs qemu-system-x86, busybox-static, cpio, usbip, usb.ids and
+# pciutils with apt if missing.
 # Prints the rig directory on its last line. Fails loudly on any error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,7 @@ command -v qemu-system-x86_64 >/dev/null || need_pkgs+=(qemu-system-x86)
 command -v cpio >/dev/null || need_pkgs+=(cpio)
 [ -x /usr/sbin/usbipd ] || need_pkgs+=(usbip)
 [ -e /usr/share/misc/usb.ids ] || need_pkgs+=(usb.ids)
+[ -x /usr/bin/setpci ] && [ -x /usr/bin/lspci ] || need_pkgs+=(pciutils)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -124,7 +126,7 @@ initrd="$rig/initramfs.gz"
 stamp="$rig/initramfs.inputs"
 inputs=$(sha256sum "$ciod" "$cio" qemu-tests/guest-init.sh qemu-tests/guest-usb.sh \
     qemu-tests/guest-nvme-remote.sh qemu-tests/rig.sh \
-    /usr/sbin/usbip /usr/sbin/usbipd | sha256sum | cut -d' ' -f1)
+    /usr/sbin/usbip /usr/sbin/usbipd /usr/bin/lspci /usr/bin/setpci | sha256sum | cut -d' ' -f1)
 if [ -f "$initrd" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$inputs" ]; then
     log "initramfs up to date"
 else
@@ -139,10 +141,11 @@ else
     cp qemu-tests/guest-usb.sh "$tree/usb-test.sh"
     cp qemu-tests/guest-nvme-remote.sh "$tree/nvme-remote-test.sh"
     chmod +x "$tree/init" "$tree/usb-test.sh" "$tree/nvme-remote-test.sh"
-    # Debian's usbip tools (the stock client and server) with their
+    # Debian's usbip tools (the stock client and server) and pciutils
+    # (what the tests compare cio's register tools with) with their
     # libraries at the same paths, and what they read at run time.
-    mkdir -p "$tree/usr/sbin" "$tree/usr/share/misc" "$tree/var/run/vhci_hcd"
-    for b in /usr/sbin/usbip /usr/sbin/usbipd; do
+    mkdir -p "$tree/usr/sbin" "$tree/usr/bin" "$tree/usr/share/misc" "$tree/var/run/vhci_hcd"
+    for b in /usr/sbin/usbip /usr/sbin/usbipd /usr/bin/lspci /usr/bin/setpci; do
         cp "$b" "$tree$b"
         for lib in $(ldd "$b" | grep -o '/[^ ]*\.so[^ ]*'); do
             mkdir -p "$tree$(dirname "$lib")"

@@ -128,6 +128,9 @@ pub const SHARED_RAM: [&str; 4] = [
 pub struct Guest {
     child: Child,
     console: Arc<Mutex<String>>,
+    /// QEMU's stdin: the guest's serial console input ([`Guest::run`]).
+    input: Option<std::process::ChildStdin>,
+    commands: u32,
     /// Host port forwarded to the guest's ciod (127.0.0.1 only).
     pub port: u16,
     /// Pre-shared key the guest's ciod requires.
@@ -242,7 +245,7 @@ impl Guest {
         .args(["-device", "virtio-net-pci,netdev=n0"]);
         cmd.args(qemu_args);
         let mut child = cmd
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -262,9 +265,12 @@ impl Guest {
                 }
             });
         }
+        let input = child.stdin.take();
         Self {
             child,
             console,
+            input,
+            commands: 0,
             port,
             key,
         }
@@ -316,6 +322,37 @@ impl Guest {
                 Err(e) => return Err(format!("waiting for qemu: {e}")),
             }
         }
+    }
+
+    /// Runs `command` in the guest's shell (guest-init.sh reads commands
+    /// from the console once it is ready) and returns its exit status and
+    /// output; fails if it does not finish within `timeout`.
+    pub fn run(&mut self, command: &str, timeout: Duration) -> Result<(i32, String), String> {
+        use std::io::Write;
+        assert!(!command.contains('\n'), "one line: {command:?}");
+        self.commands += 1;
+        let id = self.commands;
+        let input = self.input.as_mut().ok_or("no console input")?;
+        writeln!(input, "{id} {command}")
+            .and_then(|()| input.flush())
+            .map_err(|e| format!("writing to the guest console: {e}"))?;
+        let end_marker = format!("CIO-END {id} ");
+        self.wait_for(&end_marker, timeout)
+            .map_err(|e| format!("{command:?}: {e}"))?;
+        let out_marker = format!("CIO-OUT {id} ");
+        let console = self.console();
+        let mut status = None;
+        let mut out = String::new();
+        for line in console.lines() {
+            if let Some((_, l)) = line.split_once(&out_marker) {
+                out.push_str(l);
+                out.push('\n');
+            } else if let Some((_, rc)) = line.split_once(&end_marker) {
+                status = rc.trim().parse().ok();
+            }
+        }
+        let status = status.ok_or_else(|| format!("{command:?}: no status"))?;
+        Ok((status, out))
     }
 
     /// Console lines containing `marker`.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use cio_core::Device;
 use cio_frontend::drivers::edu::{reg, self_test, self_test_parts};
 use cio_frontend::{Client, ClientError, ClientOptions};
-use cio_qemu_tests::{rig, Guest};
+use cio_qemu_tests::{rig, rig_binary, Guest};
 use cio_transports::{Endpoint, Psk};
 
 /// One scripted sequence of edu register accesses; returns every value read,
@@ -176,6 +176,199 @@ fn guest_value(g: &Guest, marker: &str, name: &str) -> String {
         .unwrap_or_else(|| panic!("no {marker} line for {name}"))
 }
 
+/// Runs the rig's `cio` CLI (a static build, as a user runs it) with the
+/// guest's key; returns whether it succeeded and its stdout and stderr.
+fn cli(rig: &std::path::Path, key: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(rig_binary(rig, "cio"))
+        .arg("--psk-file")
+        .arg(key)
+        .args(args)
+        .output()
+        .expect("running cio");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The value `cio read` printed (`REGION+OFF (NAME) = 0xVALUE`).
+fn read_value(out: &str) -> u64 {
+    out.rsplit("= 0x")
+        .next()
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no value in {out:?}"))
+}
+
+/// `cio read`, `cio write`, `cio dump` and `cio config` on the real
+/// functions, against what the guest's own pciutils (`setpci`, `lspci`) and
+/// sysfs say about the same devices.
+fn cli_against_pciutils(g: &mut Guest, rig: &std::path::Path) {
+    let dir = std::env::temp_dir().join(format!("cio-guest-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _dir = cio_qemu_tests::TempDir(dir.clone());
+    let key = dir.join("psk");
+    std::fs::write(&key, &g.key).unwrap();
+    let host = format!("127.0.0.1:{}", g.port);
+    let guest = |g: &mut Guest, cmd: &str| {
+        let (rc, out) = g
+            .run(cmd, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rc, 0, "guest: {cmd}: {out}");
+        out
+    };
+    for name in ["vedu0", "vnvme0", "ve1000e0"] {
+        let bdf = guest_value(g, "CIO-VFIO", name)
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_owned();
+        // Config registers vfio-pci passes through: ids, class, BAR0,
+        // subsystem, capability pointer; setpci's widths.
+        let fields = [
+            ("0", "l", 4),
+            ("8", "l", 4),
+            ("10", "l", 4),
+            ("2c", "l", 4),
+            ("34", "b", 1),
+        ];
+        let query: Vec<String> = fields.iter().map(|(o, w, _)| format!("{o}.{w}")).collect();
+        let setpci = guest(g, &format!("setpci -s {bdf} {}", query.join(" ")));
+        let want: Vec<u64> = setpci
+            .lines()
+            .map(|l| {
+                u64::from_str_radix(l.trim(), 16).unwrap_or_else(|_| panic!("setpci: {setpci}"))
+            })
+            .collect();
+        assert_eq!(want.len(), fields.len(), "setpci: {setpci}");
+        for ((off, _, width), want) in fields.iter().zip(&want) {
+            let (ok, out) = cli(
+                rig,
+                &key,
+                &[
+                    "read",
+                    &host,
+                    name,
+                    "config",
+                    &format!("0x{off}"),
+                    &width.to_string(),
+                ],
+            );
+            assert!(ok, "cio read {name} config 0x{off}: {out}");
+            assert_eq!(
+                read_value(&out),
+                *want,
+                "{name} config 0x{off}: cio {out} vs setpci {want:#x}"
+            );
+        }
+
+        // The capability list: every capability lspci lists (at the same
+        // offset) and each decoded field cio prints is in lspci's line.
+        let lspci = guest(g, &format!("lspci -n -vv -s {bdf}"));
+        let caps = |text: &str| -> Vec<(String, String)> {
+            text.lines()
+                .filter_map(|l| l.trim().strip_prefix("Capabilities: ["))
+                .filter_map(|l| l.split_once("] "))
+                // Extended capabilities ("[100 v1]") are past cio's 256 bytes.
+                .filter(|(at, _)| at.len() == 2)
+                .map(|(at, what)| (at.to_owned(), what.to_owned()))
+                .collect()
+        };
+        let (ok, config) = cli(rig, &key, &["config", &host, name]);
+        assert!(ok, "cio config {name}: {config}");
+        let (ours, theirs) = (caps(&config), caps(&lspci));
+        assert!(
+            !theirs.is_empty(),
+            "lspci lists capabilities of {name}: {lspci}"
+        );
+        assert_eq!(
+            ours.iter().map(|c| &c.0).collect::<Vec<_>>(),
+            theirs.iter().map(|c| &c.0).collect::<Vec<_>>(),
+            "{name}: capability offsets, cio:\n{config}\nlspci:\n{lspci}"
+        );
+        for ((at, what), (_, lspci_what)) in ours.iter().zip(&theirs) {
+            for word in what.split_whitespace() {
+                assert!(
+                    lspci_what.split([' ', ',']).any(|w| w == word),
+                    "{name} capability [{at}]: cio says {what:?}, lspci {lspci_what:?}"
+                );
+            }
+        }
+
+        // A dump of the config header to a file, against sysfs.
+        let file = dir.join(format!("{name}.config"));
+        let (ok, out) = cli(
+            rig,
+            &key,
+            &[
+                "dump",
+                &host,
+                name,
+                "config",
+                "--len",
+                "64",
+                "--out",
+                file.to_str().unwrap(),
+            ],
+        );
+        assert!(ok, "cio dump {name}: {out}");
+        let dumped = std::fs::read(&file).unwrap();
+        let sysfs = guest(
+            g,
+            &format!("od -An -tx1 -v -N 64 /sys/bus/pci/devices/{bdf}/config"),
+        );
+        let sysfs: Vec<u8> = sysfs
+            .split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect();
+        for range in [0x00..0x04, 0x08..0x0c, 0x10..0x14, 0x2c..0x30] {
+            assert_eq!(
+                dumped[range.clone()],
+                sysfs[range.clone()],
+                "{name}: dump {range:?}"
+            );
+        }
+        eprintln!(
+            "{name}: cio read = setpci for {} registers; capabilities as lspci: {ours:?}; dump = sysfs",
+            fields.len()
+        );
+    }
+
+    // A write the guest sees: cache line size (passed through by vfio-pci,
+    // kept over the edu's release, which has no reset), then read back by
+    // the guest's setpci.
+    let bdf = guest_value(g, "CIO-VFIO", "vedu0")
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    for value in ["0x10", "0x20"] {
+        let (ok, out) = cli(
+            rig,
+            &key,
+            &["write", &host, "vedu0", "config", "0x0c", value, "1"],
+        );
+        assert!(ok, "cio write: {out}");
+        let seen = guest(g, &format!("setpci -s {bdf} 0c.b"));
+        assert_eq!(
+            format!("0x{}", seen.trim()),
+            value,
+            "the guest's setpci after cio write"
+        );
+    }
+    // A register the device computes from a write: factorial, which the
+    // real edu keeps until the next write.
+    let (ok, out) = cli(
+        rig,
+        &key,
+        &["write", &host, "vedu0", "bar0", "factorial", "5"],
+    );
+    assert!(ok, "cio write factorial: {out}");
+    let (ok, out) = cli(rig, &key, &["read", &host, "vedu0", "bar0", "factorial"]);
+    assert!(ok && read_value(&out) == 120, "5! from the real edu: {out}");
+}
+
 #[test]
 fn guest_serves_real_and_emulated_edu_over_user_net() {
     let Some(rig) = rig() else { return };
@@ -264,6 +457,8 @@ fn guest_serves_real_and_emulated_edu_over_user_net() {
             assert_eq!(remote >> 16, 1, "NVMe major version 1 in VS ({remote:#x})");
         }
     }
+    cli_against_pciutils(&mut g, &rig);
+
     let mut real = client.open("vedu0").unwrap();
     let mut model = client.open("edu0").unwrap();
     assert_eq!(Device::info(&real).vendor, 0x1234);

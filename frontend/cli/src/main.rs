@@ -913,7 +913,9 @@ fn attach_in_background(
         .map_err(|e| format!("starting the relay: {e}"))?;
     let mut line = String::new();
     let out = child.stdout.take().expect("piped");
+    let spin = progress::spinner(&format!("attaching {busid} (the relay waits for the kernel)"));
     let _ = std::io::BufReader::new(out).read_line(&mut line);
+    spin.finish_and_clear();
     if line.starts_with("port ") {
         outln!(
             "{} (relay pid {}, log {})",
@@ -1005,8 +1007,11 @@ fn usb_cmd(cmd: UsbCmd, link: &keys::LinkArgs) -> Result<(), String> {
             };
             let vhci = Vhci::default();
             vhci.ports().map_err(e)?; // fail before importing if vhci is missing
+            let spin = progress::spinner(&format!("importing {busid} from {src}"));
             let imported = usb::import(&src, &busid, &opts, direct).map_err(e)?;
+            spin.set_message(format!("attaching {busid}: waiting for the kernel"));
             let attached = imported.attach(&vhci).map_err(e)?;
+            spin.finish_and_clear();
             outln!(
                 "port {}: attached {}/{} ({:04x}:{:04x} {})",
                 attached.port,
