@@ -34,6 +34,7 @@ mod demo;
 mod discover;
 mod json;
 mod keys;
+mod libvirt;
 mod progress;
 mod regs;
 mod soak;
@@ -273,6 +274,36 @@ enum Cmd {
     },
     /// Print cio's man page (roff; `cio man | man -l -`).
     Man,
+    /// libvirt's QEMU hook: start the vfio-user servers a domain names.
+    ///
+    /// Installed as /etc/libvirt/hooks/qemu (dist/libvirt/qemu calls it),
+    /// libvirt runs it with the domain XML on stdin. At "prepare begin" it
+    /// starts `cio vfio-user HOST NAME --socket SOCKET` for every
+    /// <cio:device> in the domain's metadata (namespace urn:cio:libvirt:1;
+    /// attributes host, name, socket, and psk-file, identity,
+    /// known-backends, backend-key, tls, insecure-plaintext as cio's
+    /// options) and waits until each listens; if one fails, the domain does
+    /// not start and libvirt shows why. At "release end" it stops what is
+    /// left of them. Other operations do nothing.
+    ///
+    /// Example metadata (see docs/guide.md for the QEMU arguments):
+    ///   <cio:devices xmlns:cio="urn:cio:libvirt:1">
+    ///     <cio:device host="192.0.2.10" name="vnvme0" socket="/run/cio/vm1-nvme.sock"/>
+    ///   </cio:devices>
+    #[command(verbatim_doc_comment)]
+    LibvirtHook {
+        /// The domain's name.
+        domain: String,
+        /// libvirt's operation (prepare, start, started, stopped, release, migrate...).
+        operation: String,
+        /// Its sub-operation (begin, end, -).
+        sub_operation: String,
+        /// libvirt's extra argument (unused).
+        extra: Option<String>,
+        /// Where the servers' pids, sockets and logs are kept.
+        #[arg(long, value_name = "DIR", default_value = libvirt::RUN_DIR)]
+        run_dir: PathBuf,
+    },
     /// USB devices of another host, attached here through vhci-hcd.
     ///
     /// SOURCE is a ciod (HOST[:PORT], unix:PATH; authenticated, relayed by
@@ -467,6 +498,13 @@ fn run(args: Args) -> Result<(), String> {
             let _ = std::io::Write::write_all(&mut std::io::stdout(), &buf);
             Ok(())
         }
+        Cmd::LibvirtHook {
+            domain,
+            operation,
+            sub_operation,
+            extra: _,
+            run_dir,
+        } => libvirt::hook(&domain, &operation, &sub_operation, &run_dir, link),
         Cmd::Man => {
             use clap::CommandFactory;
             let mut buf = Vec::new();
@@ -913,7 +951,9 @@ fn attach_in_background(
         .map_err(|e| format!("starting the relay: {e}"))?;
     let mut line = String::new();
     let out = child.stdout.take().expect("piped");
-    let spin = progress::spinner(&format!("attaching {busid} (the relay waits for the kernel)"));
+    let spin = progress::spinner(&format!(
+        "attaching {busid} (the relay waits for the kernel)"
+    ));
     let _ = std::io::BufReader::new(out).read_line(&mut line);
     spin.finish_and_clear();
     if line.starts_with("port ") {
