@@ -121,6 +121,12 @@ impl ServerTls {
     pub fn fingerprint(&self) -> Fingerprint {
         self.fingerprint
     }
+
+    /// The rustls configuration connections use (for a baseline that
+    /// drives rustls directly, as `cio bench` does).
+    pub fn rustls_config(&self) -> Arc<rustls::ServerConfig> {
+        Arc::clone(&self.config)
+    }
 }
 
 /// Which backend key a client accepts.
@@ -140,6 +146,38 @@ pub struct ClientTls {
     pub identity: Identity,
     /// The backend key it accepts.
     pub pin: Pin,
+}
+
+impl ClientTls {
+    /// The rustls configuration a connection uses (for a baseline that
+    /// drives rustls directly, as `cio bench` does).
+    pub fn rustls_config(&self) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+        self.config(Arc::new(OnceLock::new()))
+    }
+
+    /// The configuration, its verifier recording the key the backend
+    /// presents in `seen`.
+    fn config(
+        &self,
+        seen: Arc<OnceLock<Fingerprint>>,
+    ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+        let provider = provider();
+        let verifier = Arc::new(BackendKey {
+            pin: self.pin,
+            seen,
+            algs: provider.signature_verification_algorithms,
+        });
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(
+                vec![self.identity.cert.clone()],
+                self.identity.key.clone_key(),
+            )?;
+        config.resumption = rustls::client::Resumption::disabled();
+        Ok(Arc::new(config))
+    }
 }
 
 fn tls_config(e: rustls::Error) -> Error {
@@ -330,31 +368,16 @@ impl TlsStream {
         timeout: Duration,
     ) -> Result<Self, Error> {
         let seen = Arc::new(OnceLock::new());
-        let provider = provider();
-        let verifier = Arc::new(BackendKey {
-            pin: tls.pin,
-            seen: Arc::clone(&seen),
-            algs: provider.signature_verification_algorithms,
-        });
         let fail = |why: String| Error::Tls {
             endpoint: endpoint.to_string(),
             why,
             transient: false,
         };
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| fail(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(
-                vec![tls.identity.cert.clone()],
-                tls.identity.key.clone_key(),
-            )
+        let config = tls
+            .config(Arc::clone(&seen))
             .map_err(|e| fail(e.to_string()))?;
-        config.resumption = rustls::client::Resumption::disabled();
         let name = ServerName::try_from("cio").expect("a valid name");
-        let conn = rustls::ClientConnection::new(Arc::new(config), name)
-            .map_err(|e| fail(e.to_string()))?;
+        let conn = rustls::ClientConnection::new(config, name).map_err(|e| fail(e.to_string()))?;
         let s = Self::wrap(
             sock,
             Connection::Client(conn),

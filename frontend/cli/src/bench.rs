@@ -37,7 +37,7 @@ pub enum Transport {
     Tcp,
     /// Unix stream socket.
     Unix,
-    /// TLS over loopback TCP, measured against plaintext TCP (rows T1, T3).
+    /// TLS over loopback TCP, measured against plaintext TCP (rows T0, T1, T3).
     Tls,
 }
 
@@ -351,23 +351,30 @@ fn client_with(s: &ServerHandle, batch: bool, tls: Option<ClientTls>) -> BenchRe
 /// T1 and T3: what TLS costs. The same work through a TLS backend and a
 /// plaintext one (both loopback TCP, both embedded), alternating: a 4-byte
 /// BAR read, and DMA sync both ways.
-fn tls_cost(quick: bool) -> BenchResult<Vec<Row>> {
+fn tls_cost(opts: &Options) -> BenchResult<Vec<Row>> {
+    let quick = opts.quick;
     let t = Transport::Tls;
     let backend = Identity::generate("bench backend").map_err(err("identity"))?;
     let me = Identity::generate("bench client").map_err(err("identity"))?;
     let mut allowed = AuthorizedClients::default();
     allowed.insert(me.fingerprint(), "bench");
     let tls = ServerTls::new(&backend, allowed, false).map_err(err("tls"))?;
-    let (ts, _) = start_backend_with(t, cio_backend::Security::Tls(tls))?;
+    let (ts, _) = start_backend_with(t, cio_backend::Security::Tls(tls.clone()))?;
     let (ps, _) = start_backend(Transport::Tcp)?;
     let pin = ClientTls {
         identity: me,
         pin: Pin::Key(backend.fingerprint()),
     };
+    let mut rows = Vec::new();
+    if opts.wants("T0") {
+        rows.push(tls_floor(quick, &tls, &pin)?);
+    }
+    if !opts.wants("T1") && !opts.wants("T3") {
+        return Ok(rows);
+    }
     let (tc, pc) = (client_with(&ts, true, Some(pin))?, client(&ps, true)?);
     let mut td = tc.open("mem0").map_err(err("open"))?;
     let mut pd = pc.open("mem0").map_err(err("open"))?;
-    let mut rows = Vec::new();
     let (blocks, per) = if quick { (4, 200) } else { (20, 1500) };
     let mut buf = [0u8; 4];
     let mut pbuf = [0u8; 4];
@@ -453,6 +460,129 @@ fn tls_cost(quick: bool) -> BenchResult<Vec<Row>> {
     ts.shutdown();
     ps.shutdown();
     Ok(rows)
+}
+
+/// T0: TLS itself, without cio: `size` bytes one way through rustls
+/// driven directly (64 KiB socket reads fed to it, 64 KiB plaintext writes,
+/// blocking sockets) against the same through plain TCP, each answered by
+/// a 1-byte acknowledgement, alternating. What the machine's cipher costs:
+/// T3 cannot do better than this ratio.
+fn tls_floor(quick: bool, server: &ServerTls, client: &ClientTls) -> BenchResult<Row> {
+    use std::net::{TcpListener, TcpStream};
+    let size: usize = if quick { 1 << 20 } else { 16 << 20 };
+    let iters = if quick { 3 } else { 24 };
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(err("bind"))?;
+    let addr = listener.local_addr().map_err(err("bind"))?;
+    let config = server.rustls_config();
+    // The receiving side: the first connection is TLS, the second plain.
+    let sink = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut tls_sock, _) = listener.accept()?;
+        let (mut plain, _) = listener.accept()?;
+        let mut conn = rustls::ServerConnection::new(config).map_err(std::io::Error::other)?;
+        let mut raw = vec![0u8; 64 << 10];
+        let mut out = vec![0u8; 64 << 10];
+        loop {
+            // One transfer each, in the order the client sends them.
+            let mut got = 0;
+            while got < size || conn.is_handshaking() {
+                if conn.wants_write() {
+                    conn.write_tls(&mut tls_sock)?;
+                    continue;
+                }
+                let n = tls_sock.read(&mut raw)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                let mut at = &raw[..n];
+                while !at.is_empty() {
+                    conn.read_tls(&mut at)?;
+                    conn.process_new_packets().map_err(std::io::Error::other)?;
+                    loop {
+                        match conn.reader().read(&mut out) {
+                            Ok(0) => break,
+                            Ok(k) => got += k,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+            }
+            conn.writer().write_all(&[1])?;
+            while conn.wants_write() {
+                conn.write_tls(&mut tls_sock)?;
+            }
+            let mut got = 0;
+            while got < size {
+                let n = plain.read(&mut out)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                got += n;
+            }
+            plain.write_all(&[1])?;
+        }
+    });
+    let mut tls_sock = TcpStream::connect(addr).map_err(err("connect"))?;
+    let mut plain = TcpStream::connect(addr).map_err(err("connect"))?;
+    let name = rustls::pki_types::ServerName::try_from("cio").map_err(err("name"))?;
+    let mut conn = rustls::ClientConnection::new(client.rustls_config().map_err(err("tls"))?, name)
+        .map_err(err("tls"))?;
+    conn.complete_io(&mut tls_sock).map_err(err("handshake"))?;
+    let data = vec![0x5au8; 64 << 10];
+    let mut tls_once = || -> BenchResult<()> {
+        let mut sent = 0;
+        while sent < size {
+            let n = conn.writer().write(&data).map_err(err("tls write"))?;
+            sent += n;
+            while conn.wants_write() {
+                conn.write_tls(&mut tls_sock).map_err(err("tls send"))?;
+            }
+        }
+        // The acknowledgement.
+        let mut b = [0u8; 1];
+        loop {
+            conn.read_tls(&mut tls_sock).map_err(err("tls recv"))?;
+            conn.process_new_packets().map_err(err("tls"))?;
+            match conn.reader().read(&mut b) {
+                Ok(1) => return Ok(()),
+                Ok(_) => return Err("the TLS sink closed".into()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(err("tls read")(e)),
+            }
+        }
+    };
+    let mut plain_once = || -> BenchResult<()> {
+        let mut sent = 0;
+        while sent < size {
+            sent += plain.write(&data).map_err(err("tcp write"))?;
+        }
+        let mut b = [0u8; 1];
+        plain.read_exact(&mut b).map_err(err("tcp read"))
+    };
+    let (vt, vp) = alternate(iters, 1, &mut tls_once, &mut plain_once)?;
+    drop((tls_sock, plain));
+    let _ = sink.join();
+    let bw = |v: Vec<f64>| {
+        v.into_iter()
+            .map(|u| mib_s(size as u64, Duration::from_secs_f64(u.max(1.0) / 1e6)))
+            .collect::<Vec<_>>()
+    };
+    let (tls_s, plain_s) = (stat(bw(vt), true), stat(bw(vp), true));
+    let ratio = tls_s.median / plain_s.median;
+    Ok(row(
+        "T0",
+        format!(
+            "rustls alone vs TCP stream, {} one way",
+            size_label(size as u64)
+        ),
+        Transport::Tls,
+        "MiB/s",
+        tls_s,
+        plain_s,
+        "tls/plain",
+        ratio,
+        ("(the floor of T3)", true),
+    ))
 }
 
 fn us(d: Duration) -> f64 {
@@ -872,8 +1002,8 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> BenchResult<Report
     };
     for &t in &opts.transports {
         if t == Transport::Tls {
-            if opts.wants("T1") || opts.wants("T3") {
-                for r in tls_cost(opts.quick)? {
+            if opts.wants("T0") || opts.wants("T1") || opts.wants("T3") {
+                for r in tls_cost(opts)? {
                     if opts.wants(r.id) {
                         push(r, &mut rows);
                     }
