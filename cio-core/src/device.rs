@@ -78,6 +78,17 @@ impl RegionInfo {
     pub fn accepts_width(&self, len: usize) -> bool {
         matches!(len, 1 | 2 | 4 | 8) && self.widths & (len as u8) != 0
     }
+
+    /// The access a bulk transfer makes at `at` with `left` bytes to go:
+    /// 4 bytes where the region takes them (the width PCI registers are
+    /// made for: QEMU's edu, for one, answers 8-byte reads of most of its
+    /// registers with all-ones), else the widest of 8, 2, 1 that is
+    /// aligned there and fits.
+    pub fn bulk_width(&self, at: u64, left: usize) -> Option<usize> {
+        [4, 8, 2, 1]
+            .into_iter()
+            .find(|&w| self.accepts_width(w) && at % w as u64 == 0 && w <= left)
+    }
 }
 
 /// Interrupt kinds, numbered as VFIO's irq indices.
@@ -217,6 +228,39 @@ impl DeviceInfo {
             .iter()
             .find(|i| i.kind == kind)
             .map_or(0, |i| i.count)
+    }
+
+    /// Checks a bulk transfer of `len` bytes at `offset` of region `index`:
+    /// the region exists, allows the direction, holds the range, and the
+    /// range can be made of its accesses ([`RegionInfo::bulk_width`]).
+    pub fn check_bulk(
+        &self,
+        index: u32,
+        offset: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<&RegionInfo, DeviceError> {
+        let region = self.region(index).ok_or(DeviceError::NoRegion(index))?;
+        let needed = if write { REGION_WRITE } else { REGION_READ };
+        if region.flags & needed == 0 {
+            return Err(DeviceError::Denied {
+                region: index,
+                write,
+            });
+        }
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= region.size => {}
+            _ => {
+                return Err(DeviceError::OutOfRange {
+                    region: index,
+                    offset,
+                    len,
+                    size: region.size,
+                })
+            }
+        }
+        plan(region, offset, len, &mut |_, _| Ok(()))?;
+        Ok(region)
     }
 
     /// Checks an access of `len` bytes at `offset` of region `index` before
@@ -451,6 +495,21 @@ pub trait Device: Send {
     /// routing stay in place.
     fn reset(&mut self) -> Result<(), DeviceError>;
 
+    /// Reads `data.len()` bytes at `offset` of region `region` as the
+    /// accesses the region accepts ([`RegionInfo::bulk_width`]; a BAR dump,
+    /// a framebuffer copy). A remote device asks its
+    /// backend once per [`MAX_BULK`](crate::wire::MAX_BULK) bytes instead of
+    /// once per access.
+    fn read_bulk(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        read_split(self, region, offset, data)
+    }
+
+    /// Writes `data` at `offset` of region `region` as
+    /// [`read_bulk`](Device::read_bulk) reads. May be posted.
+    fn write_bulk(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        write_split(self, region, offset, data)
+    }
+
     /// Reads a 32-bit little-endian value.
     fn read32(&mut self, region: u32, offset: u64) -> Result<u32, DeviceError> {
         let mut b = [0u8; 4];
@@ -500,6 +559,83 @@ pub trait Device: Send {
     }
 }
 
+/// Splits a bulk transfer into the accesses of `region` (see
+/// [`RegionInfo::bulk_width`]) and hands each to `access(offset, range)`.
+fn split(
+    info: &DeviceInfo,
+    region: u32,
+    offset: u64,
+    len: usize,
+    write: bool,
+    mut access: impl FnMut(u64, std::ops::Range<usize>) -> Result<(), DeviceError>,
+) -> Result<(), DeviceError> {
+    // The whole plan is checked first, so that a transfer refused part way
+    // touches nothing.
+    let r = info.check_bulk(region, offset, len, write)?;
+    plan(r, offset, len, &mut access)
+}
+
+/// Walks the accesses of a bulk transfer in `r`, handing each to `access`.
+fn plan(
+    r: &RegionInfo,
+    offset: u64,
+    len: usize,
+    access: &mut dyn FnMut(u64, std::ops::Range<usize>) -> Result<(), DeviceError>,
+) -> Result<(), DeviceError> {
+    let mut at = 0;
+    while at < len {
+        let pos = offset + at as u64;
+        let left = len - at;
+        let w = r.bulk_width(pos, left).ok_or_else(|| {
+            // The narrowest width the region takes: the bytes left are
+            // fewer, or its position is not aligned to it.
+            let narrowest = [1, 2, 4, 8].into_iter().find(|&w| r.accepts_width(w));
+            match narrowest {
+                Some(n) if n <= left => DeviceError::Unaligned {
+                    region: r.index,
+                    offset: pos,
+                    len: n,
+                },
+                _ => DeviceError::BadWidth {
+                    region: r.index,
+                    len: left,
+                    widths: r.widths,
+                },
+            }
+        })?;
+        access(pos, at..at + w)?;
+        at += w;
+    }
+    Ok(())
+}
+
+/// [`Device::read_bulk`] made of single accesses (what the default does;
+/// for implementations that override it and sometimes fall back).
+pub fn read_split<D: Device + ?Sized>(
+    dev: &mut D,
+    region: u32,
+    offset: u64,
+    data: &mut [u8],
+) -> Result<(), DeviceError> {
+    let info = dev.info().clone();
+    split(&info, region, offset, data.len(), false, |pos, r| {
+        dev.read(region, pos, &mut data[r])
+    })
+}
+
+/// [`Device::write_bulk`] made of single accesses.
+pub fn write_split<D: Device + ?Sized>(
+    dev: &mut D,
+    region: u32,
+    offset: u64,
+    data: &[u8],
+) -> Result<(), DeviceError> {
+    let info = dev.info().clone();
+    split(&info, region, offset, data.len(), true, |pos, r| {
+        dev.write(region, pos, &data[r])
+    })
+}
+
 impl fmt::Debug for dyn Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Device({})", self.info().name)
@@ -529,6 +665,84 @@ mod tests {
             irqs: vec![],
             reset: ResetMethod::Full,
         }
+    }
+
+    /// Records each access; region 0 of `info()` (4 and 8 bytes, 0x100).
+    struct Log(DeviceInfo, Vec<(u64, usize)>);
+
+    impl Device for Log {
+        fn info(&self) -> &DeviceInfo {
+            &self.0
+        }
+        fn read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+            self.0.check_access(region, offset, data.len(), false)?;
+            self.1.push((offset, data.len()));
+            data.fill(offset as u8);
+            Ok(())
+        }
+        fn write(&mut self, _: u32, _: u64, _: &[u8]) -> Result<(), DeviceError> {
+            unreachable!()
+        }
+        fn set_irqs(&mut self, _: IrqKind, _: u32, _: &[EventFd]) -> Result<(), DeviceError> {
+            unreachable!()
+        }
+        fn unmask_intx(&mut self) -> Result<(), DeviceError> {
+            unreachable!()
+        }
+        fn dma_map(&mut self, _: Arc<DmaRegion>) -> Result<(), DeviceError> {
+            unreachable!()
+        }
+        fn dma_unmap(&mut self, _: u64) -> Result<Arc<DmaRegion>, DeviceError> {
+            unreachable!()
+        }
+        fn reset(&mut self) -> Result<(), DeviceError> {
+            unreachable!()
+        }
+    }
+
+    #[test]
+    fn bulk_reads_are_the_widest_aligned_accesses() {
+        let mut d = Log(info(), Vec::new());
+        let mut buf = [0u8; 20];
+        d.read_bulk(0, 4, &mut buf).unwrap();
+        // Dwords where the region takes them.
+        assert_eq!(d.1, [(4, 4), (8, 4), (12, 4), (16, 4), (20, 4)]);
+        assert_eq!(buf[0], 4);
+        assert_eq!(buf[4], 8);
+        // 8-byte accesses where it takes no dwords.
+        d.0.regions[0].widths = WIDTH_8 | WIDTH_1;
+        d.1.clear();
+        d.read_bulk(0, 7, &mut [0u8; 10]).unwrap();
+        assert_eq!(d.1, [(7, 1), (8, 8), (16, 1)]);
+        d.0.regions[0].widths = WIDTH_4 | WIDTH_8;
+        d.1.clear();
+        assert!(matches!(
+            d.read_bulk(0, 2, &mut [0u8; 8]),
+            Err(DeviceError::Unaligned {
+                offset: 2,
+                len: 4,
+                ..
+            })
+        ));
+        assert!(matches!(
+            d.read_bulk(0, 0, &mut [0u8; 6]),
+            Err(DeviceError::BadWidth { len: 2, .. })
+        ));
+        assert!(matches!(
+            d.read_bulk(0, 0xf8, &mut [0u8; 16]),
+            Err(DeviceError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            d.write_bulk(0, 0, &[0u8; 8]),
+            Err(DeviceError::Denied { write: true, .. })
+        ));
+        assert!(matches!(
+            d.read_bulk(3, 0, &mut [0u8; 8]),
+            Err(DeviceError::NoRegion(3))
+        ));
+        // A refused transfer touched nothing, not even the accesses that
+        // could have been made before the one that cannot.
+        assert_eq!(d.1, []);
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub const MAX_DMA_CHUNK: usize = 1 << 20;
 pub const MAX_BODY: usize = MAX_DMA_CHUNK + 64;
 /// Largest single region read or write.
 pub const MAX_IO: usize = 4096;
+/// Largest bulk region read or write (`RegionReadBulk`, `RegionWriteBulk`).
+pub const MAX_BULK: usize = 1 << 20;
 /// Largest ping payload.
 pub const MAX_PING: usize = 64 * 1024;
 /// Largest chunk of a USB/IP stream in one `UsbData` frame.
@@ -56,8 +58,12 @@ pub const FEATURE_DMA_SYNC: u64 = 1 << 1;
 /// connection can take the session over (`Resume`), replaying exactly the
 /// frames the peer has not received.
 pub const FEATURE_RESUME: u64 = 1 << 2;
+/// Feature: bulk region access (`RegionReadBulk`, `RegionWriteBulk`): one
+/// request covers up to [`MAX_BULK`] bytes of a region, which the backend
+/// splits into the accesses the device accepts.
+pub const FEATURE_BULK: u64 = 1 << 3;
 /// Every feature this build implements.
-pub const FEATURES: u64 = FEATURE_POSTED_WRITES | FEATURE_DMA_SYNC | FEATURE_RESUME;
+pub const FEATURES: u64 = FEATURE_POSTED_WRITES | FEATURE_DMA_SYNC | FEATURE_RESUME | FEATURE_BULK;
 
 /// Authentication the server demands, announced in `Welcome`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,6 +317,32 @@ pub enum Message {
         /// Bytes to write.
         data: Bytes,
     },
+    /// Non-posted read of `len` bytes (up to [`MAX_BULK`]) of a region,
+    /// which the backend splits into the accesses the device accepts
+    /// ([`FEATURE_BULK`]). Answered by `ReadData`.
+    RegionReadBulk {
+        /// Handle.
+        handle: u32,
+        /// Region index.
+        region: u32,
+        /// Offset in the region.
+        offset: u64,
+        /// Bytes to read.
+        len: u32,
+    },
+    /// Posted write of up to [`MAX_BULK`] bytes of a region, split by the
+    /// backend like `RegionReadBulk` ([`FEATURE_BULK`]); no answer unless it
+    /// fails.
+    RegionWriteBulk {
+        /// Handle.
+        handle: u32,
+        /// Region index.
+        region: u32,
+        /// Offset in the region.
+        offset: u64,
+        /// Bytes to write.
+        data: Bytes,
+    },
     /// Configure interrupt delivery. Answered by `Ok`.
     SetIrqs {
         /// Handle.
@@ -440,6 +472,8 @@ pub mod kind {
     pub const REGION_READ: u16 = 0x0020;
     pub const READ_DATA: u16 = 0x0021;
     pub const REGION_WRITE: u16 = 0x0022;
+    pub const REGION_READ_BULK: u16 = 0x0023;
+    pub const REGION_WRITE_BULK: u16 = 0x0024;
     pub const SET_IRQS: u16 = 0x0030;
     pub const IRQ: u16 = 0x0031;
     pub const DMA_MAP: u16 = 0x0040;
@@ -629,17 +663,24 @@ fn put_region_write_body(out: &mut BytesMut, handle: u32, region: u32, offset: u
     put_bytes(out, data);
 }
 
-/// Appends a posted `RegionWrite` frame straight from a slice, without
-/// building a [`Message`] (the hot path of posted writes).
+/// Appends a posted `RegionWrite` frame (with `bulk`, `RegionWriteBulk`)
+/// straight from a slice, without building a [`Message`] (the hot path of
+/// posted writes).
 pub fn encode_region_write(
     seq: u64,
     handle: u32,
     region: u32,
     offset: u64,
     data: &[u8],
+    bulk: bool,
     out: &mut BytesMut,
 ) {
-    put_header(out, (20 + data.len()) as u32, kind::REGION_WRITE, seq, 0);
+    let k = if bulk {
+        kind::REGION_WRITE_BULK
+    } else {
+        kind::REGION_WRITE
+    };
+    put_header(out, (20 + data.len()) as u32, k, seq, 0);
     put_region_write_body(out, handle, region, offset, data);
 }
 
@@ -690,6 +731,8 @@ impl Message {
             Self::RegionRead { .. } => REGION_READ,
             Self::ReadData { .. } => READ_DATA,
             Self::RegionWrite { .. } => REGION_WRITE,
+            Self::RegionReadBulk { .. } => REGION_READ_BULK,
+            Self::RegionWriteBulk { .. } => REGION_WRITE_BULK,
             Self::SetIrqs { .. } => SET_IRQS,
             Self::Irq { .. } => IRQ,
             Self::DmaMap { .. } => DMA_MAP,
@@ -724,6 +767,11 @@ impl Message {
         match self {
             Self::DmaData { handle, iova, data } if data.len() >= ZERO_COPY_MIN => {
                 encode_dma_data_head(seq, reply_to, *handle, *iova, data.len(), out);
+                Some(data.clone())
+            }
+            Self::ReadData { data } if data.len() >= ZERO_COPY_MIN => {
+                put_header(out, (4 + data.len()) as u32, kind::READ_DATA, seq, reply_to);
+                out.put_u32_le(data.len() as u32);
                 Some(data.clone())
             }
             Self::UsbData { data } if data.len() >= ZERO_COPY_MIN => {
@@ -804,6 +852,12 @@ impl Message {
                 region,
                 offset,
                 len,
+            }
+            | Self::RegionReadBulk {
+                handle,
+                region,
+                offset,
+                len,
             } => {
                 out.put_u32_le(*handle);
                 out.put_u32_le(*region);
@@ -812,6 +866,12 @@ impl Message {
             }
             Self::ReadData { data } => put_bytes(out, data),
             Self::RegionWrite {
+                handle,
+                region,
+                offset,
+                data,
+            }
+            | Self::RegionWriteBulk {
                 handle,
                 region,
                 offset,
@@ -983,8 +1043,29 @@ impl Message {
                 }
                 m
             }
+            // Up to MAX_BULK: it may answer a bulk read.
             READ_DATA => Self::ReadData {
-                data: r.bytes(&body, MAX_IO, "data")?,
+                data: r.bytes(&body, MAX_BULK, "data")?,
+            },
+            REGION_READ_BULK => {
+                let (handle, region, offset) =
+                    (r.u32("handle")?, r.u32("region")?, r.u64("offset")?);
+                let len = r.u32("len")?;
+                if len == 0 || len as usize > MAX_BULK {
+                    return Err(r.invalid("len"));
+                }
+                Self::RegionReadBulk {
+                    handle,
+                    region,
+                    offset,
+                    len,
+                }
+            }
+            REGION_WRITE_BULK => Self::RegionWriteBulk {
+                handle: r.u32("handle")?,
+                region: r.u32("region")?,
+                offset: r.u64("offset")?,
+                data: r.bytes(&body, MAX_BULK, "data")?,
             },
             REGION_WRITE => Self::RegionWrite {
                 handle: r.u32("handle")?,
@@ -1476,6 +1557,21 @@ mod tests {
                 offset: 4,
                 data: Bytes::from_static(&[6, 0]),
             },
+            Message::RegionReadBulk {
+                handle: 1,
+                region: 2,
+                offset: 0x1000,
+                len: MAX_BULK as u32,
+            },
+            Message::RegionWriteBulk {
+                handle: 1,
+                region: 2,
+                offset: 0x10,
+                data: Bytes::from(vec![3; 5000]),
+            },
+            Message::ReadData {
+                data: Bytes::from(vec![9; MAX_BULK]),
+            },
             Message::SetIrqs {
                 handle: 1,
                 kind: IrqKind::Msix,
@@ -1530,7 +1626,7 @@ mod tests {
         };
         let (mut a, mut b) = (BytesMut::new(), BytesMut::new());
         m.encode(9, 0, &mut a);
-        encode_region_write(9, 2, 7, 0x44, &[1, 2, 3, 4], &mut b);
+        encode_region_write(9, 2, 7, 0x44, &[1, 2, 3, 4], false, &mut b);
         assert_eq!(a, b);
     }
 
@@ -1544,7 +1640,10 @@ mod tests {
         let usb = Message::UsbData {
             data: Bytes::from(vec![0x5a; 200_000]),
         };
-        for m in [dma, usb] {
+        let read = Message::ReadData {
+            data: Bytes::from(vec![0x3c; 40_000]),
+        };
+        for m in [dma, usb, read] {
             let mut plain = BytesMut::new();
             m.encode(4, 2, &mut plain);
             let mut head = BytesMut::new();

@@ -4,10 +4,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cio_core::wire::{IrqAction, Message};
+use cio_core::wire::{IrqAction, Message, FEATURE_BULK, MAX_BULK};
 use cio_core::{Device, DeviceError, DeviceInfo, DmaRegion, EventFd, IrqKind};
 
-use crate::client::{lock, ClientError, Shared, Target};
+use crate::client::{lock, ClientError, Post, Shared, Target};
 
 /// A device served by a `ciod`, implementing [`Device`].
 ///
@@ -87,6 +87,11 @@ impl RemoteDevice {
             .call(Some((self.handle, &self.target)), msg)?)
     }
 
+    /// The backend takes bulk requests (older ones get single accesses).
+    fn bulk(&self) -> bool {
+        self.shared.inner.features & FEATURE_BULK != 0
+    }
+
     fn expect_ok(&self, msg: &Message) -> Result<(), DeviceError> {
         match self.call(msg)? {
             Message::Ok => Ok(()),
@@ -128,11 +133,67 @@ impl Device for RemoteDevice {
         self.target
             .info
             .check_access(region, offset, data.len(), true)?;
-        let urgent = self.doorbells.contains(&(region, offset));
+        let kind = if self.doorbells.contains(&(region, offset)) {
+            Post::Doorbell
+        } else {
+            Post::Batched
+        };
         Ok(self
             .shared
             .inner
-            .post_write(self.handle, &self.target, region, offset, data, urgent)?)
+            .post_write(self.handle, &self.target, region, offset, data, kind)?)
+    }
+
+    fn read_bulk(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        if !self.bulk() {
+            return cio_core::device::read_split(self, region, offset, data);
+        }
+        self.target
+            .info
+            .check_bulk(region, offset, data.len(), false)?;
+        for (i, chunk) in data.chunks_mut(MAX_BULK).enumerate() {
+            let msg = Message::RegionReadBulk {
+                handle: self.handle,
+                region,
+                offset: offset + (i * MAX_BULK) as u64,
+                len: chunk.len() as u32,
+            };
+            match self.call(&msg)? {
+                Message::ReadData { data: d } if d.len() == chunk.len() => {
+                    chunk.copy_from_slice(&d)
+                }
+                m => {
+                    return Err(ClientError::Protocol(format!(
+                        "expected {} bytes of ReadData, got message {:#06x}",
+                        chunk.len(),
+                        m.kind()
+                    ))
+                    .into())
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_bulk(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        if !self.bulk() {
+            return cio_core::device::write_split(self, region, offset, data);
+        }
+        self.target
+            .info
+            .check_bulk(region, offset, data.len(), true)?;
+        for (i, chunk) in data.chunks(MAX_BULK).enumerate() {
+            let at = offset + (i * MAX_BULK) as u64;
+            self.shared.inner.post_write(
+                self.handle,
+                &self.target,
+                region,
+                at,
+                chunk,
+                Post::Bulk,
+            )?;
+        }
+        Ok(())
     }
 
     fn set_irqs(&mut self, kind: IrqKind, start: u32, fds: &[EventFd]) -> Result<(), DeviceError> {

@@ -233,12 +233,27 @@ impl OutQueue {
         seq
     }
 
-    /// Queues a posted region write straight from `data`; returns its
-    /// sequence number.
-    pub fn push_region_write(&mut self, handle: u32, region: u32, offset: u64, data: &[u8]) -> u64 {
+    /// Queues a posted region write (with `bulk`, a bulk one) straight from
+    /// `data`; returns its sequence number.
+    pub fn push_region_write(
+        &mut self,
+        handle: u32,
+        region: u32,
+        offset: u64,
+        data: &[u8],
+        bulk: bool,
+    ) -> u64 {
         let seq = self.begin();
         let before = self.head.len();
-        cio_core::wire::encode_region_write(seq, handle, region, offset, data, &mut self.head);
+        cio_core::wire::encode_region_write(
+            seq,
+            handle,
+            region,
+            offset,
+            data,
+            bulk,
+            &mut self.head,
+        );
         self.queued += self.head.len() - before;
         seq
     }
@@ -466,7 +481,7 @@ mod tests {
             q.push(&Message::Reset { handle: i }, 0);
         }
         q.push_dma_region(1, &region, 0, 64 * 1024);
-        q.push_region_write(2, 0, 8, &[1, 2, 3, 4]);
+        q.push_region_write(2, 0, 8, &[1, 2, 3, 4], false);
         let (a, b) = Conn::pair().unwrap();
         assert!(q
             .write_to(&a, Some(std::time::Duration::from_secs(5)))

@@ -162,7 +162,7 @@ mod tests {
         let (a, b) = Conn::pair().unwrap();
         let mut q = OutQueue::new();
         for i in 0..1000 {
-            q.push_region_write(1, 0, i * 4, &[0; 4]);
+            q.push_region_write(1, 0, i * 4, &[0; 4], false);
         }
         let total = q.len();
         assert!(q.write_to(&a, Some(Duration::from_secs(5))).unwrap());

@@ -235,6 +235,27 @@ impl Device for Memory {
         Ok(())
     }
 
+    /// BAR0 is plain memory: one copy, as from a mapped BAR.
+    fn read_bulk(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        if region != 0 {
+            return cio_core::device::read_split(self, region, offset, data);
+        }
+        self.info.check_bulk(region, offset, data.len(), false)?;
+        let o = offset as usize;
+        data.copy_from_slice(&self.ram[o..o + data.len()]);
+        Ok(())
+    }
+
+    fn write_bulk(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        if region != 0 {
+            return cio_core::device::write_split(self, region, offset, data);
+        }
+        self.info.check_bulk(region, offset, data.len(), true)?;
+        let o = offset as usize;
+        self.ram[o..o + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
     fn set_irqs(&mut self, kind: IrqKind, start: u32, fds: &[EventFd]) -> Result<(), DeviceError> {
         self.irqs.set(&self.info, kind, start, fds)?;
         self.config.set_msi_enabled(self.irqs.msi_enabled());

@@ -202,6 +202,21 @@ impl Devices {
                 self.posted(seq, r, out);
                 return Handled::Done;
             }
+            Message::RegionWriteBulk {
+                handle,
+                region,
+                offset,
+                data,
+            } => {
+                let r = self.open_dev(handle).and_then(|d| {
+                    let dev = d.lease.device();
+                    dev.prepare_dma().map_err(dev_err(ErrorCode::DMA))?;
+                    dev.write_bulk(region, offset, &data)
+                        .map_err(dev_err(ErrorCode::ACCESS))
+                });
+                self.posted(seq, r, out);
+                return Handled::Done;
+            }
             Message::DmaData { handle, iova, data } => {
                 let r = self.apply_dma(handle, iova, &data);
                 self.posted(seq, r, out);
@@ -214,16 +229,13 @@ impl Devices {
                 region,
                 offset,
                 len,
-            } => self.open_dev(handle).and_then(|d| {
-                let mut buf = vec![0u8; len as usize];
-                let dev = d.lease.device();
-                dev.prepare_dma().map_err(dev_err(ErrorCode::DMA))?;
-                dev.read(region, offset, &mut buf)
-                    .map(|()| Message::ReadData {
-                        data: Bytes::from(buf),
-                    })
-                    .map_err(dev_err(ErrorCode::ACCESS))
-            }),
+            } => self.read(handle, region, offset, len, false),
+            Message::RegionReadBulk {
+                handle,
+                region,
+                offset,
+                len,
+            } => self.read(handle, region, offset, len, true),
             Message::SetIrqs {
                 handle,
                 kind,
@@ -281,6 +293,31 @@ impl Devices {
     pub(crate) fn reply(&mut self, seq: u64, msg: &Message, out: &mut dyn Outbox) {
         self.pull_dirty(None, out);
         out.push(msg, seq);
+    }
+
+    /// A region read: one access, or with `bulk` the accesses the device
+    /// accepts (`RegionReadBulk`).
+    fn read(
+        &mut self,
+        handle: u32,
+        region: u32,
+        offset: u64,
+        len: u32,
+        bulk: bool,
+    ) -> Result<Message, ReqError> {
+        let d = self.open_dev(handle)?;
+        let mut buf = vec![0u8; len as usize];
+        let dev = d.lease.device();
+        dev.prepare_dma().map_err(dev_err(ErrorCode::DMA))?;
+        let r = if bulk {
+            dev.read_bulk(region, offset, &mut buf)
+        } else {
+            dev.read(region, offset, &mut buf)
+        };
+        r.map(|()| Message::ReadData {
+            data: Bytes::from(buf),
+        })
+        .map_err(dev_err(ErrorCode::ACCESS))
     }
 
     fn open_dev(&mut self, handle: u32) -> Result<&mut OpenDevice, ReqError> {

@@ -9,6 +9,9 @@ use cio_core::{error_chain, Device, CONFIG_REGION};
 use cio_frontend::RemoteDevice;
 use cio_hw_profiles::Profile;
 
+/// Bytes `cio dump` asks for at a time (the progress bar moves by these).
+const DUMP_CHUNK: usize = 256 * 1024;
+
 /// A region by number (`0`-`5`, `7`) or name (`bar0`-`bar5`, `config`).
 pub fn region(s: &str) -> Result<u32, String> {
     let s = s.to_ascii_lowercase();
@@ -165,10 +168,9 @@ pub fn write(
     ))
 }
 
-/// `cio dump`: `len` bytes from `off`, read in 4-byte accesses where the
-/// region takes them (the width registers are made for: edu, for one,
-/// answers 8-byte reads of its registers with all-ones), else 8, 2 or 1,
-/// as a hex dump (or raw to `out`).
+/// `cio dump`: `len` bytes from `off`, read in bulk (one request per
+/// chunk; the backend makes the accesses the region takes, 4 bytes where it
+/// can: see `RegionInfo::bulk_width`), as a hex dump (or raw to `out`).
 pub fn dump(
     dev: &mut RemoteDevice,
     region_s: &str,
@@ -185,22 +187,17 @@ pub fn dump(
     let len = len
         .unwrap_or_else(|| info.size.saturating_sub(off))
         .min(info.size.saturating_sub(off));
-    let w = [4usize, 8, 2, 1]
-        .into_iter()
-        .find(|&w| info.accepts_width(w) && off % w as u64 == 0 && len % w as u64 == 0)
-        .ok_or_else(|| {
-            format!("region {region} takes no access width that fits {len} bytes at {off:#x}")
-        })?;
+    dev.info()
+        .check_bulk(region, off, len as usize, false)
+        .map_err(|e| error_chain(&e))?;
     let mut data = vec![0u8; len as usize];
-    // Each access is a round trip: a large dump takes a while, so a
-    // terminal gets a progress bar (a pipe or a file nothing).
+    // A terminal gets a progress bar for a large dump (a pipe or a file
+    // nothing).
     let bar = crate::progress::bar(len, "reading");
-    for (i, chunk) in data.chunks_mut(w).enumerate() {
-        dev.read(region, off + (i * w) as u64, chunk)
+    for (i, chunk) in data.chunks_mut(DUMP_CHUNK).enumerate() {
+        dev.read_bulk(region, off + (i * DUMP_CHUNK) as u64, chunk)
             .map_err(|e| error_chain(&e))?;
-        if i % 256 == 255 {
-            bar.set_position(((i + 1) * w) as u64);
-        }
+        bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
     if let Some(path) = out {

@@ -30,6 +30,17 @@ use super::{handshake, timed_out, ClientError, ClientOptions, Handshake};
 
 /// Posted writes are sent at once when this many bytes are queued.
 const FLUSH_THRESHOLD: usize = 64 * 1024;
+/// A posted region write: which frame, and whether it may wait for others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Post {
+    /// A register write, batched with the writes that follow it closely.
+    Batched,
+    /// A write that starts device work (from the hw profile): sent at once.
+    Doorbell,
+    /// A `RegionWriteBulk`, sent at once.
+    Bulk,
+}
+
 /// A posted write this long after the previous one is sent at once.
 const ISOLATED_NS: u64 = 20_000;
 /// The pump sends queued writes once no write was added for this long.
@@ -393,7 +404,7 @@ impl Inner {
     }
 
     /// Queues a posted region write (after the device's dirty target
-    /// pages). It leaves at once when `urgent` (a doorbell), when it follows
+    /// pages). It leaves at once when a doorbell or a bulk write, when it follows
     /// no other write closely (a lone write gains nothing from waiting),
     /// when enough is queued, or at the next request; otherwise the pump
     /// sends it, together with whatever was queued meanwhile.
@@ -404,7 +415,7 @@ impl Inner {
         region: u32,
         offset: u64,
         data: &[u8],
-        urgent: bool,
+        kind: Post,
     ) -> Result<(), ClientError> {
         self.check_open()?;
         let now = self.now_ns();
@@ -415,9 +426,9 @@ impl Inner {
             let mut out = lock(&self.tx);
             let was_empty = out.is_empty();
             Self::push_dirty(&mut out, handle, target, None);
-            out.push_region_write(handle, region, offset, data);
+            out.push_region_write(handle, region, offset, data, kind == Post::Bulk);
             let now = !self.batch_writes
-                || urgent
+                || kind != Post::Batched
                 || out.len() >= FLUSH_THRESHOLD
                 || (was_empty && isolated);
             if !now && was_empty {

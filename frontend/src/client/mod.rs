@@ -27,7 +27,7 @@ use cio_transports::{ClientTls, Conn, Endpoint, Pin, Psk};
 use crate::remote::RemoteDevice;
 pub use handoff::{Ticket, TicketDevice};
 pub(crate) use handshake::{handshake, read_frame, Handshake};
-pub(crate) use link::Inner;
+pub(crate) use link::{Inner, Post};
 pub(crate) use target::{lock, Target};
 
 /// How to connect.

@@ -724,14 +724,24 @@ impl Connection<'_> {
         self.device.set_irqs(kind, 0, table)
     }
 
+    /// One access of `len` bytes at `offset` (a register), or a bulk
+    /// transfer the device splits into the accesses it accepts.
+    fn single(&self, region: u32, offset: u64, len: usize) -> bool {
+        self.device
+            .info()
+            .region(region)
+            .is_some_and(|r| r.accepts_width(len) && offset % len as u64 == 0)
+    }
+
     fn region_read(&mut self, a: RegionAccess) -> Handled {
         let mut data = vec![0u8; a.count as usize];
-        let mut pos = 0usize;
-        for (off, w) in self.split(a.region, a.offset, data.len(), false)? {
-            if let Err(e) = self.device.read(a.region, off, &mut data[pos..pos + w]) {
-                return dev_fail("region read", e);
-            }
-            pos += w;
+        let r = if self.single(a.region, a.offset, data.len()) {
+            self.device.read(a.region, a.offset, &mut data)
+        } else {
+            self.device.read_bulk(a.region, a.offset, &mut data)
+        };
+        if let Err(e) = r {
+            return dev_fail("region read", e);
         }
         Ok(Reply::RegionRead(RegionData {
             offset: a.offset,
@@ -741,14 +751,13 @@ impl Connection<'_> {
     }
 
     fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), (u32, String)> {
-        let mut pos = 0usize;
-        for (off, w) in self.split(region, offset, data.len(), true)? {
-            if let Err(e) = self.device.write(region, off, &data[pos..pos + w]) {
-                return dev_fail("region write", e);
-            }
-            pos += w;
-        }
-        Ok(())
+        // A single write keeps its doorbell handling (sent at once).
+        let r = if self.single(region, offset, data.len()) {
+            self.device.write(region, offset, data)
+        } else {
+            self.device.write_bulk(region, offset, data)
+        };
+        r.or_else(|e| dev_fail("region write", e))
     }
 
     fn write_multi(&mut self, wrs: &[WriteOne]) -> Handled {
@@ -758,60 +767,6 @@ impl Connection<'_> {
         Ok(Reply::RegionWriteMulti {
             wr_cnt: wrs.len() as u64,
         })
-    }
-
-    /// Splits an access into the widths the region accepts, the largest
-    /// aligned one first, after checking the whole access is inside.
-    fn split(
-        &self,
-        region: u32,
-        offset: u64,
-        len: usize,
-        write: bool,
-    ) -> Result<Vec<(u64, usize)>, (u32, String)> {
-        let Some(r) = self.device.info().region(region) else {
-            return fail(Errno::EINVAL, format!("no region {region}"));
-        };
-        let needed = if write {
-            cio_core::device::REGION_WRITE
-        } else {
-            cio_core::device::REGION_READ
-        };
-        if r.flags & needed == 0 {
-            return fail(
-                Errno::EINVAL,
-                format!("region {region} does not allow this"),
-            );
-        }
-        let end = match offset.checked_add(len as u64) {
-            Some(end) if end <= r.size => end,
-            _ => {
-                return fail(
-                    Errno::EINVAL,
-                    format!(
-                    "{len} bytes at {offset:#x} is past the end of region {region} ({:#x} bytes)",
-                    r.size
-                ),
-                )
-            }
-        };
-        let mut parts = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let left = end - pos;
-            let w = [8u64, 4, 2, 1]
-                .into_iter()
-                .find(|&w| r.widths & (w as u8) != 0 && w <= left && pos % w == 0);
-            let Some(w) = w else {
-                return fail(
-                    Errno::EINVAL,
-                    format!("no access width of region {region} fits at {pos:#x}"),
-                );
-            };
-            parts.push((pos, w as usize));
-            pos += w;
-        }
-        Ok(parts)
     }
 
     /// Brings the mirrors the device reads up to date with guest memory
