@@ -259,7 +259,7 @@ impl DeviceInfo {
                 })
             }
         }
-        plan(region, offset, len, &mut |_, _| Ok(()))?;
+        plan(region, offset, len, &mut |_, _, _, _| Ok(()))?;
         Ok(region)
     }
 
@@ -572,15 +572,24 @@ fn split(
     // The whole plan is checked first, so that a transfer refused part way
     // touches nothing.
     let r = info.check_bulk(region, offset, len, write)?;
-    plan(r, offset, len, &mut access)
+    plan(r, offset, len, &mut |pos, at, w, n| {
+        for i in 0..n {
+            access(pos + (i * w) as u64, at + i * w..at + (i + 1) * w)?;
+        }
+        Ok(())
+    })
 }
 
-/// Walks the accesses of a bulk transfer in `r`, handing each to `access`.
+/// Walks the accesses of a bulk transfer in `r` as runs: `access(pos, at,
+/// width, count)` for `count` accesses of `width` bytes from `pos` (`at`
+/// bytes into the transfer). A run of dwords (or of 8-byte accesses in a
+/// region without dwords) covers all it can at once: once aligned, the
+/// choice stays the same until the tail.
 fn plan(
     r: &RegionInfo,
     offset: u64,
     len: usize,
-    access: &mut dyn FnMut(u64, std::ops::Range<usize>) -> Result<(), DeviceError>,
+    access: &mut dyn FnMut(u64, usize, usize, usize) -> Result<(), DeviceError>,
 ) -> Result<(), DeviceError> {
     let mut at = 0;
     while at < len {
@@ -603,8 +612,9 @@ fn plan(
                 },
             }
         })?;
-        access(pos, at..at + w)?;
-        at += w;
+        let n = if w >= 4 { left / w } else { 1 };
+        access(pos, at, w, n)?;
+        at += n * w;
     }
     Ok(())
 }

@@ -174,6 +174,22 @@ impl<D: Device> Device for Stamped<D> {
         }
         self.inner.write(region, offset, data)
     }
+    fn read_bulk(
+        &mut self,
+        region: u32,
+        offset: u64,
+        data: &mut [u8],
+    ) -> Result<(), cio_core::DeviceError> {
+        self.inner.read_bulk(region, offset, data)
+    }
+    fn write_bulk(
+        &mut self,
+        region: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), cio_core::DeviceError> {
+        self.inner.write_bulk(region, offset, data)
+    }
     fn set_irqs(
         &mut self,
         kind: IrqKind,
@@ -863,6 +879,91 @@ fn p3(t: Transport, quick: bool, s: &ServerHandle, raw: &mut RawServer) -> Bench
     Ok(rows)
 }
 
+/// P8: bulk BAR access, `read_bulk`/`write_bulk` of mem0's BAR0 (plain
+/// memory, which the model copies), against a raw stream of the same size
+/// in the same direction: the raw server sends N bytes on request, or takes
+/// N bytes and answers one. cio's write is fenced by `flush` (a round trip
+/// after the posted data), like the raw side's acknowledgement.
+fn p8(t: Transport, quick: bool, s: &ServerHandle, raw: &mut RawServer) -> BenchResult<Vec<Row>> {
+    let sizes: &[u64] = if quick {
+        &[4 << 10, 1 << 20]
+    } else {
+        &[4 << 10, 64 << 10, 1 << 20, 16 << 20]
+    };
+    let c = client(s, true)?;
+    let mut dev = c.open("mem0").map_err(err("open"))?;
+    let (conn, _t) = raw_client(raw, b'S', 0)?;
+    let mut buf = vec![0x6bu8; *sizes.last().unwrap_or(&0) as usize];
+    let mut sink = vec![0u8; 1 << 20];
+    let mut rows = Vec::new();
+    for &size in sizes {
+        let n = size as usize;
+        let iters = if quick {
+            3
+        } else {
+            ((256u64 << 20) / size).clamp(8, 400) as usize
+        };
+        for (dir, raw_dir) in [("read", b'>'), ("write", b'<')] {
+            let (vc, vr) = alternate(
+                iters,
+                1,
+                || {
+                    if raw_dir == b'>' {
+                        dev.read_bulk(0, 0, &mut buf[..n]).map_err(err("read"))
+                    } else {
+                        dev.write_bulk(0, 0, &buf[..n])
+                            .and_then(|()| dev.flush())
+                            .map_err(err("write"))
+                    }
+                },
+                || {
+                    let mut c = [raw_dir, 0, 0, 0, 0, 0, 0, 0, 0];
+                    c[1..].copy_from_slice(&size.to_le_bytes());
+                    (&conn).write_all(&c).map_err(err("raw"))?;
+                    let mut left = n;
+                    while left > 0 {
+                        let k = left.min(sink.len());
+                        if raw_dir == b'>' {
+                            (&conn).read_exact(&mut sink[..k]).map_err(err("raw"))?;
+                        } else {
+                            (&conn).write_all(&sink[..k]).map_err(err("raw"))?;
+                        }
+                        left -= k;
+                    }
+                    if raw_dir == b'<' {
+                        (&conn).read_exact(&mut sink[..1]).map_err(err("raw"))?;
+                    }
+                    Ok(())
+                },
+            )?;
+            let bw = |v: Vec<f64>| {
+                v.into_iter()
+                    .map(|u| mib_s(size, Duration::from_secs_f64(u.max(1.0) / 1e6)))
+                    .collect::<Vec<_>>()
+            };
+            let (cio, raw_s) = (stat(bw(vc), true), stat(bw(vr), true));
+            let ratio = cio.median / raw_s.median;
+            let (target, met) = if size >= 64 << 10 {
+                (">= 0.90", ratio >= 0.90)
+            } else {
+                ("(info)", true)
+            };
+            rows.push(row(
+                "P8",
+                format!("bulk BAR {dir}, {}", size_label(size)),
+                t,
+                "MiB/s",
+                cio,
+                raw_s,
+                "cio/raw",
+                ratio,
+                (target, met),
+            ));
+        }
+    }
+    Ok(rows)
+}
+
 /// Median time the memory model takes for a BAR0 -> DMA memory command of
 /// `size` bytes when driven locally (no transport at all).
 fn local_device_copy_us(size: u64, iters: usize) -> BenchResult<f64> {
@@ -1026,6 +1127,12 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> BenchResult<Report
         if opts.wants("P3") {
             let mut raw = RawServer::start(t, "p3")?;
             for r in p3(t, opts.quick, &s, &mut raw)? {
+                push(r, &mut rows);
+            }
+        }
+        if opts.wants("P8") {
+            let mut raw = RawServer::start(t, "p8")?;
+            for r in p8(t, opts.quick, &s, &mut raw)? {
                 push(r, &mut rows);
             }
         }

@@ -232,7 +232,7 @@ enum Cmd {
     },
     /// Measure cio against the raw transport in the same run (P1 read
     /// latency, P2 posted writes/s, P3 DMA sync bandwidth, P4 interrupt
-    /// latency, P7 sync cost vs mapping size; T1 and T3: the same read and
+    /// latency, P7 sync cost vs mapping size, P8 bulk BAR access; T1 and T3: the same read and
     /// DMA sync over TLS against plaintext, T0 rustls alone against TCP)
     /// and print ratios.
     Bench {
@@ -246,7 +246,7 @@ enum Cmd {
         /// Where to write the results as JSON.
         #[arg(long, value_name = "FILE", default_value = "cio-bench.json")]
         json: PathBuf,
-        /// Run only these measurements (comma-separated: P1,P2,P3,P4,P7,T0,T1,T3).
+        /// Run only these measurements (comma-separated: P1,P2,P3,P4,P7,P8,T0,T1,T3).
         #[arg(long, value_delimiter = ',', value_name = "IDS")]
         only: Vec<String>,
     },
