@@ -1,6 +1,6 @@
 #!/bin/busybox sh
 # Init of the QEMU test guest. Loads the modules, binds the test devices
-# (edu, nvme, e1000e) to vfio-pci, brings up the user-net NIC, starts ciod and runs
+# (edu, nvme, e1000e, ivshmem) to vfio-pci, brings up the user-net NIC, starts ciod and runs
 # the commands the harness sends on the console; or,
 # with cio.test=usb (or nvme-remote) on the kernel command line, runs that
 # scenario instead.
@@ -42,6 +42,7 @@ for d in /sys/bus/pci/devices/*; do
         0x1234:0x11e8) name=vedu; off=0; reads=2000 ;;   # QEMU edu: identification
         0x1b36:0x0010) name=vnvme; off=8; reads=1 ;;     # QEMU nvme: VS
         0x8086:0x10d3) name=ve1000e; off=8; reads=1 ;;   # e1000e: STATUS
+        0x1af4:0x1110) name=vivshmem; off=0; reads=1 ;;  # ivshmem-plain: IntrMask
         *) continue ;;
     esac
     eval "i=\${count_$name:-0}"

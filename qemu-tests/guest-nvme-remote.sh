@@ -22,6 +22,11 @@ done
 c=/sys/class/nvme/nvme0
 echo "CIO-NVME serial=$(cat $c/serial) model=$(cat $c/model | tr ' ' _) driver=$(basename "$(readlink $c/device/driver)") sectors=$(cat /sys/block/nvme0n1/size)"
 
+# An IO that never completes leaves dd in uninterruptible sleep: a watchdog
+# prints what the kernel said meanwhile (the harness fails on CIO-STUCK).
+watch() { ( sleep 120; echo "CIO-STUCK $1 after 120 s"; dmesg | tail -n 30 | sed 's/^/CIO-STUCK /' ) & }
+unwatch() { kill $! 2>/dev/null; }
+
 # Centiseconds since boot (busybox dd prints no rate), and a rate in KiB/s
 # of N MiB since T0.
 now() { read -r up _ < /proc/uptime; echo "${up%.*}${up#*.}"; }
@@ -30,27 +35,36 @@ speed() { echo "$(($1 * 1024 * 100 / ($(now) - $2 + 1)))KiB/s"; }
 # The host wrote the image: read its first 4 MiB (O_DIRECT: from the device,
 # not the page cache).
 t0=$(now)
+watch read
 if dd if=/dev/nvme0n1 of=/tmp/head bs=1M count=4 iflag=direct 2>/tmp/dd-read; then
+    unwatch
     s=$(speed 4 "$t0")
     echo "CIO-READ sha256=$(sha256sum /tmp/head | cut -d' ' -f1) speed=$s"
 else
+    unwatch
     echo "CIO-FAIL read: $(cat /tmp/dd-read)"
 fi
 
 # 8 MiB of fresh data at 8 MiB, written and read back with O_DIRECT.
 dd if=/dev/urandom of=/tmp/new bs=1M count=8 2>/dev/null
 t0=$(now)
+watch write
 if dd if=/tmp/new of=/dev/nvme0n1 bs=1M seek=8 oflag=direct conv=fsync 2>/tmp/dd-write; then
+    unwatch
     s=$(speed 8 "$t0")
     echo "CIO-WRITE sha256=$(sha256sum /tmp/new | cut -d' ' -f1) speed=$s"
 else
+    unwatch
     echo "CIO-FAIL write: $(cat /tmp/dd-write)"
 fi
 t0=$(now)
+watch back
 if dd if=/dev/nvme0n1 of=/tmp/back bs=1M skip=8 count=8 iflag=direct 2>/tmp/dd-back; then
+    unwatch
     s=$(speed 8 "$t0")
     echo "CIO-BACK sha256=$(sha256sum /tmp/back | cut -d' ' -f1) speed=$s"
 else
+    unwatch
     echo "CIO-FAIL read back: $(cat /tmp/dd-back)"
 fi
 rm -f /tmp/head /tmp/new /tmp/back

@@ -85,7 +85,11 @@ pub fn vfio_user_server(
         .args(args)
         .arg("--socket")
         .arg(sock)
-        .env("RUST_LOG", "info")
+        // CIO_TEST_RUST_LOG=debug for a closer look at a failing test.
+        .env(
+            "RUST_LOG",
+            std::env::var("CIO_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).expect("server log"))
@@ -286,13 +290,19 @@ impl Guest {
 
     /// Waits until the console has a line containing `marker`; fails with
     /// the console if it does not appear in `timeout`, QEMU exits, or the
-    /// guest reports `CIO-FAIL`.
+    /// guest reports `CIO-FAIL` or `CIO-STUCK`.
     pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<(), String> {
         let end = Instant::now() + timeout;
         loop {
             let c = self.console();
             if let Some(l) = c.lines().find(|l| l.contains("CIO-FAIL")) {
                 return Err(format!("guest reported a failure: {l}"));
+            }
+            if let Some(l) = c.lines().find(|l| l.contains("CIO-STUCK")) {
+                // What the guest prints after it (its kernel log) comes
+                // with the console the failing test prints.
+                std::thread::sleep(Duration::from_secs(2));
+                return Err(format!("guest is stuck: {l}"));
             }
             if c.lines().any(|l| l.contains(marker)) {
                 return Ok(());

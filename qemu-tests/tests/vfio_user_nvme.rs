@@ -72,7 +72,9 @@ fn guest_kernel_nvme_driver_uses_a_remote_nvme_through_vfio_user() {
     // the boot down.
     args.extend(["-bios", "qboot.rom", "-device", &device]);
     let start = Instant::now();
-    let mut b = Guest::boot_qemu(&qemu11, &rig, &args, "cio.test=nvme-remote");
+    // loglevel=5: the nvme driver's warnings (timeouts, resets) on the
+    // console.
+    let mut b = Guest::boot_qemu(&qemu11, &rig, &args, "cio.test=nvme-remote loglevel=5");
     let done = b.wait_for("CIO-EXIT", Duration::from_secs(400));
     let took = start.elapsed();
     if let Err(e) = done {
