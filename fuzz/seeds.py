@@ -14,6 +14,7 @@ def s(x):
 
 OPEN, READ, WRITE, SET_IRQS, DMA_MAP, DMA_UNMAP, DMA_DATA, SYNC, RESET, CLOSE, LIST = (
     0x12, 0x20, 0x22, 0x30, 0x40, 0x41, 0x42, 0x43, 0x50, 0x14, 0x10)
+READ_BULK, WRITE_BULK = 0x23, 0x24
 
 def read(h, region, off, n):
     return rec(READ, struct.pack("<IIQI", h, region, off, n))
@@ -31,6 +32,11 @@ seeds = {
         + write(1, 0, 0x80, struct.pack("<Q", 0x40000)) + write(1, 0, 0x88, struct.pack("<Q", 0x40000))
         + write(1, 0, 0x90, struct.pack("<Q", 16)) + write(1, 0, 0x98, struct.pack("<Q", 1))
         + rec(SYNC, struct.pack("<IQQ", 1, 0x40000, 4096)) + rec(DMA_UNMAP, struct.pack("<IQ", 1, 0x40000)),
+    "mem-bulk": rec(OPEN, s(b"mem0"))
+        + rec(WRITE_BULK, struct.pack("<IIQI", 1, 0, 0x13, 40) + bytes(range(40)))
+        + rec(READ_BULK, struct.pack("<IIQI", 1, 0, 0x10, 48)),
+    "edu-bulk": rec(OPEN, s(b"edu0")) + rec(READ_BULK, struct.pack("<IIQI", 1, 0, 0, 32))
+        + rec(READ_BULK, struct.pack("<IIQI", 1, 0, 2, 6)),
     "mem-rw": rec(OPEN, s(b"mem0")) + write(1, 0, 0x100, b"\xaa" * 8) + read(1, 0, 0x100, 8)
         + rec(RESET, struct.pack("<I", 1)) + rec(CLOSE, struct.pack("<I", 1)),
 }
