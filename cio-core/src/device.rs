@@ -240,6 +240,14 @@ impl DeviceInfo {
         len: usize,
         write: bool,
     ) -> Result<&RegionInfo, DeviceError> {
+        let region = self.directed(index, write)?;
+        ends_inside(region, offset, len)?;
+        plan(region, offset, len, &mut |_, _, _, _| Ok(()))?;
+        Ok(region)
+    }
+
+    /// Region `index`, if it allows the direction.
+    fn directed(&self, index: u32, write: bool) -> Result<&RegionInfo, DeviceError> {
         let region = self.region(index).ok_or(DeviceError::NoRegion(index))?;
         let needed = if write { REGION_WRITE } else { REGION_READ };
         if region.flags & needed == 0 {
@@ -248,18 +256,6 @@ impl DeviceInfo {
                 write,
             });
         }
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= region.size => {}
-            _ => {
-                return Err(DeviceError::OutOfRange {
-                    region: index,
-                    offset,
-                    len,
-                    size: region.size,
-                })
-            }
-        }
-        plan(region, offset, len, &mut |_, _, _, _| Ok(()))?;
         Ok(region)
     }
 
@@ -273,14 +269,7 @@ impl DeviceInfo {
         len: usize,
         write: bool,
     ) -> Result<&RegionInfo, DeviceError> {
-        let region = self.region(index).ok_or(DeviceError::NoRegion(index))?;
-        let needed = if write { REGION_WRITE } else { REGION_READ };
-        if region.flags & needed == 0 {
-            return Err(DeviceError::Denied {
-                region: index,
-                write,
-            });
-        }
+        let region = self.directed(index, write)?;
         if !region.accepts_width(len) {
             return Err(DeviceError::BadWidth {
                 region: index,
@@ -295,15 +284,8 @@ impl DeviceInfo {
                 len,
             });
         }
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= region.size => Ok(region),
-            _ => Err(DeviceError::OutOfRange {
-                region: index,
-                offset,
-                len,
-                size: region.size,
-            }),
-        }
+        ends_inside(region, offset, len)?;
+        Ok(region)
     }
 }
 
@@ -556,6 +538,19 @@ pub trait Device: Send {
     /// Writes a 16-bit little-endian value.
     fn write16(&mut self, region: u32, offset: u64, value: u16) -> Result<(), DeviceError> {
         self.write(region, offset, &value.to_le_bytes())
+    }
+}
+
+/// `len` bytes at `offset` end inside `region`.
+fn ends_inside(region: &RegionInfo, offset: u64, len: usize) -> Result<(), DeviceError> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= region.size => Ok(()),
+        _ => Err(DeviceError::OutOfRange {
+            region: region.index,
+            offset,
+            len,
+            size: region.size,
+        }),
     }
 }
 

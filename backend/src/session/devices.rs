@@ -193,12 +193,7 @@ impl Devices {
                 offset,
                 data,
             } => {
-                let r = self.open_dev(handle).and_then(|d| {
-                    let dev = d.lease.device();
-                    dev.prepare_dma().map_err(dev_err(ErrorCode::DMA))?;
-                    dev.write(region, offset, &data)
-                        .map_err(dev_err(ErrorCode::ACCESS))
-                });
+                let r = self.write(handle, region, offset, &data, false);
                 self.posted(seq, r, out);
                 return Handled::Done;
             }
@@ -208,12 +203,7 @@ impl Devices {
                 offset,
                 data,
             } => {
-                let r = self.open_dev(handle).and_then(|d| {
-                    let dev = d.lease.device();
-                    dev.prepare_dma().map_err(dev_err(ErrorCode::DMA))?;
-                    dev.write_bulk(region, offset, &data)
-                        .map_err(dev_err(ErrorCode::ACCESS))
-                });
+                let r = self.write(handle, region, offset, &data, true);
                 self.posted(seq, r, out);
                 return Handled::Done;
             }
@@ -305,9 +295,8 @@ impl Devices {
         len: u32,
         bulk: bool,
     ) -> Result<Message, ReqError> {
-        let d = self.open_dev(handle)?;
         let mut buf = vec![0u8; len as usize];
-        let dev = d.lease.device();
+        let dev = self.open_dev(handle)?.lease.device();
         dev.prepare_dma().map_err(dev_err(ErrorCode::DMA))?;
         let r = if bulk {
             dev.read_bulk(region, offset, &mut buf)
@@ -318,6 +307,26 @@ impl Devices {
             data: Bytes::from(buf),
         })
         .map_err(dev_err(ErrorCode::ACCESS))
+    }
+
+    /// A posted region write: one access, or with `bulk` the accesses the
+    /// device accepts (`RegionWriteBulk`).
+    fn write(
+        &mut self,
+        handle: u32,
+        region: u32,
+        offset: u64,
+        data: &[u8],
+        bulk: bool,
+    ) -> Result<(), ReqError> {
+        let dev = self.open_dev(handle)?.lease.device();
+        dev.prepare_dma().map_err(dev_err(ErrorCode::DMA))?;
+        let r = if bulk {
+            dev.write_bulk(region, offset, data)
+        } else {
+            dev.write(region, offset, data)
+        };
+        r.map_err(dev_err(ErrorCode::ACCESS))
     }
 
     fn open_dev(&mut self, handle: u32) -> Result<&mut OpenDevice, ReqError> {
