@@ -456,3 +456,43 @@ fn random_bytes_after_the_handshake_end_only_that_session() {
     assert_eq!(held.read32(0, 0x04).unwrap(), !7);
     common::bystander_works(&s);
 }
+
+#[test]
+fn bulk_requests_past_their_limits_or_the_region_are_refused() {
+    let s = common::server();
+    let mut raw = Raw::ready(s.endpoint());
+    let h = raw.open("edu0");
+    // Inside the limits but not the region, or not made of edu's dwords:
+    // errors, and the session goes on.
+    for (offset, len) in [((1 << 20) - 8, 16u32), (2, 8), (0, 6)] {
+        raw.send(&Message::RegionReadBulk {
+            handle: h,
+            region: 0,
+            offset,
+            len,
+        });
+        let (_, msg) = raw.expect_error(ErrorCode::ACCESS);
+        assert!(!msg.is_empty());
+    }
+    raw.send(&Message::RegionReadBulk {
+        handle: h,
+        region: 0,
+        offset: 0,
+        len: 8,
+    });
+    match raw.recv().expect("reply").msg {
+        Message::ReadData { data } => assert_eq!(&data[..4], &0x010000edu32.to_le_bytes()),
+        m => panic!("{m:?}"),
+    }
+    // Past MAX_BULK: malformed, the session ends, others are served.
+    let mut f = header(20, kind::REGION_READ_BULK, raw.out.next_seq());
+    f.put_u32_le(h);
+    f.put_u32_le(0);
+    f.put_u64_le(0);
+    f.put_u32_le(cio_core::wire::MAX_BULK as u32 + 1);
+    raw.send_bytes(&f);
+    let (_, msg) = raw.expect_error(ErrorCode::MALFORMED);
+    assert!(msg.contains("len"), "{msg}");
+    raw.expect_closed();
+    common::bystander_works(&s);
+}
