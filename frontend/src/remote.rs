@@ -9,6 +9,9 @@ use cio_core::{Device, DeviceError, DeviceInfo, DmaRegion, EventFd, IrqKind};
 
 use crate::client::{lock, ClientError, Post, Shared, Target};
 
+/// Bulk reads in flight at a time, of [`MAX_BULK`] bytes each.
+const BULK_WINDOW: usize = 8;
+
 /// A device served by a `ciod`, implementing [`Device`].
 ///
 /// Accesses are checked locally against the device's description before
@@ -151,24 +154,38 @@ impl Device for RemoteDevice {
         self.target
             .info
             .check_bulk(region, offset, data.len(), false)?;
-        for (i, chunk) in data.chunks_mut(MAX_BULK).enumerate() {
-            let msg = Message::RegionReadBulk {
-                handle: self.handle,
-                region,
-                offset: offset + (i * MAX_BULK) as u64,
-                len: chunk.len() as u32,
-            };
-            match self.call(&msg)? {
-                Message::ReadData { data: d } if d.len() == chunk.len() => {
-                    chunk.copy_from_slice(&d)
-                }
-                m => {
-                    return Err(ClientError::Protocol(format!(
-                        "expected {} bytes of ReadData, got message {:#06x}",
-                        chunk.len(),
-                        m.kind()
-                    ))
-                    .into())
+        // A window of requests in flight: their round trips overlap, and
+        // the backend queues at most the window's replies.
+        let mut at = offset;
+        for window in data.chunks_mut(MAX_BULK * BULK_WINDOW) {
+            let msgs: Vec<Message> = window
+                .chunks(MAX_BULK)
+                .enumerate()
+                .map(|(i, chunk)| Message::RegionReadBulk {
+                    handle: self.handle,
+                    region,
+                    offset: at + (i * MAX_BULK) as u64,
+                    len: chunk.len() as u32,
+                })
+                .collect();
+            at += window.len() as u64;
+            let replies = self
+                .shared
+                .inner
+                .call_all(Some((self.handle, &self.target)), &msgs)?;
+            for (chunk, reply) in window.chunks_mut(MAX_BULK).zip(replies) {
+                match reply {
+                    Message::ReadData { data: d } if d.len() == chunk.len() => {
+                        chunk.copy_from_slice(&d)
+                    }
+                    m => {
+                        return Err(ClientError::Protocol(format!(
+                            "expected {} bytes of ReadData, got message {:#06x}",
+                            chunk.len(),
+                            m.kind()
+                        ))
+                        .into())
+                    }
                 }
             }
         }

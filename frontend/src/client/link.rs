@@ -468,30 +468,58 @@ impl Inner {
         sync: Option<(u32, &Target)>,
         msg: &Message,
     ) -> Result<Message, ClientError> {
+        let mut replies = self.call_all(sync, std::slice::from_ref(msg))?;
+        Ok(replies.pop().expect("one reply per request"))
+    }
+
+    /// Sends requests back to back, as [`call`](Self::call) sends one, and
+    /// waits for their replies (the backend answers in order): the
+    /// requests' round trips overlap. The first error ends the wait.
+    pub(crate) fn call_all(
+        &self,
+        sync: Option<(u32, &Target)>,
+        msgs: &[Message],
+    ) -> Result<Vec<Message>, ClientError> {
         self.check_open()?;
         let generation = self.generation.load(Ordering::Acquire);
-        let (seq, sent) = {
+        let (seqs, sent) = {
             let mut out = lock(&self.tx);
             if let Some((handle, target)) = sync {
                 Self::push_dirty(&mut out, handle, target, None);
             }
-            let seq = out.next_seq();
-            lock(&self.pending).push(seq);
-            out.push(msg, 0);
-            (seq, self.write_out(&mut out))
+            let mut seqs = Vec::with_capacity(msgs.len());
+            for msg in msgs {
+                let seq = out.next_seq();
+                lock(&self.pending).push(seq);
+                out.push(msg, 0);
+                seqs.push(seq);
+            }
+            (seqs, self.write_out(&mut out))
         };
+        let forget = || lock(&self.pending).retain(|s| !seqs.contains(s));
         if let Err(why) = sent {
             if let Err(e) = self.link_failed(generation, why) {
-                lock(&self.pending).retain(|s| *s != seq);
+                forget();
                 return Err(e);
             }
         }
-        let reply = self.wait_reply(seq);
-        lock(&self.pending).retain(|s| *s != seq);
-        match reply? {
-            Message::Error { code, message } => Err(ClientError::Server { code, message }),
-            other => Ok(other),
+        let mut replies = Vec::with_capacity(seqs.len());
+        for &seq in &seqs {
+            let reply = self.wait_reply(seq);
+            lock(&self.pending).retain(|s| *s != seq);
+            match reply {
+                Ok(Message::Error { code, message }) => {
+                    forget();
+                    return Err(ClientError::Server { code, message });
+                }
+                Ok(other) => replies.push(other),
+                Err(e) => {
+                    forget();
+                    return Err(e);
+                }
+            }
         }
+        Ok(replies)
     }
 
     fn wait_reply(&self, seq: u64) -> Result<Message, ClientError> {
