@@ -74,6 +74,7 @@ pub struct LimitsFile {
     pub handshake_timeout: Option<u64>,
     pub resume_grace: Option<u64>,
     pub link_timeout: Option<u64>,
+    pub poll_us: Option<u64>,
     pub usb_idle_timeout: Option<u64>,
     pub max_mapped_per_session: Option<String>,
     pub max_mapped_total: Option<String>,

@@ -65,6 +65,7 @@ fn each_mistake_is_named() {
         ("[limits]\nmax_sessions = 0\n", "max_sessions = 0: must be between 1 and 4096"),
         ("[limits]\nmax_mapped_total = \"3X\"\n", "invalid size"),
         ("[limits]\nmax_session = 3\n", "unknown field"),
+        ("[limits]\npoll_us = 200000\n", "poll_us = 200000: must be between 0 and 100000"),
     ] {
         let (ok, out) = check(text);
         assert!(!ok, "{text:?} passed: {out}");

@@ -355,3 +355,33 @@ fn typed_helpers_at_every_width() {
         0x1234
     );
 }
+
+#[test]
+fn polling_mode_on_both_sides_runs_the_whole_driver() {
+    let limits = cio_backend::Limits {
+        poll: Duration::from_micros(200),
+        ..cio_backend::Limits::default()
+    };
+    let s = common::server_with(None, limits);
+    let c = cio_frontend::Client::connect(
+        s.endpoint(),
+        cio_frontend::ClientOptions {
+            poll: Duration::from_micros(200),
+            ..common::opts()
+        },
+    )
+    .unwrap();
+    let mut edu = c.open("edu0").unwrap();
+    // Registers, MSI, INTx and DMA: every wait a polling client makes.
+    let report = cio_frontend::drivers::edu::self_test(&mut edu, 0x10_0000, |_| {}).unwrap();
+    assert_eq!(report.interrupts, 3);
+    assert_eq!(report.dma_bytes, 2 * 4095);
+    // A reply slower than the polling window is still waited for.
+    edu.write32(0, 8, 12).unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    assert_eq!(edu.read32(0, 8).unwrap(), 479_001_600);
+    drop(edu);
+    drop(c);
+    // The backend's session stops spinning and ends with its client.
+    common::assert_idle(&s);
+}

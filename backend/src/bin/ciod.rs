@@ -193,6 +193,13 @@ struct Args {
     /// nothing (frontends ping every few seconds) for SECS seconds. [default: 20]
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86400))]
     link_timeout: Option<u64>,
+
+    /// Polling mode: after each request a session polls for the next one
+    /// for US microseconds before it sleeps (lower latency, a core spinning
+    /// while a client is busy; as SPDK and DPDK do). [default: 0, sleep at
+    /// once]
+    #[arg(long, value_name = "US", value_parser = clap::value_parser!(u64).range(0..=100000))]
+    poll_us: Option<u64>,
 }
 
 /// Emulated USB models `--emulate-usb` knows.
@@ -625,6 +632,14 @@ fn limits(args: &Args, file: &FileConfig) -> Result<Limits, String> {
             d.link_timeout.as_secs(),
             1,
             86400,
+        )?),
+        poll: Duration::from_micros(pick(
+            "poll_us",
+            args.poll_us,
+            f.poll_us,
+            d.poll.as_micros() as u64,
+            0,
+            100000,
         )?),
         max_mapped_bytes: size(
             "max_mapped_per_session",

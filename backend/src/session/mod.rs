@@ -98,6 +98,11 @@ pub struct Limits {
     /// every few seconds) for this long takes its link as lost: it parks if
     /// resumable, else it ends and its devices are released.
     pub link_timeout: Duration,
+    /// Polling mode: after each event a session polls its sockets without
+    /// sleeping for this long before it waits in the kernel again, so a
+    /// request arriving meanwhile costs no wake-up (a core spins while a
+    /// client is busy). Zero (the default) sleeps at once.
+    pub poll: Duration,
 }
 
 /// This machine's memory, from /proc/meminfo (64 GiB if unreadable).
@@ -131,6 +136,7 @@ impl Default for Limits {
             usb_idle_timeout: Duration::from_secs(60),
             resume_grace: Duration::from_secs(30),
             link_timeout: Duration::from_secs(20),
+            poll: Duration::ZERO,
         }
     }
 }
@@ -623,13 +629,22 @@ impl Session {
     fn serve(&mut self) -> End {
         let deadline = Instant::now() + self.shared.limits.handshake_timeout;
         let mut events = Events::with_capacity(64);
+        let spin = self.shared.limits.poll;
+        let mut spin_until = Instant::now();
         loop {
-            let timeout = self.poll_timeout(deadline);
+            let timeout = if !spin.is_zero() && Instant::now() < spin_until {
+                Some(Duration::ZERO)
+            } else {
+                self.poll_timeout(deadline)
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 return End::clean(format!("polling failed: {e}"));
+            }
+            if !spin.is_zero() && !events.is_empty() {
+                spin_until = Instant::now() + spin;
             }
             if !self.state.is_ready() && Instant::now() >= deadline {
                 let why = "handshake timed out".to_string();

@@ -42,6 +42,12 @@ pub struct LinkArgs {
     /// with --psk-file.
     #[arg(long, global = true, conflicts_with = "tls")]
     pub insecure_plaintext: bool,
+
+    /// Polling mode: wait for each reply polling the socket for up to US
+    /// microseconds before sleeping (lower latency; a core spins while
+    /// waiting). Pair it with `ciod --poll-us`. [default: 0]
+    #[arg(long, global = true, value_name = "US", value_parser = clap::value_parser!(u64).range(0..=100000))]
+    pub poll_us: Option<u64>,
 }
 
 fn config_dir() -> PathBuf {
@@ -110,6 +116,7 @@ impl LinkArgs {
             psk,
             tls,
             insecure_plaintext: self.insecure_plaintext,
+            poll: std::time::Duration::from_micros(self.poll_us.unwrap_or(0)),
             ..ClientOptions::default()
         })
     }
@@ -135,6 +142,10 @@ impl LinkArgs {
         }
         if self.insecure_plaintext {
             a.push("--insecure-plaintext".into());
+        }
+        if let Some(us) = self.poll_us {
+            a.push("--poll-us".into());
+            a.push(us.to_string().into());
         }
         a
     }

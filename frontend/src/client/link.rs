@@ -87,6 +87,8 @@ pub(crate) struct Inner {
     pub(crate) session: u64,
     pub(crate) features: u64,
     reply_timeout: Duration,
+    /// `ClientOptions::poll`.
+    poll: Duration,
     batch_writes: bool,
     keepalive: Duration,
     /// The backend speaks protocol 2: ping it when idle, give up on it when
@@ -146,6 +148,7 @@ impl Inner {
             session: hs.session,
             features: hs.features,
             reply_timeout: opts.reply_timeout,
+            poll: opts.poll,
             batch_writes: opts.batch_writes,
             keepalive: opts.keepalive,
             watched: hs.version >= 2,
@@ -533,6 +536,7 @@ impl Inner {
     /// the request that failed are reported instead (they were answered
     /// first, since the backend handles frames in order).
     fn read_until_reply(&self, seq: u64) -> Result<Message, ClientError> {
+        let spin_until = Instant::now() + self.poll;
         loop {
             let mut rx = lock(&self.rx);
             let (broken, generation) = loop {
@@ -549,7 +553,13 @@ impl Inner {
                 }
                 let (conn, generation) = self.conn();
                 let resolve = |h, iova, len| self.resolve(h, iova, len);
-                match rx.reader.recv(&conn, Some(self.reply_timeout), &resolve) {
+                // Polling mode: receive without waiting until it is over.
+                let spinning = !self.poll.is_zero() && Instant::now() < spin_until;
+                let wait = (!spinning).then_some(self.reply_timeout);
+                match rx.reader.recv(&conn, wait, &resolve) {
+                    Err(e) if spinning && e.kind() == io::ErrorKind::WouldBlock => {
+                        std::hint::spin_loop()
+                    }
                     Ok(got) if got.bytes == 0 => {
                         break ("backend closed the connection".to_string(), generation)
                     }

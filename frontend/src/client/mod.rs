@@ -62,6 +62,11 @@ pub struct ClientOptions {
     pub tls: Option<ClientTls>,
     /// Allow plaintext to an address beyond this machine.
     pub insecure_plaintext: bool,
+    /// Polling mode: a caller waiting for a reply polls the socket without
+    /// sleeping for up to this long before it waits in the kernel (lower
+    /// latency for a core spinning meanwhile; zero, the default, sleeps at
+    /// once). Pair it with `ciod --poll-us`.
+    pub poll: Duration,
 }
 
 impl Default for ClientOptions {
@@ -77,6 +82,7 @@ impl Default for ClientOptions {
             resume_timeout: Duration::from_secs(20),
             tls: None,
             insecure_plaintext: false,
+            poll: Duration::ZERO,
         }
     }
 }
