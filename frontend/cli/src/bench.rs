@@ -497,12 +497,10 @@ fn tls_cost(opts: &Options) -> BenchResult<Vec<Row>> {
             || once(&mut td, &runs[0]),
             || once(&mut pd, &runs[1]),
         )?;
-        let bw = |v: Vec<f64>| {
-            v.into_iter()
-                .map(|u| mib_s(size, Duration::from_secs_f64(u.max(1.0) / 1e6)))
-                .collect::<Vec<_>>()
-        };
-        let (tls_s, plain) = (stat(bw(vt), true), stat(bw(vp), true));
+        let (tls_s, plain) = (
+            stat(bandwidths(size, vt, 0.0), true),
+            stat(bandwidths(size, vp, 0.0), true),
+        );
         let ratio = tls_s.median / plain.median;
         rows.push(row(
             "T3",
@@ -625,12 +623,10 @@ fn tls_floor(quick: bool, server: &ServerTls, client: &ClientTls) -> BenchResult
     let (vt, vp) = alternate(iters, 1, &mut tls_once, &mut plain_once)?;
     drop((tls_sock, plain));
     let _ = sink.join();
-    let bw = |v: Vec<f64>| {
-        v.into_iter()
-            .map(|u| mib_s(size as u64, Duration::from_secs_f64(u.max(1.0) / 1e6)))
-            .collect::<Vec<_>>()
-    };
-    let (tls_s, plain_s) = (stat(bw(vt), true), stat(bw(vp), true));
+    let (tls_s, plain_s) = (
+        stat(bandwidths(size as u64, vt, 0.0), true),
+        stat(bandwidths(size as u64, vp, 0.0), true),
+    );
     let ratio = tls_s.median / plain_s.median;
     Ok(row(
         "T0",
@@ -816,6 +812,38 @@ fn mib_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / (1 << 20) as f64
 }
 
+/// Transfers of `size` bytes timed in microseconds (less `minus` each, at
+/// least 1 µs), as MiB/s.
+fn bandwidths(size: u64, micros: Vec<f64>, minus: f64) -> Vec<f64> {
+    micros
+        .into_iter()
+        .map(|u| mib_s(size, Duration::from_secs_f64((u - minus).max(1.0) / 1e6)))
+        .collect()
+}
+
+/// The raw side of a stream row, on a `S` raw peer: `dir` `>` asks for
+/// `size` bytes and reads them, `<` sends `size` bytes and reads the
+/// peer's 1-byte answer; `sink` is the buffer either way.
+fn raw_stream(conn: &Conn, dir: u8, size: u64, sink: &mut [u8]) -> BenchResult<()> {
+    let mut c = [dir, 0, 0, 0, 0, 0, 0, 0, 0];
+    c[1..].copy_from_slice(&size.to_le_bytes());
+    (&*conn).write_all(&c).map_err(err("raw"))?;
+    let mut left = size as usize;
+    while left > 0 {
+        let k = left.min(sink.len());
+        if dir == b'>' {
+            (&*conn).read_exact(&mut sink[..k]).map_err(err("raw"))?;
+        } else {
+            (&*conn).write_all(&sink[..k]).map_err(err("raw"))?;
+        }
+        left -= k;
+    }
+    if dir == b'<' {
+        (&*conn).read_exact(&mut sink[..1]).map_err(err("raw"))?;
+    }
+    Ok(())
+}
+
 fn size_label(n: u64) -> String {
     if n >= 1 << 20 {
         format!("{} MiB", n >> 20)
@@ -885,35 +913,13 @@ fn p3(t: Transport, quick: bool, s: &ServerHandle, raw: &mut RawServer) -> Bench
                         .map(|_| ())
                         .map_err(err("fence"))
                 },
-                || {
-                    let mut c = [raw_dir, 0, 0, 0, 0, 0, 0, 0, 0];
-                    c[1..].copy_from_slice(&size.to_le_bytes());
-                    (&conn).write_all(&c).map_err(err("raw"))?;
-                    let mut left = size as usize;
-                    if raw_dir == b'>' {
-                        while left > 0 {
-                            let k = left.min(sink.len());
-                            (&conn).read_exact(&mut sink[..k]).map_err(err("raw"))?;
-                            left -= k;
-                        }
-                    } else {
-                        while left > 0 {
-                            let k = left.min(sink.len());
-                            (&conn).write_all(&sink[..k]).map_err(err("raw"))?;
-                            left -= k;
-                        }
-                        (&conn).read_exact(&mut sink[..1]).map_err(err("raw"))?;
-                    }
-                    Ok(())
-                },
+                || raw_stream(&conn, raw_dir, size, &mut sink),
             )?;
             let minus = if raw_dir == b'>' { device_us } else { 0.0 };
-            let to_bw = |v: Vec<f64>, minus: f64| {
-                v.into_iter()
-                    .map(|u| mib_s(size, Duration::from_secs_f64((u - minus).max(1.0) / 1e6)))
-                    .collect::<Vec<_>>()
-            };
-            let (cio, raw_s) = (stat(to_bw(vc, minus), true), stat(to_bw(vr, 0.0), true));
+            let (cio, raw_s) = (
+                stat(bandwidths(size, vc, minus), true),
+                stat(bandwidths(size, vr, 0.0), true),
+            );
             let ratio = cio.median / raw_s.median;
             let (target, met) = if size >= 1 << 20 {
                 (">= 0.90", ratio >= 0.90)
@@ -980,32 +986,12 @@ fn p8(t: Transport, quick: bool, s: &ServerHandle, raw: &mut RawServer) -> Bench
                             .map_err(err("write"))
                     }
                 },
-                || {
-                    let mut c = [raw_dir, 0, 0, 0, 0, 0, 0, 0, 0];
-                    c[1..].copy_from_slice(&size.to_le_bytes());
-                    (&conn).write_all(&c).map_err(err("raw"))?;
-                    let mut left = n;
-                    while left > 0 {
-                        let k = left.min(sink.len());
-                        if raw_dir == b'>' {
-                            (&conn).read_exact(&mut sink[..k]).map_err(err("raw"))?;
-                        } else {
-                            (&conn).write_all(&sink[..k]).map_err(err("raw"))?;
-                        }
-                        left -= k;
-                    }
-                    if raw_dir == b'<' {
-                        (&conn).read_exact(&mut sink[..1]).map_err(err("raw"))?;
-                    }
-                    Ok(())
-                },
+                || raw_stream(&conn, raw_dir, size, &mut sink),
             )?;
-            let bw = |v: Vec<f64>| {
-                v.into_iter()
-                    .map(|u| mib_s(size, Duration::from_secs_f64(u.max(1.0) / 1e6)))
-                    .collect::<Vec<_>>()
-            };
-            let (cio, raw_s) = (stat(bw(vc), true), stat(bw(vr), true));
+            let (cio, raw_s) = (
+                stat(bandwidths(size, vc, 0.0), true),
+                stat(bandwidths(size, vr, 0.0), true),
+            );
             let ratio = cio.median / raw_s.median;
             let (target, met) = if size >= 64 << 10 {
                 (">= 0.90", ratio >= 0.90)
