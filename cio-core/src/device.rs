@@ -554,19 +554,15 @@ fn ends_inside(region: &RegionInfo, offset: u64, len: usize) -> Result<(), Devic
     }
 }
 
-/// Splits a bulk transfer into the accesses of `region` (see
-/// [`RegionInfo::bulk_width`]) and hands each to `access(offset, range)`.
+/// Makes a bulk transfer of `len` bytes at `offset` of region `r` (checked
+/// whole with [`DeviceInfo::check_bulk`] already) as its accesses, handing
+/// each to `access(offset, range of the transfer)`.
 fn split(
-    info: &DeviceInfo,
-    region: u32,
+    r: &RegionInfo,
     offset: u64,
     len: usize,
-    write: bool,
     mut access: impl FnMut(u64, std::ops::Range<usize>) -> Result<(), DeviceError>,
 ) -> Result<(), DeviceError> {
-    // The whole plan is checked first, so that a transfer refused part way
-    // touches nothing.
-    let r = info.check_bulk(region, offset, len, write)?;
     plan(r, offset, len, &mut |pos, at, w, n| {
         for i in 0..n {
             access(pos + (i * w) as u64, at + i * w..at + (i + 1) * w)?;
@@ -622,9 +618,14 @@ pub fn read_split<D: Device + ?Sized>(
     offset: u64,
     data: &mut [u8],
 ) -> Result<(), DeviceError> {
-    let info = dev.info().clone();
-    split(&info, region, offset, data.len(), false, |pos, r| {
-        dev.read(region, pos, &mut data[r])
+    // The whole plan is checked first, so that a transfer refused part way
+    // touches nothing.
+    let r = dev
+        .info()
+        .check_bulk(region, offset, data.len(), false)?
+        .clone();
+    split(&r, offset, data.len(), |pos, at| {
+        dev.read(region, pos, &mut data[at])
     })
 }
 
@@ -635,9 +636,12 @@ pub fn write_split<D: Device + ?Sized>(
     offset: u64,
     data: &[u8],
 ) -> Result<(), DeviceError> {
-    let info = dev.info().clone();
-    split(&info, region, offset, data.len(), true, |pos, r| {
-        dev.write(region, pos, &data[r])
+    let r = dev
+        .info()
+        .check_bulk(region, offset, data.len(), true)?
+        .clone();
+    split(&r, offset, data.len(), |pos, at| {
+        dev.write(region, pos, &data[at])
     })
 }
 
@@ -706,7 +710,7 @@ mod tests {
     }
 
     #[test]
-    fn bulk_reads_are_the_widest_aligned_accesses() {
+    fn bulk_reads_are_dwords_where_the_region_takes_them() {
         let mut d = Log(info(), Vec::new());
         let mut buf = [0u8; 20];
         d.read_bulk(0, 4, &mut buf).unwrap();

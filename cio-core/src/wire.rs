@@ -621,6 +621,20 @@ impl<'a> Rd<'a> {
         self.b.advance(n);
         Ok(body.slice(start..start + n))
     }
+    /// The fields of a region read (handle, region, offset, len), its
+    /// length from 1 to `max`.
+    fn region_read(&mut self, max: usize) -> Result<(u32, u32, u64, u32), WireError> {
+        let (handle, region, offset) = (
+            self.u32("handle")?,
+            self.u32("region")?,
+            self.u64("offset")?,
+        );
+        let len = self.u32("len")?;
+        if len == 0 || len as usize > max {
+            return Err(self.invalid("len"));
+        }
+        Ok((handle, region, offset, len))
+    }
     fn irq_kind(&mut self) -> Result<IrqKind, WireError> {
         let v = self.u8("irq kind")?;
         IrqKind::from_u8(v).ok_or(self.invalid("irq kind"))
@@ -1030,30 +1044,20 @@ impl Message {
                 handle: r.u32("handle")?,
             },
             REGION_READ => {
-                let m = Self::RegionRead {
-                    handle: r.u32("handle")?,
-                    region: r.u32("region")?,
-                    offset: r.u64("offset")?,
-                    len: r.u32("len")?,
-                };
-                if let Self::RegionRead { len, .. } = m {
-                    if len == 0 || len as usize > MAX_IO {
-                        return Err(r.invalid("len"));
-                    }
+                let (handle, region, offset, len) = r.region_read(MAX_IO)?;
+                Self::RegionRead {
+                    handle,
+                    region,
+                    offset,
+                    len,
                 }
-                m
             }
             // Up to MAX_BULK: it may answer a bulk read.
             READ_DATA => Self::ReadData {
                 data: r.bytes(&body, MAX_BULK, "data")?,
             },
             REGION_READ_BULK => {
-                let (handle, region, offset) =
-                    (r.u32("handle")?, r.u32("region")?, r.u64("offset")?);
-                let len = r.u32("len")?;
-                if len == 0 || len as usize > MAX_BULK {
-                    return Err(r.invalid("len"));
-                }
+                let (handle, region, offset, len) = r.region_read(MAX_BULK)?;
                 Self::RegionReadBulk {
                     handle,
                     region,

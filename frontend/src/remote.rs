@@ -12,6 +12,22 @@ use crate::client::{lock, ClientError, Post, Shared, Target};
 /// Bulk reads in flight at a time, of [`MAX_BULK`] bytes each.
 const BULK_WINDOW: usize = 8;
 
+/// Copies the bytes of a `ReadData` reply into `into`, which it must fill.
+fn read_data(reply: Message, into: &mut [u8]) -> Result<(), DeviceError> {
+    match reply {
+        Message::ReadData { data } if data.len() == into.len() => {
+            into.copy_from_slice(&data);
+            Ok(())
+        }
+        m => Err(ClientError::Protocol(format!(
+            "expected {} bytes of ReadData, got message {:#06x}",
+            into.len(),
+            m.kind()
+        ))
+        .into()),
+    }
+}
+
 /// A device served by a `ciod`, implementing [`Device`].
 ///
 /// Accesses are checked locally against the device's description before
@@ -118,18 +134,7 @@ impl Device for RemoteDevice {
             offset,
             len: data.len() as u32,
         };
-        match self.call(&msg)? {
-            Message::ReadData { data: d } if d.len() == data.len() => {
-                data.copy_from_slice(&d);
-                Ok(())
-            }
-            m => Err(ClientError::Protocol(format!(
-                "expected {} bytes of ReadData, got message {:#06x}",
-                data.len(),
-                m.kind()
-            ))
-            .into()),
-        }
+        read_data(self.call(&msg)?, data)
     }
 
     fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
@@ -174,19 +179,7 @@ impl Device for RemoteDevice {
                 .inner
                 .call_all(Some((self.handle, &self.target)), &msgs)?;
             for (chunk, reply) in window.chunks_mut(MAX_BULK).zip(replies) {
-                match reply {
-                    Message::ReadData { data: d } if d.len() == chunk.len() => {
-                        chunk.copy_from_slice(&d)
-                    }
-                    m => {
-                        return Err(ClientError::Protocol(format!(
-                            "expected {} bytes of ReadData, got message {:#06x}",
-                            chunk.len(),
-                            m.kind()
-                        ))
-                        .into())
-                    }
-                }
+                read_data(reply, chunk)?;
             }
         }
         Ok(())
