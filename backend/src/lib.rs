@@ -7,6 +7,7 @@ pub mod access;
 pub mod announce;
 pub mod config;
 pub mod models;
+pub mod procfs;
 pub mod registry;
 pub mod server;
 pub mod session;

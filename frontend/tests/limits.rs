@@ -196,13 +196,8 @@ fn a_frozen_device_holder_loses_the_device_after_the_link_timeout() {
 
 /// This process's resident memory.
 fn rss() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: u64 = s
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb << 10
+    cio_backend::procfs::kb("/proc/self/status", "VmRSS:").expect("VmRSS in /proc/self/status")
+        << 10
 }
 
 #[test]

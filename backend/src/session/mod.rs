@@ -105,23 +105,11 @@ pub struct Limits {
     pub poll: Duration,
 }
 
-/// This machine's memory, from /proc/meminfo (64 GiB if unreadable).
-pub fn physical_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(64 << 30, |kb| kb << 10)
-}
-
 impl Default for Limits {
     /// Defaults; the shadow memory bounds follow this machine's memory (a
     /// quarter of it per session, half in all).
     fn default() -> Self {
-        let ram = physical_memory();
+        let ram = crate::procfs::physical_memory();
         Self {
             handshake_timeout: Duration::from_secs(5),
             max_handshakes: 32,

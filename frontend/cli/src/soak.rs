@@ -36,14 +36,7 @@ struct Tally {
 }
 
 fn proc_status(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    cio_backend::procfs::kb("/proc/self/status", key).unwrap_or(0)
 }
 
 fn fds() -> usize {
