@@ -255,11 +255,13 @@ pub fn import(
     match source {
         UsbSource::Cio(ep) => {
             let (conn, mut hs) = cio_session(ep, opts)?;
-            if direct && conn.is_tls() {
-                return Err(ClientError::Protocol(
-                    "--direct hands the connection to the kernel, which cannot encrypt it: on a TLS link use the relayed attach (the default), or a plaintext link (loopback, or --insecure-plaintext) for --direct".into(),
-                )
-                .into());
+            if direct && !conn.is_plain_socket() {
+                let why = if conn.is_tls() {
+                    "--direct hands the connection to the kernel, which cannot encrypt it: on a TLS link use the relayed attach (the default), or a plaintext link (loopback, or --insecure-plaintext) for --direct"
+                } else {
+                    "--direct hands the connection to the kernel, which speaks USB/IP on TCP only: on an RDMA link use the relayed attach (the default)"
+                };
+                return Err(ClientError::Protocol(why.into()).into());
             }
             let msg = Message::UsbImport {
                 busid: busid.into(),
@@ -522,7 +524,9 @@ impl Imported {
             Link::Stock(tcp) => Ok((UrbStream::Tcp(tcp), None)),
             Link::Direct(Conn::Tcp(tcp)) => Ok((UrbStream::Tcp(tcp), None)),
             Link::Direct(Conn::Unix(s)) => Ok((UrbStream::Unix(s), None)),
-            Link::Direct(Conn::Tls(_)) => unreachable!("direct imports are refused on TLS"),
+            Link::Direct(Conn::Tls(_) | Conn::Rdma(_)) => {
+                unreachable!("direct imports need a plain socket")
+            }
             Link::Cio { conn, hs } => {
                 let (ours, theirs) =
                     cio_transports::relay_pair().map_err(io_err("creating a socket pair"))?;
@@ -548,7 +552,9 @@ impl Imported {
             Link::Stock(tcp) => (OwnedFd::from(tcp), None),
             Link::Direct(Conn::Tcp(s)) => (OwnedFd::from(s), None),
             Link::Direct(Conn::Unix(s)) => (OwnedFd::from(s), None),
-            Link::Direct(Conn::Tls(_)) => unreachable!("direct imports are refused on TLS"),
+            Link::Direct(Conn::Tls(_) | Conn::Rdma(_)) => {
+                unreachable!("direct imports need a plain socket")
+            }
         };
         // Another attach may take the port between the look and the write:
         // try the next free one a few times.

@@ -1,8 +1,11 @@
-//! Connections and listeners over TCP (plain or TLS) and Unix sockets, and
-//! in-process pairs for tests. Each has one file descriptor, so the backend
-//! polls them with mio and the frontend with poll(2); a TLS connection may
-//! also hold decrypted bytes ([`Conn::buffered`]) and encrypted ones not
-//! yet sent ([`Conn::flush_pending`]), which the pollers ask about.
+//! Connections and listeners over TCP (plain or TLS), Unix sockets and
+//! RDMA, and in-process pairs for tests. Each has one file descriptor, so
+//! the backend polls them with mio and the frontend with poll(2); a TLS or
+//! RDMA connection may also hold received bytes ([`Conn::buffered`]), a TLS
+//! one encrypted bytes not yet sent ([`Conn::flush_pending`]), which the
+//! pollers ask about. An RDMA connection's fd only ever becomes readable
+//! (its sends wait for credits, which arrive as completions): wait for room
+//! to send with [`Conn::wait_writable`], never with POLLOUT.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -13,6 +16,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
+use crate::rdma::{RdmaListener, RdmaStream};
 use crate::tls::{ClientTls, ServerTls, TlsStream};
 use crate::{sys, Endpoint, Error, Fingerprint};
 
@@ -25,6 +29,8 @@ pub enum Conn {
     Unix(UnixStream),
     /// TLS 1.3 over TCP.
     Tls(Box<TlsStream>),
+    /// RDMA (see [`crate::rdma`]).
+    Rdma(Box<RdmaStream>),
 }
 
 impl Conn {
@@ -59,6 +65,28 @@ impl Conn {
                     source,
                 })?)
             }
+            Endpoint::Rdma(_) => {
+                let mut last = None;
+                let mut stream = None;
+                for addr in ep.resolve()? {
+                    match RdmaStream::connect(addr, timeout) {
+                        Ok(s) => {
+                            stream = Some(s);
+                            break;
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                match stream {
+                    Some(s) => Self::Rdma(Box::new(s)),
+                    None => {
+                        return Err(Error::Connect {
+                            endpoint: ep.to_string(),
+                            source: last.unwrap_or_else(|| io::Error::other("no address")),
+                        })
+                    }
+                }
+            }
         };
         conn.tune().map_err(|source| Error::Connect {
             endpoint: ep.to_string(),
@@ -70,10 +98,17 @@ impl Conn {
     /// Connects to `ep` and runs the TLS handshake, both within `timeout`.
     /// TLS runs over TCP only.
     pub fn connect_tls(ep: &Endpoint, timeout: Duration, tls: &ClientTls) -> Result<Self, Error> {
-        if let Endpoint::Unix(_) = ep {
+        let why = match ep {
+            Endpoint::Unix(_) => Some("TLS runs over TCP only; a unix: socket needs no encryption"),
+            Endpoint::Rdma(_) => Some(
+                "TLS runs over TCP only; an rdma: link is plaintext, authenticated by a pre-shared key (--psk-file)",
+            ),
+            Endpoint::Tcp(_) => None,
+        };
+        if let Some(why) = why {
             return Err(Error::Tls {
                 endpoint: ep.to_string(),
-                why: "TLS runs over TCP only; a unix: socket needs no encryption".into(),
+                why: why.into(),
                 transient: false,
             });
         }
@@ -101,6 +136,12 @@ impl Conn {
         matches!(self, Self::Tls(_))
     }
 
+    /// True for a plain kernel socket (TCP or Unix), which a kernel driver
+    /// can take over (a direct USB import): not TLS, not RDMA.
+    pub fn is_plain_socket(&self) -> bool {
+        matches!(self, Self::Tcp(_) | Self::Unix(_))
+    }
+
     /// The peer's key fingerprint (TLS, once the handshake is done).
     pub fn peer_key(&self) -> Option<Fingerprint> {
         match self {
@@ -118,12 +159,22 @@ impl Conn {
         }
     }
 
-    /// True if received bytes wait inside the connection (TLS): read before
-    /// polling the socket.
+    /// True if received bytes wait inside the connection (TLS, RDMA): read
+    /// before polling the socket.
     pub fn buffered(&self) -> bool {
         match self {
             Self::Tls(t) => t.buffered(),
+            Self::Rdma(r) => r.buffered(),
             _ => false,
+        }
+    }
+
+    /// Waits up to `t` for room to send; true if there is (or the
+    /// connection failed, which the next send reports).
+    pub fn wait_writable(&self, t: Duration) -> io::Result<bool> {
+        match self {
+            Self::Rdma(r) => r.wait_writable(t),
+            _ => sys::poll_writable(self.as_fd(), t),
         }
     }
 
@@ -141,6 +192,7 @@ impl Conn {
     pub fn send_nonblocking(&self, data: &[u8]) -> io::Result<usize> {
         match self {
             Self::Tls(t) => t.send(&[IoSlice::new(data)], true),
+            Self::Rdma(r) => r.send(&[IoSlice::new(data)], true),
             _ => sys::send_nonblocking(self.as_fd(), data),
         }
     }
@@ -150,6 +202,7 @@ impl Conn {
     pub fn recv_slice(&self, buf: &mut [u8], nonblocking: bool) -> io::Result<usize> {
         match self {
             Self::Tls(t) => t.recv_slice(buf, nonblocking),
+            Self::Rdma(r) => r.recv_slice(buf, nonblocking),
             _ => sys::recv_slice(self.as_fd(), buf, nonblocking),
         }
     }
@@ -176,6 +229,10 @@ impl Conn {
                 t.set_nonblocking(on);
                 Ok(())
             }
+            Self::Rdma(r) => {
+                r.set_nonblocking(on);
+                Ok(())
+            }
         }
     }
 
@@ -185,6 +242,10 @@ impl Conn {
             Self::Tcp(s) => s.set_read_timeout(t),
             Self::Unix(s) => s.set_read_timeout(t),
             Self::Tls(s) => {
+                s.set_read_timeout(t);
+                Ok(())
+            }
+            Self::Rdma(s) => {
                 s.set_read_timeout(t);
                 Ok(())
             }
@@ -200,13 +261,18 @@ impl Conn {
                 s.set_write_timeout(t);
                 Ok(())
             }
+            Self::Rdma(s) => {
+                s.set_write_timeout(t);
+                Ok(())
+            }
         }
     }
 
     /// Turns on TCP keepalive (probes after `idle` without traffic, every
     /// `interval`, `retries` times) so a peer that vanished without a word
     /// is noticed even by a kernel that owns the socket. No-op on Unix
-    /// sockets.
+    /// sockets, and on RDMA (whose NIC retries each send and fails it when
+    /// the peer stops answering; the session's pings make sends happen).
     pub fn set_keepalive(
         &self,
         idle: Duration,
@@ -216,7 +282,7 @@ impl Conn {
         match self {
             Self::Tcp(s) => set_tcp_keepalive(s, idle, interval, retries),
             Self::Tls(t) => set_tcp_keepalive(t.socket(), idle, interval, retries),
-            Self::Unix(_) => Ok(()),
+            Self::Unix(_) | Self::Rdma(_) => Ok(()),
         }
     }
 
@@ -227,6 +293,7 @@ impl Conn {
             Self::Tcp(s) => s.shutdown(Shutdown::Both),
             Self::Unix(s) => s.shutdown(Shutdown::Both),
             Self::Tls(t) => t.shutdown(),
+            Self::Rdma(r) => r.shutdown(),
         }
     }
 
@@ -235,7 +302,7 @@ impl Conn {
         match self {
             Self::Tcp(s) => s.peer_addr().ok().map(|a| a.ip()),
             Self::Tls(t) => t.socket().peer_addr().ok().map(|a| a.ip()),
-            Self::Unix(_) => None,
+            Self::Unix(_) | Self::Rdma(_) => None,
         }
     }
 
@@ -250,6 +317,7 @@ impl Conn {
                 .peer_addr()
                 .map_or_else(|_| "tls:?".into(), |a| format!("tls:{a}")),
             Self::Unix(_) => "unix".into(),
+            Self::Rdma(r) => r.peer().to_string(),
         }
     }
 
@@ -262,6 +330,7 @@ impl Conn {
     ) -> io::Result<usize> {
         match self {
             Self::Tls(t) => t.recv_into(buf, want, nonblocking),
+            Self::Rdma(r) => r.recv_into(buf, want, nonblocking),
             _ => sys::recv_into(self.as_fd(), buf, want, nonblocking),
         }
     }
@@ -273,6 +342,7 @@ impl AsFd for Conn {
             Self::Tcp(s) => s.as_fd(),
             Self::Unix(s) => s.as_fd(),
             Self::Tls(t) => t.socket().as_fd(),
+            Self::Rdma(r) => r.as_fd(),
         }
     }
 }
@@ -289,6 +359,7 @@ impl Read for &Conn {
             Conn::Tcp(s) => (&*s).read(buf),
             Conn::Unix(s) => (&*s).read(buf),
             Conn::Tls(t) => (&**t).read(buf),
+            Conn::Rdma(r) => r.recv_slice(buf, false),
         }
     }
 }
@@ -302,6 +373,7 @@ impl Write for &Conn {
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Conn::Tls(t) => (&**t).write_vectored(bufs),
+            Conn::Rdma(r) => r.send(bufs, false),
             _ => sys::send_vectored(self.as_fd(), bufs, false),
         }
     }
@@ -318,6 +390,8 @@ pub enum Listener {
     Tcp(TcpListener),
     /// Unix, with the path to remove on drop.
     Unix(UnixListener, PathBuf),
+    /// RDMA.
+    Rdma(RdmaListener),
 }
 
 /// Connections the kernel queues for `accept` (capped by
@@ -346,6 +420,11 @@ impl Listener {
                 }
                 Self::Unix(UnixListener::bind(p).map_err(err)?, p.clone())
             }
+            Endpoint::Rdma(_) => {
+                let addr = ep.resolve()?[0];
+                // The connection manager's listener is non-blocking already.
+                return Ok(Self::Rdma(RdmaListener::bind(addr).map_err(err)?));
+            }
         };
         // A deep accept queue: under a flood of connections a client's SYN
         // waits there instead of being dropped (and retried a second later).
@@ -353,11 +432,13 @@ impl Listener {
         match &l {
             Self::Tcp(s) => socket2::SockRef::from(s).listen(BACKLOG),
             Self::Unix(s, _) => socket2::SockRef::from(s).listen(BACKLOG),
+            Self::Rdma(_) => Ok(()),
         }
         .map_err(err)?;
         match &l {
             Self::Tcp(s) => s.set_nonblocking(true),
             Self::Unix(s, _) => s.set_nonblocking(true),
+            Self::Rdma(_) => Ok(()),
         }
         .map_err(err)?;
         Ok(l)
@@ -368,6 +449,7 @@ impl Listener {
         Ok(match self {
             Self::Tcp(s) => Endpoint::from(s.local_addr()?),
             Self::Unix(_, p) => Endpoint::Unix(p.clone()),
+            Self::Rdma(r) => Endpoint::Rdma(r.local_addr().to_string()),
         })
     }
 
@@ -377,6 +459,7 @@ impl Listener {
         let c = match self {
             Self::Tcp(s) => Conn::Tcp(s.accept()?.0),
             Self::Unix(s, _) => Conn::Unix(s.accept()?.0),
+            Self::Rdma(r) => Conn::Rdma(Box::new(r.accept()?)),
         };
         c.set_nonblocking(false)?;
         c.tune()?;
@@ -389,6 +472,7 @@ impl AsFd for Listener {
         match self {
             Self::Tcp(s) => s.as_fd(),
             Self::Unix(s, _) => s.as_fd(),
+            Self::Rdma(r) => r.as_fd(),
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Where to connect or listen: `HOST:PORT`, `tcp:HOST:PORT` or `unix:PATH`.
+//! Where to connect or listen: `HOST:PORT`, `tcp:HOST:PORT`, `unix:PATH` or
+//! `rdma:HOST:PORT`.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -17,13 +18,16 @@ pub enum Endpoint {
     Tcp(String),
     /// A Unix stream socket path.
     Unix(PathBuf),
+    /// RDMA (reliable connected, set up by the RDMA connection manager), as
+    /// `host:port` of an RDMA device's IP interface.
+    Rdma(String),
 }
 
 impl Endpoint {
     /// Resolves a TCP endpoint to socket addresses.
     pub fn resolve(&self) -> Result<Vec<SocketAddr>, Error> {
         match self {
-            Self::Tcp(hp) => {
+            Self::Tcp(hp) | Self::Rdma(hp) => {
                 let addrs: Vec<SocketAddr> = hp
                     .to_socket_addrs()
                     .map_err(|source| Error::Resolve {
@@ -44,11 +48,13 @@ impl Endpoint {
     }
 
     /// True if only this machine can reach it: a Unix socket, or TCP whose
-    /// every resolved address is loopback.
+    /// every resolved address is loopback. RDMA never is (an RDMA device
+    /// has no loopback interface).
     pub fn is_local_only(&self) -> Result<bool, Error> {
         match self {
             Self::Unix(_) => Ok(true),
             Self::Tcp(_) => Ok(self.resolve()?.iter().all(|a| a.ip().is_loopback())),
+            Self::Rdma(_) => Ok(false),
         }
     }
 }
@@ -58,6 +64,7 @@ impl fmt::Display for Endpoint {
         match self {
             Self::Tcp(hp) => write!(f, "tcp:{hp}"),
             Self::Unix(p) => write!(f, "unix:{}", p.display()),
+            Self::Rdma(hp) => write!(f, "rdma:{hp}"),
         }
     }
 }
@@ -71,8 +78,9 @@ impl From<SocketAddr> for Endpoint {
 impl FromStr for Endpoint {
     type Err = Error;
 
-    /// Parses `unix:PATH`, `tcp:HOST:PORT`, `HOST:PORT`, `[V6]:PORT` or a bare
-    /// `HOST` (port [`DEFAULT_PORT`]).
+    /// Parses `unix:PATH`, `tcp:HOST:PORT`, `HOST:PORT`, `[V6]:PORT`, a bare
+    /// `HOST` (port [`DEFAULT_PORT`]), or any of the TCP forms after
+    /// `rdma:`.
     fn from_str(s: &str) -> Result<Self, Error> {
         let bad = |why: &str| Error::BadEndpoint(format!("{s:?}: {why}"));
         if let Some(p) = s.strip_prefix("unix:") {
@@ -80,6 +88,15 @@ impl FromStr for Endpoint {
                 return Err(bad("empty socket path"));
             }
             return Ok(Self::Unix(PathBuf::from(p)));
+        }
+        if let Some(hp) = s.strip_prefix("rdma:") {
+            return match hp.parse::<Self>() {
+                Ok(Self::Tcp(hp)) if !hp.is_empty() && !s.starts_with("rdma:tcp:") => {
+                    Ok(Self::Rdma(hp))
+                }
+                Ok(_) => Err(bad("expected rdma:HOST:PORT")),
+                Err(e) => Err(e),
+            };
         }
         let hp = s.strip_prefix("tcp:").unwrap_or(s);
         if hp.is_empty() {
@@ -116,11 +133,28 @@ mod tests {
         );
         assert_eq!(e("::1"), Endpoint::Tcp(format!("[::1]:{DEFAULT_PORT}")));
         assert_eq!(e("[::1]:5"), Endpoint::Tcp("[::1]:5".into()));
+        assert_eq!(e("rdma:10.0.0.2:9"), Endpoint::Rdma("10.0.0.2:9".into()));
+        assert_eq!(
+            e("rdma:10.0.0.2"),
+            Endpoint::Rdma(format!("10.0.0.2:{DEFAULT_PORT}"))
+        );
+        assert_eq!(e("rdma:10.0.0.2:9").to_string(), "rdma:10.0.0.2:9");
     }
 
     #[test]
     fn rejects_nonsense() {
-        for s in ["", "unix:", "tcp:", ":80", "host:port", "host:70000"] {
+        for s in [
+            "",
+            "unix:",
+            "tcp:",
+            ":80",
+            "host:port",
+            "host:70000",
+            "rdma:",
+            "rdma:unix:/x",
+            "rdma:tcp:h:1",
+            "rdma:h:x",
+        ] {
             assert!(s.parse::<Endpoint>().is_err(), "{s:?}");
         }
     }
@@ -130,6 +164,7 @@ mod tests {
         assert!(e("127.0.0.1:1").is_local_only().unwrap());
         assert!(e("unix:/x").is_local_only().unwrap());
         assert!(!e("0.0.0.0:1").is_local_only().unwrap());
+        assert!(!e("rdma:127.0.0.1:1").is_local_only().unwrap());
 
         fn e(s: &str) -> Endpoint {
             s.parse().unwrap()

@@ -1,6 +1,6 @@
 //! cio transports: one connection abstraction ([`Conn`], [`Listener`]) over
 //! TCP, TLS over TCP ([`tls`], with [`identity`] keys pinned by
-//! fingerprint) and Unix sockets, in-process pairs for tests, the batched
+//! fingerprint), Unix sockets and RDMA ([`rdma`], with the `rdma` feature), in-process pairs for tests, the batched
 //! send queue ([`OutQueue`]) and pre-shared-key authentication ([`auth`]).
 //!
 //! Everything is a file descriptor, so the backend's mio loop and the
@@ -12,6 +12,7 @@ mod conn;
 mod endpoint;
 pub mod identity;
 mod out;
+pub mod rdma;
 mod reader;
 pub mod sys;
 pub mod tls;

@@ -3,14 +3,13 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use cio_core::{DmaRegion, Message};
 
-use crate::{sys, Conn};
+use crate::Conn;
 
 /// Queued bytes: encoded frames, or a span of DMA memory sent as it is
 /// when its turn comes.
@@ -393,7 +392,7 @@ impl OutQueue {
 
 /// Waits up to `t` for `conn` to take more data; `TimedOut` if it does not.
 fn wait_writable(conn: &Conn, t: Duration) -> io::Result<()> {
-    if sys::poll_writable(conn.as_fd(), t)? {
+    if conn.wait_writable(t)? {
         Ok(())
     } else {
         Err(io::Error::new(

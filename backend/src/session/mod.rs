@@ -1036,8 +1036,13 @@ impl Session {
                 .reply(seq, &Message::Error { code, message }, &mut self.out);
             return Ok(());
         }
-        if self.link().conn.is_tls() {
-            let message = "a direct USB import hands the connection to the kernel, which cannot encrypt it: on a TLS link use the relayed import".to_string();
+        if !self.link().conn.is_plain_socket() {
+            let message = if self.link().conn.is_tls() {
+                "a direct USB import hands the connection to the kernel, which cannot encrypt it: on a TLS link use the relayed import"
+            } else {
+                "a direct USB import hands the connection to the kernel, which speaks USB/IP on TCP only: on an RDMA link use the relayed import"
+            }
+            .to_string();
             self.devices.reply(
                 seq,
                 &Message::Error {

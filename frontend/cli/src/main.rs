@@ -256,13 +256,31 @@ enum Cmd {
     /// client (garbage, cut frames, silence) for SECS seconds, reporting
     /// operations, errors, RSS and fds as it goes. Exits non-zero on any
     /// error or if the backend is not idle at the end.
+    ///
+    /// With --backend it soaks a running ciod instead, one client per
+    /// --edu and --memory device (edu self-tests without the reset check:
+    /// a real edu has no reset method), with the hostile client beside them
+    /// on the same link, e.g.
+    ///   cio soak --backend rdma:10.0.0.1:7451 --insecure-plaintext \
+    ///       --psk-file key --edu vedu0 --memory mem0 --seconds 30
+    #[command(group(clap::ArgGroup::new("devices").multiple(true)))]
     Soak {
         /// How long, in seconds.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
-        /// Well-behaved clients.
-        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=64))]
+        /// Well-behaved clients (embedded backend).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=64),
+              conflicts_with = "backend")]
         clients: u64,
+        /// Soak this running backend instead of an embedded one.
+        #[arg(long, value_name = "HOST", requires = "devices")]
+        backend: Option<String>,
+        /// An edu of that backend to drive (repeatable).
+        #[arg(long = "edu", value_name = "NAME", group = "devices")]
+        edus: Vec<String>,
+        /// A memory device of that backend to drive (repeatable).
+        #[arg(long = "memory", value_name = "NAME", group = "devices")]
+        memories: Vec<String>,
         /// Seconds between report lines.
         #[arg(long, default_value_t = 10)]
         every: u64,
@@ -486,12 +504,32 @@ fn run(args: Args) -> Result<(), String> {
         Cmd::Soak {
             seconds,
             clients,
+            backend,
+            edus,
+            memories,
             every,
-        } => soak::run(&soak::Options {
-            duration: std::time::Duration::from_secs(seconds),
-            clients: clients as usize,
-            every: std::time::Duration::from_secs(every.max(1)),
-        }),
+        } => {
+            let target = match backend {
+                None => soak::Target::Embedded {
+                    clients: clients as usize,
+                },
+                Some(host) => {
+                    let ep: Endpoint = host.parse().map_err(|e| error_chain(&e))?;
+                    let opts = link.options(&ep)?;
+                    soak::Target::Remote {
+                        ep,
+                        opts,
+                        edus,
+                        memories,
+                    }
+                }
+            };
+            soak::run(&soak::Options {
+                duration: std::time::Duration::from_secs(seconds),
+                target,
+                every: std::time::Duration::from_secs(every.max(1)),
+            })
+        }
         Cmd::Completions { shell } => {
             use clap::CommandFactory;
             let mut buf = Vec::new();

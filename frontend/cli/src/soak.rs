@@ -1,8 +1,9 @@
-//! `cio soak`: many clients doing mixed IO against one embedded backend for
-//! a given time, with one hostile client, reporting errors, operations,
-//! memory (RSS) and file descriptors as it goes. Not a test with a verdict
-//! on speed: it exits non-zero only when a client saw a wrong value or an
-//! unexpected error, or when the backend did not end idle.
+//! `cio soak`: many clients doing mixed IO against one backend (embedded,
+//! or a running ciod) for a given time, with one hostile client, reporting
+//! errors, operations, memory (RSS) and file descriptors as it goes. Not a
+//! test with a verdict on speed: it exits non-zero only when a client saw a
+//! wrong value or an unexpected error, or when an embedded backend did not
+//! end idle.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,10 +22,40 @@ use cio_transports::Endpoint;
 pub struct Options {
     /// How long.
     pub duration: Duration,
-    /// Well-behaved clients (each on a device of its own).
-    pub clients: usize,
+    /// The backend and its devices.
+    pub target: Target,
     /// Time between report lines.
     pub every: Duration,
+}
+
+/// Which backend the clients use.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// An embedded backend with an emulated device per client (edus and
+    /// memory devices by turns).
+    Embedded {
+        /// Well-behaved clients.
+        clients: usize,
+    },
+    /// A running ciod: one client per device named.
+    Remote {
+        /// Its address.
+        ep: Endpoint,
+        /// How to connect.
+        opts: ClientOptions,
+        /// Edus to drive (self-tests without the reset check).
+        edus: Vec<String>,
+        /// Memory devices to drive.
+        memories: Vec<String>,
+    },
+}
+
+/// One client's device: an edu (with the reset check or without) or a
+/// memory device.
+#[derive(Debug, Clone)]
+enum Job {
+    Edu { name: String, reset: bool },
+    Memory(String),
 }
 
 #[derive(Debug, Default)]
@@ -44,10 +75,11 @@ fn fds() -> usize {
 }
 
 /// One round on an edu: the driver's self-test (factorials, MSI, DMA both
-/// ways, reset).
-fn edu_round(c: &Client, name: &str) -> Result<u64, String> {
+/// ways, and reset if asked).
+fn edu_round(c: &Client, name: &str, reset: bool) -> Result<u64, String> {
     let mut d = c.open(name).map_err(|e| e.to_string())?;
-    let r = edu::self_test(&mut d, 0x10_0000, |_| {}).map_err(|e| e.to_string())?;
+    let r =
+        edu::self_test_parts(&mut d, Some(0x10_0000), reset, |_| {}).map_err(|e| e.to_string())?;
     Ok(r.factorials.len() as u64 + r.interrupts as u64 + 2)
 }
 
@@ -147,38 +179,62 @@ fn backend(clients: usize) -> Result<ServerHandle, String> {
 
 /// Runs the soak; prints a line every `every` and a summary.
 pub fn run(o: &Options) -> Result<(), String> {
-    let s = backend(o.clients)?;
-    let ep = s.endpoint().clone();
+    let (s, ep, opts, jobs) = match &o.target {
+        Target::Embedded { clients } => {
+            let s = backend(*clients)?;
+            let ep = s.endpoint().clone();
+            let jobs = (0..*clients)
+                .map(|i| match i % 2 {
+                    0 => Job::Edu {
+                        name: format!("edu{i}"),
+                        reset: true,
+                    },
+                    _ => Job::Memory(format!("mem{i}")),
+                })
+                .collect();
+            (Some(s), ep, ClientOptions::default(), jobs)
+        }
+        Target::Remote {
+            ep,
+            opts,
+            edus,
+            memories,
+        } => {
+            let edus = edus.iter().map(|n| Job::Edu {
+                name: n.clone(),
+                reset: false,
+            });
+            let jobs = edus.chain(memories.iter().cloned().map(Job::Memory));
+            (None, ep.clone(), opts.clone(), jobs.collect::<Vec<_>>())
+        }
+    };
+    let clients = jobs.len();
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
     let (rss0, fds0) = (proc_status("VmRSS:"), fds());
     let mut threads = Vec::new();
-    for i in 0..o.clients {
+    for (i, job) in jobs.into_iter().enumerate() {
         let (ep, stop, tally) = (ep.clone(), Arc::clone(&stop), Arc::clone(&tally));
+        let opts = opts.clone();
         threads.push(std::thread::spawn(move || {
-            let name = if i % 2 == 0 {
-                format!("edu{i}")
-            } else {
-                format!("mem{i}")
-            };
             let mut round = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 // A new session every few rounds: churn.
-                let c = match Client::connect(&ep, ClientOptions::default()) {
+                let c = match Client::connect(&ep, opts.clone()) {
                     Ok(c) => c,
                     Err(e) => {
                         eprintln!("soak: client {i}: connect: {e}");
                         tally.errors.fetch_add(1, Ordering::Relaxed);
+                        std::thread::sleep(Duration::from_millis(100));
                         continue;
                     }
                 };
                 tally.sessions.fetch_add(1, Ordering::Relaxed);
                 for _ in 0..4 {
                     round += 1;
-                    let r = if i % 2 == 0 {
-                        edu_round(&c, &name)
-                    } else {
-                        mem_round(&c, &name, round)
+                    let r = match &job {
+                        Job::Edu { name, reset } => edu_round(&c, name, *reset),
+                        Job::Memory(name) => mem_round(&c, name, round),
                     };
                     match r {
                         Ok(n) => {
@@ -203,9 +259,13 @@ pub fn run(o: &Options) -> Result<(), String> {
     let start = Instant::now();
     println!("  time   operations  sessions  hostile  errors   RSS MiB  fds  shadow MiB");
     let line = |t: Duration| {
-        let st = s.stats();
+        // The shadow memory of an embedded backend (a remote one's is its own).
+        let shadow = s.as_ref().map_or_else(
+            || "-".to_string(),
+            |s| format!("{:.1}", s.stats().shadow_bytes as f64 / (1u64 << 20) as f64),
+        );
         println!(
-            "{:>5.0}s {:>12} {:>9} {:>8} {:>7} {:>9.1} {:>4} {:>11.1}",
+            "{:>5.0}s {:>12} {:>9} {:>8} {:>7} {:>9.1} {:>4} {:>11}",
             t.as_secs_f64(),
             tally.ops.load(Ordering::Relaxed),
             tally.sessions.load(Ordering::Relaxed),
@@ -213,7 +273,7 @@ pub fn run(o: &Options) -> Result<(), String> {
             tally.errors.load(Ordering::Relaxed),
             proc_status("VmRSS:") as f64 / 1024.0,
             fds(),
-            st.shadow_bytes as f64 / (1u64 << 20) as f64,
+            shadow,
         );
     };
     while start.elapsed() < o.duration {
@@ -224,14 +284,19 @@ pub fn run(o: &Options) -> Result<(), String> {
     for t in threads {
         let _ = t.join();
     }
-    let idle = s.wait_stats(Duration::from_secs(10), |st| {
-        st.sessions == 0 && st.open_devices == 0 && st.shadow_bytes == 0 && st.irq_fds == 0
-    });
-    s.shutdown();
+    let idle = match s {
+        Some(s) => {
+            let idle = s.wait_stats(Duration::from_secs(10), |st| {
+                st.sessions == 0 && st.open_devices == 0 && st.shadow_bytes == 0 && st.irq_fds == 0
+            });
+            s.shutdown();
+            idle.map(|_| ())
+        }
+        None => Ok(()),
+    };
     let errors = tally.errors.load(Ordering::Relaxed);
     println!(
-        "soak: {} clients + 1 hostile for {:.0}s: {} operations in {} sessions, {} hostile connections, {errors} errors; RSS {:.1} -> {:.1} MiB, fds {fds0} -> {}",
-        o.clients,
+        "soak: {clients} clients + 1 hostile on {ep} for {:.0}s: {} operations in {} sessions, {} hostile connections, {errors} errors; RSS {:.1} -> {:.1} MiB, fds {fds0} -> {}",
         start.elapsed().as_secs_f64(),
         tally.ops.load(Ordering::Relaxed),
         tally.sessions.load(Ordering::Relaxed),
@@ -241,7 +306,10 @@ pub fn run(o: &Options) -> Result<(), String> {
         fds(),
     );
     match (errors, idle) {
-        (0, Ok(_)) => Ok(()),
+        (0, Ok(())) if tally.ops.load(Ordering::Relaxed) == 0 => {
+            Err("no operation completed".into())
+        }
+        (0, Ok(())) => Ok(()),
         (0, Err(st)) => Err(format!("the backend did not end idle: {st:?}")),
         (n, _) => Err(format!("{n} errors")),
     }
