@@ -3,7 +3,9 @@
 # (edu, nvme, e1000e, ivshmem) to vfio-pci, brings up the user-net NIC, starts ciod and runs
 # the commands the harness sends on the console; or,
 # with cio.test=usb (or nvme-remote) on the kernel command line, runs that
-# scenario instead.
+# scenario instead. With cio.rdma=IFACE:IP it also brings up soft-RoCE
+# (rdma_rxe) on IFACE with address IP/24 and serves over RDMA instead of
+# TCP: ciod-rdma (ciod built with the rdma feature) on rdma:IP:7451.
 # Lines starting with CIO- are read by the harness.
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -29,6 +31,22 @@ case " $(cat /proc/cmdline) " in
         ;;
 esac
 ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up || echo "CIO-FAIL network"
+rdma_if=""
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in cio.rdma=*) rdma_if=${arg#cio.rdma=} ;; esac
+done
+if [ -n "$rdma_if" ]; then
+    rdma_ip=${rdma_if#*:}
+    rdma_if=${rdma_if%%:*}
+    for m in $(cat /modules/rdma/order); do
+        insmod "/modules/rdma/$m" || echo "CIO-FAIL insmod $m"
+    done
+    if [ "$rdma_if" != eth0 ]; then
+        ip addr add "$rdma_ip/24" dev "$rdma_if" && ip link set "$rdma_if" up || echo "CIO-FAIL network $rdma_if"
+    fi
+    rdma link add rxe0 type rxe netdev "$rdma_if" || echo "CIO-FAIL rdma link add rxe0 on $rdma_if"
+    echo "CIO-RDMA $(rdma link show 2>&1 | head -n 1)"
+fi
 # User-net learns the guest's MAC address from its first packet; until
 # then host port forwards cannot reach it.
 ping -c 1 -W 2 10.0.2.2 >/dev/null 2>&1 || arping -c 1 -I eth0 10.0.2.2 >/dev/null 2>&1
@@ -74,18 +92,25 @@ for arg in $(cat /proc/cmdline); do
 done
 chmod 600 /tmp/psk
 # Serves the emulated edu as edu0 and each real one (through VFIO) as veduN.
-# shellcheck disable=SC2086
 # Plaintext beyond loopback: the guest's only network is QEMU user-net, which
 # the host reaches through a port forward on its own loopback. The mapped-DMA
 # limits default to a quarter and half of this guest's 512 MiB; a vfio-user
 # guest B maps all of its RAM while it boots (mapped, hardly touched), so
 # they are raised.
-RUST_LOG=info /bin/ciod --listen 0.0.0.0:7451 --no-announce --insecure-plaintext --psk-file /tmp/psk \
-    --max-mapped-per-session 4G --max-mapped-total 8G --emulate edu $vfio_args &
+# With RDMA: ciod-rdma on the RDMA address, and an emulated memory device
+# too (for the posted-write checks); ready once its log says it listens.
+if [ -n "$rdma_if" ]; then
+    ciod=/bin/ciod-rdma listen="rdma:$rdma_ip:7451" extra="--emulate memory:mem0:16M"
+else
+    ciod=/bin/ciod listen=0.0.0.0:7451 extra=""
+fi
+# shellcheck disable=SC2086
+RUST_LOG=info $ciod --listen "$listen" --no-announce --insecure-plaintext --psk-file /tmp/psk \
+    --max-mapped-per-session 4G --max-mapped-total 8G --emulate edu $extra $vfio_args 2>&1 | tee /tmp/ciod.log &
 
-# Ready once port 7451 (0x1D1B) is listening.
+# Ready once port 7451 (0x1D1B) is listening, or the RDMA listener is.
 i=0
-while ! grep -q ':1D1B 00000000:0000 0A' /proc/net/tcp; do
+while ! grep -q ':1D1B 00000000:0000 0A' /proc/net/tcp && ! grep -q "listening" /tmp/ciod.log 2>/dev/null; do
     i=$((i + 1))
     [ $i -gt 200 ] && { echo "CIO-FAIL ciod did not listen"; break; }
     sleep 0.1

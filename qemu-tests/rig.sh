@@ -3,15 +3,21 @@
 # rebuilds what changed):
 #   vmlinuz         Debian bookworm's 6.1 kernel, from the package archive
 #   initramfs.gz    busybox, the kernel modules the tests need, static ciod
-#                   and cio, Debian's usbip/usbipd and lspci/setpci with
+#                   and cio, ciod-rdma and cio-rdma (built with the rdma
+#                   feature, dynamic: libibverbs is loaded at run time) with
+#                   libibverbs, librdmacm and the soft-RoCE provider,
+#                   Debian's usbip/usbipd, lspci/setpci, the rdma tool and
+#                   the verbs baselines (ibv_rc_pingpong, rping) with
 #                   their libraries, and
 #                   the init scripts (qemu-tests/guest-init.sh, guest-usb.sh,
 #                   guest-nvme-remote.sh)
 #   cio, ciod       the static binaries, for the host side of the tests
 #   qemu11          a link to QEMU 11 (qemu-tests/qemu11.sh, cached outside
 #                   the checkout), for the guests that need vfio-user
-# Installs qemu-system-x86, busybox-static, cpio, usbip, usb.ids and
-# pciutils with apt if missing.
+# Installs qemu-system-x86, busybox-static, cpio, usbip, usb.ids,
+# pciutils, the RDMA user space (ibverbs-providers, ibverbs-utils,
+# rdmacm-utils) and what building sideway needs (cmake, libclang-dev) with
+# apt if missing.
 # Prints the rig directory on its last line. Fails loudly on any error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +35,12 @@ command -v cpio >/dev/null || need_pkgs+=(cpio)
 [ -x /usr/sbin/usbipd ] || need_pkgs+=(usbip)
 [ -e /usr/share/misc/usb.ids ] || need_pkgs+=(usb.ids)
 [ -x /usr/bin/setpci ] && [ -x /usr/bin/lspci ] || need_pkgs+=(pciutils)
+[ -e /etc/libibverbs.d/rxe.driver ] || need_pkgs+=(ibverbs-providers)
+command -v ibv_rc_pingpong >/dev/null || need_pkgs+=(ibverbs-utils)
+command -v rping >/dev/null || need_pkgs+=(rdmacm-utils)
+command -v rdma >/dev/null || need_pkgs+=(iproute2)
+command -v cmake >/dev/null || need_pkgs+=(cmake)
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need_pkgs+=(libclang-dev)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -77,6 +89,17 @@ for b in "$cio" "$ciod"; do
     cp "$b" "$rig/$(basename "$b").tmp" && mv "$rig/$(basename "$b").tmp" "$rig/$(basename "$b")"
 done
 
+# ciod and cio with RDMA (dynamic: sideway loads libibverbs at run time,
+# which a static binary cannot), as ciod-rdma and cio-rdma.
+log "building ciod-rdma and cio-rdma"
+# (The default target directory: only the crates the feature changes are
+# built again.)
+cargo build --quiet --release --locked -p cio-backend --bin ciod -p cio-cli --bin cio \
+    --features cio-backend/rdma,cio-cli/rdma
+for b in ciod cio; do
+    cp "$root/target/release/$b" "$rig/$b-rdma.tmp" && mv "$rig/$b-rdma.tmp" "$rig/$b-rdma"
+done
+
 qemu11=$(bash qemu-tests/qemu11.sh)
 ln -sfn "$qemu11" "$rig/qemu11"
 
@@ -121,12 +144,36 @@ extra_modules=(
     drivers/nvme/host/nvme-core.ko
     drivers/nvme/host/nvme.ko
 )
+# Soft-RoCE, in load order, in /modules/rdma: loaded by guests booted with
+# cio.rdma=IFACE:IP (rxe checksums its packets with the crc32 shash).
+rdma_modules=(
+    fs/configfs/configfs.ko
+    drivers/infiniband/core/ib_core.ko
+    drivers/infiniband/core/ib_uverbs.ko
+    drivers/infiniband/core/iw_cm.ko
+    drivers/infiniband/core/ib_cm.ko
+    drivers/infiniband/core/rdma_cm.ko
+    drivers/infiniband/core/rdma_ucm.ko
+    net/ipv4/udp_tunnel.ko
+    net/ipv6/ip6_udp_tunnel.ko
+    crypto/crc32_generic.ko
+    drivers/infiniband/sw/rxe/rdma_rxe.ko
+)
+# What the RDMA binaries load at run time (ldd does not see it) and the
+# tools that run beside them.
+libdir=/usr/lib/x86_64-linux-gnu
+rdma_libs=(
+    "$libdir/libibverbs.so.1" "$libdir/librdmacm.so.1"
+    "$libdir/libibverbs/librxe-rdmav34.so"
+)
+rdma_tools=(/usr/bin/rdma /usr/bin/ibv_rc_pingpong /usr/bin/rping)
 
 initrd="$rig/initramfs.gz"
 stamp="$rig/initramfs.inputs"
-inputs=$(sha256sum "$ciod" "$cio" qemu-tests/guest-init.sh qemu-tests/guest-usb.sh \
-    qemu-tests/guest-nvme-remote.sh qemu-tests/rig.sh \
-    /usr/sbin/usbip /usr/sbin/usbipd /usr/bin/lspci /usr/bin/setpci | sha256sum | cut -d' ' -f1)
+inputs=$(sha256sum "$ciod" "$cio" "$rig/ciod-rdma" "$rig/cio-rdma" qemu-tests/guest-init.sh \
+    qemu-tests/guest-usb.sh qemu-tests/guest-nvme-remote.sh qemu-tests/rig.sh \
+    /usr/sbin/usbip /usr/sbin/usbipd /usr/bin/lspci /usr/bin/setpci \
+    "${rdma_libs[@]}" "${rdma_tools[@]}" | sha256sum | cut -d' ' -f1)
 if [ -f "$initrd" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$inputs" ]; then
     log "initramfs up to date"
 else
@@ -137,6 +184,11 @@ else
     cp /bin/busybox "$tree/bin/busybox"
     cp "$ciod" "$tree/bin/ciod"
     cp "$cio" "$tree/bin/cio"
+    cp "$rig/ciod-rdma" "$tree/bin/ciod-rdma"
+    cp "$rig/cio-rdma" "$tree/bin/cio-rdma"
+    # Without debug info (symbols stay): the guest unpacks all of this into
+    # its 512 MiB.
+    strip --strip-debug "$tree"/bin/ciod* "$tree"/bin/cio*
     cp qemu-tests/guest-init.sh "$tree/init"
     cp qemu-tests/guest-usb.sh "$tree/usb-test.sh"
     cp qemu-tests/guest-nvme-remote.sh "$tree/nvme-remote-test.sh"
@@ -145,13 +197,16 @@ else
     # (what the tests compare cio's register tools with) with their
     # libraries at the same paths, and what they read at run time.
     mkdir -p "$tree/usr/sbin" "$tree/usr/bin" "$tree/usr/share/misc" "$tree/var/run/vhci_hcd"
-    for b in /usr/sbin/usbip /usr/sbin/usbipd /usr/bin/lspci /usr/bin/setpci; do
-        cp "$b" "$tree$b"
+    for b in /usr/sbin/usbip /usr/sbin/usbipd /usr/bin/lspci /usr/bin/setpci \
+        "${rdma_tools[@]}" "$tree/bin/ciod-rdma" "$tree/bin/cio-rdma" "${rdma_libs[@]}"; do
+        case "$b" in "$tree"/*) ;; *) mkdir -p "$tree$(dirname "$b")" && cp -L "$b" "$tree$b" ;; esac
         for lib in $(ldd "$b" | grep -o '/[^ ]*\.so[^ ]*'); do
             mkdir -p "$tree$(dirname "$lib")"
             cp -L "$lib" "$tree$lib"
         done
     done
+    mkdir -p "$tree/etc/libibverbs.d"
+    cp /etc/libibverbs.d/rxe.driver "$tree/etc/libibverbs.d/"
     cp -L /usr/share/misc/usb.ids "$tree/usr/share/misc/usb.ids"
     : > "$tree/modules/order"
     loaded=" "
@@ -171,6 +226,13 @@ else
     for m in "${extra_modules[@]}"; do
         [ -f "$moddir/$m" ] || { log "module $m missing from kernel $kver"; exit 1; }
         cp "$moddir/$m" "$tree/modules/extra/"
+    done
+    mkdir -p "$tree/modules/rdma"
+    : > "$tree/modules/rdma/order"
+    for m in "${rdma_modules[@]}"; do
+        [ -f "$moddir/$m" ] || { log "module $m missing from kernel $kver"; exit 1; }
+        cp "$moddir/$m" "$tree/modules/rdma/"
+        basename "$m" >> "$tree/modules/rdma/order"
     done
     (cd "$tree" && find . | cpio -o -H newc --quiet | gzip -1 > "$initrd.tmp")
     mv "$initrd.tmp" "$initrd"

@@ -141,7 +141,9 @@ pub struct Guest {
     pub key: String,
 }
 
-fn free_port() -> u16 {
+/// A TCP port free on the host's loopback (for a port forward, or the
+/// socket that wires two guests together).
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -515,7 +515,7 @@ fn run(args: Args) -> Result<(), String> {
                 },
                 Some(host) => {
                     let ep: Endpoint = host.parse().map_err(|e| error_chain(&e))?;
-                    let opts = link.options(&ep)?;
+                    let opts = Box::new(link.options(&ep)?);
                     soak::Target::Remote {
                         ep,
                         opts,

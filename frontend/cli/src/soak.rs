@@ -42,7 +42,7 @@ pub enum Target {
         /// Its address.
         ep: Endpoint,
         /// How to connect.
-        opts: ClientOptions,
+        opts: Box<ClientOptions>,
         /// Edus to drive (self-tests without the reset check).
         edus: Vec<String>,
         /// Memory devices to drive.
@@ -205,7 +205,7 @@ pub fn run(o: &Options) -> Result<(), String> {
                 reset: false,
             });
             let jobs = edus.chain(memories.iter().cloned().map(Job::Memory));
-            (None, ep.clone(), opts.clone(), jobs.collect::<Vec<_>>())
+            (None, ep.clone(), (**opts).clone(), jobs.collect::<Vec<_>>())
         }
     };
     let clients = jobs.len();
