@@ -269,6 +269,14 @@ impl Server {
                     Ok(c) => c,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    // One connection failed before it was ours (an RDMA
+                    // request whose peer gave up); the next may be fine.
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {
+                        if let Some(held) = self.shared.refusals.pass() {
+                            warn!("{e}{}", LogGate::held(held));
+                        }
+                        continue;
+                    }
                     Err(e) => {
                         // Out of fds or similar: back off instead of spinning.
                         error!("accept failed: {e}");

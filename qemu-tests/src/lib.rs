@@ -426,9 +426,9 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     v
 }
 
-/// Asks QEMU to quit through its QMP socket `sock` (a clean exit: its
-/// block layer flushes the image) and waits for its answer.
-pub fn qmp_quit(sock: &std::path::Path) {
+/// Runs one QMP command (`stop`, `cont`, `quit`, …) on QEMU's QMP socket
+/// `sock` and waits for its answer.
+pub fn qmp(sock: &std::path::Path, command: &str) {
     use std::io::Write;
     use std::os::unix::net::UnixStream;
     let s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("qmp {}: {e}", sock.display()));
@@ -443,9 +443,15 @@ pub fn qmp_quit(sock: &std::path::Path) {
     line.clear();
     r.read_line(&mut line).unwrap();
     assert!(line.contains("return"), "qmp capabilities: {line}");
-    w.write_all(b"{\"execute\":\"quit\"}\n").unwrap();
+    writeln!(w, "{{\"execute\":\"{command}\"}}").unwrap();
     // Wait for the answer (or the end): QEMU drops queued commands of a
     // client that has gone.
     line.clear();
     let _ = r.read_line(&mut line);
+}
+
+/// Asks QEMU to quit through its QMP socket `sock` (a clean exit: its
+/// block layer flushes the image) and waits for its answer.
+pub fn qmp_quit(sock: &std::path::Path) {
+    qmp(sock, "quit");
 }

@@ -221,7 +221,10 @@ mod imp {
     }
 
     /// INIT, every receive buffer posted, RTR, RTS, with the connection
-    /// manager's attributes (retries: 7, receiver-not-ready: forever).
+    /// manager's attributes but for the retries: 7 of 268 ms each
+    /// ([`ACK_TIMEOUT`]), so a lost link fails the next send within about
+    /// 2 s; receiver-not-ready retries go on forever (credits keep them
+    /// rare).
     fn ready(id: &Identifier, v: &mut Verbs) -> io::Result<()> {
         let step = |what: &str, e: &dyn std::fmt::Display| {
             other(&format!("moving the queue pair to {what}"), e)
@@ -246,9 +249,14 @@ mod imp {
         let mut a = id
             .get_qp_attr(QueuePairState::ReadyToSend)
             .map_err(|e| step("RTS", &e))?;
-        a.setup_retry_cnt(7).setup_rnr_retry(7);
+        a.setup_retry_cnt(7)
+            .setup_rnr_retry(7)
+            .setup_timeout(ACK_TIMEOUT);
         v.qp.modify(&a).map_err(|e| step("RTS", &e))
     }
+
+    /// The local ACK timeout: 4.096 µs × 2^16 = 268 ms per try.
+    const ACK_TIMEOUT: u8 = 16;
 
     fn param(v: &Verbs) -> ConnectionParameter {
         let mut p = ConnectionParameter::default();
@@ -390,7 +398,9 @@ mod imp {
         /// Handles the connection manager's events; returns the next
         /// accepted connection, or `WouldBlock` when none is pending. The
         /// events of accepted connections (their peer leaving) arrive here
-        /// too and are passed on to them.
+        /// too and are passed on to them. A request that cannot be accepted
+        /// (its peer gave up meanwhile, or resources ran out) is refused and
+        /// reported as `ConnectionAborted`: call again for the next.
         pub fn accept(&self) -> io::Result<RdmaStream> {
             loop {
                 let ev = match self.ch.get_cm_event() {
@@ -404,11 +414,13 @@ mod imp {
                     EventType::ConnectRequest => {
                         let Some(id) = ev.cm_id() else { continue };
                         let _ = ev.ack();
-                        match self.accept_one(id) {
-                            Ok(s) => return Ok(s),
-                            // Dropping the id refuses the peer; others go on.
-                            Err(e) => return Err(other("accepting an RDMA connection", e)),
-                        }
+                        // Dropping the id of a failed one refuses its peer.
+                        return self.accept_one(id).map_err(|e| {
+                            io::Error::new(
+                                io::ErrorKind::ConnectionAborted,
+                                format!("refused an RDMA connection request: {e}"),
+                            )
+                        });
                     }
                     EventType::Disconnected | EventType::DeviceRemoval => {
                         if let Some(n) = ev.cm_id().and_then(|id| id.get_context::<Arc<Notice>>()) {
