@@ -55,6 +55,14 @@ impl Security {
     /// without a pre-shared key): the rule `bind` applies.
     pub fn check(&self, listen: &Endpoint, psk: bool) -> Result<(), ServerError> {
         let local = listen.is_local_only()?;
+        if let Endpoint::Rdma(_) = listen {
+            return match self {
+                Self::InsecurePlaintext if psk => Ok(()),
+                _ => Err(ServerError::Config(format!(
+                    "{listen}: an RDMA link is plaintext (TLS runs over TCP only): listen there with --insecure-plaintext and --psk-file, on a fabric you trust"
+                ))),
+            };
+        }
         match self {
             Self::LocalPlaintext if !local => Err(ServerError::NeedsTls(listen.to_string())),
             Self::InsecurePlaintext if !psk && !local => {
@@ -397,5 +405,23 @@ impl ServerHandle {
 impl Drop for ServerHandle {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_rdma_listener_needs_insecure_plaintext_and_a_key() {
+        let ep: Endpoint = "rdma:10.0.0.1:7451".parse().unwrap();
+        for (security, psk) in [
+            (Security::LocalPlaintext, true),
+            (Security::InsecurePlaintext, false),
+        ] {
+            let e = security.check(&ep, psk).unwrap_err().to_string();
+            assert!(e.contains("--insecure-plaintext and --psk-file"), "{e}");
+        }
+        Security::InsecurePlaintext.check(&ep, true).unwrap();
     }
 }

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use cio_qemu_tests::{free_port, qmp, rig, Guest, TempDir};
+use cio_qemu_tests::{free_port, qmp, rig, rig_binary, Guest, TempDir};
 
 const A: &str = "192.168.77.1";
 const B: &str = "192.168.77.2";
@@ -149,4 +149,34 @@ fn edu_and_memory_device_over_soft_roce_between_two_guests() {
             && log.contains("resumed on a new connection"),
         "no session resumed after the cut:\n{out}\nguest A's ciod:\n{log}"
     );
+}
+
+/// This host has the RDMA libraries but no RDMA device: both RDMA binaries
+/// fail at once and say what is missing.
+#[test]
+fn without_an_rdma_device_both_ends_say_what_is_missing() {
+    let Some(rig) = rig() else { return };
+    let dir = TempDir(std::env::temp_dir().join(format!("cio-rdma-none-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let key = dir.0.join("psk");
+    std::fs::write(&key, "a key of thirty-two bytes or more!").unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key = key.to_str().unwrap();
+    let link = ["--psk-file", key, "--insecure-plaintext"];
+    for (bin, args) in [
+        ("cio-rdma", vec!["list", "rdma:127.0.0.1:7451"]),
+        ("ciod-rdma", vec!["--listen", "rdma:127.0.0.1:7451", "--emulate", "edu"]),
+    ] {
+        let out = std::process::Command::new(rig_binary(&rig, bin))
+            .args(link)
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bin} {args:?} succeeded:\n{err}");
+        assert!(
+            err.contains("no usable RDMA device") && err.contains("rdma_rxe"),
+            "{bin} {args:?}:\n{err}"
+        );
+    }
 }

@@ -513,3 +513,29 @@ pub fn relay_pair() -> io::Result<(UnixStream, UnixStream)> {
     }
     Ok((a, b))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without the `rdma` feature an RDMA endpoint fails at once, saying how
+    /// to get a build that has it; with it, on a machine without an RDMA
+    /// device (this host), it says what is missing.
+    #[test]
+    fn an_rdma_endpoint_without_rdma_says_why() {
+        let ep: Endpoint = "rdma:127.0.0.1:9".parse().unwrap();
+        let e = Conn::connect(&ep, Duration::from_secs(2)).unwrap_err();
+        let Error::Connect { source, .. } = &e else {
+            panic!("{e:?}")
+        };
+        let why = source.to_string();
+        if cfg!(feature = "rdma") {
+            assert!(why.contains("RDMA"), "{why}");
+        } else {
+            assert!(why.contains("--features rdma"), "{why}");
+        }
+        let l = Listener::bind(&ep).unwrap_err();
+        assert!(matches!(l, Error::Bind { .. }), "{l:?}");
+    }
+}
+
