@@ -94,11 +94,14 @@ done
 log "building ciod-rdma and cio-rdma"
 # (The default target directory: only the crates the feature changes are
 # built again.)
+# rdma-overrun (qemu-tests/src/bin) is the broken peer the RDMA test uses.
 cargo build --quiet --release --locked -p cio-backend --bin ciod -p cio-cli --bin cio \
-    --features cio-backend/rdma,cio-cli/rdma
+    -p cio-qemu-tests --bin rdma-overrun \
+    --features cio-backend/rdma,cio-cli/rdma,cio-qemu-tests/rdma
 for b in ciod cio; do
     cp "$root/target/release/$b" "$rig/$b-rdma.tmp" && mv "$rig/$b-rdma.tmp" "$rig/$b-rdma"
 done
+cp "$root/target/release/rdma-overrun" "$rig/rdma-overrun.tmp" && mv "$rig/rdma-overrun.tmp" "$rig/rdma-overrun"
 
 qemu11=$(bash qemu-tests/qemu11.sh)
 ln -sfn "$qemu11" "$rig/qemu11"
@@ -170,7 +173,7 @@ rdma_tools=(/usr/bin/rdma /usr/bin/ibv_rc_pingpong /usr/bin/rping)
 
 initrd="$rig/initramfs.gz"
 stamp="$rig/initramfs.inputs"
-inputs=$(sha256sum "$ciod" "$cio" "$rig/ciod-rdma" "$rig/cio-rdma" qemu-tests/guest-init.sh \
+inputs=$(sha256sum "$ciod" "$cio" "$rig/ciod-rdma" "$rig/cio-rdma" "$rig/rdma-overrun" qemu-tests/guest-init.sh \
     qemu-tests/guest-usb.sh qemu-tests/guest-nvme-remote.sh qemu-tests/rig.sh \
     /usr/sbin/usbip /usr/sbin/usbipd /usr/bin/lspci /usr/bin/setpci \
     "${rdma_libs[@]}" "${rdma_tools[@]}" | sha256sum | cut -d' ' -f1)
@@ -186,9 +189,10 @@ else
     cp "$cio" "$tree/bin/cio"
     cp "$rig/ciod-rdma" "$tree/bin/ciod-rdma"
     cp "$rig/cio-rdma" "$tree/bin/cio-rdma"
+    cp "$rig/rdma-overrun" "$tree/bin/rdma-overrun"
     # Without debug info (symbols stay): the guest unpacks all of this into
     # its 512 MiB.
-    strip --strip-debug "$tree"/bin/ciod* "$tree"/bin/cio*
+    strip --strip-debug "$tree"/bin/ciod* "$tree"/bin/cio* "$tree/bin/rdma-overrun"
     cp qemu-tests/guest-init.sh "$tree/init"
     cp qemu-tests/guest-usb.sh "$tree/usb-test.sh"
     cp qemu-tests/guest-nvme-remote.sh "$tree/nvme-remote-test.sh"
@@ -198,7 +202,8 @@ else
     # libraries at the same paths, and what they read at run time.
     mkdir -p "$tree/usr/sbin" "$tree/usr/bin" "$tree/usr/share/misc" "$tree/var/run/vhci_hcd"
     for b in /usr/sbin/usbip /usr/sbin/usbipd /usr/bin/lspci /usr/bin/setpci \
-        "${rdma_tools[@]}" "$tree/bin/ciod-rdma" "$tree/bin/cio-rdma" "${rdma_libs[@]}"; do
+        "${rdma_tools[@]}" "$tree/bin/ciod-rdma" "$tree/bin/cio-rdma" "$tree/bin/rdma-overrun" \
+        "${rdma_libs[@]}"; do
         case "$b" in "$tree"/*) ;; *) mkdir -p "$tree$(dirname "$b")" && cp -L "$b" "$tree$b" ;; esac
         for lib in $(ldd "$b" | grep -o '/[^ ]*\.so[^ ]*'); do
             mkdir -p "$tree$(dirname "$lib")"

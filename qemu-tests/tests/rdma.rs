@@ -108,9 +108,44 @@ fn edu_and_memory_device_over_soft_roce_between_two_guests() {
         "rping was not cut off by ciod:\n{out}"
     );
 
-    // The link lost under a client: guest A frozen (QMP stop) for 22 s.
+    // A peer that ignores the credit protocol (qemu-tests/src/bin/
+    // rdma-overrun.rs: it returns credits it was never given) beside a
+    // client: ciod ends that connection at its first message, the client
+    // sees no error. Then once more alone, for ciod's words about it (its
+    // connection-end warnings are rate-limited while the soak's hostile
+    // client is busy).
+    let (rc, out) = cio(
+        &mut b,
+        &format!(
+            "soak --backend {ep} --memory mem0 --seconds 10 --every 5 & \
+             sleep 3; rdma-overrun {A}:7451 100000; wait $!"
+        ),
+        Duration::from_secs(90),
+    );
+    eprintln!("soak over RDMA beside a peer breaking the credit rules:\n{out}");
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains(" 0 errors"), "{out}");
+    assert!(
+        out.contains("overrun: ") && !out.contains("overrun: not stopped"),
+        "{out}"
+    );
+    let (rc, out) = b
+        .run(
+            &format!("sleep 2; rdma-overrun {A}:7451 1000"),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    assert_eq!(rc, 0, "{out}");
+    let (_, log) = a.run("cat /tmp/ciod.log", Duration::from_secs(20)).unwrap();
+    assert!(
+        log.contains("more than this side ever used"),
+        "ciod did not say why it ended the peer breaking the credit rules:\n{out}\n{log}"
+    );
+
+    // The link lost under a client: guest A frozen (QMP stop) for 26 s.
     // Guest B's side notices the silence (no frame for four keepalive
-    // intervals, 20 s), the session resumes on a new RDMA connection once A
+    // intervals, 20 s: soft-RoCE's own retries did not fail the queue
+    // pairs in these runs), the session (one for the whole soak) resumes on a new RDMA connection once A
     // runs again, and no request fails (the memory device's requests wait
     // up to 30 s; an edu's self-test would give up on its interrupt after
     // 5 s). (Taking B's interface down instead is the same cut with a port
@@ -120,7 +155,8 @@ fn edu_and_memory_device_over_soft_roce_between_two_guests() {
         .run(
             &format!(
                 "RUST_LOG=info cio-rdma --psk-file /tmp/psk-a --insecure-plaintext soak \
-                 --backend {ep} --memory mem0 --seconds 50 --every 5 > /tmp/soak.log 2>&1 & \
+                 --backend {ep} --memory mem0 --session-rounds 0 --seconds 55 --every 5 \
+                 > /tmp/soak.log 2>&1 & \
                  echo $! > /tmp/soak.pid"
             ),
             Duration::from_secs(20),
@@ -129,7 +165,7 @@ fn edu_and_memory_device_over_soft_roce_between_two_guests() {
     assert_eq!(rc, 0, "{out}");
     std::thread::sleep(Duration::from_secs(8));
     qmp(&qmp_a, "stop");
-    std::thread::sleep(Duration::from_secs(22));
+    std::thread::sleep(Duration::from_secs(26));
     qmp(&qmp_a, "cont");
     let (rc, out) = b
         .run(
@@ -137,7 +173,7 @@ fn edu_and_memory_device_over_soft_roce_between_two_guests() {
             Duration::from_secs(120),
         )
         .unwrap();
-    eprintln!("soak over RDMA with guest A frozen for 22 s:\n{out}");
+    eprintln!("soak over RDMA with guest A frozen for 26 s:\n{out}");
     let (_, log) = a.run("cat /tmp/ciod.log", Duration::from_secs(20)).unwrap();
     assert_eq!(rc, 0, "{out}");
     assert!(
@@ -165,7 +201,10 @@ fn without_an_rdma_device_both_ends_say_what_is_missing() {
     let link = ["--psk-file", key, "--insecure-plaintext"];
     for (bin, args) in [
         ("cio-rdma", vec!["list", "rdma:127.0.0.1:7451"]),
-        ("ciod-rdma", vec!["--listen", "rdma:127.0.0.1:7451", "--emulate", "edu"]),
+        (
+            "ciod-rdma",
+            vec!["--listen", "rdma:127.0.0.1:7451", "--emulate", "edu"],
+        ),
     ] {
         let out = std::process::Command::new(rig_binary(&rig, bin))
             .args(link)

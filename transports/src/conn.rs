@@ -538,4 +538,3 @@ mod tests {
         assert!(matches!(l, Error::Bind { .. }), "{l:?}");
     }
 }
-

@@ -1152,6 +1152,14 @@ impl Session {
                     link.read_pending = false;
                     return Ok(());
                 }
+                // The transport caught the peer breaking its rules (RDMA
+                // credits): a protocol error, not a lost link.
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    return Err(End {
+                        protocol_error: true,
+                        ..End::clean(format!("receive failed: {e}"))
+                    })
+                }
                 Err(e) => return Err(End::lost(format!("receive failed: {e}"))),
             }
         }

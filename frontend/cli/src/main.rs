@@ -281,6 +281,11 @@ enum Cmd {
         /// A memory device of that backend to drive (repeatable).
         #[arg(long = "memory", value_name = "NAME", group = "devices")]
         memories: Vec<String>,
+        /// Rounds a client's session runs before it starts a new one (0:
+        /// one session per client for the whole soak, e.g. to watch it
+        /// ride out a link loss).
+        #[arg(long, default_value_t = 4)]
+        session_rounds: u64,
         /// Seconds between report lines.
         #[arg(long, default_value_t = 10)]
         every: u64,
@@ -507,6 +512,7 @@ fn run(args: Args) -> Result<(), String> {
             backend,
             edus,
             memories,
+            session_rounds,
             every,
         } => {
             let target = match backend {
@@ -527,6 +533,7 @@ fn run(args: Args) -> Result<(), String> {
             soak::run(&soak::Options {
                 duration: std::time::Duration::from_secs(seconds),
                 target,
+                session_rounds,
                 every: std::time::Duration::from_secs(every.max(1)),
             })
         }

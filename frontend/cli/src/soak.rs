@@ -24,6 +24,9 @@ pub struct Options {
     pub duration: Duration,
     /// The backend and its devices.
     pub target: Target,
+    /// Rounds each session runs before the client starts a new one; 0: one
+    /// session per client for the whole soak.
+    pub session_rounds: u64,
     /// Time between report lines.
     pub every: Duration,
 }
@@ -216,6 +219,7 @@ pub fn run(o: &Options) -> Result<(), String> {
     for (i, job) in jobs.into_iter().enumerate() {
         let (ep, stop, tally) = (ep.clone(), Arc::clone(&stop), Arc::clone(&tally));
         let opts = opts.clone();
+        let session_rounds = o.session_rounds;
         threads.push(std::thread::spawn(move || {
             let mut round = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -230,7 +234,11 @@ pub fn run(o: &Options) -> Result<(), String> {
                     }
                 };
                 tally.sessions.fetch_add(1, Ordering::Relaxed);
-                for _ in 0..4 {
+                let rounds = match session_rounds {
+                    0 => u64::MAX,
+                    n => n,
+                };
+                for _ in 0..rounds {
                     round += 1;
                     let r = match &job {
                         Job::Edu { name, reset } => edu_round(&c, name, *reset),

@@ -7,7 +7,8 @@
 //!   registered send buffer into one of the peer's pre-posted receive
 //!   buffers; its immediate value returns credits.
 //! - Flow control: credits ([`credits`]); a peer that sends beyond them, or
-//!   returns more than it was given, ends its own connection.
+//!   returns more than it was given, ends its own connection (reads fail
+//!   with `InvalidData`; a lost link fails them with `ConnectionReset`).
 //! - Link loss: the connection manager's disconnect event or a failed work
 //!   request (the NIC's retries ran out) ends the stream; sessions resume on
 //!   a new connection as on TCP.

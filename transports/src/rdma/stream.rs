@@ -90,8 +90,9 @@ struct State {
     /// The peer left (disconnect) or this side shut down: the QP was moved
     /// to the error state, flushing what was posted.
     closed: bool,
-    /// Why the connection failed, for every later call.
-    failed: Option<String>,
+    /// Why the connection failed, for every later call: the link
+    /// (`ConnectionReset`) or the peer breaking the rules (`InvalidData`).
+    failed: Option<(io::ErrorKind, String)>,
 }
 
 /// An RDMA connection; see the module documentation.
@@ -114,8 +115,8 @@ impl std::fmt::Debug for RdmaStream {
     }
 }
 
-fn broken(why: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::ConnectionReset, why.to_string())
+fn broken((kind, why): &(io::ErrorKind, String)) -> io::Error {
+    io::Error::new(*kind, why.clone())
 }
 
 impl RdmaStream {
@@ -298,7 +299,8 @@ impl RdmaStream {
             _ => {
                 let slot = wr_id as usize;
                 if let Err(v) = st.credits.received(imm, len > 0) {
-                    self.fail(st, format!("{v}: ending the connection with {}", self.peer));
+                    let why = format!("{v}: ending the connection with {}", self.peer);
+                    self.fail_with(st, io::ErrorKind::InvalidData, why);
                     return;
                 }
                 if len == 0 {
@@ -336,8 +338,12 @@ impl RdmaStream {
     }
 
     fn fail(&self, st: &mut State, why: String) {
+        self.fail_with(st, io::ErrorKind::ConnectionReset, why);
+    }
+
+    fn fail_with(&self, st: &mut State, kind: io::ErrorKind, why: String) {
         if st.failed.is_none() {
-            st.failed = Some(why);
+            st.failed = Some((kind, why));
             if !st.closed {
                 self.close_qp(st);
             }
@@ -558,6 +564,48 @@ impl RdmaStream {
             (Some(why), 0) => Err(broken(why)),
             _ => Ok(sent),
         }
+    }
+
+    /// Test support, for tests of the other end: behaves as a broken peer
+    /// that ignores its credits, posting `messages` one-byte data messages
+    /// as fast as its send buffers come back, each claiming to return
+    /// `claim` credits. Returns how many the NIC completed before the
+    /// connection ended (the peer, seeing the violation, ends it), or
+    /// `messages` if it never did.
+    #[doc(hidden)]
+    pub fn send_ignoring_credits(
+        &self,
+        messages: usize,
+        claim: u32,
+        timeout: Duration,
+    ) -> io::Result<usize> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        let mut posted = 0;
+        while posted < messages {
+            let take = !st.polling;
+            let s = &mut *st;
+            self.progress(s, take);
+            if s.failed.is_some() || s.closed {
+                return Ok(posted.saturating_sub(SEND_SLOTS - s.free_send.len()));
+            }
+            match s.free_send.pop() {
+                Some(slot) => {
+                    s.v.send.slot_mut(slot)[0] = 0;
+                    let payload = Some((&s.v.send, slot, 1));
+                    sys::post_send(&mut s.v.qp, SEND_TAG | slot as u64, claim, payload)?;
+                    posted += 1;
+                }
+                None => {
+                    st = match self.wait(st, Some(deadline)) {
+                        Ok(st) => st,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(posted),
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        Ok(posted)
     }
 
     /// Ends the connection: the peer sees end of stream, this side's reads
