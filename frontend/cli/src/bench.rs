@@ -22,7 +22,7 @@ use cio_backend::models::{Edu, Memory};
 use cio_backend::{Limits, Server, ServerConfig, ServerHandle};
 use cio_core::{Device, DmaDir, DmaRegion, EventFd, IrqKind, PAGE_SIZE};
 use cio_transports::{
-    sys, AuthorizedClients, ClientTls, Conn, Endpoint, Identity, Listener, Pin, ServerTls,
+    sys, AuthorizedClients, ClientTls, Conn, Endpoint, Identity, Listener, Pin, Psk, ServerTls,
 };
 use serde::Serialize;
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
@@ -39,6 +39,8 @@ pub enum Transport {
     Unix,
     /// TLS over loopback TCP, measured against plaintext TCP (rows T0, T1, T3).
     Tls,
+    /// RDMA, both ends on this machine's RDMA device ([`Options::rdma_addr`]).
+    Rdma,
 }
 
 impl std::fmt::Display for Transport {
@@ -47,6 +49,7 @@ impl std::fmt::Display for Transport {
             Self::Tcp => "tcp",
             Self::Unix => "unix",
             Self::Tls => "tls",
+            Self::Rdma => "rdma",
         })
     }
 }
@@ -61,6 +64,35 @@ pub struct Options {
     pub transports: Vec<Transport>,
     /// Only these measurements (e.g. `["P1", "P3"]`); empty runs all.
     pub only: Vec<String>,
+    /// The address of this machine's RDMA device interface, where the RDMA
+    /// rows listen and connect (ports from [`RDMA_PORTS`] up).
+    pub rdma_addr: Option<std::net::IpAddr>,
+}
+
+/// The first port the RDMA rows listen on (each listener takes the next:
+/// the connection manager does not say which port 0 became).
+pub const RDMA_PORTS: u16 = 7460;
+
+/// Where RDMA rows listen: set once by [`run`].
+static RDMA_ADDR: std::sync::OnceLock<std::net::IpAddr> = std::sync::OnceLock::new();
+static RDMA_NEXT_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(RDMA_PORTS);
+
+/// The key of RDMA rows' backends (an RDMA listener is plaintext and
+/// needs one): random, made once per run.
+fn rdma_psk() -> BenchResult<Psk> {
+    static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let key = match KEY.get() {
+        Some(k) => k.clone(),
+        None => {
+            let mut k = String::new();
+            for _ in 0..4 {
+                let n = cio_transports::auth::session_id().map_err(err("a random key"))?;
+                k.push_str(&format!("{n:016x}"));
+            }
+            KEY.get_or_init(|| k).clone()
+        }
+    };
+    Psk::new(key).map_err(err("the bench key"))
 }
 
 impl Options {
@@ -318,6 +350,11 @@ fn raw_client(
 
 fn endpoint(t: Transport, tag: &str) -> Endpoint {
     match t {
+        Transport::Rdma => {
+            let ip = RDMA_ADDR.get().copied().unwrap_or([127, 0, 0, 1].into());
+            let port = RDMA_NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Endpoint::Rdma(std::net::SocketAddr::new(ip, port).to_string())
+        }
         Transport::Tcp | Transport::Tls => "127.0.0.1:0".parse().expect("valid"),
         Transport::Unix => Endpoint::Unix(
             std::env::temp_dir().join(format!("cio-bench-{}-{tag}.sock", std::process::id())),
@@ -355,9 +392,13 @@ fn start_backend_limits(
         doorbell: (2, memory::reg::DOORBELL),
         stamp: Arc::clone(&stamp),
     };
+    let (security, psk) = match t {
+        Transport::Rdma => (cio_backend::Security::InsecurePlaintext, Some(rdma_psk()?)),
+        _ => (security, None),
+    };
     let server = Server::bind(ServerConfig {
         listen: endpoint(t, tag),
-        psk: None,
+        psk,
         devices: vec![Box::new(Edu::new("edu0")), Box::new(mem)],
         limits,
         usb: Default::default(),
@@ -382,12 +423,16 @@ fn client_opts(
     tls: Option<ClientTls>,
     poll: Duration,
 ) -> BenchResult<Client> {
+    // An RDMA backend is plaintext with a key (see `rdma_psk`).
+    let rdma = matches!(s.endpoint(), Endpoint::Rdma(_));
     Client::connect(
         s.endpoint(),
         ClientOptions {
             batch_writes: batch,
             tls,
             poll,
+            psk: if rdma { Some(rdma_psk()?) } else { None },
+            insecure_plaintext: rdma,
             ..ClientOptions::default()
         },
     )
@@ -1146,6 +1191,14 @@ fn p7(t: Transport, quick: bool, s: &ServerHandle) -> BenchResult<Row> {
 
 /// Runs the suite.
 pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> BenchResult<Report> {
+    if opts.transports.contains(&Transport::Rdma) {
+        let ip = opts.rdma_addr.ok_or(
+            "--transport rdma needs --rdma-addr IP: an address of this machine's RDMA device interface",
+        )?;
+        if *RDMA_ADDR.get_or_init(|| ip) != ip {
+            return Err("the RDMA address is set once per process".into());
+        }
+    }
     let mut rows = Vec::new();
     let mut push = |r: Row, rows: &mut Vec<Row>| {
         progress(&r);

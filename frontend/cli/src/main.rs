@@ -249,6 +249,11 @@ enum Cmd {
         /// Run only these measurements (comma-separated: P1,P2,P3,P4,P7,P8,T0,T1,T3).
         #[arg(long, value_delimiter = ',', value_name = "IDS")]
         only: Vec<String>,
+        /// With --transport rdma: an address of this machine's RDMA device
+        /// interface (e.g. soft-RoCE's netdev); the rows listen on it from
+        /// port 7460 up and connect to it.
+        #[arg(long, value_name = "IP")]
+        rdma_addr: Option<std::net::IpAddr>,
     },
     /// Soak an embedded backend: CLIENTS clients with mixed IO (edu
     /// self-tests with MSI and DMA; posted-write bursts and DMA round trips
@@ -462,6 +467,9 @@ enum TransportArg {
     Unix,
     /// TLS against plaintext TCP (rows T0, T1, T3).
     Tls,
+    /// RDMA on --rdma-addr (a build with the rdma feature and an RDMA
+    /// device); not part of `all`.
+    Rdma,
     All,
 }
 
@@ -686,7 +694,8 @@ fn run(args: Args) -> Result<(), String> {
             transport,
             json,
             only,
-        } => bench(quick, transport, &json, only),
+            rdma_addr,
+        } => bench(quick, transport, &json, only, rdma_addr),
     }
 }
 
@@ -875,12 +884,14 @@ fn bench(
     transport: TransportArg,
     json: &std::path::Path,
     only: Vec<String>,
+    rdma_addr: Option<std::net::IpAddr>,
 ) -> Result<(), String> {
     use crate::bench::{self, Transport};
     let transports = match transport {
         TransportArg::Tcp => vec![Transport::Tcp],
         TransportArg::Unix => vec![Transport::Unix],
         TransportArg::Tls => vec![Transport::Tls],
+        TransportArg::Rdma => vec![Transport::Rdma],
         TransportArg::All => vec![Transport::Tcp, Transport::Unix, Transport::Tls],
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -899,6 +910,7 @@ fn bench(
             quick,
             transports,
             only,
+            rdma_addr,
         },
         |r| {
             spin.suspend(|| outln!("{}", bench::format_row(r)));
