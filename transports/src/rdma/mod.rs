@@ -6,7 +6,7 @@
 //! - Framing: each SEND carries up to [`SLOT`] bytes of the stream from a
 //!   registered send buffer into one of the peer's pre-posted receive
 //!   buffers; its immediate value returns credits.
-//! - Flow control: credits ([`credits`]); a peer that sends beyond them, or
+//! - Flow control: credits (`credits.rs`); a peer that sends beyond them, or
 //!   returns more than it was given, ends its own connection (reads fail
 //!   with `InvalidData`; a lost link fails them with `ConnectionReset`).
 //! - Link loss: the connection manager's disconnect event or a failed work
