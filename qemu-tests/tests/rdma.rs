@@ -58,14 +58,14 @@ fn two_guests(rig: &std::path::Path, qmp_a: &std::path::Path) -> (Guest, Guest) 
     (a, b)
 }
 
+/// `cio-rdma` in guest B with guest A's key and a plaintext link.
+const CIO: &str = "cio-rdma --psk-file /tmp/psk-a --insecure-plaintext";
+
 /// Runs `cio-rdma ARGS` in guest B against guest A; returns status and
 /// output.
 fn cio(b: &mut Guest, args: &str, timeout: Duration) -> (i32, String) {
-    b.run(
-        &format!("cio-rdma --psk-file /tmp/psk-a --insecure-plaintext {args}"),
-        timeout,
-    )
-    .unwrap_or_else(|e| panic!("cio-rdma {args}: {e}"))
+    b.run(&format!("{CIO} {args}"), timeout)
+        .unwrap_or_else(|e| panic!("cio-rdma {args}: {e}"))
 }
 
 #[test]
@@ -147,8 +147,8 @@ fn edu_and_memory_device_over_soft_roce_between_two_guests() {
     // The link lost under a client: guest A frozen (QMP stop) for 26 s.
     // Guest B's side notices the silence (no frame for four keepalive
     // intervals, 20 s: soft-RoCE's own retries did not fail the queue
-    // pairs in these runs), the session (one for the whole soak) resumes on a new RDMA connection once A
-    // runs again, and no request fails (the memory device's requests wait
+    // pairs in these runs), the session (one for the whole soak) resumes on
+    // a new RDMA connection once A runs again, and no request fails (the memory device's requests wait
     // up to 30 s; an edu's self-test would give up on its interrupt after
     // 5 s). (Taking B's interface down instead is the same cut with a port
     // event, which 6.1's rdma_rxe does not survive under load: a WARN in
@@ -156,7 +156,7 @@ fn edu_and_memory_device_over_soft_roce_between_two_guests() {
     let (rc, out) = b
         .run(
             &format!(
-                "RUST_LOG=info cio-rdma --psk-file /tmp/psk-a --insecure-plaintext soak \
+                "RUST_LOG=info {CIO} soak \
                  --backend {ep} --memory mem0 --session-rounds 0 --seconds 55 --every 5 \
                  > /tmp/soak.log 2>&1 & \
                  echo $! > /tmp/soak.pid"

@@ -37,56 +37,18 @@ impl Conn {
     /// Connects to `ep`, trying each resolved address for at most `timeout`.
     pub fn connect(ep: &Endpoint, timeout: Duration) -> Result<Self, Error> {
         let conn = match ep {
-            Endpoint::Tcp(_) => {
-                let mut last = None;
-                let mut stream = None;
-                for addr in ep.resolve()? {
-                    match TcpStream::connect_timeout(&addr, timeout) {
-                        Ok(s) => {
-                            stream = Some(s);
-                            break;
-                        }
-                        Err(e) => last = Some(e),
-                    }
-                }
-                match stream {
-                    Some(s) => Self::Tcp(s),
-                    None => {
-                        return Err(Error::Connect {
-                            endpoint: ep.to_string(),
-                            source: last.unwrap_or_else(|| io::Error::other("no address")),
-                        })
-                    }
-                }
-            }
+            Endpoint::Tcp(_) => Self::Tcp(first_reachable(ep, |a| {
+                TcpStream::connect_timeout(&a, timeout)
+            })?),
             Endpoint::Unix(p) => {
                 Self::Unix(UnixStream::connect(p).map_err(|source| Error::Connect {
                     endpoint: ep.to_string(),
                     source,
                 })?)
             }
-            Endpoint::Rdma(_) => {
-                let mut last = None;
-                let mut stream = None;
-                for addr in ep.resolve()? {
-                    match RdmaStream::connect(addr, timeout) {
-                        Ok(s) => {
-                            stream = Some(s);
-                            break;
-                        }
-                        Err(e) => last = Some(e),
-                    }
-                }
-                match stream {
-                    Some(s) => Self::Rdma(Box::new(s)),
-                    None => {
-                        return Err(Error::Connect {
-                            endpoint: ep.to_string(),
-                            source: last.unwrap_or_else(|| io::Error::other("no address")),
-                        })
-                    }
-                }
-            }
+            Endpoint::Rdma(_) => Self::Rdma(Box::new(first_reachable(ep, |a| {
+                RdmaStream::connect(a, timeout)
+            })?)),
         };
         conn.tune().map_err(|source| Error::Connect {
             endpoint: ep.to_string(),
@@ -226,11 +188,11 @@ impl Conn {
             Self::Tcp(s) => s.set_nonblocking(on),
             Self::Unix(s) => s.set_nonblocking(on),
             Self::Tls(t) => {
-                t.set_nonblocking(on);
+                t.mode().set_nonblocking(on);
                 Ok(())
             }
             Self::Rdma(r) => {
-                r.set_nonblocking(on);
+                r.mode().set_nonblocking(on);
                 Ok(())
             }
         }
@@ -242,11 +204,11 @@ impl Conn {
             Self::Tcp(s) => s.set_read_timeout(t),
             Self::Unix(s) => s.set_read_timeout(t),
             Self::Tls(s) => {
-                s.set_read_timeout(t);
+                s.mode().set_read_timeout(t);
                 Ok(())
             }
             Self::Rdma(s) => {
-                s.set_read_timeout(t);
+                s.mode().set_read_timeout(t);
                 Ok(())
             }
         }
@@ -258,11 +220,11 @@ impl Conn {
             Self::Tcp(s) => s.set_write_timeout(t),
             Self::Unix(s) => s.set_write_timeout(t),
             Self::Tls(s) => {
-                s.set_write_timeout(t);
+                s.mode().set_write_timeout(t);
                 Ok(())
             }
             Self::Rdma(s) => {
-                s.set_write_timeout(t);
+                s.mode().set_write_timeout(t);
                 Ok(())
             }
         }
@@ -483,6 +445,25 @@ impl Drop for Listener {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// Connects to the first of `ep`'s resolved addresses that answers; the
+/// error is the last address's.
+fn first_reachable<T>(
+    ep: &Endpoint,
+    mut connect: impl FnMut(std::net::SocketAddr) -> io::Result<T>,
+) -> Result<T, Error> {
+    let mut last = None;
+    for addr in ep.resolve()? {
+        match connect(addr) {
+            Ok(c) => return Ok(c),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(Error::Connect {
+        endpoint: ep.to_string(),
+        source: last.unwrap_or_else(|| io::Error::other("no address")),
+    })
 }
 
 /// TCP keepalive on any TCP socket; see [`Conn::set_keepalive`].

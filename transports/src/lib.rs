@@ -11,6 +11,7 @@ pub mod auth;
 mod conn;
 mod endpoint;
 pub mod identity;
+mod mode;
 mod out;
 pub mod rdma;
 mod reader;

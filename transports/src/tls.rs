@@ -20,7 +20,6 @@
 use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -33,6 +32,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName};
 use rustls::{Connection, SignatureScheme};
 
+use crate::mode::Mode;
 use crate::{sys, AuthorizedClients, Endpoint, Error, Fingerprint, Identity};
 
 /// Label of the keying material a pre-shared key's proofs are bound to
@@ -312,8 +312,7 @@ impl State {
 pub struct TlsStream {
     sock: TcpStream,
     state: Mutex<State>,
-    nonblocking: AtomicBool,
-    timeouts: Mutex<(Option<Duration>, Option<Duration>)>,
+    mode: Mode,
     /// This end's own fingerprint (for error messages).
     own: Fingerprint,
     /// Client side: what the backend presented.
@@ -436,8 +435,7 @@ impl TlsStream {
                 raw_len: 0,
                 drained: false,
             }),
-            nonblocking: AtomicBool::new(false),
-            timeouts: Mutex::new((None, None)),
+            mode: Mode::default(),
             own,
             seen,
             refusal,
@@ -470,22 +468,9 @@ impl TlsStream {
             .ok()
     }
 
-    pub(crate) fn set_nonblocking(&self, on: bool) {
-        self.nonblocking.store(on, Ordering::Relaxed);
-    }
-
-    pub(crate) fn set_read_timeout(&self, t: Option<Duration>) {
-        self.timeouts.lock().unwrap_or_else(|e| e.into_inner()).0 = t;
-    }
-
-    pub(crate) fn set_write_timeout(&self, t: Option<Duration>) {
-        self.timeouts.lock().unwrap_or_else(|e| e.into_inner()).1 = t;
-    }
-
-    fn deadline(&self, write: bool) -> Option<Instant> {
-        let t = self.timeouts.lock().unwrap_or_else(|e| e.into_inner());
-        let t = if write { t.1 } else { t.0 };
-        t.map(|t| Instant::now() + t)
+    /// Its blocking mode and timeouts.
+    pub(crate) fn mode(&self) -> &Mode {
+        &self.mode
     }
 
     /// Waits for the socket (readable, or writable with `write`) until
@@ -683,8 +668,8 @@ impl TlsStream {
         nonblocking: bool,
         put: &mut dyn FnMut(&mut dyn Read, usize) -> io::Result<()>,
     ) -> io::Result<usize> {
-        let nonblocking = nonblocking || self.nonblocking.load(Ordering::Relaxed);
-        let deadline = self.deadline(false);
+        let nonblocking = self.mode.nonblocking(nonblocking);
+        let deadline = self.mode.deadline(false);
         let mut got = 0;
         loop {
             {
@@ -755,8 +740,8 @@ impl TlsStream {
     /// Encrypts and sends from `bufs` (at most [`WRITE_CHUNK`] bytes); see
     /// [`crate::Conn::flush_pending`] for what a non-blocking write leaves.
     pub(crate) fn send(&self, bufs: &[IoSlice<'_>], nonblocking: bool) -> io::Result<usize> {
-        let nonblocking = nonblocking || self.nonblocking.load(Ordering::Relaxed);
-        let deadline = self.deadline(true);
+        let nonblocking = self.mode.nonblocking(nonblocking);
+        let deadline = self.mode.deadline(true);
         loop {
             let accepted = {
                 let mut st = self.lock();

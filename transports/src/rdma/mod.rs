@@ -99,13 +99,7 @@ mod none {
         pub fn peer(&self) -> &str {
             match self.0 {}
         }
-        pub(crate) fn set_nonblocking(&self, _on: bool) {
-            match self.0 {}
-        }
-        pub(crate) fn set_read_timeout(&self, _t: Option<Duration>) {
-            match self.0 {}
-        }
-        pub(crate) fn set_write_timeout(&self, _t: Option<Duration>) {
+        pub(crate) fn mode(&self) -> &crate::mode::Mode {
             match self.0 {}
         }
         pub(crate) fn buffered(&self) -> bool {

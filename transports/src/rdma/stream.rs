@@ -30,6 +30,7 @@ use sideway::rdmacm::communication_manager::{
 use super::credits::Credits;
 use super::sys::{self, Slots};
 use super::{SEND_SLOTS, WINDOW};
+use crate::mode::Mode;
 
 /// Work request ids: receive slots are their index; sends are tagged.
 const SEND_TAG: u64 = 1 << 32;
@@ -103,8 +104,7 @@ pub struct RdmaStream {
     cm: CmEvents,
     id: Arc<Identifier>,
     peer: String,
-    nonblocking: AtomicBool,
-    timeouts: Mutex<(Option<Duration>, Option<Duration>)>,
+    mode: Mode,
 }
 
 impl std::fmt::Debug for RdmaStream {
@@ -156,8 +156,7 @@ impl RdmaStream {
             cm,
             id,
             peer,
-            nonblocking: AtomicBool::new(false),
-            timeouts: Mutex::new((None, None)),
+            mode: Mode::default(),
         })
     }
 
@@ -170,22 +169,9 @@ impl RdmaStream {
         &self.peer
     }
 
-    pub(crate) fn set_nonblocking(&self, on: bool) {
-        self.nonblocking.store(on, Ordering::Relaxed);
-    }
-
-    pub(crate) fn set_read_timeout(&self, t: Option<Duration>) {
-        self.timeouts.lock().unwrap_or_else(|e| e.into_inner()).0 = t;
-    }
-
-    pub(crate) fn set_write_timeout(&self, t: Option<Duration>) {
-        self.timeouts.lock().unwrap_or_else(|e| e.into_inner()).1 = t;
-    }
-
-    fn deadline(&self, write: bool) -> Option<Instant> {
-        let t = self.timeouts.lock().unwrap_or_else(|e| e.into_inner());
-        let t = if write { t.1 } else { t.0 };
-        t.map(|t| Instant::now() + t)
+    /// Its blocking mode and timeouts.
+    pub(crate) fn mode(&self) -> &Mode {
+        &self.mode
     }
 
     /// True if received bytes wait to be read (pollers read before they
@@ -238,6 +224,16 @@ impl RdmaStream {
         }
         self.return_credits(st);
         changed
+    }
+
+    /// [`progress`](Self::progress) for a thread that is not the poller
+    /// (it takes events only if no thread polls), telling waiters when
+    /// something changed.
+    fn advance(&self, st: &mut State) {
+        let take = !st.polling;
+        if self.progress(st, take) {
+            self.changed.notify_all();
+        }
     }
 
     /// Whether the connection manager says the peer left (reads its events
@@ -425,14 +421,11 @@ impl RdmaStream {
         if max == 0 {
             return Ok(0);
         }
-        let nonblocking = nonblocking || self.nonblocking.load(Ordering::Relaxed);
-        let deadline = self.deadline(false);
+        let nonblocking = self.mode.nonblocking(nonblocking);
+        let deadline = self.mode.deadline(false);
         let mut st = self.lock();
         loop {
-            let take = !st.polling;
-            if self.progress(&mut st, take) {
-                self.changed.notify_all();
-            }
+            self.advance(&mut st);
             if !st.filled.is_empty() {
                 let n = self.copy_out(&mut st, max, put);
                 return Ok(n);
@@ -480,14 +473,11 @@ impl RdmaStream {
         if total == 0 {
             return Ok(0);
         }
-        let nonblocking = nonblocking || self.nonblocking.load(Ordering::Relaxed);
-        let deadline = self.deadline(true);
+        let nonblocking = self.mode.nonblocking(nonblocking);
+        let deadline = self.mode.deadline(true);
         let mut st = self.lock();
         loop {
-            let take = !st.polling;
-            if self.progress(&mut st, take) {
-                self.changed.notify_all();
-            }
+            self.advance(&mut st);
             if let Some(why) = &st.failed {
                 return Err(broken(why));
             }
@@ -514,10 +504,7 @@ impl RdmaStream {
         let deadline = Instant::now() + t;
         let mut st = self.lock();
         loop {
-            let take = !st.polling;
-            if self.progress(&mut st, take) {
-                self.changed.notify_all();
-            }
+            self.advance(&mut st);
             if st.failed.is_some()
                 || st.closed
                 || (st.credits.can_send() && !st.free_send.is_empty())
@@ -583,9 +570,8 @@ impl RdmaStream {
         let mut st = self.lock();
         let mut posted = 0;
         while posted < messages {
-            let take = !st.polling;
+            self.advance(&mut st);
             let s = &mut *st;
-            self.progress(s, take);
             if s.failed.is_some() || s.closed {
                 return Ok(posted.saturating_sub(SEND_SLOTS - s.free_send.len()));
             }
