@@ -189,11 +189,12 @@ fn edu_and_memory_device_over_soft_roce_between_two_guests() {
     );
 
     // Last, with guest A idle: cio bench over RDMA in guest B (its own
-    // soft-RoCE device, both ends in the guest) against the raw RDMA
-    // stream, and the stock raw-verbs ping-pong (ibv_rc_pingpong, 8-byte
-    // SEND/RECV; -e: sleeping on completion events as cio does, not both
-    // ends spinning on the guest's one vCPU) and cio bench over TCP in the
-    // same guest for comparison.
+    // soft-RoCE device, both ends in the guest) against raw verbs (a
+    // SEND/RECV ping-pong for P1, RDMA WRITE bandwidth for P3), the stock
+    // raw-verbs ping-pong beside it for a check of that baseline
+    // (ibv_rc_pingpong, 8-byte SEND/RECV; -e: sleeping on completion events
+    // as cio and its baseline do, not both ends spinning on the guest's one
+    // vCPU), and cio bench over TCP in the same guest for comparison.
     // Quick runs (a full one takes minutes under TCG: its P1 rows are in
     // the closing note), for the code paths; printed for the record (the
     // ratios, not the microseconds, mean something under TCG).
@@ -219,6 +220,11 @@ fn edu_and_memory_device_over_soft_roce_between_two_guests() {
         let (rc, out) = b.run(&cmd, Duration::from_secs(600)).unwrap();
         eprintln!("{what} ({:?}):\n{out}", start.elapsed());
         assert_eq!(rc, 0, "{what}:\n{out}");
+        if what == "cio bench over RDMA" {
+            for baseline in ["P1  rdma  BAR read 8 B round trip (raw: verbs)", "(raw: WRITE)"] {
+                assert!(out.contains(baseline), "no {baseline:?} row:\n{out}");
+            }
+        }
     }
 }
 

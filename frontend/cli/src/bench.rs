@@ -10,6 +10,9 @@
 //! | P4 | device raises an interrupt → frontend eventfd readable (one-way, stamped on a shared clock) | one-way send → receiver has it | ratio ≤ 1.20 |
 //! | P7 | one dirty 4 KiB page synced with 1 GiB mapped vs 1 MiB mapped | (the 1 MiB case) | ratio ≤ 2 |
 //!
+//! On RDMA the baselines are raw verbs (`cio_transports::rdma::RawVerbs`):
+//! P1 against a SEND/RECV ping-pong, P3 against RDMA WRITE bandwidth.
+//!
 //! Runs alternate cio and raw in blocks so that drift on a shared machine
 //! hits both alike.
 
@@ -21,6 +24,7 @@ use cio_backend::models::memory::{self, CMD_TO_MEMORY};
 use cio_backend::models::{Edu, Memory};
 use cio_backend::{Limits, Server, ServerConfig, ServerHandle};
 use cio_core::{Device, DmaDir, DmaRegion, EventFd, IrqKind, PAGE_SIZE};
+use cio_transports::rdma::{RawVerbs, RdmaListener};
 use cio_transports::{
     sys, AuthorizedClients, ClientTls, Conn, Endpoint, Identity, Listener, Pin, Psk, ServerTls,
 };
@@ -346,6 +350,36 @@ fn raw_client(
     hello[1..].copy_from_slice(&n.to_le_bytes());
     (&conn).write_all(&hello).map_err(err("raw hello"))?;
     Ok((conn, t))
+}
+
+/// The raw side of an RDMA row: a raw verbs server on a port of its own
+/// (a thread, serving until the client is dropped) and a client connected
+/// to it, polling each wait for `spin` on both ends.
+fn raw_verbs(spin: Duration) -> BenchResult<(RawVerbs, std::thread::JoinHandle<()>)> {
+    let Endpoint::Rdma(addr) = endpoint(Transport::Rdma, "raw-verbs") else {
+        unreachable!("an RDMA endpoint");
+    };
+    let addr: std::net::SocketAddr = addr.parse().map_err(err("raw verbs address"))?;
+    let listener = RdmaListener::bind(addr).map_err(err("raw verbs listener"))?;
+    let server = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match listener.accept_raw() {
+                Ok(conn) => {
+                    let _ = conn.serve();
+                    return;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let fd = std::os::fd::AsFd::as_fd(&listener);
+                    let _ = sys::poll_readable(&[&fd], Some(Duration::from_millis(100)));
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    let client =
+        RawVerbs::connect(addr, spin, Duration::from_secs(5)).map_err(err("raw verbs connect"))?;
+    Ok((client, server))
 }
 
 fn endpoint(t: Transport, tag: &str) -> Endpoint {
@@ -758,14 +792,14 @@ fn p1(
     let c = client_opts(s, true, None, poll)?;
     let mut dev = c.open("mem0").map_err(err("open"))?;
     let polling = !poll.is_zero();
-    let (conn, _t) = raw_client(raw, if polling { b'Q' } else { b'P' }, width as u64)?;
     let mut buf = [0u8; 8];
-    let mut rbuf = [0u8; 8];
-    let (vc, vr) = alternate(
-        blocks,
-        per,
-        || dev.read(0, 0x40, &mut buf[..width]).map_err(err("read")),
-        || {
+    let mut raw_op: Box<dyn FnMut() -> BenchResult<()>> = if t == Transport::Rdma {
+        let (mut verbs, _t) = raw_verbs(poll)?;
+        Box::new(move || verbs.ping(width).map_err(err("raw verbs ping")))
+    } else {
+        let (conn, _t) = raw_client(raw, if polling { b'Q' } else { b'P' }, width as u64)?;
+        let mut rbuf = [0u8; 8];
+        Box::new(move || {
             (&conn)
                 .write_all(&rbuf[..width])
                 .map_err(err("raw write"))?;
@@ -776,11 +810,17 @@ fn p1(
                     .read_exact(&mut rbuf[..width])
                     .map_err(err("raw read"))
             }
-        },
+        })
+    };
+    let (vc, vr) = alternate(
+        blocks,
+        per,
+        || dev.read(0, 0x40, &mut buf[..width]).map_err(err("read")),
+        &mut raw_op,
     )?;
     let (cio, raw_s) = (stat(vc, false), stat(vr, false));
     let ratio = cio.median / raw_s.median;
-    let (what, target) = if polling {
+    let (mut what, target) = if polling {
         (
             format!("BAR read {width} B, polling {}us", poll.as_micros()),
             1.10,
@@ -788,6 +828,9 @@ fn p1(
     } else {
         (format!("BAR read {width} B round trip"), 1.15)
     };
+    if t == Transport::Rdma {
+        what.push_str(" (raw: verbs)");
+    }
     Ok(row(
         "P1",
         what,
@@ -905,7 +948,15 @@ fn p3(t: Transport, quick: bool, s: &ServerHandle, raw: &mut RawServer) -> Bench
     };
     let c = client(s, true)?;
     let mut dev = c.open("mem0").map_err(err("open"))?;
-    let (conn, _t) = raw_client(raw, b'S', 0)?;
+    // On RDMA the raw side is RDMA WRITE bandwidth (both directions: the
+    // fastest a NIC moves the bytes); else a raw stream each way.
+    let mut verbs = None;
+    let mut conn = None;
+    if t == Transport::Rdma {
+        verbs = Some(raw_verbs(Duration::ZERO)?);
+    } else {
+        conn = Some(raw_client(raw, b'S', 0)?);
+    }
     let mut sink = vec![0u8; 1 << 20];
     let mut rows = Vec::new();
     let iova_base = 0x1_0000_0000u64;
@@ -958,7 +1009,11 @@ fn p3(t: Transport, quick: bool, s: &ServerHandle, raw: &mut RawServer) -> Bench
                         .map(|_| ())
                         .map_err(err("fence"))
                 },
-                || raw_stream(&conn, raw_dir, size, &mut sink),
+                || match (&mut verbs, &conn) {
+                    (Some((v, _)), _) => v.write(size).map_err(err("raw verbs write")),
+                    (None, Some((c, _))) => raw_stream(c, raw_dir, size, &mut sink),
+                    (None, None) => unreachable!("a raw side"),
+                },
             )?;
             let minus = if raw_dir == b'>' { device_us } else { 0.0 };
             let (cio, raw_s) = (
@@ -971,11 +1026,14 @@ fn p3(t: Transport, quick: bool, s: &ServerHandle, raw: &mut RawServer) -> Bench
             } else {
                 ("(info)", true)
             };
-            let note = if minus > 0.0 {
+            let mut note = if minus > 0.0 {
                 format!(" (-{minus:.0}us device)")
             } else {
                 String::new()
             };
+            if t == Transport::Rdma {
+                note.push_str(" (raw: WRITE)");
+            }
             rows.push(row(
                 "P3",
                 format!("DMA sync {dir}, {}{note}", size_label(size)),

@@ -26,6 +26,8 @@
 #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
 pub(crate) mod credits;
 #[cfg(feature = "rdma")]
+mod raw;
+#[cfg(feature = "rdma")]
 mod stream;
 #[cfg(feature = "rdma")]
 mod sys;
@@ -49,7 +51,9 @@ const SEND_SLOTS: usize = WINDOW;
 #[cfg(feature = "rdma")]
 pub use imp::{RdmaListener, RdmaStream};
 #[cfg(not(feature = "rdma"))]
-pub use none::{RdmaListener, RdmaStream};
+pub use none::{RawVerbs, RdmaListener, RdmaStream};
+#[cfg(feature = "rdma")]
+pub use raw::RawVerbs;
 
 /// What a build without RDMA says.
 #[cfg(not(feature = "rdma"))]
@@ -89,6 +93,29 @@ mod none {
     /// An RDMA listener (this build has none: the type cannot exist).
     #[derive(Debug)]
     pub struct RdmaListener(Never);
+
+    /// A raw verbs baseline connection (this build has none).
+    #[derive(Debug)]
+    pub struct RawVerbs(Never);
+
+    impl RawVerbs {
+        /// Fails: this build has no RDMA.
+        pub fn connect(_addr: SocketAddr, _spin: Duration, _timeout: Duration) -> io::Result<Self> {
+            Err(unsupported())
+        }
+        /// Never called: the connection cannot exist.
+        pub fn ping(&mut self, _len: usize) -> io::Result<()> {
+            match self.0 {}
+        }
+        /// Never called: the connection cannot exist.
+        pub fn write(&mut self, _len: u64) -> io::Result<()> {
+            match self.0 {}
+        }
+        /// Never called: the connection cannot exist.
+        pub fn serve(self) -> io::Result<()> {
+            match self.0 {}
+        }
+    }
 
     impl RdmaStream {
         /// Fails: this build has no RDMA.
@@ -146,6 +173,10 @@ mod none {
         pub fn accept(&self) -> io::Result<RdmaStream> {
             match self.0 {}
         }
+        /// Never called: the listener cannot exist.
+        pub fn accept_raw(&self) -> io::Result<RawVerbs> {
+            match self.0 {}
+        }
     }
 
     impl AsFd for RdmaListener {
@@ -178,9 +209,33 @@ mod imp {
         io::Error::other(format!("{what}: {e}"))
     }
 
+    /// The buffers and queue depths of a connection.
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) struct Shape {
+        /// Receive buffers, all posted while the connection is up.
+        pub(crate) recv: usize,
+        /// Send buffers.
+        pub(crate) send: usize,
+        /// Bytes in each buffer.
+        pub(crate) size: usize,
+        /// Send work requests in flight at most.
+        pub(crate) send_wr: usize,
+        /// The peer may RDMA WRITE into the receive buffers.
+        pub(crate) remote_write: bool,
+    }
+
+    /// A stream's connection ([`RdmaStream`]).
+    const STREAM: Shape = Shape {
+        recv: RECV_SLOTS,
+        send: SEND_SLOTS,
+        size: SLOT,
+        send_wr: 2 * SEND_SLOTS,
+        remote_write: false,
+    };
+
     /// Creates the connection's PD, completion channel and queue, QP and
     /// buffers on the device `id` is bound to.
-    fn verbs(id: &Identifier) -> io::Result<Verbs> {
+    fn verbs(id: &Identifier, shape: Shape) -> io::Result<Verbs> {
         let ctx = id
             .get_device_context()
             .ok_or_else(|| other("RDMA", "the address is on no RDMA device"))?;
@@ -192,25 +247,30 @@ mod imp {
             .map_err(|e| other("creating a completion channel", e))?;
         let cq = ctx
             .create_cq_builder()
-            .setup_cqe((RECV_SLOTS + 2 * SEND_SLOTS) as u32)
+            .setup_cqe((shape.recv + shape.send_wr) as u32)
             .setup_comp_channel(&chan, 0)
             .build()
             .map_err(|e| other("creating a completion queue", e))?;
         let qp = pd
             .create_qp_builder()
-            .setup_max_send_wr((2 * SEND_SLOTS) as u32)
-            .setup_max_recv_wr(RECV_SLOTS as u32)
+            .setup_max_send_wr(shape.send_wr as u32)
+            .setup_max_recv_wr(shape.recv as u32)
             .setup_max_send_sge(1)
             .setup_max_recv_sge(1)
             .setup_send_cq(GenericCompletionQueue::from(Arc::clone(&cq)))
             .setup_recv_cq(GenericCompletionQueue::from(Arc::clone(&cq)))
             .build()
             .map_err(|e| other("creating a queue pair", e))?;
+        let recv_access = if shape.remote_write {
+            AccessFlags::LocalWrite | AccessFlags::RemoteWrite
+        } else {
+            AccessFlags::LocalWrite
+        };
         Ok(Verbs {
             qp,
             cq,
-            recv: Slots::new(&pd, RECV_SLOTS, SLOT)?,
-            send: Slots::new(&pd, SEND_SLOTS, SLOT)?,
+            recv: Slots::new(&pd, shape.recv, shape.size, recv_access)?,
+            send: Slots::new(&pd, shape.send, shape.size, AccessFlags::LocalWrite)?,
             chan,
         })
     }
@@ -231,7 +291,7 @@ mod imp {
             AccessFlags::LocalWrite | AccessFlags::RemoteWrite | AccessFlags::RemoteRead,
         );
         v.qp.modify(&a).map_err(|e| step("INIT", &e))?;
-        for slot in 0..RECV_SLOTS {
+        for slot in 0..v.recv.count() {
             sys::post_recv(&mut v.qp, &v.recv, slot, slot as u64)?;
         }
         let mut a = id
@@ -310,31 +370,42 @@ mod imp {
         })
     }
 
+    /// Connects to `addr` within `timeout` with buffers of `shape`: the
+    /// ready verbs, their connection id and its event channel.
+    pub(crate) fn connect(
+        addr: SocketAddr,
+        timeout: Duration,
+        shape: Shape,
+    ) -> io::Result<(Verbs, Arc<Identifier>, Arc<EventChannel>)> {
+        let deadline = Instant::now() + timeout;
+        let ms = timeout
+            .min(Duration::from_secs(60))
+            .max(Duration::from_millis(100));
+        let ch = EventChannel::new().map_err(no_device)?;
+        ch.set_nonblocking(true)?;
+        let id = ch
+            .create_id(PortSpace::Tcp)
+            .map_err(|e| other("creating an RDMA connection id", e))?;
+        id.resolve_addr(None, addr, ms)
+            .map_err(|e| other(&format!("resolving rdma:{addr}"), e))?;
+        expect(&ch, EventType::AddressResolved, deadline, addr)?;
+        id.resolve_route(ms)
+            .map_err(|e| other(&format!("resolving a route to rdma:{addr}"), e))?;
+        expect(&ch, EventType::RouteResolved, deadline, addr)?;
+        let mut v = verbs(&id, shape)?;
+        id.connect(param(&v))
+            .map_err(|e| other(&format!("connecting to rdma:{addr}"), e))?;
+        expect(&ch, EventType::ConnectResponse, deadline, addr)?;
+        ready(&id, &mut v)?;
+        id.establish()
+            .map_err(|e| other(&format!("establishing the connection to rdma:{addr}"), e))?;
+        Ok((v, id, ch))
+    }
+
     impl RdmaStream {
         /// Connects to `addr` within `timeout`.
         pub fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<Self> {
-            let deadline = Instant::now() + timeout;
-            let ms = timeout
-                .min(Duration::from_secs(60))
-                .max(Duration::from_millis(100));
-            let ch = EventChannel::new().map_err(no_device)?;
-            ch.set_nonblocking(true)?;
-            let id = ch
-                .create_id(PortSpace::Tcp)
-                .map_err(|e| other("creating an RDMA connection id", e))?;
-            id.resolve_addr(None, addr, ms)
-                .map_err(|e| other(&format!("resolving rdma:{addr}"), e))?;
-            expect(&ch, EventType::AddressResolved, deadline, addr)?;
-            id.resolve_route(ms)
-                .map_err(|e| other(&format!("resolving a route to rdma:{addr}"), e))?;
-            expect(&ch, EventType::RouteResolved, deadline, addr)?;
-            let mut v = verbs(&id)?;
-            id.connect(param(&v))
-                .map_err(|e| other(&format!("connecting to rdma:{addr}"), e))?;
-            expect(&ch, EventType::ConnectResponse, deadline, addr)?;
-            ready(&id, &mut v)?;
-            id.establish()
-                .map_err(|e| other(&format!("establishing the connection to rdma:{addr}"), e))?;
+            let (v, id, ch) = connect(addr, timeout, STREAM)?;
             Self::new(v, id, CmEvents::Own(ch), format!("rdma:{addr}"))
         }
     }
@@ -397,6 +468,17 @@ mod imp {
         /// (its peer gave up meanwhile, or resources ran out) is refused and
         /// reported as `ConnectionAborted`: call again for the next.
         pub fn accept(&self) -> io::Result<RdmaStream> {
+            let (v, id, notice) = self.accept_shaped(STREAM)?;
+            let peer = format!("rdma:(a client of {})", self.addr);
+            RdmaStream::new(v, id, CmEvents::Notice(notice), peer)
+        }
+
+        /// [`accept`](Self::accept) with buffers of `shape`: the ready
+        /// verbs, their connection id, and what tells them the peer left.
+        pub(crate) fn accept_shaped(
+            &self,
+            shape: Shape,
+        ) -> io::Result<(Verbs, Arc<Identifier>, Arc<Notice>)> {
             loop {
                 let ev = match self.ch.get_cm_event() {
                     Ok(ev) => ev,
@@ -410,7 +492,7 @@ mod imp {
                         let Some(id) = ev.cm_id() else { continue };
                         let _ = ev.ack();
                         // Dropping the id of a failed one refuses its peer.
-                        return self.accept_one(id).map_err(|e| {
+                        return accept_one(id, shape).map_err(|e| {
                             io::Error::new(
                                 io::ErrorKind::ConnectionAborted,
                                 format!("refused an RDMA connection request: {e}"),
@@ -429,16 +511,18 @@ mod imp {
                 }
             }
         }
+    }
 
-        fn accept_one(&self, id: Arc<Identifier>) -> io::Result<RdmaStream> {
-            let mut v = verbs(&id)?;
-            ready(&id, &mut v)?;
-            let notice = Notice::new()?;
-            id.setup_context(Arc::clone(&notice));
-            id.accept(param(&v)).map_err(|e| other("accepting", e))?;
-            let peer = format!("rdma:(a client of {})", self.addr);
-            RdmaStream::new(v, id, CmEvents::Notice(notice), peer)
-        }
+    fn accept_one(
+        id: Arc<Identifier>,
+        shape: Shape,
+    ) -> io::Result<(Verbs, Arc<Identifier>, Arc<Notice>)> {
+        let mut v = verbs(&id, shape)?;
+        ready(&id, &mut v)?;
+        let notice = Notice::new()?;
+        id.setup_context(Arc::clone(&notice));
+        id.accept(param(&v)).map_err(|e| other("accepting", e))?;
+        Ok((v, id, notice))
     }
 
     impl AsFd for RdmaListener {

@@ -35,27 +35,31 @@ impl std::fmt::Debug for Slots {
 }
 
 impl Slots {
-    /// Allocates and registers the buffers (local write access: the NIC
-    /// receives into them).
-    pub(crate) fn new(pd: &Arc<ProtectionDomain>, count: usize, size: usize) -> io::Result<Self> {
+    /// Allocates and registers the buffers with `access` (at least local
+    /// write: the NIC receives into them).
+    pub(crate) fn new(
+        pd: &Arc<ProtectionDomain>,
+        count: usize,
+        size: usize,
+        access: AccessFlags,
+    ) -> io::Result<Self> {
         let mut buf = vec![0u8; count * size].into_boxed_slice();
         // SAFETY: `buf` is a live allocation of `count * size` bytes that
         // never moves (a boxed slice) and is freed only after `mr`, which is
         // dropped first (field order), so the NIC never sees freed memory.
-        let mr = unsafe {
-            pd.reg_mr(
-                buf.as_mut_ptr() as usize,
-                buf.len(),
-                AccessFlags::LocalWrite,
-            )
-        }
-        .map_err(|e| {
-            io::Error::other(format!(
-                "registering {} KiB of buffers: {e}",
-                buf.len() >> 10
-            ))
-        })?;
+        let mr =
+            unsafe { pd.reg_mr(buf.as_mut_ptr() as usize, buf.len(), access) }.map_err(|e| {
+                io::Error::other(format!(
+                    "registering {} KiB of buffers: {e}",
+                    buf.len() >> 10
+                ))
+            })?;
         Ok(Self { mr, buf, size })
+    }
+
+    /// How many slots there are.
+    pub(crate) fn count(&self) -> usize {
+        self.buf.len() / self.size
     }
 
     /// Bytes in one slot.
@@ -71,6 +75,12 @@ impl Slots {
     /// Slot `i`, to fill before it is sent.
     pub(crate) fn slot_mut(&mut self, i: usize) -> &mut [u8] {
         &mut self.buf[i * self.size..(i + 1) * self.size]
+    }
+
+    /// Where the peer writes into the buffers: their address and remote
+    /// key (meaningful only with remote write access).
+    pub(crate) fn remote(&self) -> (u64, u32) {
+        (self.addr(0), self.mr.rkey())
     }
 
     fn addr(&self, i: usize) -> u64 {
@@ -121,6 +131,28 @@ pub(crate) fn post_send(
     }
     g.post()
         .map_err(|e| io::Error::other(format!("posting a send: {e}")))
+}
+
+/// Posts a signaled RDMA WRITE of the first `len` bytes of slot `i` to the
+/// peer's registered memory at `remote_addr` (key `rkey`).
+pub(crate) fn post_write(
+    qp: &mut BasicQueuePair,
+    wr_id: u64,
+    (slots, i, len): (&Slots, usize, usize),
+    rkey: u32,
+    remote_addr: u64,
+) -> io::Result<()> {
+    let mut g = qp.start_post_send();
+    let wr = g
+        .construct_wr(wr_id, WorkRequestFlags::Signaled)
+        .setup_write(rkey, remote_addr);
+    // SAFETY: as in `post_recv`: the slot is inside the registered region,
+    // which outlives the QP, and is left alone until the write completes.
+    // The remote range is the peer's to check (its NIC refuses a write
+    // outside the region the key names).
+    unsafe { wr.setup_sge(slots.mr.lkey(), slots.addr(i), len as u32) };
+    g.post()
+        .map_err(|e| io::Error::other(format!("posting an RDMA write: {e}")))
 }
 
 /// Asks for an event on the completion channel at the next completion.
