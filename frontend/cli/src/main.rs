@@ -356,7 +356,10 @@ enum Cmd {
     /// (QEMU 10.1+: -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"PATH"}}').
     ///
     /// DEVICE of the ciod at HOST, or with --emulate a model in this
-    /// process. Serves one client and exits when it disconnects.
+    /// process. Serves one client and exits when it disconnects. SIGTERM or
+    /// Ctrl-C stops it at once: it says goodbye to the backend (which then
+    /// releases the device rather than keep the session for a resume) and
+    /// removes the socket.
     ///
     /// DMA needs guest RAM shared by fd and is cheapest with a vIOMMU in the
     /// guest (only what its driver maps is compared with the device's copy):
@@ -726,6 +729,7 @@ fn vfio_user(
         _ => return Err("give HOST and DEVICE, or --emulate".into()),
     };
     let server = Server::bind(socket, ServerConfig::default()).map_err(|e| error_chain(&e))?;
+    stop_on_signal(_client.clone(), socket)?;
     let info = dev.info();
     eprintln!(
         "cio: serving {} ({:04x}:{:04x}) on {} (vfio-user); waiting for a client",
@@ -741,6 +745,37 @@ fn vfio_user(
         "cio: client disconnected after {} requests ({} answered with an error)",
         served.requests, served.errors
     );
+    Ok(())
+}
+
+/// On SIGTERM or SIGINT (libvirt's hook stopping the server, or Ctrl-C),
+/// `cio vfio-user` ends its session with a Goodbye, so that the backend
+/// releases the device at once instead of keeping the session for a
+/// resume, removes its socket and exits 0. The serving thread may be in
+/// the middle of a request: that request fails, which nobody waits for.
+fn stop_on_signal(
+    client: Option<cio_frontend::Client>,
+    socket: &std::path::Path,
+) -> Result<(), String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| format!("installing signal handlers: {e}"))?;
+    let socket = socket.to_path_buf();
+    std::thread::Builder::new()
+        .name("cio-signals".into())
+        .spawn(move || {
+            let Some(sig) = signals.forever().next() else {
+                return;
+            };
+            let name = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" };
+            eprintln!("cio: {name}: ending the session and stopping");
+            if let Some(client) = client {
+                client.close();
+            }
+            let _ = std::fs::remove_file(&socket);
+            std::process::exit(0);
+        })
+        .map_err(|e| format!("starting the signal thread: {e}"))?;
     Ok(())
 }
 

@@ -102,6 +102,8 @@ pub(crate) struct Inner {
     kick: EventFd,
     stop: EventFd,
     stopping: AtomicBool,
+    /// `close` ran.
+    closed: AtomicBool,
     /// Callers reading replies from the socket right now.
     readers: AtomicUsize,
     clock: Instant,
@@ -164,6 +166,7 @@ impl Inner {
             kick: EventFd::new(EFD_NONBLOCK)?,
             stop: EventFd::new(EFD_NONBLOCK)?,
             stopping: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             readers: AtomicUsize::new(0),
             clock: Instant::now(),
             last_post: AtomicU64::new(0),
@@ -217,7 +220,11 @@ impl Inner {
 
     /// Says goodbye, stops the pump (`pump` is its thread) and shuts the
     /// connection down.
+    /// Only the first call does it.
     pub(crate) fn close(&self, pump: Option<JoinHandle<()>>) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
         // First, so that the backend closing the link after our Goodbye is
         // not taken for a lost link.
         self.stopping.store(true, Ordering::Relaxed);

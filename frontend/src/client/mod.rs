@@ -311,6 +311,16 @@ impl Client {
         Ok(RemoteDevice::new(Arc::clone(&self.shared), handle, target))
     }
 
+    /// Ends the session now, as dropping the client and all its devices
+    /// would: says Goodbye (the backend releases the devices at once
+    /// rather than keeping the session for a resume), stops the event
+    /// pump and closes the connection. Every later call on this client or
+    /// its devices fails. For a process that is asked to stop while its
+    /// devices are still in use (a signal).
+    pub fn close(&self) {
+        self.shared.inner.close(lock(&self.shared.pump).take());
+    }
+
     /// Hands the session on: the backend keeps it (devices untouched,
     /// interrupts and device-written data queued) for one adopter, and this
     /// client lets go of it (every later call on it, or on its devices,

@@ -265,7 +265,7 @@ impl RawVerbs {
                 ));
             }
             crate::sys::poll_readable(&[&self.v.chan.as_raw_fd()], Some(left))?;
-            if sys::take_cq_events(&self.v.chan)? > 0 {
+            if sys::take_cq_event(&self.v.chan)? {
                 self.armed = false;
             }
         }

@@ -187,12 +187,20 @@ impl RdmaStream {
     fn progress(&self, st: &mut State, take_events: bool) -> bool {
         let mut changed = false;
         if take_events {
-            match sys::take_cq_events(&st.v.chan) {
-                Ok(0) => {}
-                Ok(_) => st.armed = false,
-                Err(e) => self.fail(st, format!("completion channel: {e}")),
+            let took = match sys::take_cq_event(&st.v.chan) {
+                Ok(took) => took,
+                Err(e) => {
+                    self.fail(st, format!("completion channel: {e}"));
+                    false
+                }
+            };
+            if took {
+                st.armed = false;
             }
-            if self.peer_left() && !st.closed {
+            // The manager's channel is read only when the wake-up was not
+            // the completion channel's: if it was both, the next wait
+            // returns at once and reads it then.
+            if self.peer_left(!took) && !st.closed {
                 self.close_qp(st);
                 changed = true;
             }
@@ -226,24 +234,33 @@ impl RdmaStream {
         changed
     }
 
-    /// [`progress`](Self::progress) for a thread that is not the poller
-    /// (it takes events only if no thread polls), telling waiters when
-    /// something changed.
-    fn advance(&self, st: &mut State) {
-        let take = !st.polling;
+    /// [`progress`](Self::progress) for a thread that is not the poller,
+    /// telling waiters when something changed. `full` also takes the
+    /// channels' events (if no thread polls): a call that can be answered
+    /// from the completions alone makes no system call, and one that would
+    /// wait or come back short does it first (so that a caller that sleeps
+    /// on the fd after a short read is woken by the next completion).
+    fn advance(&self, st: &mut State, full: bool) {
+        let take = full && !st.polling;
         if self.progress(st, take) {
             self.changed.notify_all();
         }
     }
 
-    /// Whether the connection manager says the peer left (reads its events
-    /// on a connecting side).
-    fn peer_left(&self) -> bool {
+    /// Whether the connection manager says the peer left; on a connecting
+    /// side, with `read_channel`, reads its events first.
+    fn peer_left(&self, read_channel: bool) -> bool {
         match &self.cm {
             CmEvents::Notice(n) => {
-                let _ = n.fd.read();
-                n.gone.load(Ordering::Acquire)
+                // The listener sets the flag before it signals the eventfd,
+                // which is read only to make it quiet again.
+                let gone = n.gone.load(Ordering::Acquire);
+                if gone {
+                    let _ = n.fd.read();
+                }
+                gone
             }
+            CmEvents::Own(_) if !read_channel => false,
             CmEvents::Own(ch) => {
                 let mut gone = false;
                 loop {
@@ -424,11 +441,16 @@ impl RdmaStream {
         let nonblocking = self.mode.nonblocking(nonblocking);
         let deadline = self.mode.deadline(false);
         let mut st = self.lock();
+        let (mut n, mut full) = (0, false);
         loop {
-            self.advance(&mut st);
-            if !st.filled.is_empty() {
-                let n = self.copy_out(&mut st, max, put);
+            self.advance(&mut st, full);
+            n = self.copy_out(&mut st, n, max, put);
+            if n == max || (n > 0 && full) {
                 return Ok(n);
+            }
+            if !full {
+                full = true;
+                continue;
             }
             if let Some(why) = &st.failed {
                 return Err(broken(why));
@@ -439,14 +461,23 @@ impl RdmaStream {
             if nonblocking {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
+            // The wait took the events.
             st = self.wait(st, deadline)?;
+            full = false;
         }
     }
 
-    /// Copies up to `max` received bytes out; every buffer emptied is
-    /// posted again and its credit counted for return.
-    fn copy_out(&self, st: &mut State, max: usize, put: &mut dyn FnMut(&[u8], usize)) -> usize {
-        let mut n = 0;
+    /// Copies received bytes out after the `from` already delivered, up to
+    /// `max` in all, and returns how many are delivered now; every buffer
+    /// emptied is posted again and its credit counted for return.
+    fn copy_out(
+        &self,
+        st: &mut State,
+        from: usize,
+        max: usize,
+        put: &mut dyn FnMut(&[u8], usize),
+    ) -> usize {
+        let mut n = from;
         while n < max {
             let Some(&(slot, from, len)) = st.filled.front() else {
                 break;
@@ -476,8 +507,9 @@ impl RdmaStream {
         let nonblocking = self.mode.nonblocking(nonblocking);
         let deadline = self.mode.deadline(true);
         let mut st = self.lock();
+        let mut full = false;
         loop {
-            self.advance(&mut st);
+            self.advance(&mut st, full);
             if let Some(why) = &st.failed {
                 return Err(broken(why));
             }
@@ -490,10 +522,15 @@ impl RdmaStream {
             if st.credits.can_send() && !st.free_send.is_empty() {
                 return self.post_data(&mut st, bufs);
             }
+            if !full {
+                full = true;
+                continue;
+            }
             if nonblocking {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             st = self.wait(st, deadline)?;
+            full = false;
         }
     }
 
@@ -504,7 +541,7 @@ impl RdmaStream {
         let deadline = Instant::now() + t;
         let mut st = self.lock();
         loop {
-            self.advance(&mut st);
+            self.advance(&mut st, true);
             if st.failed.is_some()
                 || st.closed
                 || (st.credits.can_send() && !st.free_send.is_empty())
@@ -570,7 +607,7 @@ impl RdmaStream {
         let mut st = self.lock();
         let mut posted = 0;
         while posted < messages {
-            self.advance(&mut st);
+            self.advance(&mut st, true);
             let s = &mut *st;
             if s.failed.is_some() || s.closed {
                 return Ok(posted.saturating_sub(SEND_SLOTS - s.free_send.len()));

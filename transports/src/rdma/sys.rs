@@ -167,31 +167,29 @@ pub(crate) fn arm(cq: &BasicCompletionQueue) -> io::Result<()> {
     }
 }
 
-/// Takes and acknowledges every event waiting on the (non-blocking)
-/// completion channel; returns how many there were.
-pub(crate) fn take_cq_events(chan: &CompletionChannel) -> io::Result<u32> {
-    let mut n = 0;
-    loop {
-        let mut cq = null_mut();
-        let mut ctx = null_mut();
-        // SAFETY: the channel is alive (borrowed); on success the library
-        // writes the CQ the event belongs to into `cq`.
-        let rc = unsafe {
-            rdma_mummy_sys::ibv_get_cq_event(chan.comp_channel().as_ptr(), &mut cq, &mut ctx)
+/// Takes and acknowledges the event waiting on the (non-blocking)
+/// completion channel, if there is one; true if there was. At most one
+/// waits: the queue is armed again only after its event is taken.
+pub(crate) fn take_cq_event(chan: &CompletionChannel) -> io::Result<bool> {
+    let mut cq = null_mut();
+    let mut ctx = null_mut();
+    // SAFETY: the channel is alive (borrowed); on success the library
+    // writes the CQ the event belongs to into `cq`.
+    let rc = unsafe {
+        rdma_mummy_sys::ibv_get_cq_event(chan.comp_channel().as_ptr(), &mut cq, &mut ctx)
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::WouldBlock {
+            Ok(false)
+        } else {
+            Err(e)
         };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock || n > 0 {
-                Ok(n)
-            } else {
-                Err(e)
-            };
-        }
-        // SAFETY: `cq` is the live CQ the event was reported for (its only
-        // CQ is owned by the connection, which outlives this call).
-        unsafe { rdma_mummy_sys::ibv_ack_cq_events(cq, 1) };
-        n += 1;
     }
+    // SAFETY: `cq` is the live CQ the event was reported for (its only CQ
+    // is owned by the connection, which outlives this call).
+    unsafe { rdma_mummy_sys::ibv_ack_cq_events(cq, 1) };
+    Ok(true)
 }
 
 /// A new epoll set (close-on-exec).
