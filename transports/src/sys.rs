@@ -1,8 +1,8 @@
 //! The only `unsafe` in this crate: thin wrappers over the syscalls std does
-//! not expose (receiving into spare buffer capacity, and poll(2)).
+//! not expose (receiving into spare buffer capacity, poll(2) and epoll(7)).
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
@@ -51,8 +51,10 @@ pub fn recv_into(
     Ok(n)
 }
 
-/// Waits until one of `fds` is readable (or hung up), or `timeout` passes.
-/// Returns, for each fd, whether it is ready.
+/// Waits until one of `fds` is readable (or hung up), or `timeout` passes
+/// (to the nanosecond: ppoll(2), so that a wait shorter than a millisecond
+/// sleeps instead of returning at once as poll(2)'s would). Returns, for
+/// each fd, whether it is ready.
 pub fn poll_readable(fds: &[&dyn AsRawFd], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
@@ -62,12 +64,27 @@ pub fn poll_readable(fds: &[&dyn AsRawFd], timeout: Option<Duration>) -> io::Res
             revents: 0,
         })
         .collect();
-    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs().min(i32::MAX as u64) as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
     loop {
         // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs that
-        // poll may write `revents` into; the fds are borrowed for the call
-        // (and poll only reports POLLNVAL for an fd that is not open).
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+        // ppoll may write `revents` into; `ts_ptr` is null or points to a
+        // timespec that lives across the call; no signal mask is passed. The
+        // fds are borrowed for the call (and ppoll only reports POLLNVAL for
+        // an fd that is not open).
+        let n = unsafe {
+            libc::ppoll(
+                pfds.as_mut_ptr(),
+                pfds.len() as libc::nfds_t,
+                ts_ptr,
+                std::ptr::null(),
+            )
+        };
         if n >= 0 {
             return Ok(pfds.iter().map(|p| p.revents != 0).collect());
         }
@@ -176,4 +193,90 @@ pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
         }
     }
     Err(io::Error::last_os_error())
+}
+
+/// An epoll set (level-triggered), for a thread that waits on fds which
+/// other threads add, take out or mute while it sleeps.
+#[derive(Debug)]
+pub struct Epoll {
+    fd: OwnedFd,
+}
+
+impl Epoll {
+    /// A new, empty set (close-on-exec).
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: epoll_create1 takes no pointers; a non-negative result is
+        // a new fd this process owns.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { fd })
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64, readable: bool) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: if readable { libc::EPOLLIN as u32 } else { 0 },
+            u64: token,
+        };
+        // SAFETY: `ev` is a valid epoll_event for the call (ignored by
+        // EPOLL_CTL_DEL); the kernel checks that both fds are open.
+        let rc = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut ev) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Adds `fd`, reported as `token`; watched for reading if `readable`,
+    /// else held muted (reported only on error or hang-up).
+    pub fn add(&self, fd: RawFd, token: u64, readable: bool) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, token, readable)
+    }
+
+    /// Watches `fd` (already added) for reading again, or mutes it.
+    pub fn modify(&self, fd: RawFd, token: u64, readable: bool) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, token, readable)
+    }
+
+    /// Takes `fd` out of the set.
+    pub fn delete(&self, fd: RawFd) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, fd, 0, false)
+    }
+
+    /// Waits until an fd in the set is ready or `timeout` passes (rounded
+    /// up to the millisecond: never a busy wait); calls `ready` with the
+    /// token of each that is.
+    pub fn wait(&self, timeout: Option<Duration>, mut ready: impl FnMut(u64)) -> io::Result<()> {
+        let ms = timeout.map_or(-1, |t| {
+            let ms = t.as_nanos().div_ceil(1_000_000);
+            ms.min(i32::MAX as u128) as i32
+        });
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 8];
+        loop {
+            // SAFETY: `evs` is a writable array of `evs.len()` events for
+            // the kernel to fill; the set's fd is open (owned).
+            let n = unsafe {
+                libc::epoll_wait(self.fd.as_raw_fd(), evs.as_mut_ptr(), evs.len() as i32, ms)
+            };
+            if n >= 0 {
+                for ev in &evs[..n as usize] {
+                    ready(ev.u64);
+                }
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+}
+
+impl AsFd for Epoll {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
 }

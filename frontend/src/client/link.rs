@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 use super::target::{lock, Target};
+use super::watch::Watch;
 use super::{handshake, timed_out, ClientError, ClientOptions, Handshake};
 
 /// Posted writes are sent at once when this many bytes are queued.
@@ -45,8 +46,9 @@ pub(crate) enum Post {
 const ISOLATED_NS: u64 = 20_000;
 /// The pump sends queued writes once no write was added for this long.
 const COALESCE: Duration = Duration::from_micros(20);
-/// While callers read the socket themselves the pump stops watching it and
-/// looks again this often.
+/// While a session moves to a new connection, or a connection a caller
+/// reads says it is ready (hung up) to the pump as well, the pump looks
+/// again this often.
 const PUMP_RECHECK: Duration = Duration::from_micros(200);
 /// Frames received since our last `Ack` above which the pump sends one.
 const ACK_FRAMES: usize = 128;
@@ -104,8 +106,9 @@ pub(crate) struct Inner {
     stopping: AtomicBool,
     /// `close` ran.
     closed: AtomicBool,
-    /// Callers reading replies from the socket right now.
-    readers: AtomicUsize,
+    /// What the pump sleeps on; counts the callers reading replies from
+    /// the socket right now.
+    watch: Watch,
     clock: Instant,
     last_post: AtomicU64,
     resume: Option<Resumer>,
@@ -144,6 +147,7 @@ impl Inner {
             }),
             _ => None,
         };
+        let (kick, stop) = (EventFd::new(EFD_NONBLOCK)?, EventFd::new(EFD_NONBLOCK)?);
         Ok(Self {
             conn: RwLock::new(Arc::new(conn)),
             generation: AtomicU64::new(0),
@@ -163,11 +167,11 @@ impl Inner {
             }),
             pending: Mutex::new(Vec::new()),
             targets: Mutex::new(HashMap::new()),
-            kick: EventFd::new(EFD_NONBLOCK)?,
-            stop: EventFd::new(EFD_NONBLOCK)?,
+            watch: Watch::new(&stop, &kick)?,
+            kick,
+            stop,
             stopping: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            readers: AtomicUsize::new(0),
             clock: Instant::now(),
             last_post: AtomicU64::new(0),
             resume,
@@ -491,6 +495,9 @@ impl Inner {
         msgs: &[Message],
     ) -> Result<Vec<Message>, ClientError> {
         self.check_open()?;
+        // Muted before the request leaves, so that even a quick reply
+        // wakes only this thread.
+        let _reading = self.watch.reading();
         let generation = self.generation.load(Ordering::Acquire);
         let (seqs, sent) = {
             let mut out = lock(&self.tx);
@@ -515,7 +522,7 @@ impl Inner {
         }
         let mut replies = Vec::with_capacity(seqs.len());
         for &seq in &seqs {
-            let reply = self.wait_reply(seq);
+            let reply = self.read_until_reply(seq);
             lock(&self.pending).retain(|s| *s != seq);
             match reply {
                 Ok(Message::Error { code, message }) => {
@@ -530,13 +537,6 @@ impl Inner {
             }
         }
         Ok(replies)
-    }
-
-    fn wait_reply(&self, seq: u64) -> Result<Message, ClientError> {
-        self.readers.fetch_add(1, Ordering::AcqRel);
-        let r = self.read_until_reply(seq);
-        self.readers.fetch_sub(1, Ordering::AcqRel);
-        r
     }
 
     /// Reads until the reply to `seq` is there. Posted frames sent before
@@ -781,19 +781,21 @@ impl Inner {
             // itself; watching the socket meanwhile would only wake this
             // thread for each reply and make it fight the caller for the
             // lock. Nor while the session moves to a new connection.
-            let watch = self.readers.load(Ordering::Acquire) == 0
-                && !self.recovering.load(Ordering::Acquire);
+            // (The caller mutes the connection in `watch`.)
+            let recovering = self.recovering.load(Ordering::Acquire);
             let timeout = self.pump_timeout();
             let (conn, generation) = self.conn();
-            let polled = if watch && conn.buffered() {
+            let recheck = timeout.map_or(PUMP_RECHECK, |t| t.min(PUMP_RECHECK));
+            let polled = if recovering {
+                sys::poll_readable(&[&self.stop, &self.kick], Some(recheck))
+            } else if self.watch.readers() == 0 && conn.buffered() {
                 // Decrypted bytes wait inside a TLS connection: the socket
                 // may have nothing more to say about them.
                 Ok(vec![false, false, true])
-            } else if watch {
-                sys::poll_readable(&[&self.stop, &self.kick, &*conn], timeout)
             } else {
-                let t = timeout.map_or(PUMP_RECHECK, |t| t.min(PUMP_RECHECK));
-                sys::poll_readable(&[&self.stop, &self.kick], Some(t))
+                self.watch
+                    .wait(&conn, generation, timeout)
+                    .map(|r| r.to_vec())
             };
             let ready = match polled {
                 Ok(r) => r,
@@ -813,7 +815,11 @@ impl Inner {
                 }
             }
             if ready.get(2) == Some(&true) {
-                if let Ok(rx) = self.rx.try_lock() {
+                if self.watch.readers() > 0 {
+                    // A hang-up the caller reading it will see: not ours
+                    // to read, and still ready at the next wait.
+                    let _ = sys::poll_readable(&[&self.stop, &self.kick], Some(recheck));
+                } else if let Ok(rx) = self.rx.try_lock() {
                     match self.pump_read(rx, &conn) {
                         Ok(true) => {}
                         Ok(false) => return,

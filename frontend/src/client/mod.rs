@@ -12,6 +12,7 @@ mod handoff;
 mod handshake;
 mod link;
 mod target;
+mod watch;
 
 use std::io;
 use std::sync::atomic::Ordering;

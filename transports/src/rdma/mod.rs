@@ -413,7 +413,7 @@ mod imp {
     /// A listening connection manager id.
     pub struct RdmaListener {
         /// An epoll set holding the event channel: the fd pollers see.
-        set: std::os::fd::OwnedFd,
+        set: crate::sys::Epoll,
         ch: Arc<EventChannel>,
         _id: Arc<Identifier>,
         addr: SocketAddr,
@@ -446,8 +446,8 @@ mod imp {
             })?;
             id.listen(1024)
                 .map_err(|e| other(&format!("listening on rdma:{addr}"), e))?;
-            let set = sys::epoll()?;
-            sys::epoll_add(&set, ch.as_raw_fd())?;
+            let set = crate::sys::Epoll::new()?;
+            set.add(ch.as_raw_fd(), 0, true)?;
             Ok(Self {
                 set,
                 ch,

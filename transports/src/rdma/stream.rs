@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -100,7 +100,7 @@ struct State {
 pub struct RdmaStream {
     state: Mutex<State>,
     changed: Condvar,
-    set: OwnedFd,
+    set: crate::sys::Epoll,
     cm: CmEvents,
     id: Arc<Identifier>,
     peer: String,
@@ -129,14 +129,14 @@ impl RdmaStream {
         peer: String,
     ) -> io::Result<Self> {
         v.chan.set_nonblocking(true)?;
-        let set = sys::epoll()?;
-        sys::epoll_add(&set, v.chan.as_raw_fd())?;
+        let set = crate::sys::Epoll::new()?;
+        set.add(v.chan.as_raw_fd(), 0, true)?;
         match &cm {
             CmEvents::Own(ch) => {
                 ch.set_nonblocking(true)?;
-                sys::epoll_add(&set, ch.as_raw_fd())?;
+                set.add(ch.as_raw_fd(), 0, true)?;
             }
-            CmEvents::Notice(n) => sys::epoll_add(&set, n.fd.as_raw_fd())?,
+            CmEvents::Notice(n) => set.add(n.fd.as_raw_fd(), 0, true)?,
         }
         sys::arm(&v.cq)?;
         Ok(Self {
@@ -397,7 +397,7 @@ impl RdmaStream {
         }
         st.polling = true;
         drop(st);
-        let polled = crate::sys::poll_readable(&[&self.set], left);
+        let polled = crate::sys::poll_readable(&[&self.set.as_fd()], left);
         let mut st = self.lock();
         st.polling = false;
         // Another thread may take the poller's place.

@@ -1,9 +1,8 @@
 //! The only `unsafe` of the RDMA transport: registered buffers, work
-//! requests that point into them, the completion-channel calls sideway does
-//! not wrap, and the epoll set that gives a connection one pollable fd.
+//! requests that point into them, and the completion-channel calls sideway
+//! does not wrap.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::null_mut;
 use std::sync::Arc;
 
@@ -190,30 +189,4 @@ pub(crate) fn take_cq_event(chan: &CompletionChannel) -> io::Result<bool> {
     // is owned by the connection, which outlives this call).
     unsafe { rdma_mummy_sys::ibv_ack_cq_events(cq, 1) };
     Ok(true)
-}
-
-/// A new epoll set (close-on-exec).
-pub(crate) fn epoll() -> io::Result<OwnedFd> {
-    // SAFETY: epoll_create1 takes no pointers; a non-negative result is a
-    // new fd this process owns.
-    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Adds `fd` to the epoll set `set`, level-triggered, for reading.
-pub(crate) fn epoll_add(set: &OwnedFd, fd: RawFd) -> io::Result<()> {
-    let mut ev = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
-        u64: fd as u64,
-    };
-    // SAFETY: `ev` is a valid epoll_event for the call; both fds are open.
-    let rc = unsafe { libc::epoll_ctl(set.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
