@@ -441,9 +441,12 @@ impl RdmaStream {
         let nonblocking = self.mode.nonblocking(nonblocking);
         let deadline = self.mode.deadline(false);
         let mut st = self.lock();
-        let (mut n, mut full) = (0, false);
+        // `woke`: a wait just made progress, events included.
+        let (mut n, mut full, mut woke) = (0, false, false);
         loop {
-            self.advance(&mut st, full);
+            if !std::mem::take(&mut woke) {
+                self.advance(&mut st, full);
+            }
             n = self.copy_out(&mut st, n, max, put);
             if n == max || (n > 0 && full) {
                 return Ok(n);
@@ -461,9 +464,8 @@ impl RdmaStream {
             if nonblocking {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
-            // The wait took the events.
             st = self.wait(st, deadline)?;
-            full = false;
+            woke = true;
         }
     }
 
@@ -507,9 +509,11 @@ impl RdmaStream {
         let nonblocking = self.mode.nonblocking(nonblocking);
         let deadline = self.mode.deadline(true);
         let mut st = self.lock();
-        let mut full = false;
+        let (mut full, mut woke) = (false, false);
         loop {
-            self.advance(&mut st, full);
+            if !std::mem::take(&mut woke) {
+                self.advance(&mut st, full);
+            }
             if let Some(why) = &st.failed {
                 return Err(broken(why));
             }
@@ -530,7 +534,7 @@ impl RdmaStream {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             st = self.wait(st, deadline)?;
-            full = false;
+            woke = true;
         }
     }
 
