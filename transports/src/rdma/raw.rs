@@ -29,6 +29,10 @@ use super::RdmaListener;
 
 /// Bytes a message or one write carries at most.
 const BUF: usize = 1 << 20;
+/// Bytes one RDMA WRITE carries. One write of a whole MiB (a thousand
+/// packets at once) stalled soft-RoCE under TCG for more than 10 s; the
+/// stream's window is of this order too (16 messages of 32 KiB).
+const WRITE_CHUNK: usize = 64 << 10;
 /// Writes in flight.
 const DEPTH: usize = 8;
 /// Receive buffers each side keeps posted.
@@ -135,27 +139,32 @@ impl RawVerbs {
     }
 
     /// Writes `len` bytes into the server's memory with RDMA WRITEs of up
-    /// to 1 MiB, 8 in flight, and waits until the NIC says all of them are
+    /// to 64 KiB, 8 in flight, and waits until the NIC says all of them are
     /// placed.
     pub fn write(&mut self, len: u64) -> io::Result<()> {
         let (addr, rkey) = self.target;
         let (mut posted, mut completed, mut in_flight) = (0u64, 0u64, 0usize);
         while completed < len {
             while posted < len && in_flight < DEPTH {
-                let k = (len - posted).min(BUF as u64) as usize;
-                // Every write lands on the same remote buffer: the NIC moves
-                // `len` bytes all the same.
+                let k = (len - posted).min(WRITE_CHUNK as u64) as usize;
+                // The writes go round the server's buffers.
+                let at = addr + posted % (RECV * BUF) as u64;
                 sys::post_write(
                     &mut self.v.qp,
                     SEND_ID | k as u64,
                     (&self.v.send, 0, k),
                     rkey,
-                    addr,
+                    at,
                 )?;
                 posted += k as u64;
                 in_flight += 1;
             }
-            let (id, _) = self.next()?;
+            let (id, _) = self.next().map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("{e} (an RDMA WRITE of {len} bytes: {completed} placed, {in_flight} in flight)"),
+                )
+            })?;
             if id & SEND_ID == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
