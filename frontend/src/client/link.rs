@@ -223,8 +223,7 @@ impl Inner {
     }
 
     /// Says goodbye, stops the pump (`pump` is its thread) and shuts the
-    /// connection down.
-    /// Only the first call does it.
+    /// connection down; only the first call does anything.
     pub(crate) fn close(&self, pump: Option<JoinHandle<()>>) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;

@@ -54,9 +54,9 @@ const SHAPE: Shape = Shape {
 pub struct RawVerbs {
     v: Verbs,
     id: Arc<Identifier>,
-    /// Keeps a client's connection events alive (a server's arrive on the
-    /// listener).
-    _cm: Option<Arc<EventChannel>>,
+    /// A client's connection events (a server's arrive on the listener):
+    /// kept alive, and what tells a client from a server.
+    cm: Option<Arc<EventChannel>>,
     _notice: Option<Arc<Notice>>,
     /// Completions taken from the queue and not yet handled:
     /// (work request id, bytes received).
@@ -88,7 +88,7 @@ impl RawVerbs {
         Ok(Self {
             v,
             id,
-            _cm: cm,
+            cm,
             _notice: notice,
             done: VecDeque::new(),
             armed: true,
@@ -210,25 +210,26 @@ impl RawVerbs {
     /// Sends `len` bytes of the send buffer and waits for the answer:
     /// (its receive slot, its length).
     fn exchange(&mut self, len: usize) -> io::Result<(usize, usize)> {
-        sys::post_send(&mut self.v.qp, SEND_ID, 0, Some((&self.v.send, 0, len)))?;
-        let (mut sent, mut got) = (false, None);
-        while !sent || got.is_none() {
-            match self.next()? {
-                (SEND_ID, _) => sent = true,
-                (slot, n) => got = Some((slot as usize, n)),
-            }
-        }
-        Ok(got.expect("received"))
+        self.send_and_wait(len)?;
+        self.next_recv()
     }
 
+    /// Sends `len` bytes of the send buffer and waits until the NIC is done
+    /// with it; a message that arrives meanwhile stays queued, in order.
     fn send_and_wait(&mut self, len: usize) -> io::Result<()> {
         sys::post_send(&mut self.v.qp, SEND_ID, 0, Some((&self.v.send, 0, len)))?;
-        loop {
-            match self.next()? {
-                (SEND_ID, _) => return Ok(()),
-                other => self.done.push_front(other),
+        let mut held = Vec::new();
+        let sent = loop {
+            match self.next() {
+                Ok((SEND_ID, _)) => break Ok(()),
+                Ok(other) => held.push(other),
+                Err(e) => break Err(e),
             }
+        };
+        for c in held.into_iter().rev() {
+            self.done.push_front(c);
         }
+        sent
     }
 
     fn next_recv(&mut self) -> io::Result<(usize, usize)> {
@@ -305,7 +306,7 @@ impl RawVerbs {
 
 impl Drop for RawVerbs {
     fn drop(&mut self) {
-        if self._notice.is_none() {
+        if self.cm.is_some() {
             // A client tells the server it is done; best effort.
             let _ = sys::post_send(&mut self.v.qp, SEND_ID, 0, None);
             let _ = self.next();
