@@ -16,6 +16,13 @@
 //! changes by comparing page by page ([`DmaRegion::refresh`]) at the points
 //! where the device may look, and writes the other side's data through to
 //! the owner's memory as it arrives.
+//!
+//! An owner whose memory cannot be mapped at all (a VM whose RAM QEMU does
+//! not share: the vfio-user server reaches it only with DMA_READ/DMA_WRITE
+//! messages) gets a [`DmaRegion::mirror_remote`]: the owner's bytes are
+//! compared in with [`DmaRegion::refresh_from`] once they were fetched, and
+//! the other side's changes wait in the region as *pending* byte ranges
+//! until [`DmaRegion::take_pending`] hands them to whoever sends them on.
 
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -221,12 +228,35 @@ impl Pages {
     }
 }
 
+/// Byte ranges of a remote mirror changed by the other side and not yet
+/// sent to the owner: start → end, disjoint, merged when they touch or lie
+/// closer than [`PENDING_GAP`].
+type Ranges = std::collections::BTreeMap<u64, u64>;
+
+/// Two pending ranges this close are sent as one: the bytes between them
+/// are the copy's, which equal the owner's unless the owner wrote those
+/// very bytes since the last refresh. Without this, a device write of
+/// random data over older random data would be one message per 256 bytes
+/// (where a byte happens to keep its value).
+const PENDING_GAP: u64 = 32;
+
+/// Whose memory a region's bytes are, or copy.
+#[derive(Debug)]
+enum Owner {
+    /// The bytes are the region's own (or the owner's, mapped in place).
+    Itself,
+    /// A mirror of memory mapped from an fd: changes are written through.
+    Mapped(MmapMut),
+    /// A mirror of memory reached only by messages: changes wait here.
+    Remote(Ranges),
+}
+
 #[derive(Debug)]
 struct Inner {
     /// The region's bytes: what was last exchanged with the other side.
     mem: MmapMut,
-    /// For a mirror, the owner's memory that `mem` copies.
-    owner: Option<MmapMut>,
+    /// Whose memory `mem` is, or copies.
+    owner: Owner,
     /// Pages changed locally since the last sync (to send).
     dirty: Pages,
     /// Pages received from the other side since a device last took them
@@ -250,7 +280,7 @@ impl DmaRegion {
     /// [`PAGE_SIZE`]; memory is committed lazily, as it is touched.
     pub fn new(iova: u64, len: u64, dir: DmaDir) -> Result<Self, DmaError> {
         check_range(iova, len)?;
-        Ok(Self::with_memory(iova, len, dir, anon(len)?, None))
+        Ok(Self::with_memory(iova, len, dir, anon(len)?, Owner::Itself))
     }
 
     /// Uses `len` bytes of the shared memory `fd` at `offset` in place (for a
@@ -269,7 +299,7 @@ impl DmaRegion {
             len,
             dir,
             map_fd(fd, offset, len)?,
-            None,
+            Owner::Itself,
         ))
     }
 
@@ -288,11 +318,23 @@ impl DmaRegion {
         offset: u64,
     ) -> Result<Self, DmaError> {
         check_range(iova, len)?;
-        let owner = map_fd(fd, offset, len)?;
-        Ok(Self::with_memory(iova, len, dir, anon(len)?, Some(owner)))
+        let owner = Owner::Mapped(map_fd(fd, offset, len)?);
+        Ok(Self::with_memory(iova, len, dir, anon(len)?, owner))
     }
 
-    fn with_memory(iova: u64, len: u64, dir: DmaDir, mem: MmapMut, owner: Option<MmapMut>) -> Self {
+    /// A copy of `len` bytes of memory this process cannot map, for a
+    /// device that DMAs from its own copy (elsewhere, or here). The copy
+    /// starts zeroed; whoever can fetch the owner's bytes compares them in
+    /// with [`refresh_from`](Self::refresh_from). The bytes the other side
+    /// (or a device here) changes in the copy are kept as pending ranges,
+    /// to be sent to the owner: [`take_pending`](Self::take_pending).
+    pub fn mirror_remote(iova: u64, len: u64, dir: DmaDir) -> Result<Self, DmaError> {
+        check_range(iova, len)?;
+        let owner = Owner::Remote(Ranges::new());
+        Ok(Self::with_memory(iova, len, dir, anon(len)?, owner))
+    }
+
+    fn with_memory(iova: u64, len: u64, dir: DmaDir, mem: MmapMut, owner: Owner) -> Self {
         let pages = len / PAGE_SIZE;
         Self {
             iova,
@@ -308,9 +350,97 @@ impl DmaRegion {
         }
     }
 
-    /// True for a [`mirror_fd`](Self::mirror_fd) region.
+    /// True for a [`mirror_fd`](Self::mirror_fd) or
+    /// [`mirror_remote`](Self::mirror_remote) region.
     pub fn is_mirror(&self) -> bool {
-        self.lock().owner.is_some()
+        !matches!(self.lock().owner, Owner::Itself)
+    }
+
+    /// True for a [`mirror_remote`](Self::mirror_remote) region.
+    pub fn is_remote_mirror(&self) -> bool {
+        matches!(self.lock().owner, Owner::Remote(_))
+    }
+
+    /// For a remote mirror: compares `theirs`, the owner's bytes at
+    /// `offset` (page aligned; a whole number of pages or up to the end),
+    /// page by page with the copy; a page that differs takes the owner's
+    /// bytes, except those the other side changed and that are still
+    /// pending (newer than what the owner had when `theirs` was fetched),
+    /// and is marked dirty (to send). Returns how many pages differed; 0 for
+    /// other regions or a range outside this one.
+    pub fn refresh_from(&self, offset: u64, theirs: &[u8]) -> usize {
+        if offset % PAGE_SIZE != 0 || self.check(offset, theirs.len()).is_err() {
+            return 0;
+        }
+        let mut g = self.lock();
+        let Inner {
+            mem,
+            owner,
+            dirty,
+            written,
+            ..
+        } = &mut *g;
+        let Owner::Remote(pending) = owner else {
+            return 0;
+        };
+        let p = PAGE_SIZE as usize;
+        let o = offset as usize;
+        let mut changed = 0;
+        let copies = mem[o..o + theirs.len()].chunks_mut(p);
+        for (i, (copy, theirs)) in copies.zip(theirs.chunks(p)).enumerate() {
+            if copy == theirs {
+                continue;
+            }
+            let at = offset + (i * p) as u64;
+            let end = at + copy.len() as u64;
+            // The pending ranges inside this page keep the copy's bytes.
+            let mut from = at;
+            let keep = pending
+                .range(..end)
+                .filter(|(_, &e)| e > at)
+                .map(|(&s, &e)| (s.max(at), e.min(end)));
+            for (s, e) in keep.chain([(end, end)]) {
+                if s > from {
+                    let (a, b) = ((from - at) as usize, (s - at) as usize);
+                    copy[a..b].copy_from_slice(&theirs[a..b]);
+                }
+                from = from.max(e);
+            }
+            dirty.mark(at, copy.len() as u64);
+            written.mark(at, copy.len() as u64);
+            changed += 1;
+        }
+        changed
+    }
+
+    /// For a remote mirror: takes the byte ranges changed in the copy since
+    /// the last call, with their bytes as they are now, in runs of at most
+    /// `max_run` bytes (offsets in the region). Empty for other regions.
+    pub fn take_pending(&self, max_run: usize) -> Vec<DirtyRun> {
+        let mut g = self.lock();
+        let Inner { mem, owner, .. } = &mut *g;
+        let Owner::Remote(pending) = owner else {
+            return Vec::new();
+        };
+        let max_run = max_run.max(1) as u64;
+        let mut runs = Vec::new();
+        for (s, e) in std::mem::take(pending) {
+            let mut at = s;
+            while at < e {
+                let n = (e - at).min(max_run);
+                runs.push(DirtyRun {
+                    offset: at,
+                    data: mem[at as usize..(at + n) as usize].to_vec(),
+                });
+                at += n;
+            }
+        }
+        runs
+    }
+
+    /// For a remote mirror: true if changes wait to be sent to the owner.
+    pub fn has_pending(&self) -> bool {
+        matches!(&self.lock().owner, Owner::Remote(p) if !p.is_empty())
     }
 
     /// For a mirror the device reads from: copies the pages in which the
@@ -329,7 +459,7 @@ impl DmaRegion {
             written,
             ..
         } = &mut *g;
-        let Some(owner) = owner else {
+        let Owner::Mapped(owner) = owner else {
             return 0;
         };
         let p = PAGE_SIZE as usize;
@@ -428,8 +558,16 @@ impl DmaRegion {
         let g = &mut *g;
         let o = offset as usize;
         let r = match &mut g.owner {
-            None => f(&mut g.mem[o..o + len]),
-            Some(owner) => {
+            Owner::Itself => f(&mut g.mem[o..o + len]),
+            Owner::Remote(pending) => {
+                let before = g.mem[o..o + len].to_vec();
+                let r = f(&mut g.mem[o..o + len]);
+                for (s, e) in changes(&before, &g.mem[o..o + len]) {
+                    add_range(pending, offset + s as u64, offset + e as u64);
+                }
+                r
+            }
+            Owner::Mapped(owner) => {
                 // Only the bytes `f` changed go through to the owner: the
                 // rest of the copy may be older than the owner's memory
                 // (the owner writes at will between refreshes, and a page
@@ -550,20 +688,46 @@ impl DmaRegion {
     }
 }
 
-/// Copies into `dst` the runs of bytes in which `new` differs from `old`.
-fn write_changes(dst: &mut [u8], old: &[u8], new: &[u8]) {
+/// The runs of bytes (`start..end`) in which `new` differs from `old`.
+fn changes<'a>(old: &'a [u8], new: &'a [u8]) -> impl Iterator<Item = (usize, usize)> + 'a {
     let mut i = 0;
-    while i < new.len() {
-        if new[i] == old[i] {
+    std::iter::from_fn(move || {
+        while i < new.len() && new[i] == old[i] {
             i += 1;
-            continue;
+        }
+        if i == new.len() {
+            return None;
         }
         let start = i;
         while i < new.len() && new[i] != old[i] {
             i += 1;
         }
-        dst[start..i].copy_from_slice(&new[start..i]);
+        Some((start, i))
+    })
+}
+
+/// Copies into `dst` the runs of bytes in which `new` differs from `old`.
+fn write_changes(dst: &mut [u8], old: &[u8], new: &[u8]) {
+    for (s, e) in changes(old, new) {
+        dst[s..e].copy_from_slice(&new[s..e]);
     }
+}
+
+/// Adds `start..end` to `ranges`, merging it with ranges it overlaps or
+/// lies within [`PENDING_GAP`] of.
+fn add_range(ranges: &mut Ranges, mut start: u64, mut end: u64) {
+    let near: Vec<(u64, u64)> = ranges
+        .range(..end + PENDING_GAP)
+        .rev()
+        .take_while(|(_, &e)| e + PENDING_GAP >= start)
+        .map(|(&s, &e)| (s, e))
+        .collect();
+    for (s, e) in near {
+        ranges.remove(&s);
+        start = start.min(s);
+        end = end.max(e);
+    }
+    ranges.insert(start, end);
 }
 
 fn anon(len: u64) -> Result<MmapMut, DmaError> {
@@ -798,6 +962,56 @@ mod tests {
         f.0.write_all_at(&[9], 6 * PAGE_SIZE + 1).unwrap();
         assert_eq!(r.refresh(), 1);
         assert_eq!(r.take_dirty_runs(0, r.len(), 1 << 20), [(6 * PAGE_SIZE, p)]);
+    }
+
+    #[test]
+    fn remote_mirror_compares_fetched_bytes_and_keeps_changes_pending() {
+        let p = PAGE_SIZE as usize;
+        let r = DmaRegion::mirror_remote(0, 4 * PAGE_SIZE, DmaDir::Bidirectional).unwrap();
+        assert!(r.is_mirror() && r.is_remote_mirror());
+        // The owner's bytes, fetched: pages 1 and 2 differ from the copy.
+        let mut theirs = vec![0u8; 4 * p];
+        theirs[p + 7] = 1;
+        theirs[2 * p..3 * p].fill(2);
+        assert_eq!(r.refresh_from(0, &theirs), 2);
+        assert_eq!(
+            r.take_dirty_runs(0, r.len(), 1 << 20),
+            [(PAGE_SIZE, 2 * p)]
+        );
+        assert_eq!(r.refresh_from(0, &theirs), 0, "nothing changed since");
+        assert!(!r.has_pending());
+        // The other side's data waits as the changed bytes only: a whole
+        // page applied over the owner's page 2 changes 3 bytes of it.
+        let mut page = vec![2u8; p];
+        page[10..13].copy_from_slice(b"dev");
+        r.apply(2 * PAGE_SIZE, &page).unwrap();
+        // Close changes are one run, far ones two.
+        r.apply(2 * PAGE_SIZE + 40, b"x").unwrap();
+        r.apply(3 * PAGE_SIZE + 100, b"far").unwrap();
+        assert!(r.has_pending());
+        // A fetch made before the owner saw them leaves them in the copy.
+        assert_eq!(r.refresh_from(2 * PAGE_SIZE, &theirs[2 * p..]), 2);
+        let mut b = [0u8; 3];
+        r.read(2 * PAGE_SIZE + 10, &mut b).unwrap();
+        assert_eq!(&b, b"dev");
+        let runs = r.take_pending(1 << 20);
+        assert_eq!(runs.len(), 2, "{runs:?}");
+        assert_eq!(runs[0].offset, 2 * PAGE_SIZE + 10);
+        assert_eq!(&runs[0].data[..3], b"dev");
+        assert_eq!(runs[0].data.len(), 31);
+        assert_eq!(runs[1].offset, 3 * PAGE_SIZE + 100);
+        assert_eq!(runs[1].data, b"far");
+        assert!(!r.has_pending() && r.take_pending(1 << 20).is_empty());
+        // Runs are capped; a fetch outside the region or unaligned is ignored.
+        r.write(0, &[9; 100]).unwrap();
+        assert_eq!(r.take_pending(64).len(), 2);
+        assert_eq!(r.refresh_from(4 * PAGE_SIZE, &theirs[..p]), 0);
+        assert_eq!(r.refresh_from(1, &theirs[..p]), 0);
+        // Other regions have nothing pending and compare nothing.
+        let plain = DmaRegion::new(0, PAGE_SIZE, DmaDir::Bidirectional).unwrap();
+        plain.write(0, &[1]).unwrap();
+        assert!(!plain.has_pending() && plain.take_pending(64).is_empty());
+        assert_eq!(plain.refresh_from(0, &theirs[..p]), 0);
     }
 
     #[test]
