@@ -1,16 +1,18 @@
 //! The vfio-user server driven by a small test client (the codec plus a Unix
 //! socket, fds by SCM_RIGHTS), no QEMU: an emulated edu in-process, the
-//! same edu over a real cio session, and malformed requests.
+//! same edu over a real cio session, guest memory shared by fd or reached by
+//! the server's DMA_READ/DMA_WRITE, and malformed requests.
 
 mod common;
 
 use std::io::{IoSlice, Read, Write};
+use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -18,8 +20,9 @@ use cio_backend::models::Edu;
 use cio_core::Device;
 use cio_frontend::vfio_user::wire::{self, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 use cio_frontend::vfio_user::{
-    Body, Capabilities, Codec, DmaMap, DmaUnmap, IrqAction, IrqData, Message, RegionAccess,
-    RegionData, Reply, Request, Served, Server, ServerConfig, SetIrqs, Version, WriteOne,
+    Body, Capabilities, Codec, DmaData, DmaLayout, DmaMap, DmaUnmap, IrqAction, IrqData, Message,
+    RegionAccess, RegionData, Reply, Request, Served, Server, ServerConfig, SetIrqs, Version,
+    WriteOne,
 };
 use cio_hw_profiles::edu;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
@@ -45,9 +48,17 @@ fn socket_path() -> PathBuf {
 }
 
 /// Serves `clients` connections one after another on a fresh socket.
-fn start(mut dev: Box<dyn Device>, clients: usize) -> (PathBuf, JoinHandle<Vec<Served>>) {
+fn start(dev: Box<dyn Device>, clients: usize) -> (PathBuf, JoinHandle<Vec<Served>>) {
+    start_with(dev, clients, ServerConfig::default())
+}
+
+fn start_with(
+    mut dev: Box<dyn Device>,
+    clients: usize,
+    config: ServerConfig,
+) -> (PathBuf, JoinHandle<Vec<Served>>) {
     let path = socket_path();
-    let server = Server::bind(&path, ServerConfig::default()).unwrap();
+    let server = Server::bind(&path, config).unwrap();
     let h = std::thread::spawn(move || {
         (0..clients)
             .map(|_| server.serve_next(dev.as_mut()).unwrap_or_default())
@@ -60,6 +71,116 @@ struct TestClient {
     sock: UnixStream,
     codec: Codec,
     id: u16,
+    /// Whole messages sends go out under (the responder sends too).
+    send_lock: Arc<Mutex<()>>,
+    /// With guest memory reached by messages, the responder thread reads
+    /// the socket: it answers the server's DMA requests and passes the
+    /// rest here.
+    responder: Option<(mpsc::Receiver<Vec<u8>>, JoinHandle<()>)>,
+}
+
+/// Sends one whole message on `sock`, fds with its first bytes.
+fn send_on(sock: &UnixStream, bytes: &[u8], fds: &[RawFd]) {
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    let n = sendmsg::<UnixAddr>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(bytes)],
+        cmsgs,
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
+    (&*sock).write_all(&bytes[n..]).unwrap();
+}
+
+/// Reads one whole message; `None` at the end of the stream.
+fn read_frame(sock: &UnixStream, codec: &Codec) -> Option<Vec<u8>> {
+    let mut hdr = [0u8; wire::HEADER_SIZE];
+    (&*sock).read_exact(&mut hdr).ok()?;
+    let h = wire::Header::parse(&hdr, codec.limits.max_msg_size).unwrap();
+    let mut frame = hdr.to_vec();
+    frame.resize(h.size as usize, 0);
+    (&*sock)
+        .read_exact(&mut frame[wire::HEADER_SIZE..])
+        .unwrap();
+    Some(frame)
+}
+
+/// Guest memory that is not shared by fd: the client answers the server's
+/// DMA_READ/DMA_WRITE from it, as QEMU does for RAM it does not share.
+struct MsgRam {
+    iova: u64,
+    mem: Mutex<Vec<u8>>,
+    /// DMA_READs and DMA_WRITEs answered.
+    reads: AtomicU32,
+    writes: AtomicU32,
+    /// DMA_READs are answered with this errno (0: with the bytes).
+    refuse: AtomicU32,
+    /// DMA_READs are not answered at all.
+    silent: std::sync::atomic::AtomicBool,
+}
+
+impl MsgRam {
+    fn new(iova: u64, len: usize) -> Arc<Self> {
+        Arc::new(MsgRam {
+            iova,
+            mem: Mutex::new(vec![0; len]),
+            reads: AtomicU32::new(0),
+            writes: AtomicU32::new(0),
+            refuse: AtomicU32::new(0),
+            silent: false.into(),
+        })
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        let o = offset as usize;
+        self.mem.lock().unwrap()[o..o + data.len()].copy_from_slice(data);
+    }
+
+    fn read(&self, offset: u64, len: usize) -> Vec<u8> {
+        let o = offset as usize;
+        self.mem.lock().unwrap()[o..o + len].to_vec()
+    }
+
+    /// The answer to one of the server's requests (`None`: no answer).
+    fn answer(&self, req: Request) -> Option<Result<Reply, u32>> {
+        let mut mem = self.mem.lock().unwrap();
+        let range = |address: u64, count: usize| {
+            let o = address.checked_sub(self.iova)? as usize;
+            (o + count <= mem.len()).then_some(o..o + count)
+        };
+        Some(match req {
+            Request::DmaRead(a) => {
+                if self.silent.load(Ordering::Relaxed) {
+                    return None;
+                }
+                self.reads.fetch_add(1, Ordering::Relaxed);
+                match (
+                    range(a.address, a.count as usize),
+                    self.refuse.load(Ordering::Relaxed),
+                ) {
+                    (Some(r), 0) => Ok(Reply::DmaRead(DmaData {
+                        address: a.address,
+                        data: mem[r].to_vec(),
+                    })),
+                    (_, 0) => Err(14),
+                    (_, errno) => Err(errno),
+                }
+            }
+            Request::DmaWrite(d) => {
+                self.writes.fetch_add(1, Ordering::Relaxed);
+                match range(d.address, d.data.len()) {
+                    Some(r) => {
+                        mem[r].copy_from_slice(&d.data);
+                        Ok(Reply::DmaWrite(None))
+                    }
+                    None => Err(14),
+                }
+            }
+            r => panic!("the server sent {r:?}"),
+        })
+    }
 }
 
 impl TestClient {
@@ -71,21 +192,52 @@ impl TestClient {
             sock,
             codec: Codec::default(),
             id: 0,
+            send_lock: Arc::new(Mutex::new(())),
+            responder: None,
         }
     }
 
+    /// Answers the server's DMA requests from `ram` on a thread of its own
+    /// from now on (QEMU answers them on its main loop, apart from the
+    /// vCPU that waits for a reply).
+    fn serve_dma(&mut self, ram: Arc<MsgRam>) {
+        let sock = self.sock.try_clone().unwrap();
+        sock.set_read_timeout(None).unwrap();
+        let lock = Arc::clone(&self.send_lock);
+        let codec = Codec::new(self.codec.limits, DmaLayout::Qemu);
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            while let Some(frame) = read_frame(&sock, &codec) {
+                let msg = codec.decode(&frame).unwrap();
+                let Body::Request(req) = msg.body else {
+                    if tx.send(frame).is_err() {
+                        return;
+                    }
+                    continue;
+                };
+                let command = req.command() as u16;
+                let Some(answer) = ram.answer(req) else {
+                    continue;
+                };
+                let body = match answer {
+                    Ok(r) => Body::Reply(r),
+                    Err(errno) => Body::ErrorReply { command, errno },
+                };
+                let reply = Message {
+                    id: msg.id,
+                    no_reply: false,
+                    body,
+                };
+                let _g = lock.lock().unwrap();
+                send_on(&sock, &codec.encode(&reply).unwrap(), &[]);
+            }
+        });
+        self.responder = Some((rx, thread));
+    }
+
     fn send_raw(&mut self, bytes: &[u8], fds: &[RawFd]) {
-        let cmsg = [ControlMessage::ScmRights(fds)];
-        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
-        let n = sendmsg::<UnixAddr>(
-            self.sock.as_raw_fd(),
-            &[IoSlice::new(bytes)],
-            cmsgs,
-            MsgFlags::empty(),
-            None,
-        )
-        .unwrap();
-        self.sock.write_all(&bytes[n..]).unwrap();
+        let _g = self.send_lock.lock().unwrap();
+        send_on(&self.sock, bytes, fds);
     }
 
     fn send(&mut self, req: Request, no_reply: bool, fds: &[RawFd]) -> u16 {
@@ -101,14 +253,10 @@ impl TestClient {
     }
 
     fn recv(&mut self) -> Message {
-        let mut hdr = [0u8; wire::HEADER_SIZE];
-        self.sock.read_exact(&mut hdr).unwrap();
-        let h = wire::Header::parse(&hdr, self.codec.limits.max_msg_size).unwrap();
-        let mut frame = hdr.to_vec();
-        frame.resize(h.size as usize, 0);
-        self.sock
-            .read_exact(&mut frame[wire::HEADER_SIZE..])
-            .unwrap();
+        let frame = match &self.responder {
+            Some((rx, _)) => rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            None => read_frame(&self.sock, &self.codec).expect("the server closed"),
+        };
         self.codec.decode(&frame).unwrap()
     }
 
@@ -188,6 +336,16 @@ impl TestClient {
             }),
             fds,
         )
+    }
+}
+
+impl Drop for TestClient {
+    fn drop(&mut self) {
+        // The responder's clone would keep the connection open.
+        if let Some((_, thread)) = self.responder.take() {
+            let _ = self.sock.shutdown(Shutdown::Both);
+            let _ = thread.join();
+        }
     }
 }
 
@@ -459,6 +617,133 @@ fn dma_with_shared_guest_memory(c: &mut TestClient) {
     assert_eq!(c.read32(BAR0, 0), edu::ID);
 }
 
+fn bus_master_on(c: &mut TestClient) {
+    let cmd = c.read(CONFIG, 4, 2).unwrap();
+    let cmd = u16::from_le_bytes([cmd[0], cmd[1]]) | 0x4;
+    c.call(TestClient::write_req(CONFIG, 4, &cmd.to_le_bytes()))
+        .unwrap();
+}
+
+/// Maps `ram` without an fd: the server reaches it by DMA_READ/DMA_WRITE.
+fn map_by_messages(c: &mut TestClient, ram: &MsgRam, size: u64) -> Result<Reply, u32> {
+    c.call(Request::DmaMap(DmaMap {
+        argsz: 32,
+        flags: DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
+        offset: 0,
+        address: ram.iova,
+        size,
+    }))
+}
+
+/// Starts an edu DMA that raises MSI when done and waits for the interrupt
+/// (a driver that polled the command register instead could see it before
+/// the doorbell: a read never waits for guest memory to be fetched).
+fn edu_dma_irq(c: &mut TestClient, efd: &EventFd, src: u64, dst: u64, len: u32, cmd: u64) {
+    edu_dma(c, src, dst, len, cmd | edu::DMA_IRQ_ENABLE);
+    assert!(wait_fired(efd), "the DMA interrupt did not come");
+    c.post32(BAR0, edu::reg::IRQ_ACK, edu::DMA_IRQ);
+}
+
+const MSG_IOVA: u64 = 0x10_0000;
+const MSG_SIZE: usize = 0x4000;
+
+/// edu DMAs to and from guest memory that is not shared: the server
+/// fetches what the device reads with DMA_READ before each doorbell, and
+/// sends what it writes with DMA_WRITE before the interrupt that follows.
+fn dma_through_messages(c: &mut TestClient) {
+    c.version();
+    let ram = MsgRam::new(MSG_IOVA, MSG_SIZE);
+    c.serve_dma(Arc::clone(&ram));
+    assert_eq!(map_by_messages(c, &ram, MSG_SIZE as u64), Ok(Reply::DmaMap));
+    bus_master_on(c);
+    let efd = EventFd::new(EFD_NONBLOCK).unwrap();
+    assert_eq!(c.set_irqs(1, &[efd.as_raw_fd()]), Ok(Reply::DeviceSetIrqs));
+
+    // Guest → device → guest, three times, the source across a page
+    // boundary: changed in place the second time, zeros over older guest
+    // bytes the third (only bytes compared in from the guest can tell).
+    let src = 0x1000 - 1500;
+    let dst = 0x2800;
+    for (round, data) in [pattern(1, 3000), pattern(2, 3000), vec![0; 3000]]
+        .into_iter()
+        .enumerate()
+    {
+        ram.write(src, &data);
+        ram.write(dst, &[0xaa; 3000]);
+        edu_dma_irq(c, &efd, MSG_IOVA + src, edu::DMA_START, 3000, 0);
+        edu_dma_irq(
+            c,
+            &efd,
+            edu::DMA_START,
+            MSG_IOVA + dst,
+            3000,
+            edu::DMA_TO_RAM,
+        );
+        // The interrupt came after the client answered the DMA_WRITEs.
+        assert_eq!(ram.read(dst, 3000), data, "round {round}");
+    }
+    assert!(ram.reads.load(Ordering::Relaxed) > 0);
+    assert!(ram.writes.load(Ordering::Relaxed) > 0);
+
+    // A guest that refuses to be read: the device works on what it last
+    // saw, the server keeps serving, and reads work again afterwards.
+    ram.refuse.store(14, Ordering::Relaxed);
+    ram.write(src, &pattern(4, 3000));
+    edu_dma_irq(c, &efd, MSG_IOVA + src, edu::DMA_START, 3000, 0);
+    assert_eq!(c.read32(BAR0, 0), edu::ID);
+    ram.refuse.store(0, Ordering::Relaxed);
+    edu_dma_irq(c, &efd, MSG_IOVA + src, edu::DMA_START, 3000, 0);
+    edu_dma_irq(
+        c,
+        &efd,
+        edu::DMA_START,
+        MSG_IOVA + dst,
+        3000,
+        edu::DMA_TO_RAM,
+    );
+    assert_eq!(ram.read(dst, 3000), pattern(4, 3000));
+
+    // A reply to nothing the server asked: logged and dropped.
+    let stray = Message {
+        id: 0x7777,
+        no_reply: false,
+        body: Body::Reply(Reply::DmaWrite(None)),
+    };
+    let bytes = c.codec.encode(&stray).unwrap();
+    c.send_raw(&bytes, &[]);
+    assert_eq!(c.read32(BAR0, 0), edu::ID);
+
+    // Bad maps without an fd: overlapping, too large, unaligned.
+    assert_eq!(map_by_messages(c, &ram, 0x1000), Err(EEXIST));
+    let huge = MsgRam::new(1 << 40, 0);
+    assert_eq!(map_by_messages(c, &huge, 2 << 40), Err(EINVAL));
+    let odd = MsgRam::new(0x80_0800, 0);
+    assert_eq!(map_by_messages(c, &odd, 0x1000), Err(EINVAL));
+
+    // Unmapped, the range is the device's no more.
+    let unmap = Request::DmaUnmap(DmaUnmap {
+        argsz: 32,
+        flags: 0,
+        address: MSG_IOVA,
+        size: MSG_SIZE as u64,
+        bitmap: None,
+    });
+    assert!(matches!(c.call(unmap), Ok(Reply::DmaUnmap(_))));
+    let writes = ram.writes.load(Ordering::Relaxed);
+    edu_dma(
+        c,
+        edu::DMA_START,
+        MSG_IOVA + dst,
+        1000,
+        edu::DMA_TO_RAM | edu::DMA_IRQ_ENABLE,
+    );
+    // A remote edu reports the refused DMA on the next read.
+    let _ = c.read(BAR0, 0, 4);
+    assert_eq!(c.read32(BAR0, 0), edu::ID);
+    assert_eq!(ram.writes.load(Ordering::Relaxed), writes);
+    assert_eq!(c.set_irqs(1, &[]), Ok(Reply::DeviceSetIrqs));
+}
+
 /// Serves an emulated edu to one test client that `walk` drives.
 fn on_emulated_edu(walk: fn(&mut TestClient)) -> Served {
     let (path, h) = start(Box::new(Edu::new("edu0")), 1);
@@ -530,6 +815,55 @@ fn dma_reaches_shared_guest_memory_of_an_emulated_edu() {
 fn dma_reaches_shared_guest_memory_of_a_remote_edu() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     on_remote_edu(dma_with_shared_guest_memory);
+}
+
+#[test]
+fn dma_reaches_unshared_guest_memory_of_an_emulated_edu() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let fds = open_fds();
+    on_emulated_edu(dma_through_messages);
+    assert_eq!(open_fds(), fds, "fds leaked");
+}
+
+#[test]
+fn dma_reaches_unshared_guest_memory_of_a_remote_edu() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    on_remote_edu(dma_through_messages);
+}
+
+/// A client that never answers a DMA_READ is dropped after the server's
+/// `dma_timeout`, and the next client is served.
+#[test]
+fn a_client_that_never_answers_dma_is_dropped() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let config = ServerConfig {
+        dma_timeout: Duration::from_millis(500),
+        ..ServerConfig::default()
+    };
+    let (path, h) = start_with(Box::new(Edu::new("edu0")), 2, config);
+    let mut c = TestClient::connect(&path);
+    c.version();
+    let ram = MsgRam::new(MSG_IOVA, MSG_SIZE);
+    ram.silent.store(true, Ordering::Relaxed);
+    c.serve_dma(Arc::clone(&ram));
+    assert_eq!(
+        map_by_messages(&mut c, &ram, MSG_SIZE as u64),
+        Ok(Reply::DmaMap)
+    );
+    let started = Instant::now();
+    c.post32(BAR0, edu::reg::IRQ_RAISE, 1);
+    // The connection ends: the responder sees the end of the stream.
+    let (rx, thread) = c.responder.take().unwrap();
+    thread.join().unwrap();
+    drop(rx);
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(400), "closed after {took:?}");
+    drop(c);
+    let mut c = TestClient::connect(&path);
+    c.version();
+    assert_eq!(c.read32(BAR0, 0), edu::ID);
+    drop(c);
+    h.join().unwrap();
 }
 
 #[test]

@@ -17,9 +17,11 @@
 //! on the client's eventfds, reset. fds travel by `SCM_RIGHTS` (through
 //! `nix`; the one `unsafe` step is in a private `sys` module).
 //!
-//! DMA is the next step: DMA_MAP ranges without an fd are recorded, ranges
-//! with an fd (fd-backed guest RAM) are refused, and the server does not
-//! yet send DMA_READ/DMA_WRITE.
+//! Guest memory reaches the device either by fd (mapped in place, or
+//! mirrored for a device on another host) or, when QEMU does not share it,
+//! by the server's own DMA_READ/DMA_WRITE requests: its `port` module sends them
+//! and matches the answers, and `relay` holds each interrupt back
+//! until the device's writes before it are in guest memory.
 //!
 //! ```
 //! use cio_frontend::vfio_user::{Body, Codec, FrameDecoder, Message, Request};
@@ -38,6 +40,8 @@
 //!
 //! [vfio-user]: https://www.qemu.org/docs/master/interop/vfio-user.html
 
+mod port;
+mod relay;
 pub mod server;
 mod sys;
 pub mod wire;

@@ -27,33 +27,58 @@
 //! at a time: small with a vIOMMU (`intel-iommu,caching-mode=on`: rings and
 //! in-flight buffers), all of guest RAM without one.
 //!
-//! Not yet: ranges mapped *without* an fd are only recorded (the server
-//! never sends DMA_READ/DMA_WRITE), so a device DMAing to them fails. No
-//! migration, no dirty bitmaps, no software-triggered interrupts.
+//! A DMA_MAP *without* an fd (guest RAM QEMU does not share) gets a
+//! [`DmaRegion::mirror_remote`] copy that the server keeps in step with
+//! messages of its own (the `port` module sends them and matches
+//! the answers):
+//! - Before a posted region write (a doorbell) reaches the device, the
+//!   ranges the device reads are fetched with DMA_READ (at most
+//!   [`FETCH_DEPTH`] in flight, each at most `max_data_xfer_size`) and
+//!   compared page by page with the copy. A range the device only reads is
+//!   fetched once after it is mapped: the guest may not change a streaming
+//!   mapping it handed to the device (the DMA API's rule).
+//! - Requests that expect a reply are never held back for a DMA reply:
+//!   QEMU answers DMA_READ/DMA_WRITE on its main loop, which waits while a
+//!   vCPU holds its big lock for our reply. One that arrives while a fetch
+//!   is under way is answered at once, ahead of the posted write being
+//!   fetched for (the only place where a read may pass a posted write);
+//!   posted ones wait in order behind it. For the same reason a fetch needs
+//!   posted writes: with QEMU's `x-no-posted-writes` nothing is fetched.
+//! - The device's writes to the copy go out as DMA_WRITEs before the next
+//!   reply, within a few milliseconds otherwise, and ahead of every
+//!   interrupt: once such memory is mapped, the device signals the
+//!   `relay` module's eventfds, which sends the writes, waits for
+//!   the client to answer them, and only then signals the client's.
+//!
+//! No migration, no dirty bitmaps, no software-triggered interrupts.
 //!
 //! Malformed input never ends the process: a request whose header is
 //! intact gets an error reply (its fds are closed) and the next one is
 //! served; a stream that cannot be resynchronised (a header whose size is
 //! below 16 bytes, end of stream inside a message) ends the connection.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use cio_core::{Device, DeviceError, DmaDir, DmaRegion, EventFd, IrqKind};
+use cio_transports::sys::poll_readable;
 use nix::errno::Errno;
 use tracing::{debug, info, warn};
 
+use super::port::{Answer, Port};
+use super::relay::Relay;
 use super::sys;
 use super::wire::{self, DEVICE_FLAG_PCI, DEVICE_FLAG_RESET, HEADER_SIZE};
 use super::{
     Body, Capabilities, Codec, Command, DmaLayout, DmaMap, DmaUnmap, Header, IrqAction, IrqData,
-    Limits, Message, RegionAccess, RegionData, Reply, Request, SetIrqs, Version, WriteOne,
+    Limits, Message, MsgKind, RegionAccess, RegionData, Reply, Request, SetIrqs, Version, WriteOne,
 };
 
 /// Number of regions VFIO's PCI layout has (6 BARs, ROM, config, VGA).
@@ -69,6 +94,9 @@ pub const VERSION_MINOR: u16 = 1;
 /// not skipped but ends the connection.
 const MAX_SKIP_FACTOR: usize = 16;
 
+/// Most DMA_READs of one fetch of guest memory in flight at once.
+pub const FETCH_DEPTH: usize = 8;
+
 /// Limits the server advertises in its VERSION reply and enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerConfig {
@@ -78,6 +106,10 @@ pub struct ServerConfig {
     pub max_data_xfer_size: u64,
     /// Most DMA ranges recorded at once.
     pub max_dma_maps: u32,
+    /// How long a fetch of guest memory waits for the client's answers to
+    /// its DMA_READs; a client that answers none of them in time is taken
+    /// to be stuck and the connection is closed.
+    pub dma_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -86,6 +118,7 @@ impl Default for ServerConfig {
             max_msg_fds: 16,
             max_data_xfer_size: wire::DEFAULT_MAX_DATA_XFER_SIZE,
             max_dma_maps: wire::DEFAULT_MAX_DMA_MAPS,
+            dma_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -226,16 +259,26 @@ impl Server {
         stream: UnixStream,
         device: &mut dyn Device,
     ) -> Result<Served, Error> {
+        let codec = self.config.codec();
+        let max_xfer = usize::try_from(self.config.max_data_xfer_size).unwrap_or(usize::MAX);
+        let port = stream
+            .try_clone()
+            .map(|s| Arc::new(Port::new(s, codec, max_xfer)))
+            .map_err(Error::Io)?;
         let mut conn = Connection {
             stream,
+            port,
             device,
             config: self.config,
-            codec: self.config.codec(),
+            codec,
             negotiated: false,
             dma: BTreeMap::new(),
             served: Served::default(),
             warned_large: false,
             vectors: HashMap::new(),
+            queue: VecDeque::new(),
+            relay: None,
+            fetching: false,
         };
         let result = conn.run();
         conn.release();
@@ -259,12 +302,21 @@ impl Drop for Server {
     }
 }
 
-/// A mapped DMA range: its end (exclusive) and, for a range mapped with an
-/// fd, the memory the device was given.
+/// A mapped DMA range: its end (exclusive), the memory the device was
+/// given, and, for memory reached by messages, whether it is to be fetched
+/// before the next doorbell.
 #[derive(Debug)]
 struct DmaRange {
     end: u64,
-    region: Option<Arc<DmaRegion>>,
+    region: Arc<DmaRegion>,
+    fetch: bool,
+}
+
+/// One message as read from the socket.
+struct Frame {
+    header: Header,
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
 }
 
 /// A mirror larger than this is worth a warning: it is compared at every
@@ -272,7 +324,9 @@ struct DmaRange {
 const LARGE_MIRROR: u64 = 256 << 20;
 
 struct Connection<'a> {
+    /// Read only here; everything sent goes through `port`.
     stream: UnixStream,
+    port: Arc<Port>,
     device: &'a mut dyn Device,
     config: ServerConfig,
     codec: Codec,
@@ -286,6 +340,14 @@ struct Connection<'a> {
     /// A large mirror was warned about (once per connection: QEMU maps
     /// all of RAM several times while the guest boots).
     warned_large: bool,
+    /// Posted requests that arrived while guest memory was fetched, to be
+    /// served next, in order.
+    queue: VecDeque<Frame>,
+    /// Delivers interrupts once memory without an fd is mapped.
+    relay: Option<Relay>,
+    /// A fetch of guest memory is under way (replies then go out without
+    /// the device's pending writes ahead of them).
+    fetching: bool,
 }
 
 /// An errno for an error reply.
@@ -326,38 +388,205 @@ fn dev_fail<T>(what: &str, e: DeviceError) -> Result<T, (Errno32, String)> {
 impl Connection<'_> {
     fn run(&mut self) -> Result<Served, Error> {
         loop {
+            let frame = match self.queue.pop_front() {
+                Some(f) => f,
+                None => match self.read_frame()? {
+                    Some(f) => f,
+                    None => return Ok(self.served),
+                },
+            };
+            if frame.header.kind() == Some(MsgKind::Reply) {
+                self.answer(frame);
+                continue;
+            }
+            if frame.header.no_reply() && self.doorbell(&frame.header) {
+                self.fetch_guest()?;
+            }
+            self.serve(frame)?;
+        }
+    }
+
+    /// Answers one request.
+    fn serve(&mut self, f: Frame) -> Result<(), Error> {
+        self.served.requests += 1;
+        match self.handle(&f.header, &f.bytes, f.fds) {
+            Some(reply) => self.send(&reply),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads the next message; `None` at the end of the stream. Headers
+    /// that fail validation are answered here and skipped.
+    fn read_frame(&mut self) -> Result<Option<Frame>, Error> {
+        loop {
             let mut fds = Vec::new();
             let mut hdr = [0u8; HEADER_SIZE];
             match self.read_exact(&mut hdr, &mut fds)? {
-                0 => return Ok(self.served),
+                0 => return Ok(None),
                 HEADER_SIZE => {}
                 n => {
                     return Err(Error::Stream(wire::Error::TruncatedHeader { have: n }));
                 }
             }
-            self.served.requests += 1;
             let max = self.codec.limits.max_msg_size;
             let header = match Header::parse(&hdr, max) {
                 Ok(h) => h,
                 Err(e) => {
+                    self.served.requests += 1;
                     self.bad_header(&hdr, e, fds)?;
                     continue;
                 }
             };
-            let mut frame = vec![0u8; header.size as usize];
-            frame[..HEADER_SIZE].copy_from_slice(&hdr);
-            let want = frame.len() - HEADER_SIZE;
-            if self.read_exact(&mut frame[HEADER_SIZE..], &mut fds)? != want {
+            let mut bytes = vec![0u8; header.size as usize];
+            bytes[..HEADER_SIZE].copy_from_slice(&hdr);
+            let want = bytes.len() - HEADER_SIZE;
+            if self.read_exact(&mut bytes[HEADER_SIZE..], &mut fds)? != want {
                 return Err(Error::Stream(wire::Error::FrameLength {
                     size: header.size,
                     have: HEADER_SIZE,
                 }));
             }
-            let reply = self.handle(&header, &frame, fds);
-            if let Some(reply) = reply {
-                self.send(&reply)?;
+            return Ok(Some(Frame { header, bytes, fds }));
+        }
+    }
+
+    /// What a reply frame says (its fds are closed).
+    fn decode_answer(&self, f: &Frame) -> Answer {
+        match self.codec.decode(&f.bytes) {
+            Ok(Message {
+                body: Body::Reply(r),
+                ..
+            }) => Ok(r),
+            Ok(Message {
+                body: Body::ErrorReply { errno, .. },
+                ..
+            }) => Err(errno),
+            Ok(_) => Err(errno(Errno::EINVAL)),
+            Err(e) => Err(e.errno()),
+        }
+    }
+
+    /// A reply from the client: to one of the port's requests, or to none.
+    fn answer(&mut self, f: Frame) {
+        let answer = self.decode_answer(&f);
+        if self.port.deliver(f.header.id, answer).is_some() {
+            warn!(
+                id = f.header.id,
+                command = f.header.command,
+                "vfio-user: a reply from the client to no request of ours"
+            );
+            self.served.errors += 1;
+        }
+    }
+
+    /// True if `header` is a register write while memory the device reads
+    /// is reached only by messages: that memory is fetched first.
+    fn doorbell(&self, header: &Header) -> bool {
+        let write = header.command == Command::RegionWrite as u16
+            || header.command == Command::RegionWriteMulti as u16;
+        write && self.dma.values().any(|r| r.fetch)
+    }
+
+    /// Fetches the guest memory the device reads that is reached only by
+    /// messages (DMA_READ), and compares it into the device's copies. The
+    /// device's writes are sent first, so what comes back includes them.
+    fn fetch_guest(&mut self) -> Result<(), Error> {
+        self.port.flush_posted();
+        let port = Arc::clone(&self.port);
+        let _fetching = port.outside_fetch();
+        self.fetching = true;
+        let r = self.fetch_ranges();
+        self.fetching = false;
+        r
+    }
+
+    fn fetch_ranges(&mut self) -> Result<(), Error> {
+        let max = self.port.max_xfer() as u64;
+        let mut todo = VecDeque::new();
+        for r in self.dma.values_mut().filter(|r| r.fetch) {
+            // Memory the device only reads is the guest's to change only
+            // before it maps it; ranges the device writes too are rings.
+            r.fetch = r.region.dir() == DmaDir::Bidirectional;
+            let mut at = 0;
+            while at < r.region.len() {
+                let n = (r.region.len() - at).min(max);
+                todo.push_back((Arc::clone(&r.region), at, n as usize));
+                at += n;
             }
         }
+        let (chunks, started) = (todo.len(), Instant::now());
+        let timeout = self.config.dma_timeout;
+        let deadline = started + timeout;
+        let mut inflight = HashMap::new();
+        let mut pages = 0;
+        while !todo.is_empty() || !inflight.is_empty() {
+            while inflight.len() < FETCH_DEPTH {
+                let Some((region, offset, count)) = todo.pop_front() else {
+                    break;
+                };
+                let id = self
+                    .port
+                    .ask_read(region.iova() + offset, count)
+                    .map_err(Error::Io)?;
+                inflight.insert(id, (region, offset, count));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let readable = poll_readable(&[&self.stream], Some(left)).map_err(Error::Io)?;
+            if !readable[0] {
+                for id in inflight.keys() {
+                    self.port.forget(*id);
+                }
+                return Err(Error::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the client answered {} DMA_READs of guest memory not in {timeout:?}",
+                        inflight.len()
+                    ),
+                )));
+            }
+            let Some(f) = self.read_frame()? else {
+                return Err(Error::Io(io::ErrorKind::UnexpectedEof.into()));
+            };
+            match f.header.kind() {
+                Some(MsgKind::Reply) => {
+                    let Some((region, offset, count)) = inflight.remove(&f.header.id) else {
+                        self.answer(f);
+                        continue;
+                    };
+                    self.port.forget(f.header.id);
+                    let address = region.iova() + offset;
+                    match self.decode_answer(&f) {
+                        Ok(Reply::DmaRead(d)) if d.address == address && d.data.len() == count => {
+                            pages += region.refresh_from(offset, &d.data);
+                        }
+                        Ok(r) => {
+                            warn!(
+                                address,
+                                count,
+                                "vfio-user: the client answered a DMA_READ with {:?}",
+                                r.command()
+                            );
+                            self.served.errors += 1;
+                        }
+                        // A range the guest unmapped meanwhile (EFAULT).
+                        Err(errno) => {
+                            debug!(address, count, errno, "vfio-user: guest memory not read")
+                        }
+                    }
+                }
+                _ if f.header.no_reply() => self.queue.push_back(f),
+                // The client may hold the lock its DMA answers need until
+                // this is answered.
+                _ => self.serve(f)?,
+            }
+        }
+        debug!(
+            chunks,
+            pages,
+            took = ?started.elapsed(),
+            "vfio-user: guest memory fetched ahead of a doorbell"
+        );
+        Ok(())
     }
 
     /// A header that failed validation: skip its body if its size can be
@@ -391,7 +620,7 @@ impl Connection<'_> {
                 flags: wire::FLAG_TYPE_REPLY | wire::FLAG_ERROR,
                 error: e.errno(),
             };
-            self.stream.write_all(&h.to_bytes()).map_err(Error::Io)?;
+            self.port.send_bytes(&h.to_bytes()).map_err(Error::Io)?;
         }
         Ok(())
     }
@@ -429,7 +658,11 @@ impl Connection<'_> {
                 self.codec.encode(&err).map_err(Error::Stream)?
             }
         };
-        self.stream.write_all(&bytes).map_err(Error::Io)
+        if self.relay.is_some() && !self.fetching {
+            // The device's writes ahead of the reply (not waited for).
+            self.port.flush_posted();
+        }
+        self.port.send_bytes(&bytes).map_err(Error::Io)
     }
 
     /// Answers one frame; `None` when no reply is due. `fds` are closed
@@ -441,15 +674,10 @@ impl Connection<'_> {
                 body: Body::Request(req),
                 ..
             }) => self.request(req, fds),
-            Ok(_) => {
-                // We send no requests, so nothing can be answered.
-                warn!(
-                    command = header.command,
-                    "vfio-user: unexpected reply from the client"
-                );
-                self.served.errors += 1;
-                return None;
-            }
+            Ok(_) => Err((
+                errno(Errno::EINVAL),
+                "a reply where a request was due".into(),
+            )),
             Err(e) => Err((e.errno(), e.to_string())),
         };
         let body = match result {
@@ -558,6 +786,7 @@ impl Connection<'_> {
             return fail(Errno::EINVAL, "client does not support 4 KiB pages");
         }
         self.negotiated = true;
+        self.port.limit_xfer(client.max_data_xfer_size());
         info!(
             minor = v.minor,
             client_max_msg_fds = client.max_msg_fds(),
@@ -693,7 +922,7 @@ impl Connection<'_> {
         let Some((start, fds)) = set else {
             debug!(%kind, "vfio-user: disabling interrupts");
             self.vectors.remove(&kind);
-            return self.device.set_irqs(kind, 0, &[]);
+            return self.give_device(kind);
         };
         let available = self.device.info().irq_count(kind);
         let end = start.saturating_add(fds.len() as u32);
@@ -721,7 +950,42 @@ impl Connection<'_> {
             vectors = table.len(),
             "vfio-user: routing interrupts"
         );
-        self.device.set_irqs(kind, 0, table)
+        self.give_device(kind)
+    }
+
+    /// Gives the device the vector table of `kind`: the client's eventfds,
+    /// or the relay's standing in for them.
+    fn give_device(&mut self, kind: IrqKind) -> Result<(), DeviceError> {
+        let table = self.vectors.get(&kind).map_or(&[][..], |t| &t[..]);
+        let Some(relay) = &self.relay else {
+            return self.device.set_irqs(kind, 0, table);
+        };
+        let relayed = relay
+            .route(kind, table)
+            .map_err(|e| DeviceError::Failed(format!("relaying interrupts: {e}")))?;
+        self.device.set_irqs(kind, 0, &relayed)
+    }
+
+    /// Starts relaying interrupts (memory without an fd was mapped).
+    fn start_relay(&mut self) -> Result<(), (Errno32, String)> {
+        if self.relay.is_some() {
+            return Ok(());
+        }
+        let relay = Relay::start(Arc::clone(&self.port)).map_err(|e| {
+            (
+                errno(Errno::ENOMEM),
+                format!("starting the interrupt relay: {e}"),
+            )
+        })?;
+        self.relay = Some(relay);
+        info!("vfio-user: guest memory without an fd: DMA by messages, interrupts relayed");
+        let kinds: Vec<IrqKind> = self.vectors.keys().copied().collect();
+        for kind in kinds {
+            if let Err(e) = self.give_device(kind) {
+                return dev_fail("relaying interrupts", e);
+            }
+        }
+        Ok(())
     }
 
     /// One access of `len` bytes at `offset` (a register), or a bulk
@@ -773,8 +1037,8 @@ impl Connection<'_> {
     /// (the changed pages go to the device ahead of the next access).
     fn refresh_dma(&mut self) {
         let mut pages = 0;
-        for r in self.dma.values().filter_map(|r| r.region.as_ref()) {
-            pages += r.refresh();
+        for r in self.dma.values() {
+            pages += r.region.refresh();
         }
         if pages > 0 {
             debug!(
@@ -806,24 +1070,6 @@ impl Connection<'_> {
                 );
             }
         }
-        let region = match fd {
-            Some(fd) => Some(self.map_fd(&m, &fd)?),
-            None => {
-                debug!(
-                    address = m.address,
-                    size = m.size,
-                    "vfio-user: DMA range without an fd recorded"
-                );
-                None
-            }
-        };
-        self.dma.insert(m.address, DmaRange { end, region });
-        Ok(Reply::DmaMap)
-    }
-
-    /// Maps the guest memory of a DMA_MAP with an fd and gives it to the
-    /// device.
-    fn map_fd(&mut self, m: &DmaMap, fd: &OwnedFd) -> Result<Arc<DmaRegion>, (u32, String)> {
         let dir = match (
             m.flags & wire::DMA_MAP_FLAG_READ != 0,
             m.flags & wire::DMA_MAP_FLAG_WRITE != 0,
@@ -833,11 +1079,41 @@ impl Connection<'_> {
             (false, true) => DmaDir::FromDevice,
             (false, false) => return fail(Errno::EINVAL, "DMA_MAP allows neither read nor write"),
         };
-        let copied = self.device.dma_is_copied();
-        let made = if copied {
-            DmaRegion::mirror_fd(m.address, m.size, dir, fd.as_fd(), m.offset)
-        } else {
-            DmaRegion::map_fd(m.address, m.size, dir, fd.as_fd(), m.offset)
+        let remote = fd.is_none();
+        if remote {
+            self.start_relay()?;
+        }
+        let region = self.map(&m, dir, fd.as_ref())?;
+        if remote {
+            self.port.add_remote(Arc::clone(&region));
+        }
+        self.dma.insert(
+            m.address,
+            DmaRange {
+                end,
+                region,
+                fetch: remote,
+            },
+        );
+        Ok(Reply::DmaMap)
+    }
+
+    /// Makes the memory of a DMA_MAP (in place or a mirror for one with an
+    /// fd, a mirror kept by messages for one without) and gives it to the
+    /// device.
+    fn map(
+        &mut self,
+        m: &DmaMap,
+        dir: DmaDir,
+        fd: Option<&OwnedFd>,
+    ) -> Result<Arc<DmaRegion>, (u32, String)> {
+        let copied = fd.is_none() || self.device.dma_is_copied();
+        let made = match fd {
+            None => DmaRegion::mirror_remote(m.address, m.size, dir),
+            Some(fd) if copied => {
+                DmaRegion::mirror_fd(m.address, m.size, dir, fd.as_fd(), m.offset)
+            }
+            Some(fd) => DmaRegion::map_fd(m.address, m.size, dir, fd.as_fd(), m.offset),
         };
         let region = match made {
             Ok(r) => Arc::new(r),
@@ -866,6 +1142,7 @@ impl Connection<'_> {
             size = m.size,
             ?dir,
             mirror = copied,
+            by_messages = fd.is_none(),
             "vfio-user: guest memory mapped for DMA"
         );
         Ok(region)
@@ -874,15 +1151,12 @@ impl Connection<'_> {
     /// Takes the range at `start` away from the device (which sends its last
     /// writes to it first) and forgets it.
     fn unmap_range(&mut self, start: u64) -> Result<(), (u32, String)> {
-        let Some(range) = self.dma.remove(&start) else {
+        if self.dma.remove(&start).is_none() {
             return Ok(());
-        };
-        if range.region.is_some() {
-            if let Err(e) = self.device.dma_unmap(start) {
-                return dev_fail("DMA_UNMAP", e);
-            }
         }
-        Ok(())
+        let r = self.device.dma_unmap(start);
+        self.port.remove_remote(start);
+        r.map(drop).or_else(|e| dev_fail("DMA_UNMAP", e))
     }
 
     fn dma_unmap(&mut self, u: DmaUnmap) -> Handled {
@@ -916,6 +1190,9 @@ impl Connection<'_> {
 
     /// Leaves the device as the next client should find it.
     fn release(&mut self) {
+        // The client is gone: nothing more is sent to it.
+        self.relay = None;
+        self.port.clear_remote();
         self.vectors.clear();
         for kind in [IrqKind::Intx, IrqKind::Msi, IrqKind::Msix] {
             if self.device.info().irq_count(kind) > 0 {
