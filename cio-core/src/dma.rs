@@ -974,10 +974,7 @@ mod tests {
         theirs[p + 7] = 1;
         theirs[2 * p..3 * p].fill(2);
         assert_eq!(r.refresh_from(0, &theirs), 2);
-        assert_eq!(
-            r.take_dirty_runs(0, r.len(), 1 << 20),
-            [(PAGE_SIZE, 2 * p)]
-        );
+        assert_eq!(r.take_dirty_runs(0, r.len(), 1 << 20), [(PAGE_SIZE, 2 * p)]);
         assert_eq!(r.refresh_from(0, &theirs), 0, "nothing changed since");
         assert!(!r.has_pending());
         // The other side's data waits as the changed bytes only: a whole

@@ -20,7 +20,7 @@ use cio_backend::models::Edu;
 use cio_core::Device;
 use cio_frontend::vfio_user::wire::{self, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 use cio_frontend::vfio_user::{
-    Body, Capabilities, Codec, DmaData, DmaLayout, DmaMap, DmaUnmap, IrqAction, IrqData, Message,
+    Body, Capabilities, Codec, DmaData, DmaMap, DmaUnmap, IrqAction, IrqData, Message,
     RegionAccess, RegionData, Reply, Request, Served, Server, ServerConfig, SetIrqs, Version,
     WriteOne,
 };
@@ -119,6 +119,9 @@ struct MsgRam {
     refuse: AtomicU32,
     /// DMA_READs are not answered at all.
     silent: std::sync::atomic::AtomicBool,
+    /// While `Some`, DMA_READs are kept here (id, request) unanswered,
+    /// for [`TestClient::release_reads`].
+    held: Mutex<Option<Vec<(u16, Request)>>>,
 }
 
 impl MsgRam {
@@ -130,7 +133,13 @@ impl MsgRam {
             writes: AtomicU32::new(0),
             refuse: AtomicU32::new(0),
             silent: false.into(),
+            held: Mutex::new(None),
         })
+    }
+
+    /// Keeps the DMA_READs that come from now on unanswered.
+    fn hold_reads(&self) {
+        *self.held.lock().unwrap() = Some(Vec::new());
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
@@ -183,6 +192,21 @@ impl MsgRam {
     }
 }
 
+/// The encoded reply of `ram` to the server's request `id` (`None`: none).
+fn answer_bytes(codec: &Codec, ram: &MsgRam, id: u16, req: Request) -> Option<Vec<u8>> {
+    let command = req.command() as u16;
+    let body = match ram.answer(req)? {
+        Ok(r) => Body::Reply(r),
+        Err(errno) => Body::ErrorReply { command, errno },
+    };
+    let reply = Message {
+        id,
+        no_reply: false,
+        body,
+    };
+    Some(codec.encode(&reply).unwrap())
+}
+
 impl TestClient {
     fn connect(path: &PathBuf) -> Self {
         let sock = UnixStream::connect(path).unwrap();
@@ -204,7 +228,7 @@ impl TestClient {
         let sock = self.sock.try_clone().unwrap();
         sock.set_read_timeout(None).unwrap();
         let lock = Arc::clone(&self.send_lock);
-        let codec = Codec::new(self.codec.limits, DmaLayout::Qemu);
+        let codec = Codec::new(self.codec.limits, ServerConfig::default().dma_layout);
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::spawn(move || {
             while let Some(frame) = read_frame(&sock, &codec) {
@@ -215,24 +239,31 @@ impl TestClient {
                     }
                     continue;
                 };
-                let command = req.command() as u16;
-                let Some(answer) = ram.answer(req) else {
+                if let (Request::DmaRead(_), Some(held)) = (&req, &mut *ram.held.lock().unwrap()) {
+                    held.push((msg.id, req));
+                    continue;
+                }
+                let Some(reply) = answer_bytes(&codec, &ram, msg.id, req) else {
                     continue;
                 };
-                let body = match answer {
-                    Ok(r) => Body::Reply(r),
-                    Err(errno) => Body::ErrorReply { command, errno },
-                };
-                let reply = Message {
-                    id: msg.id,
-                    no_reply: false,
-                    body,
-                };
                 let _g = lock.lock().unwrap();
-                send_on(&sock, &codec.encode(&reply).unwrap(), &[]);
+                send_on(&sock, &reply, &[]);
             }
         });
         self.responder = Some((rx, thread));
+    }
+
+    /// Answers the DMA_READs `ram` held, in order, and answers the next
+    /// ones as they come; returns how many were held.
+    fn release_reads(&mut self, ram: &MsgRam) -> usize {
+        let held = ram.held.lock().unwrap().take().unwrap_or_default();
+        let n = held.len();
+        for (id, req) in held {
+            if let Some(reply) = answer_bytes(&self.codec, ram, id, req) {
+                self.send_raw(&reply, &[]);
+            }
+        }
+        n
     }
 
     fn send_raw(&mut self, bytes: &[u8], fds: &[RawFd]) {
@@ -744,6 +775,46 @@ fn dma_through_messages(c: &mut TestClient) {
     assert_eq!(c.set_irqs(1, &[]), Ok(Reply::DeviceSetIrqs));
 }
 
+/// A DMA_MAP while the server waits for DMA_READs ahead of a doorbell
+/// (QEMU maps on a vCPU that holds the lock its DMA answers need) is
+/// answered at once, and the doorbell still waits for guest memory.
+fn dma_map_during_a_fetch(c: &mut TestClient) {
+    c.version();
+    let ram = MsgRam::new(MSG_IOVA, MSG_SIZE);
+    c.serve_dma(Arc::clone(&ram));
+    assert_eq!(map_by_messages(c, &ram, MSG_SIZE as u64), Ok(Reply::DmaMap));
+    bus_master_on(c);
+    let efd = EventFd::new(EFD_NONBLOCK).unwrap();
+    assert_eq!(c.set_irqs(1, &[efd.as_raw_fd()]), Ok(Reply::DeviceSetIrqs));
+
+    let data = pattern(7, 2000);
+    ram.write(0x100, &data);
+    ram.hold_reads();
+    edu_dma(
+        c,
+        MSG_IOVA + 0x100,
+        edu::DMA_START,
+        2000,
+        edu::DMA_IRQ_ENABLE,
+    );
+    let other = MsgRam::new(0x40_0000, 0x1000);
+    assert_eq!(map_by_messages(c, &other, 0x1000), Ok(Reply::DmaMap));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(efd.read().is_err(), "the DMA ran before guest memory came");
+    assert!(c.release_reads(&ram) > 0, "no DMA_READ was held");
+    assert!(wait_fired(&efd), "the DMA interrupt did not come");
+    c.post32(BAR0, edu::reg::IRQ_ACK, edu::DMA_IRQ);
+    edu_dma_irq(
+        c,
+        &efd,
+        edu::DMA_START,
+        MSG_IOVA + 0x2000,
+        2000,
+        edu::DMA_TO_RAM,
+    );
+    assert_eq!(ram.read(0x2000, 2000), data, "the device read stale memory");
+}
+
 /// Serves an emulated edu to one test client that `walk` drives.
 fn on_emulated_edu(walk: fn(&mut TestClient)) -> Served {
     let (path, h) = start(Box::new(Edu::new("edu0")), 1);
@@ -829,6 +900,13 @@ fn dma_reaches_unshared_guest_memory_of_an_emulated_edu() {
 fn dma_reaches_unshared_guest_memory_of_a_remote_edu() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     on_remote_edu(dma_through_messages);
+}
+
+#[test]
+fn a_dma_map_during_a_fetch_is_answered_and_the_doorbell_waits() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    on_emulated_edu(dma_map_during_a_fetch);
+    on_remote_edu(dma_map_during_a_fetch);
 }
 
 /// A client that never answers a DMA_READ is dropped after the server's

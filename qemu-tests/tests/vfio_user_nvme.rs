@@ -1,11 +1,13 @@
 //! A VM using a device that stays on another host, through its own kernel
 //! driver: guest A (QEMU 7.2) serves its nvme, backed by an image file on
 //! the host, through VFIO with `ciod`; on the host, `cio vfio-user` opens
-//! it over cio and serves it on a Unix socket; guest B (QEMU 11, a vIOMMU,
-//! RAM shared by memfd) boots with `vfio-user-pci` on that socket, and its
-//! kernel's nvme driver binds the remote controller. Guest B reads what the
-//! host put in the image, writes 8 MiB and reads it back with O_DIRECT; the
-//! host then checks both against the image file itself.
+//! it over cio and serves it on a Unix socket; guest B (QEMU 11, a vIOMMU)
+//! boots with `vfio-user-pci` on that socket, and its kernel's nvme driver
+//! binds the remote controller. Guest B reads what the host put in the
+//! image, writes 8 MiB and reads it back with O_DIRECT; the host then checks
+//! both against the image file itself. Twice: with guest B's RAM shared by
+//! memfd (the server maps it), and not shared (the server reaches it with
+//! DMA_READ/DMA_WRITE messages).
 
 use std::io::{Read, Seek, SeekFrom};
 use std::time::{Duration, Instant};
@@ -40,6 +42,16 @@ fn field(g: &Guest, marker: &str, key: &str) -> String {
 
 #[test]
 fn guest_kernel_nvme_driver_uses_a_remote_nvme_through_vfio_user() {
+    remote_nvme(true);
+}
+
+#[test]
+fn guest_kernel_nvme_driver_uses_a_remote_nvme_without_shared_memory() {
+    remote_nvme(false);
+}
+
+/// The whole walk; `shared`: guest B's RAM is shared by memfd.
+fn remote_nvme(shared: bool) {
     let Some(rig) = rig() else { return };
     let qemu11 = qemu11(&rig);
     let dir = TempDir(std::env::temp_dir().join(format!("cio-vu-nvme-{}", std::process::id())));
@@ -70,7 +82,11 @@ fn guest_kernel_nvme_driver_uses_a_remote_nvme_through_vfio_user() {
     let server_log = || std::fs::read_to_string(&log).unwrap_or_default();
 
     let device = vfio_user_device(&sock, 5);
-    let mut args: Vec<&str> = SHARED_RAM.to_vec();
+    let mut args: Vec<&str> = if shared {
+        SHARED_RAM.to_vec()
+    } else {
+        Vec::new()
+    };
     // qboot, not SeaBIOS: SeaBIOS drives every nvme it finds (with
     // guest-physical addresses, before the vIOMMU is on), which only slows
     // the boot down.
@@ -109,6 +125,11 @@ fn guest_kernel_nvme_driver_uses_a_remote_nvme_through_vfio_user() {
         "guest B read back what it wrote"
     );
     assert!(b.lines_with("CIO-DMESG").is_empty(), "driver errors");
+    assert_eq!(
+        server_log().contains("DMA by messages"),
+        !shared,
+        "guest memory reached by DMA_READ/DMA_WRITE exactly when it is not shared"
+    );
     let speeds = ["CIO-READ", "CIO-WRITE", "CIO-BACK"].map(|m| field(&b, m, "speed"));
     drop(b);
     drop(server);
@@ -121,8 +142,9 @@ fn guest_kernel_nvme_driver_uses_a_remote_nvme_through_vfio_user() {
     f.seek(SeekFrom::Start(8 * MIB as u64)).unwrap();
     f.read_exact(&mut tail).unwrap();
     assert_eq!(sha256(&tail), written, "the image holds guest B's write");
+    let how = if shared { "memfd" } else { "DMA messages" };
     eprintln!(
-        "guest B's nvme through cio (O_DIRECT, 1 MiB blocks): read 4 MiB at {}, write 8 MiB at {}, read 8 MiB at {}",
+        "guest B's nvme through cio ({how}; O_DIRECT, 1 MiB blocks): read 4 MiB at {}, write 8 MiB at {}, read 8 MiB at {}",
         speeds[0], speeds[1], speeds[2]
     );
 }

@@ -387,7 +387,20 @@ enum Cmd {
         /// the socket is removed on exit).
         #[arg(long, value_name = "PATH")]
         socket: PathBuf,
+        /// The DMA_READ/DMA_WRITE layout of the client, used when guest RAM
+        /// is not shared by fd: `spec` (QEMU 11) or `qemu10` (QEMU 10.x's
+        /// 32-bit count).
+        #[arg(long, value_enum, default_value = "spec")]
+        dma_layout: DmaLayoutArg,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DmaLayoutArg {
+    /// As the vfio-user spec and QEMU 11.
+    Spec,
+    /// As QEMU 10.x.
+    Qemu10,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -691,7 +704,8 @@ fn run(args: Args) -> Result<(), String> {
             device,
             emulate,
             socket,
-        } => vfio_user(host, device, emulate, &socket, link),
+            dma_layout,
+        } => vfio_user(host, device, emulate, &socket, dma_layout, link),
         Cmd::Bench {
             quick,
             transport,
@@ -708,10 +722,11 @@ fn vfio_user(
     device: Option<String>,
     emulate: Option<EmulateArg>,
     socket: &std::path::Path,
+    dma_layout: DmaLayoutArg,
     link: &keys::LinkArgs,
 ) -> Result<(), String> {
     use cio_backend::models::{Edu, Memory};
-    use cio_frontend::vfio_user::{Server, ServerConfig};
+    use cio_frontend::vfio_user::{DmaLayout, Server, ServerConfig};
     // The client outlives the device it opened.
     let mut _client = None;
     let mut dev: Box<dyn cio_core::Device> = match (emulate, host, device) {
@@ -728,7 +743,14 @@ fn vfio_user(
         }
         _ => return Err("give HOST and DEVICE, or --emulate".into()),
     };
-    let server = Server::bind(socket, ServerConfig::default()).map_err(|e| error_chain(&e))?;
+    let config = ServerConfig {
+        dma_layout: match dma_layout {
+            DmaLayoutArg::Spec => DmaLayout::Spec,
+            DmaLayoutArg::Qemu10 => DmaLayout::Qemu,
+        },
+        ..ServerConfig::default()
+    };
+    let server = Server::bind(socket, config).map_err(|e| error_chain(&e))?;
     stop_on_signal(_client.clone(), socket)?;
     let info = dev.info();
     eprintln!(

@@ -55,8 +55,9 @@ pub(super) struct Port {
     answered: Condvar,
     /// Guest memory mapped without an fd, by guest (IO virtual) address.
     remote: Mutex<BTreeMap<u64, Arc<DmaRegion>>>,
-    /// Held by the serving thread while it fetches guest memory.
-    fetching: Mutex<()>,
+    /// True while the serving thread fetches guest memory.
+    fetching: Mutex<bool>,
+    fetch_done: Condvar,
     /// Largest DMA_READ/DMA_WRITE data count (both ends' limit).
     max_xfer: AtomicUsize,
 }
@@ -85,7 +86,8 @@ impl Port {
             asked: Mutex::new(HashMap::new()),
             answered: Condvar::new(),
             remote: Mutex::new(BTreeMap::new()),
-            fetching: Mutex::new(()),
+            fetching: Mutex::new(false),
+            fetch_done: Condvar::new(),
             max_xfer: AtomicUsize::new(max_xfer.max(PAGE)),
         }
     }
@@ -103,10 +105,26 @@ impl Port {
         self.max_xfer.fetch_min(client.max(page), Ordering::Relaxed);
     }
 
-    /// Held while guest memory is fetched: the serving thread holds it for
-    /// a fetch, the relay for taking and sending the device's writes.
-    pub(super) fn outside_fetch(&self) -> MutexGuard<'_, ()> {
-        lock(&self.fetching)
+    /// Waits until no fetch of guest memory is under way and keeps one
+    /// from starting while the guard lives (the relay holds it to take and
+    /// send the device's writes).
+    pub(super) fn outside_fetch(&self) -> MutexGuard<'_, bool> {
+        let mut g = lock(&self.fetching);
+        while *g {
+            g = self.fetch_done.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g
+    }
+
+    /// A fetch of guest memory starts (the serving thread's).
+    pub(super) fn begin_fetch(&self) {
+        *self.outside_fetch() = true;
+    }
+
+    /// The fetch ended: every DMA_READ was answered, or the client is gone.
+    pub(super) fn end_fetch(&self) {
+        *lock(&self.fetching) = false;
+        self.fetch_done.notify_all();
     }
 
     /// Sends encoded bytes as they are.
@@ -116,18 +134,10 @@ impl Port {
 
     /// Sends one request of the server's own; its answer goes to
     /// [`deliver`](Self::deliver). Returns its id.
-    pub(super) fn ask(&self, req: Request, address: u64, awaited: bool) -> io::Result<u16> {
-        let mut s = lock(&self.stream);
-        self.ask_locked(&mut s, req, address, awaited)
-    }
-
-    fn ask_locked(
-        &self,
-        s: &mut Sender,
-        req: Request,
-        address: u64,
-        awaited: bool,
-    ) -> io::Result<u16> {
+    /// Sends one request of the server's own and returns its id. With
+    /// `record` (the guest address it is about), its answer is kept for
+    /// [`wait`](Self::wait); otherwise the caller matches it itself.
+    fn ask_locked(&self, s: &mut Sender, req: Request, record: Option<u64>) -> io::Result<u16> {
         let id = s.next_id;
         s.next_id = s.next_id.wrapping_add(1);
         let msg = Message {
@@ -136,14 +146,14 @@ impl Port {
             body: Body::Request(req),
         };
         let bytes = s.codec.encode(&msg).map_err(io::Error::other)?;
-        lock(&self.asked).insert(
-            id,
-            Asked {
+        if let Some(address) = record {
+            let asked = Asked {
                 address,
-                awaited,
+                awaited: true,
                 answer: None,
-            },
-        );
+            };
+            lock(&self.asked).insert(id, asked);
+        }
         if let Err(e) = s.stream.write_all(&bytes) {
             lock(&self.asked).remove(&id);
             return Err(e);
@@ -151,13 +161,14 @@ impl Port {
         Ok(id)
     }
 
-    /// Asks for `count` bytes of guest memory at `address`.
+    /// Asks for `count` bytes of guest memory at `address`; the serving
+    /// thread matches the answer to the returned id itself.
     pub(super) fn ask_read(&self, address: u64, count: usize) -> io::Result<u16> {
         let req = Request::DmaRead(DmaAccess {
             address,
             count: count as u64,
         });
-        self.ask(req, address, true)
+        self.ask_locked(&mut lock(&self.stream), req, None)
     }
 
     /// Takes an answer the serving thread read. `Some` hands it back when
@@ -180,11 +191,6 @@ impl Port {
             }
         }
         None
-    }
-
-    /// Forgets `id` (its answer is no longer wanted).
-    pub(super) fn forget(&self, id: u16) {
-        lock(&self.asked).remove(&id);
     }
 
     /// Waits until every request in `ids` is answered or `timeout` passes;
@@ -275,7 +281,7 @@ impl Port {
                     address,
                     data: run.data,
                 });
-                match self.ask_locked(&mut s, req, address, true) {
+                match self.ask_locked(&mut s, req, Some(address)) {
                     Ok(id) => ids.push(id),
                     Err(e) => {
                         warn!("vfio-user: sending device data to {address:#x}: {e}");

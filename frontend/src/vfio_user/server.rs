@@ -39,11 +39,17 @@
 //!   mapping it handed to the device (the DMA API's rule).
 //! - Requests that expect a reply are never held back for a DMA reply:
 //!   QEMU answers DMA_READ/DMA_WRITE on its main loop, which waits while a
-//!   vCPU holds its big lock for our reply. One that arrives while a fetch
-//!   is under way is answered at once, ahead of the posted write being
-//!   fetched for (the only place where a read may pass a posted write);
-//!   posted ones wait in order behind it. For the same reason a fetch needs
-//!   posted writes: with QEMU's `x-no-posted-writes` nothing is fetched.
+//!   vCPU holds its big lock for our reply. A DMA_MAP or DMA_UNMAP that
+//!   arrives while a fetch is under way (QEMU maps from the vCPU that
+//!   rang the doorbell) is answered at once and the posted writes keep
+//!   waiting: a mapping does not reach the device. Any other such request
+//!   ends the wait: the posted writes before it reach the
+//!   device with what was fetched so far, then it is served (a read never
+//!   passes a posted write: Linux's nvme driver reads CC back to flush its
+//!   write), and the remaining answers are compared in as they come. So a
+//!   doorbell followed at once by a read may reach the device before all
+//!   of guest memory was compared. For the same reason a fetch needs posted
+//!   writes: with QEMU's `x-no-posted-writes` nothing is fetched.
 //! - The device's writes to the copy go out as DMA_WRITEs before the next
 //!   reply, within a few milliseconds otherwise, and ahead of every
 //!   interrupt: once such memory is mapped, the device signals the
@@ -72,7 +78,7 @@ use cio_transports::sys::poll_readable;
 use nix::errno::Errno;
 use tracing::{debug, info, warn};
 
-use super::port::{Answer, Port};
+use super::port::Port;
 use super::relay::Relay;
 use super::sys;
 use super::wire::{self, DEVICE_FLAG_PCI, DEVICE_FLAG_RESET, HEADER_SIZE};
@@ -110,6 +116,9 @@ pub struct ServerConfig {
     /// its DMA_READs; a client that answers none of them in time is taken
     /// to be stuck and the connection is closed.
     pub dma_timeout: Duration,
+    /// The DMA_READ/DMA_WRITE layout the client speaks: the spec's (QEMU
+    /// 11), or QEMU 10's ([`DmaLayout`]).
+    pub dma_layout: DmaLayout,
 }
 
 impl Default for ServerConfig {
@@ -119,6 +128,7 @@ impl Default for ServerConfig {
             max_data_xfer_size: wire::DEFAULT_MAX_DATA_XFER_SIZE,
             max_dma_maps: wire::DEFAULT_MAX_DMA_MAPS,
             dma_timeout: Duration::from_secs(30),
+            dma_layout: DmaLayout::Spec,
         }
     }
 }
@@ -132,7 +142,7 @@ impl ServerConfig {
                     .saturating_add(4096),
                 max_data_xfer_size: self.max_data_xfer_size,
             },
-            DmaLayout::Qemu,
+            self.dma_layout,
         )
     }
 }
@@ -278,7 +288,8 @@ impl Server {
             vectors: HashMap::new(),
             queue: VecDeque::new(),
             relay: None,
-            fetching: false,
+            fetch: Fetch::default(),
+            draining: false,
         };
         let result = conn.run();
         conn.release();
@@ -345,9 +356,37 @@ struct Connection<'a> {
     queue: VecDeque<Frame>,
     /// Delivers interrupts once memory without an fd is mapped.
     relay: Option<Relay>,
-    /// A fetch of guest memory is under way (replies then go out without
-    /// the device's pending writes ahead of them).
-    fetching: bool,
+    /// The fetch of guest memory under way, if any (replies then go out
+    /// without the device's pending writes ahead of them).
+    fetch: Fetch,
+    /// A request that expects a reply ended a fetch and waits in `queue`
+    /// behind the posted writes before it, which go to the device without
+    /// fetching.
+    draining: bool,
+}
+
+/// The DMA_READs of a fetch of guest memory the client has not answered.
+#[derive(Debug)]
+struct Fetch {
+    /// By request id: the region, the offset in it, the count.
+    reads: HashMap<u16, (Arc<DmaRegion>, u64, usize)>,
+    /// When the client must have answered them all; `None`: no fetch.
+    deadline: Option<Instant>,
+    started: Instant,
+    chunks: usize,
+    pages: usize,
+}
+
+impl Default for Fetch {
+    fn default() -> Self {
+        Fetch {
+            reads: HashMap::new(),
+            deadline: None,
+            started: Instant::now(),
+            chunks: 0,
+            pages: 0,
+        }
+    }
 }
 
 /// An errno for an error reply.
@@ -390,7 +429,7 @@ impl Connection<'_> {
         loop {
             let frame = match self.queue.pop_front() {
                 Some(f) => f,
-                None => match self.read_frame()? {
+                None => match self.next_frame()? {
                     Some(f) => f,
                     None => return Ok(self.served),
                 },
@@ -399,7 +438,9 @@ impl Connection<'_> {
                 self.answer(frame);
                 continue;
             }
-            if frame.header.no_reply() && self.doorbell(&frame.header) {
+            if !frame.header.no_reply() {
+                self.draining = false;
+            } else if !self.draining && self.doorbell(&frame.header) {
                 self.fetch_guest()?;
             }
             self.serve(frame)?;
@@ -413,6 +454,26 @@ impl Connection<'_> {
             Some(reply) => self.send(&reply),
             None => Ok(()),
         }
+    }
+
+    /// The next message from the socket; `None` at the end of the stream.
+    /// While DMA_READs are unanswered, waits only until their deadline.
+    fn next_frame(&mut self) -> Result<Option<Frame>, Error> {
+        if let Some(deadline) = self.fetch.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let readable = poll_readable(&[&self.stream], Some(left)).map_err(Error::Io)?;
+            if !readable[0] {
+                return Err(Error::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the client answered {} DMA_READs of guest memory not in {:?}",
+                        self.fetch.reads.len(),
+                        self.config.dma_timeout
+                    ),
+                )));
+            }
+        }
+        self.read_frame()
     }
 
     /// Reads the next message; `None` at the end of the stream. Headers
@@ -450,9 +511,10 @@ impl Connection<'_> {
         }
     }
 
-    /// What a reply frame says (its fds are closed).
-    fn decode_answer(&self, f: &Frame) -> Answer {
-        match self.codec.decode(&f.bytes) {
+    /// A reply from the client (its fds are closed): to a DMA_READ of a
+    /// fetch, to another request of the port's, or to none.
+    fn answer(&mut self, f: Frame) {
+        let answer = match self.codec.decode(&f.bytes) {
             Ok(Message {
                 body: Body::Reply(r),
                 ..
@@ -463,19 +525,38 @@ impl Connection<'_> {
             }) => Err(errno),
             Ok(_) => Err(errno(Errno::EINVAL)),
             Err(e) => Err(e.errno()),
+        };
+        let id = f.header.id;
+        let Some((region, offset, count)) = self.fetch.reads.remove(&id) else {
+            if self.port.deliver(id, answer).is_some() {
+                warn!(
+                    id,
+                    command = f.header.command,
+                    "vfio-user: a reply from the client to no request of ours"
+                );
+                self.served.errors += 1;
+            }
+            return;
+        };
+        let address = region.iova() + offset;
+        match answer {
+            Ok(Reply::DmaRead(d)) if d.address == address && d.data.len() == count => {
+                self.fetch.pages += region.refresh_from(offset, &d.data);
+            }
+            Ok(r) => {
+                warn!(
+                    address,
+                    count,
+                    "vfio-user: the client answered a DMA_READ with {:?}",
+                    r.command()
+                );
+                self.served.errors += 1;
+            }
+            // A range the guest unmapped meanwhile (EFAULT).
+            Err(errno) => debug!(address, count, errno, "vfio-user: guest memory not read"),
         }
-    }
-
-    /// A reply from the client: to one of the port's requests, or to none.
-    fn answer(&mut self, f: Frame) {
-        let answer = self.decode_answer(&f);
-        if self.port.deliver(f.header.id, answer).is_some() {
-            warn!(
-                id = f.header.id,
-                command = f.header.command,
-                "vfio-user: a reply from the client to no request of ours"
-            );
-            self.served.errors += 1;
+        if self.fetch.reads.is_empty() {
+            self.end_fetch();
         }
     }
 
@@ -488,19 +569,82 @@ impl Connection<'_> {
     }
 
     /// Fetches the guest memory the device reads that is reached only by
-    /// messages (DMA_READ), and compares it into the device's copies. The
-    /// device's writes are sent first, so what comes back includes them.
+    /// messages (DMA_READ) and compares it into the device's copies, ahead
+    /// of a posted write. The device's writes are sent first, so what comes
+    /// back includes them.
+    ///
+    /// A DMA_MAP or DMA_UNMAP is served meanwhile. Another request that
+    /// expects a reply ends the wait: the client may hold the lock its DMA
+    /// answers need until that is answered. What was
+    /// fetched goes to the device with the posted writes before it, then it
+    /// is served; the remaining answers are compared in as they come.
     fn fetch_guest(&mut self) -> Result<(), Error> {
-        self.port.flush_posted();
-        let port = Arc::clone(&self.port);
-        let _fetching = port.outside_fetch();
-        self.fetching = true;
-        let r = self.fetch_ranges();
-        self.fetching = false;
-        r
+        if self.fetch.deadline.is_none() {
+            self.port.flush_posted();
+            self.port.begin_fetch();
+            self.fetch.deadline = Some(Instant::now() + self.config.dma_timeout);
+            self.fetch.started = Instant::now();
+        }
+        let mut todo = self.fetch_chunks();
+        loop {
+            while self.fetch.reads.len() < FETCH_DEPTH {
+                let Some((region, offset, count)) = todo.pop_front() else {
+                    break;
+                };
+                if !self.is_mapped(&region) {
+                    continue;
+                }
+                let id = self
+                    .port
+                    .ask_read(region.iova() + offset, count)
+                    .map_err(Error::Io)?;
+                self.fetch.reads.insert(id, (region, offset, count));
+                self.fetch.chunks += 1;
+            }
+            if self.fetch.reads.is_empty() {
+                return Ok(());
+            }
+            let Some(f) = self.next_frame()? else {
+                return Err(Error::Io(io::ErrorKind::UnexpectedEof.into()));
+            };
+            match f.header.kind() {
+                Some(MsgKind::Reply) => self.answer(f),
+                _ if f.header.no_reply() => self.queue.push_back(f),
+                // Mappings do not reach the device: the posted writes wait.
+                _ if f.header.command == Command::DmaMap as u16
+                    || f.header.command == Command::DmaUnmap as u16 =>
+                {
+                    self.serve(f)?
+                }
+                _ => {
+                    for (region, ..) in todo {
+                        if let Some(r) = self.dma.get_mut(&region.iova()) {
+                            r.fetch = true;
+                        }
+                    }
+                    debug!(
+                        unanswered = self.fetch.reads.len(),
+                        command = f.header.command,
+                        "vfio-user: a request ends the wait for guest memory"
+                    );
+                    self.queue.push_back(f);
+                    self.draining = true;
+                    return Ok(());
+                }
+            }
+        }
     }
 
-    fn fetch_ranges(&mut self) -> Result<(), Error> {
+    /// True while `region` is still mapped (a DMA_UNMAP served during a
+    /// fetch may have removed it).
+    fn is_mapped(&self, region: &Arc<DmaRegion>) -> bool {
+        self.dma
+            .get(&region.iova())
+            .is_some_and(|r| Arc::ptr_eq(&r.region, region))
+    }
+
+    /// The DMA_READs that bring the copies the device reads up to date.
+    fn fetch_chunks(&mut self) -> VecDeque<(Arc<DmaRegion>, u64, usize)> {
         let max = self.port.max_xfer() as u64;
         let mut todo = VecDeque::new();
         for r in self.dma.values_mut().filter(|r| r.fetch) {
@@ -514,79 +658,19 @@ impl Connection<'_> {
                 at += n;
             }
         }
-        let (chunks, started) = (todo.len(), Instant::now());
-        let timeout = self.config.dma_timeout;
-        let deadline = started + timeout;
-        let mut inflight = HashMap::new();
-        let mut pages = 0;
-        while !todo.is_empty() || !inflight.is_empty() {
-            while inflight.len() < FETCH_DEPTH {
-                let Some((region, offset, count)) = todo.pop_front() else {
-                    break;
-                };
-                let id = self
-                    .port
-                    .ask_read(region.iova() + offset, count)
-                    .map_err(Error::Io)?;
-                inflight.insert(id, (region, offset, count));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            let readable = poll_readable(&[&self.stream], Some(left)).map_err(Error::Io)?;
-            if !readable[0] {
-                for id in inflight.keys() {
-                    self.port.forget(*id);
-                }
-                return Err(Error::Io(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "the client answered {} DMA_READs of guest memory not in {timeout:?}",
-                        inflight.len()
-                    ),
-                )));
-            }
-            let Some(f) = self.read_frame()? else {
-                return Err(Error::Io(io::ErrorKind::UnexpectedEof.into()));
-            };
-            match f.header.kind() {
-                Some(MsgKind::Reply) => {
-                    let Some((region, offset, count)) = inflight.remove(&f.header.id) else {
-                        self.answer(f);
-                        continue;
-                    };
-                    self.port.forget(f.header.id);
-                    let address = region.iova() + offset;
-                    match self.decode_answer(&f) {
-                        Ok(Reply::DmaRead(d)) if d.address == address && d.data.len() == count => {
-                            pages += region.refresh_from(offset, &d.data);
-                        }
-                        Ok(r) => {
-                            warn!(
-                                address,
-                                count,
-                                "vfio-user: the client answered a DMA_READ with {:?}",
-                                r.command()
-                            );
-                            self.served.errors += 1;
-                        }
-                        // A range the guest unmapped meanwhile (EFAULT).
-                        Err(errno) => {
-                            debug!(address, count, errno, "vfio-user: guest memory not read")
-                        }
-                    }
-                }
-                _ if f.header.no_reply() => self.queue.push_back(f),
-                // The client may hold the lock its DMA answers need until
-                // this is answered.
-                _ => self.serve(f)?,
-            }
-        }
+        todo
+    }
+
+    /// Every DMA_READ of a fetch was answered.
+    fn end_fetch(&mut self) {
         debug!(
-            chunks,
-            pages,
-            took = ?started.elapsed(),
-            "vfio-user: guest memory fetched ahead of a doorbell"
+            chunks = self.fetch.chunks,
+            pages = self.fetch.pages,
+            took = ?self.fetch.started.elapsed(),
+            "vfio-user: guest memory fetched"
         );
-        Ok(())
+        self.fetch = Fetch::default();
+        self.port.end_fetch();
     }
 
     /// A header that failed validation: skip its body if its size can be
@@ -658,7 +742,7 @@ impl Connection<'_> {
                 self.codec.encode(&err).map_err(Error::Stream)?
             }
         };
-        if self.relay.is_some() && !self.fetching {
+        if self.relay.is_some() && self.fetch.deadline.is_none() {
             // The device's writes ahead of the reply (not waited for).
             self.port.flush_posted();
         }
@@ -1191,6 +1275,9 @@ impl Connection<'_> {
     /// Leaves the device as the next client should find it.
     fn release(&mut self) {
         // The client is gone: nothing more is sent to it.
+        if self.fetch.deadline.is_some() {
+            self.end_fetch();
+        }
         self.relay = None;
         self.port.clear_remote();
         self.vectors.clear();

@@ -488,17 +488,19 @@ impl Header {
 /// How DMA_READ/DMA_WRITE payloads are laid out.
 ///
 /// The spec (and libvfio-user) put a 64-bit `count` after the address and the
-/// data at payload offset 16. QEMU's client (`VFIOUserDMARW` in
-/// `hw/vfio-user/protocol.h`) has a 32-bit `count` and reads and writes the
-/// data at payload offset 12, requires the message to be at least 32 bytes,
-/// leaves 4 spare bytes after the data, and answers a DMA_WRITE with a bare
-/// header. A server talking to QEMU uses [`DmaLayout::Qemu`].
+/// data at payload offset 16; so does the QEMU 11 of the rig (Debian sid's
+/// `qemu-system-x86` 11): it answered a DMA_WRITE with a 32-bit count with
+/// E2BIG, having read the count's upper half from the data. The QEMU 10
+/// sources (`VFIOUserDMARW` in `hw/vfio-user/protocol.h`) have a 32-bit
+/// `count` and read and write the data at payload offset 12, require the
+/// message to be at least 32 bytes and leave 4 spare bytes after the data
+/// ([`DmaLayout::Qemu`]). Both answer a DMA_WRITE with a bare header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DmaLayout {
     /// As `docs/interop/vfio-user.rst` and libvfio-user define it.
     #[default]
     Spec,
-    /// As QEMU's `vfio-user-pci` client actually parses and builds it.
+    /// As QEMU 10's `vfio-user-pci` client parses and builds it.
     Qemu,
 }
 
