@@ -76,7 +76,7 @@ use std::time::{Duration, Instant};
 use cio_core::{Device, DeviceError, DmaDir, DmaRegion, EventFd, IrqKind};
 use cio_transports::sys::poll_readable;
 use nix::errno::Errno;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use super::port::Port;
 use super::relay::Relay;
@@ -99,6 +99,10 @@ pub const VERSION_MINOR: u16 = 1;
 /// A header whose message is larger than this many times the size limit is
 /// not skipped but ends the connection.
 const MAX_SKIP_FACTOR: usize = 16;
+
+/// How often one fetch goes over the rings at most (once more after
+/// mappings served during it).
+const FETCH_PASSES: usize = 3;
 
 /// Most DMA_READs of one fetch of guest memory in flight at once.
 pub const FETCH_DEPTH: usize = 8;
@@ -450,6 +454,13 @@ impl Connection<'_> {
     /// Answers one request.
     fn serve(&mut self, f: Frame) -> Result<(), Error> {
         self.served.requests += 1;
+        trace!(
+            id = f.header.id,
+            command = f.header.command,
+            posted = f.header.no_reply(),
+            size = f.header.size,
+            "vfio-user: request"
+        );
         match self.handle(&f.header, &f.bytes, f.fds) {
             Some(reply) => self.send(&reply),
             None => Ok(()),
@@ -586,7 +597,16 @@ impl Connection<'_> {
             self.fetch.started = Instant::now();
         }
         let mut todo = self.fetch_chunks();
+        // Rings fetched before a mapping served meanwhile may lack the
+        // commands that use it: they are fetched again afterwards.
+        let mut passes = 1;
+        let mut again = false;
         loop {
+            if self.fetch.reads.is_empty() && todo.is_empty() && again && passes < FETCH_PASSES {
+                todo = self.fetch_chunks();
+                passes += 1;
+                again = false;
+            }
             while self.fetch.reads.len() < FETCH_DEPTH {
                 let Some((region, offset, count)) = todo.pop_front() else {
                     break;
@@ -611,11 +631,31 @@ impl Connection<'_> {
                 Some(MsgKind::Reply) => self.answer(f),
                 _ if f.header.no_reply() => self.queue.push_back(f),
                 // Mappings do not reach the device: the posted writes wait.
-                _ if f.header.command == Command::DmaMap as u16
-                    || f.header.command == Command::DmaUnmap as u16 =>
-                {
-                    self.serve(f)?
+                // What is mapped now may be used by commands the guest
+                // writes into its rings next (a device that reads a shadow
+                // doorbell in guest memory, as nvme's can, sees them
+                // without another register write): it comes with this
+                // fetch, and the rings once more after it.
+                _ if f.header.command == Command::DmaMap as u16 => {
+                    let at = match self.codec.decode(&f.bytes) {
+                        Ok(Message {
+                            body: Body::Request(Request::DmaMap(m)),
+                            ..
+                        }) => Some(m.address),
+                        _ => None,
+                    };
+                    self.serve(f)?;
+                    if let Some(r) = at.and_then(|a| self.dma.get_mut(&a)).filter(|r| r.fetch) {
+                        for c in Self::chunks_of(r, self.port.max_xfer() as u64)
+                            .into_iter()
+                            .rev()
+                        {
+                            todo.push_front(c);
+                        }
+                        again = true;
+                    }
                 }
+                _ if f.header.command == Command::DmaUnmap as u16 => self.serve(f)?,
                 _ => {
                     for (region, ..) in todo {
                         if let Some(r) = self.dma.get_mut(&region.iova()) {
@@ -644,21 +684,33 @@ impl Connection<'_> {
     }
 
     /// The DMA_READs that bring the copies the device reads up to date.
+    /// Buffers first, rings last.
     fn fetch_chunks(&mut self) -> VecDeque<(Arc<DmaRegion>, u64, usize)> {
         let max = self.port.max_xfer() as u64;
-        let mut todo = VecDeque::new();
+        let (mut buffers, mut rings) = (VecDeque::new(), VecDeque::new());
         for r in self.dma.values_mut().filter(|r| r.fetch) {
-            // Memory the device only reads is the guest's to change only
-            // before it maps it; ranges the device writes too are rings.
-            r.fetch = r.region.dir() == DmaDir::Bidirectional;
-            let mut at = 0;
-            while at < r.region.len() {
-                let n = (r.region.len() - at).min(max);
-                todo.push_back((Arc::clone(&r.region), at, n as usize));
-                at += n;
-            }
+            let ring = r.region.dir() == DmaDir::Bidirectional;
+            let chunks = Self::chunks_of(r, max);
+            if ring { &mut rings } else { &mut buffers }.extend(chunks);
         }
-        todo
+        buffers.extend(rings);
+        buffers
+    }
+
+    /// The DMA_READs (at most `max` bytes each) that fetch one range; a
+    /// range the device only reads is fetched this once.
+    fn chunks_of(r: &mut DmaRange, max: u64) -> Vec<(Arc<DmaRegion>, u64, usize)> {
+        // Memory the device only reads is the guest's to change only
+        // before it maps it; ranges the device writes too are rings.
+        r.fetch = r.region.dir() == DmaDir::Bidirectional;
+        let mut chunks = Vec::new();
+        let mut at = 0;
+        while at < r.region.len() {
+            let n = (r.region.len() - at).min(max);
+            chunks.push((Arc::clone(&r.region), at, n as usize));
+            at += n;
+        }
+        chunks
     }
 
     /// Every DMA_READ of a fetch was answered.
@@ -1176,7 +1228,8 @@ impl Connection<'_> {
             DmaRange {
                 end,
                 region,
-                fetch: remote,
+                // What the device only writes is not the guest's to read.
+                fetch: remote && dir != DmaDir::FromDevice,
             },
         );
         Ok(Reply::DmaMap)
