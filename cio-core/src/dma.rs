@@ -366,7 +366,8 @@ impl DmaRegion {
     /// page by page with the copy; a page that differs takes the owner's
     /// bytes, except those the other side changed and that are still
     /// pending (newer than what the owner had when `theirs` was fetched),
-    /// and is marked dirty (to send). Returns how many pages differed; 0 for
+    /// and is marked dirty (to send); a page that differs only in pending
+    /// bytes is left alone. Returns how many pages differed; 0 for
     /// other regions or a range outside this one.
     pub fn refresh_from(&self, offset: u64, theirs: &[u8]) -> usize {
         if offset % PAGE_SIZE != 0 || self.check(offset, theirs.len()).is_err() {
@@ -393,8 +394,11 @@ impl DmaRegion {
             }
             let at = offset + (i * p) as u64;
             let end = at + copy.len() as u64;
-            // The pending ranges inside this page keep the copy's bytes.
+            // The pending ranges inside this page keep the copy's bytes; a
+            // page that differs only there is not the owner's change (and
+            // sending it would race with the other side's next writes).
             let mut from = at;
+            let mut differs = false;
             let keep = pending
                 .range(..end)
                 .filter(|(_, &e)| e > at)
@@ -402,9 +406,15 @@ impl DmaRegion {
             for (s, e) in keep.chain([(end, end)]) {
                 if s > from {
                     let (a, b) = ((from - at) as usize, (s - at) as usize);
-                    copy[a..b].copy_from_slice(&theirs[a..b]);
+                    if copy[a..b] != theirs[a..b] {
+                        copy[a..b].copy_from_slice(&theirs[a..b]);
+                        differs = true;
+                    }
                 }
                 from = from.max(e);
+            }
+            if !differs {
+                continue;
             }
             dirty.mark(at, copy.len() as u64);
             written.mark(at, copy.len() as u64);
@@ -986,8 +996,12 @@ mod tests {
         r.apply(2 * PAGE_SIZE + 40, b"x").unwrap();
         r.apply(3 * PAGE_SIZE + 100, b"far").unwrap();
         assert!(r.has_pending());
-        // A fetch made before the owner saw them leaves them in the copy.
-        assert_eq!(r.refresh_from(2 * PAGE_SIZE, &theirs[2 * p..]), 2);
+        // A fetch made before the owner saw them leaves them in the copy;
+        // a page that differs only there is no change of the owner's.
+        let mut newer = theirs[2 * p..].to_vec();
+        newer[p] = 5;
+        assert_eq!(r.refresh_from(2 * PAGE_SIZE, &newer), 1);
+        assert_eq!(r.take_dirty_runs(0, r.len(), 1 << 20), [(3 * PAGE_SIZE, p)]);
         let mut b = [0u8; 3];
         r.read(2 * PAGE_SIZE + 10, &mut b).unwrap();
         assert_eq!(&b, b"dev");

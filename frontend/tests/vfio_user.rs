@@ -815,6 +815,35 @@ fn dma_map_during_a_fetch(c: &mut TestClient) {
     assert_eq!(ram.read(0x2000, 2000), data, "the device read stale memory");
 }
 
+/// Between requests the server looks at guest memory the device reads
+/// and writes (rings, mapped for a second) again, ever less often while
+/// nothing changes.
+fn rings_watched_between_requests(c: &mut TestClient) {
+    c.version();
+    let ram = MsgRam::new(MSG_IOVA, MSG_SIZE);
+    c.serve_dma(Arc::clone(&ram));
+    assert_eq!(map_by_messages(c, &ram, MSG_SIZE as u64), Ok(Reply::DmaMap));
+    // Young, it may be a streaming buffer: not looked at.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ram.reads.load(Ordering::Relaxed), 0);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(c.read32(BAR0, 0), edu::ID);
+    std::thread::sleep(Duration::from_millis(400));
+    let soon = ram.reads.load(Ordering::Relaxed);
+    assert!(soon >= 3, "{soon} looks in the first 400 ms");
+    std::thread::sleep(Duration::from_millis(2000));
+    let later = ram.reads.load(Ordering::Relaxed) - soon;
+    assert!(
+        (1..=6).contains(&later),
+        "{later} looks in the next 2 s (backing off to one a second)"
+    );
+    // A request brings the looks back to their first pace.
+    assert_eq!(c.read32(BAR0, 0), edu::ID);
+    let before = ram.reads.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(ram.reads.load(Ordering::Relaxed) - before >= 2);
+}
+
 /// Serves an emulated edu to one test client that `walk` drives.
 fn on_emulated_edu(walk: fn(&mut TestClient)) -> Served {
     let (path, h) = start(Box::new(Edu::new("edu0")), 1);
@@ -907,6 +936,12 @@ fn a_dma_map_during_a_fetch_is_answered_and_the_doorbell_waits() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     on_emulated_edu(dma_map_during_a_fetch);
     on_remote_edu(dma_map_during_a_fetch);
+}
+
+#[test]
+fn rings_reached_by_messages_are_watched_between_requests() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    on_emulated_edu(rings_watched_between_requests);
 }
 
 /// A client that never answers a DMA_READ is dropped after the server's

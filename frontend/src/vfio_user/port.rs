@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -60,6 +60,8 @@ pub(super) struct Port {
     fetch_done: Condvar,
     /// Largest DMA_READ/DMA_WRITE data count (both ends' limit).
     max_xfer: AtomicUsize,
+    /// Interrupts the relay delivered to the client so far.
+    interrupts: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -89,7 +91,18 @@ impl Port {
             fetching: Mutex::new(false),
             fetch_done: Condvar::new(),
             max_xfer: AtomicUsize::new(max_xfer.max(PAGE)),
+            interrupts: AtomicU64::new(0),
         }
+    }
+
+    /// Counts an interrupt the relay delivered.
+    pub(super) fn delivered(&self) {
+        self.interrupts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Interrupts the relay delivered so far.
+    pub(super) fn interrupts(&self) -> u64 {
+        self.interrupts.load(Ordering::Relaxed)
     }
 
     /// Largest DMA_READ/DMA_WRITE data count.

@@ -172,6 +172,7 @@ fn run(shared: &Shared, port: &Port) {
             if let Err(e) = c.write(1) {
                 warn!("vfio-user: signalling the client's eventfd: {e}");
             }
+            port.delivered();
         }
     }
 }

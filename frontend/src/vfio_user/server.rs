@@ -36,7 +36,14 @@
 //!   [`FETCH_DEPTH`] in flight, each at most `max_data_xfer_size`) and
 //!   compared page by page with the copy. A range the device only reads is
 //!   fetched once after it is mapped: the guest may not change a streaming
-//!   mapping it handed to the device (the DMA API's rule).
+//!   mapping it handed to the device (the DMA API's rule). The rings are
+//!   fetched again until a pass finds them as the pass before did, so the
+//!   device never sees a command the guest was halfway through writing
+//!   (the guest writes a command before the index that publishes it).
+//! - Between requests the rings are fetched again after 5 ms, then twice
+//!   as long each time nothing changed, up to 1 s (`Watch`): a device that
+//!   reads commands from guest memory no register write announced
+//!   (nvme's shadow doorbells) gets them in bounded time.
 //! - Requests that expect a reply are never held back for a DMA reply:
 //!   QEMU answers DMA_READ/DMA_WRITE on its main loop, which waits while a
 //!   vCPU holds its big lock for our reply. A DMA_MAP or DMA_UNMAP that
@@ -100,9 +107,20 @@ pub const VERSION_MINOR: u16 = 1;
 /// not skipped but ends the connection.
 const MAX_SKIP_FACTOR: usize = 16;
 
-/// How often one fetch goes over the rings at most (once more after
-/// mappings served during it).
-const FETCH_PASSES: usize = 3;
+/// How often one fetch goes over guest memory at most: until a pass finds
+/// the rings as the one before (a snapshot the guest did not write into
+/// halfway), and once more after mappings served during it.
+const FETCH_PASSES: usize = 4;
+
+/// The first look at the rings after activity ([`Watch`]).
+const WATCH_MIN: Duration = Duration::from_millis(5);
+
+/// How long a range the device reads and writes is mapped before the
+/// [`Watch`] takes it for a ring.
+const WATCH_AGE: Duration = Duration::from_secs(1);
+
+/// The longest wait between looks at the rings ([`Watch`]).
+const WATCH_MAX: Duration = Duration::from_secs(1);
 
 /// Most DMA_READs of one fetch of guest memory in flight at once.
 pub const FETCH_DEPTH: usize = 8;
@@ -294,6 +312,7 @@ impl Server {
             relay: None,
             fetch: Fetch::default(),
             draining: false,
+            watch: Watch::new(),
         };
         let result = conn.run();
         conn.release();
@@ -325,6 +344,19 @@ struct DmaRange {
     end: u64,
     region: Arc<DmaRegion>,
     fetch: bool,
+    mapped_at: Instant,
+}
+
+impl DmaRange {
+    /// A ring the [`Watch`] looks at: the device reads and writes it, and
+    /// it has been mapped for [`WATCH_AGE`] (a streaming buffer is
+    /// unmapped sooner, and reading one the guest is tearing down makes
+    /// its vIOMMU log a fault).
+    fn watched(&self) -> bool {
+        self.fetch
+            && self.region.dir() == DmaDir::Bidirectional
+            && self.mapped_at.elapsed() >= WATCH_AGE
+    }
 }
 
 /// One message as read from the socket.
@@ -367,6 +399,8 @@ struct Connection<'a> {
     /// behind the posted writes before it, which go to the device without
     /// fetching.
     draining: bool,
+    /// When to look at the rings between requests.
+    watch: Watch,
 }
 
 /// The DMA_READs of a fetch of guest memory the client has not answered.
@@ -379,6 +413,9 @@ struct Fetch {
     started: Instant,
     chunks: usize,
     pages: usize,
+    /// The serving thread waits for the answers (otherwise they are
+    /// compared in as they come and the last one ends the fetch).
+    waiting: bool,
 }
 
 impl Default for Fetch {
@@ -389,7 +426,47 @@ impl Default for Fetch {
             started: Instant::now(),
             chunks: 0,
             pages: 0,
+            waiting: false,
         }
+    }
+}
+
+/// Between requests the rings are fetched again after a while: a device
+/// may read commands from guest memory that no register write announced
+/// (nvme's shadow doorbells), so what the guest wrote reaches it in
+/// bounded time. First [`WATCH_MIN`] after the last request or interrupt,
+/// then twice as long each time nothing changed, up to [`WATCH_MAX`].
+#[derive(Debug)]
+struct Watch {
+    due: Option<Instant>,
+    every: Duration,
+    /// The relay's interrupt count at the last look.
+    interrupts: u64,
+}
+
+impl Watch {
+    fn new() -> Self {
+        Watch {
+            due: None,
+            every: WATCH_MIN,
+            interrupts: 0,
+        }
+    }
+
+    /// Activity: look soon.
+    fn kick(&mut self) {
+        self.every = WATCH_MIN;
+        self.due = Some(Instant::now() + WATCH_MIN);
+    }
+
+    /// A look found nothing (`changed` false) or something.
+    fn looked(&mut self, changed: bool) {
+        self.every = if changed {
+            WATCH_MIN
+        } else {
+            (self.every * 2).min(WATCH_MAX)
+        };
+        self.due = Some(Instant::now() + self.every);
     }
 }
 
@@ -433,6 +510,10 @@ impl Connection<'_> {
         loop {
             let frame = match self.queue.pop_front() {
                 Some(f) => f,
+                None if self.watch_due()? => {
+                    self.watch_rings()?;
+                    continue;
+                }
                 None => match self.next_frame()? {
                     Some(f) => f,
                     None => return Ok(self.served),
@@ -442,10 +523,11 @@ impl Connection<'_> {
                 self.answer(frame);
                 continue;
             }
+            self.watch.kick();
             if !frame.header.no_reply() {
                 self.draining = false;
             } else if !self.draining && self.doorbell(&frame.header) {
-                self.fetch_guest()?;
+                let _ = self.fetch_guest(false)?;
             }
             self.serve(frame)?;
         }
@@ -465,6 +547,53 @@ impl Connection<'_> {
             Some(reply) => self.send(&reply),
             None => Ok(()),
         }
+    }
+
+    /// True if the time to look at the rings again came before the next
+    /// message (only between fetches, with rings reached by messages).
+    fn watch_due(&mut self) -> Result<bool, Error> {
+        let Some(due) = self.watch.due else {
+            return Ok(false);
+        };
+        if self.fetch.deadline.is_some() {
+            return Ok(false);
+        }
+        let left = due.saturating_duration_since(Instant::now());
+        let readable = poll_readable(&[&self.stream], Some(left)).map_err(Error::Io)?;
+        Ok(!readable[0])
+    }
+
+    /// Fetches the rings reached by messages and hands what changed to the
+    /// device ([`Watch`]).
+    fn watch_rings(&mut self) -> Result<(), Error> {
+        let rings: Vec<Arc<DmaRegion>> = self
+            .dma
+            .values()
+            .filter(|r| r.watched())
+            .map(|r| Arc::clone(&r.region))
+            .collect();
+        if rings.is_empty() {
+            self.watch.due = None;
+            return Ok(());
+        }
+        let mut changed = false;
+        if let Some(pages) = self.fetch_guest(true)? {
+            // Complete: the changed pages go to the device now (otherwise
+            // with the request that ended the wait).
+            changed = pages > 0;
+            if changed && self.device.dma_is_copied() {
+                for r in rings.iter().filter(|r| r.dirty_pages() > 0) {
+                    if let Err(e) = self.device.sync_for_device(r.iova(), r.len()) {
+                        warn!("vfio-user: guest memory not handed to the device: {e}");
+                    }
+                }
+            }
+        }
+        let interrupts = self.port.interrupts();
+        changed |= interrupts != self.watch.interrupts;
+        self.watch.interrupts = interrupts;
+        self.watch.looked(changed);
+        Ok(())
     }
 
     /// The next message from the socket; `None` at the end of the stream.
@@ -566,7 +695,7 @@ impl Connection<'_> {
             // A range the guest unmapped meanwhile (EFAULT).
             Err(errno) => debug!(address, count, errno, "vfio-user: guest memory not read"),
         }
-        if self.fetch.reads.is_empty() {
+        if self.fetch.reads.is_empty() && !self.fetch.waiting {
             self.end_fetch();
         }
     }
@@ -589,23 +718,37 @@ impl Connection<'_> {
     /// answers need until that is answered. What was
     /// fetched goes to the device with the posted writes before it, then it
     /// is served; the remaining answers are compared in as they come.
-    fn fetch_guest(&mut self) -> Result<(), Error> {
+    ///
+    /// Passes over the rings repeat until one finds them as the pass
+    /// before did (at most [`FETCH_PASSES`]). Returns how many pages
+    /// changed once every answer came; `None` if a request ended the wait.
+    fn fetch_guest(&mut self, watch: bool) -> Result<Option<usize>, Error> {
         if self.fetch.deadline.is_none() {
             self.port.flush_posted();
             self.port.begin_fetch();
             self.fetch.deadline = Some(Instant::now() + self.config.dma_timeout);
             self.fetch.started = Instant::now();
         }
-        let mut todo = self.fetch_chunks();
-        // Rings fetched before a mapping served meanwhile may lack the
-        // commands that use it: they are fetched again afterwards.
+        self.fetch.waiting = true;
+        let mut todo = self.fetch_chunks(watch);
         let mut passes = 1;
-        let mut again = false;
+        let mut pass_pages = self.fetch.pages;
+        // Rings fetched before a mapping served meanwhile may lack the
+        // commands that use it.
+        let mut mapped = false;
         loop {
-            if self.fetch.reads.is_empty() && todo.is_empty() && again && passes < FETCH_PASSES {
-                todo = self.fetch_chunks();
+            if self.fetch.reads.is_empty() && todo.is_empty() {
+                let changed = self.fetch.pages > pass_pages;
+                if !(changed || mapped) || passes == FETCH_PASSES {
+                    let pages = self.fetch.pages;
+                    self.fetch.waiting = false;
+                    self.end_fetch();
+                    return Ok(Some(pages));
+                }
+                todo = self.fetch_chunks(watch);
                 passes += 1;
-                again = false;
+                pass_pages = self.fetch.pages;
+                mapped = false;
             }
             while self.fetch.reads.len() < FETCH_DEPTH {
                 let Some((region, offset, count)) = todo.pop_front() else {
@@ -622,7 +765,7 @@ impl Connection<'_> {
                 self.fetch.chunks += 1;
             }
             if self.fetch.reads.is_empty() {
-                return Ok(());
+                continue;
             }
             let Some(f) = self.next_frame()? else {
                 return Err(Error::Io(io::ErrorKind::UnexpectedEof.into()));
@@ -646,13 +789,11 @@ impl Connection<'_> {
                     };
                     self.serve(f)?;
                     if let Some(r) = at.and_then(|a| self.dma.get_mut(&a)).filter(|r| r.fetch) {
-                        for c in Self::chunks_of(r, self.port.max_xfer() as u64)
-                            .into_iter()
-                            .rev()
-                        {
+                        let max = self.port.max_xfer() as u64;
+                        for c in Self::chunks_of(r, max).into_iter().rev() {
                             todo.push_front(c);
                         }
-                        again = true;
+                        mapped = true;
                     }
                 }
                 _ if f.header.command == Command::DmaUnmap as u16 => self.serve(f)?,
@@ -667,9 +808,13 @@ impl Connection<'_> {
                         command = f.header.command,
                         "vfio-user: a request ends the wait for guest memory"
                     );
+                    self.fetch.waiting = false;
+                    if self.fetch.reads.is_empty() {
+                        self.end_fetch();
+                    }
                     self.queue.push_back(f);
                     self.draining = true;
-                    return Ok(());
+                    return Ok(None);
                 }
             }
         }
@@ -685,10 +830,12 @@ impl Connection<'_> {
 
     /// The DMA_READs that bring the copies the device reads up to date.
     /// Buffers first, rings last.
-    fn fetch_chunks(&mut self) -> VecDeque<(Arc<DmaRegion>, u64, usize)> {
+    /// With `watch`, only the rings the [`Watch`] looks at.
+    fn fetch_chunks(&mut self, watch: bool) -> VecDeque<(Arc<DmaRegion>, u64, usize)> {
         let max = self.port.max_xfer() as u64;
         let (mut buffers, mut rings) = (VecDeque::new(), VecDeque::new());
-        for r in self.dma.values_mut().filter(|r| r.fetch) {
+        let wanted = |r: &DmaRange| if watch { r.watched() } else { r.fetch };
+        for r in self.dma.values_mut().filter(|r| wanted(r)) {
             let ring = r.region.dir() == DmaDir::Bidirectional;
             let chunks = Self::chunks_of(r, max);
             if ring { &mut rings } else { &mut buffers }.extend(chunks);
@@ -1230,6 +1377,7 @@ impl Connection<'_> {
                 region,
                 // What the device only writes is not the guest's to read.
                 fetch: remote && dir != DmaDir::FromDevice,
+                mapped_at: Instant::now(),
             },
         );
         Ok(Reply::DmaMap)
