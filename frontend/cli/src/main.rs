@@ -392,6 +392,11 @@ enum Cmd {
         /// 32-bit count).
         #[arg(long, value_enum, default_value = "spec")]
         dma_layout: DmaLayoutArg,
+        /// Seconds the client has to answer the server's DMA_READs (guest
+        /// RAM not shared) before it is dropped.
+        #[arg(long, value_name = "SECS", default_value_t = 30,
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        dma_timeout: u64,
     },
 }
 
@@ -705,7 +710,11 @@ fn run(args: Args) -> Result<(), String> {
             emulate,
             socket,
             dma_layout,
-        } => vfio_user(host, device, emulate, &socket, dma_layout, link),
+            dma_timeout,
+        } => {
+            let dma = (dma_layout, std::time::Duration::from_secs(dma_timeout));
+            vfio_user(host, device, emulate, &socket, dma, link)
+        }
         Cmd::Bench {
             quick,
             transport,
@@ -722,7 +731,7 @@ fn vfio_user(
     device: Option<String>,
     emulate: Option<EmulateArg>,
     socket: &std::path::Path,
-    dma_layout: DmaLayoutArg,
+    (dma_layout, dma_timeout): (DmaLayoutArg, std::time::Duration),
     link: &keys::LinkArgs,
 ) -> Result<(), String> {
     use cio_backend::models::{Edu, Memory};
@@ -748,6 +757,7 @@ fn vfio_user(
             DmaLayoutArg::Spec => DmaLayout::Spec,
             DmaLayoutArg::Qemu10 => DmaLayout::Qemu,
         },
+        dma_timeout,
         ..ServerConfig::default()
     };
     let server = Server::bind(socket, config).map_err(|e| error_chain(&e))?;
