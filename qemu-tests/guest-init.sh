@@ -17,6 +17,23 @@ for m in $(cat /modules/order); do
 done
 
 ip link set lo up
+# Centiseconds since boot (busybox dd prints no rate).
+now() { read -r up _ < /proc/uptime; echo "${up%.*}${up#*.}"; }
+# One nvme's speeds through this kernel's own driver, O_DIRECT: MARKER DEV
+# MIB: MIB MiB from 8 MiB on in 1 MiB blocks (none if 0), then 64 reads
+# of 4 KiB one at a time.
+nvme_speeds() {
+    seq=""
+    if [ "$3" -gt 0 ]; then
+        t0=$(now)
+        dd if="$2" of=/dev/null bs=1M skip=8 count="$3" iflag=direct 2>/dev/null || echo "CIO-FAIL $1 read"
+        seq=" seq_read=$(($3 * 1024 * 100 / ($(now) - t0 + 1)))KiB/s"
+    fi
+    t0=$(now)
+    dd if="$2" of=/dev/null bs=4k count=64 iflag=direct 2>/dev/null || echo "CIO-FAIL $1 4k"
+    echo "$1$seq qd1_4k_read=$((64 * 100 / ($(now) - t0 + 1)))IOPS"
+}
+
 # The USB guest runs its whole scenario inside (qemu-tests/guest-usb.sh).
 case " $(cat /proc/cmdline) " in
     *" cio.test=usb "*)
@@ -50,6 +67,17 @@ fi
 # User-net learns the guest's MAC address from its first packet; until
 # then host port forwards cannot reach it.
 ping -c 1 -W 2 10.0.2.2 >/dev/null 2>&1 || arping -c 1 -I eth0 10.0.2.2 >/dev/null 2>&1
+
+# cio.nvme-local: the nvme's own speed through this guest's nvme driver
+# first (the baseline of the vfio-user test), before it goes to vfio-pci.
+case " $(cat /proc/cmdline) " in
+    *" cio.nvme-local "*)
+        insmod /modules/extra/nvme-core.ko && insmod /modules/extra/nvme.ko || echo "CIO-FAIL insmod nvme"
+        i=0
+        while [ ! -b /dev/nvme0n1 ] && [ $i -lt 300 ]; do i=$((i + 1)); sleep 0.1; done
+        nvme_speeds CIO-LOCAL /dev/nvme0n1 8
+        ;;
+esac
 
 # Bind the test devices to vfio-pci; each is served as NAME<index>.
 # For each: its config header as the kernel reads it (sysfs), and a local

@@ -27,9 +27,7 @@ echo "CIO-NVME serial=$(cat $c/serial) model=$(cat $c/model | tr ' ' _) driver=$
 watch() { ( sleep 120; echo "CIO-STUCK $1 after 120 s"; dmesg | tail -n 30 | sed 's/^/CIO-STUCK /' ) & }
 unwatch() { kill $! 2>/dev/null; }
 
-# Centiseconds since boot (busybox dd prints no rate), and a rate in KiB/s
-# of N MiB since T0.
-now() { read -r up _ < /proc/uptime; echo "${up%.*}${up#*.}"; }
+# A rate in KiB/s of N MiB since T0 (now: guest-init.sh).
 speed() { echo "$(($1 * 1024 * 100 / ($(now) - $2 + 1)))KiB/s"; }
 
 # The host wrote the image: read its first 4 MiB (O_DIRECT: from the device,
@@ -68,6 +66,11 @@ else
     echo "CIO-FAIL read back: $(cat /tmp/dd-back)"
 fi
 rm -f /tmp/head /tmp/new /tmp/back
+# The 4 KiB reads of guest A's local baseline (guest-init.sh; the read
+# back above is its sequential read).
+watch speeds
+nvme_speeds CIO-SPEEDS /dev/nvme0n1 0
+unwatch
 # Errors the driver logged (timeouts, resets, IOMMU faults).
 dmesg | grep -v "command line" -i | grep -i -e "nvme.*\(timeout\|reset\|error\|fail\)" -e "DMAR.*fault" |
     head -n 5 | sed 's/^/CIO-DMESG /'

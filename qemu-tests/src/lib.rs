@@ -182,12 +182,15 @@ impl Guest {
     /// Boots a guest with QEMU's nvme (serial `serial`) backed by the raw
     /// image file `image` and a QMP socket at `qmp` (for a clean quit that
     /// flushes the image), and waits until its ciod serves the nvme through
-    /// VFIO as `vnvme0`.
+    /// VFIO as `vnvme0`. `cmdline`: more kernel arguments (e.g.
+    /// `cio.nvme-local`: measure the nvme through the guest's own driver
+    /// first, a `CIO-LOCAL` line).
     pub fn boot_nvme(
         rig: &std::path::Path,
         serial: &str,
         image: &std::path::Path,
         qmp: &std::path::Path,
+        cmdline: &str,
     ) -> Self {
         let drive = format!("if=none,id=nvm,file={},format=raw", image.display());
         let device = format!("nvme,serial={serial},drive=nvm");
@@ -195,7 +198,7 @@ impl Guest {
         let mut g = Self::boot_with(
             rig,
             &["-drive", &drive, "-device", &device, "-qmp", &qmp_arg],
-            "",
+            cmdline,
         );
         g.wait_for("CIO-READY", Duration::from_secs(120))
             .unwrap_or_else(|e| panic!("{e}"));

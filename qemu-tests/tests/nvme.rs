@@ -47,7 +47,7 @@ fn nvme_driver_on_qemu_nvme_through_vfio() {
     std::fs::write(&img, pattern(0xfeed, IMAGE as usize)).unwrap();
     let qmp = dir.0.join("qmp.sock");
     let boot = Instant::now();
-    let mut g = Guest::boot_nvme(&rig, SERIAL, &img, &qmp);
+    let mut g = Guest::boot_nvme(&rig, SERIAL, &img, &qmp, "");
     let booted = boot.elapsed();
 
     let ep: Endpoint = format!("127.0.0.1:{}", g.port).parse().unwrap();

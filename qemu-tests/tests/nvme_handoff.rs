@@ -369,7 +369,7 @@ fn nvme_session_handed_to_another_process_and_resumed_across_cuts() {
     let fill = pattern(0xfeed, IMAGE as usize);
     std::fs::write(&img, &fill).unwrap();
     let qmp = dir.0.join("qmp.sock");
-    let mut g = Guest::boot_nvme(&rig, SERIAL, &img, &qmp);
+    let mut g = Guest::boot_nvme(&rig, SERIAL, &img, &qmp, "");
     let booted = total.elapsed();
 
     // Every link of both frontends goes through the proxy.
