@@ -361,25 +361,47 @@ enum Cmd {
     /// releases the device rather than keep the session for a resume) and
     /// removes the socket.
     ///
-    /// DMA needs guest RAM shared by fd and is cheapest with a vIOMMU in the
+    /// DMA is cheapest with guest RAM shared by fd and a vIOMMU in the
     /// guest (only what its driver maps is compared with the device's copy):
     ///   -object memory-backend-memfd,id=mem,size=1G,share=on
     ///   -machine q35,memory-backend=mem -device intel-iommu,caching-mode=on
-    /// A remote device answers slower than a local one and its link may be
-    /// resumed underneath: raise the client's reply timeout (QEMU:
-    /// x-msg-timeout=MILLISECONDS, default 5000) above cio's resume time.
+    /// Without shared RAM the server reaches guest memory by DMA_READ and
+    /// DMA_WRITE messages (slower; see README). A remote device answers
+    /// slower than a local one and its link may be resumed underneath: raise
+    /// the client's reply timeout (QEMU: x-msg-timeout=MILLISECONDS, default
+    /// 5000) above cio's resume time.
+    ///
+    /// Moving the VM (the device stays where it is): with --handoff-to, the
+    /// cio session outlives the client (QEMU after `device_del`) in a ticket
+    /// file; a `cio vfio-user --adopt TICKET` next to the VM's new QEMU
+    /// serves the same open device, whose state QEMU's realize-time reset
+    /// does not touch, to the re-plugged device.
     ///
     /// Examples:
     ///   cio vfio-user 192.0.2.10 vnvme0 --socket /tmp/nvme.sock
     ///   cio vfio-user --emulate edu --socket /tmp/edu.sock
+    ///   cio vfio-user 192.0.2.10 vedu0 --socket /tmp/a.sock --handoff-to /tmp/t
+    ///   cio vfio-user --adopt /tmp/t --socket /tmp/b.sock
     #[command(verbatim_doc_comment)]
     VfioUser {
-        /// Backend address (not with --emulate).
-        #[arg(required_unless_present = "emulate", conflicts_with = "emulate")]
+        /// Backend address (not with --emulate or --adopt).
+        #[arg(
+            required_unless_present_any = ["emulate", "adopt"],
+            conflicts_with_all = ["emulate", "adopt"]
+        )]
         host: Option<String>,
         /// Device name (from `cio list`).
-        #[arg(required_unless_present = "emulate")]
+        #[arg(required_unless_present_any = ["emulate", "adopt"])]
         device: Option<String>,
+        /// When the client disconnects, suspend the cio session into this
+        /// ticket file (mode 0600: it holds the session's secret) instead of
+        /// ending it: the device stays open, for `--adopt`.
+        #[arg(long, value_name = "FILE", conflicts_with = "emulate")]
+        handoff_to: Option<PathBuf>,
+        /// Serve the device of a session another `cio vfio-user
+        /// --handoff-to` suspended into this ticket, without resetting it.
+        #[arg(long, value_name = "TICKET", conflicts_with = "emulate")]
+        adopt: Option<PathBuf>,
         /// Serve an emulated model of this process instead of a remote device.
         #[arg(long, value_enum)]
         emulate: Option<EmulateArg>,
@@ -711,9 +733,17 @@ fn run(args: Args) -> Result<(), String> {
             socket,
             dma_layout,
             dma_timeout,
+            handoff_to,
+            adopt,
         } => {
             let dma = (dma_layout, std::time::Duration::from_secs(dma_timeout));
-            vfio_user(host, device, emulate, &socket, dma, link)
+            let source = match (emulate, adopt, host, device) {
+                (Some(e), ..) => VuSource::Emulate(e),
+                (None, Some(ticket), ..) => VuSource::Adopt(ticket),
+                (None, None, Some(host), Some(device)) => VuSource::Remote(host, device),
+                _ => return Err("give HOST and DEVICE, --emulate or --adopt".into()),
+            };
+            vfio_user(source, &socket, dma, handoff_to.as_deref(), link)
         }
         Cmd::Bench {
             quick,
@@ -725,32 +755,60 @@ fn run(args: Args) -> Result<(), String> {
     }
 }
 
+/// What `cio vfio-user` serves.
+enum VuSource {
+    Emulate(EmulateArg),
+    Remote(String, String),
+    /// A session in a handoff ticket.
+    Adopt(PathBuf),
+}
+
 /// `cio vfio-user`: serve one device to one vfio-user client.
 fn vfio_user(
-    host: Option<String>,
-    device: Option<String>,
-    emulate: Option<EmulateArg>,
+    source: VuSource,
     socket: &std::path::Path,
     (dma_layout, dma_timeout): (DmaLayoutArg, std::time::Duration),
+    handoff_to: Option<&std::path::Path>,
     link: &keys::LinkArgs,
 ) -> Result<(), String> {
     use cio_backend::models::{Edu, Memory};
     use cio_frontend::vfio_user::{DmaLayout, Server, ServerConfig};
     // The client outlives the device it opened.
     let mut _client = None;
-    let mut dev: Box<dyn cio_core::Device> = match (emulate, host, device) {
-        (Some(EmulateArg::Edu), _, _) => Box::new(Edu::new("edu0")),
-        (Some(EmulateArg::Memory), _, _) => Box::new(
+    let adopted = matches!(source, VuSource::Adopt(_));
+    let mut dev: Box<dyn cio_core::Device> = match source {
+        VuSource::Emulate(EmulateArg::Edu) => Box::new(Edu::new("edu0")),
+        VuSource::Emulate(EmulateArg::Memory) => Box::new(
             Memory::new("mem0", cio_backend::models::memory::DEFAULT_SIZE)
                 .map_err(|e| error_chain(&e))?,
         ),
-        (None, Some(host), Some(device)) => {
+        VuSource::Remote(host, device) => {
             let client = connect(&host, link)?;
             let dev = client.open(&device).map_err(|e| error_chain(&e))?;
             _client = Some(client);
             Box::new(dev)
         }
-        _ => return Err("give HOST and DEVICE, or --emulate".into()),
+        VuSource::Adopt(ticket) => {
+            let t = cio_frontend::Ticket::load(&ticket).map_err(|e| error_chain(&e))?;
+            let opts = link.options(&t.endpoint)?;
+            let (client, devs) = Client::adopt(&t, opts).map_err(|e| error_chain(&e))?;
+            let mut devs = devs.into_iter();
+            let (Some(dev), None) = (devs.next(), devs.next()) else {
+                return Err(format!(
+                    "{} must hold exactly one device (it holds {})",
+                    ticket.display(),
+                    t.devices().len()
+                ));
+            };
+            eprintln!(
+                "cio: adopted session {:#x} with {} from {}",
+                client.session(),
+                cio_core::Device::info(&dev).name,
+                ticket.display()
+            );
+            _client = Some(client);
+            Box::new(dev)
+        }
     };
     let config = ServerConfig {
         dma_layout: match dma_layout {
@@ -761,6 +819,9 @@ fn vfio_user(
         ..ServerConfig::default()
     };
     let server = Server::bind(socket, config).map_err(|e| error_chain(&e))?;
+    if adopted {
+        server.keep_device_state();
+    }
     stop_on_signal(_client.clone(), socket)?;
     let info = dev.info();
     eprintln!(
@@ -777,6 +838,24 @@ fn vfio_user(
         "cio: client disconnected after {} requests ({} answered with an error)",
         served.requests, served.errors
     );
+    if let Some(path) = handoff_to {
+        // The device stays open: it goes with the session (its handle's
+        // Close, when `dev` drops after this, no longer reaches the
+        // backend).
+        let client = _client.ok_or("--handoff-to needs a remote device")?;
+        let ticket = client.suspend().map_err(|e| error_chain(&e))?;
+        ticket.save(path).map_err(|e| error_chain(&e))?;
+        let left = ticket
+            .expires
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        eprintln!(
+            "cio: session {:#x} suspended into {} (adopt it within {:.0} s)",
+            ticket.session,
+            path.display(),
+            left.as_secs_f64()
+        );
+    }
     Ok(())
 }
 

@@ -63,7 +63,10 @@
 //!   `relay` module's eventfds, which sends the writes, waits for
 //!   the client to answer them, and only then signals the client's.
 //!
-//! No migration, no dirty bitmaps, no software-triggered interrupts.
+//! No live-migration state and no dirty bitmaps (QEMU's client has none);
+//! a device adopted from another server's session keeps its state across
+//! the new client's realize-time reset ([`Server::keep_device_state`]). No
+//! software-triggered interrupts.
 //!
 //! Malformed input never ends the process: a request whose header is
 //! intact gets an error reply (its fds are closed) and the next one is
@@ -77,6 +80,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -207,6 +211,9 @@ pub struct Served {
     pub requests: u64,
     /// Requests answered with (or, posted, logged as) an error.
     pub errors: u64,
+    /// DEVICE_RESETs answered without reaching the device
+    /// ([`Server::keep_device_state`]).
+    pub resets_kept: u64,
 }
 
 /// A vfio-user server on a Unix stream socket.
@@ -226,6 +233,8 @@ pub struct Server {
     listener: UnixListener,
     path: Option<PathBuf>,
     config: ServerConfig,
+    /// The next DEVICE_RESET is answered without reaching the device.
+    keep_state: AtomicBool,
 }
 
 impl Server {
@@ -251,6 +260,7 @@ impl Server {
             listener,
             path: Some(path),
             config,
+            keep_state: AtomicBool::new(false),
         })
     }
 
@@ -260,7 +270,17 @@ impl Server {
             listener,
             path: None,
             config,
+            keep_state: AtomicBool::new(false),
         }
+    }
+
+    /// The device comes from a session adopted live (a handoff ticket, at
+    /// a VM's migration): the next DEVICE_RESET, which QEMU sends while it
+    /// realizes the device, is answered without reaching the device, so
+    /// that what the device holds survives the move. Later resets (the
+    /// guest's) reach it.
+    pub fn keep_device_state(&self) {
+        self.keep_state.store(true, Ordering::Relaxed);
     }
 
     /// The socket path, when the server bound it.
@@ -302,6 +322,7 @@ impl Server {
             port,
             device,
             config: self.config,
+            keep_state: &self.keep_state,
             codec,
             negotiated: false,
             dma: BTreeMap::new(),
@@ -376,6 +397,8 @@ struct Connection<'a> {
     port: Arc<Port>,
     device: &'a mut dyn Device,
     config: ServerConfig,
+    /// [`Server::keep_device_state`]'s flag.
+    keep_state: &'a AtomicBool,
     codec: Codec,
     negotiated: bool,
     dma: BTreeMap<u64, DmaRange>,
@@ -1041,6 +1064,11 @@ impl Connection<'_> {
             Request::RegionWriteMulti(wrs) => {
                 self.refresh_dma();
                 self.write_multi(&wrs)
+            }
+            Request::DeviceReset if self.keep_state.swap(false, Ordering::Relaxed) => {
+                info!("vfio-user: the device was adopted live: this reset does not reach it");
+                self.served.resets_kept += 1;
+                Ok(Reply::DeviceReset)
             }
             Request::DeviceReset => match self.device.reset() {
                 Ok(()) => Ok(Reply::DeviceReset),
