@@ -1391,7 +1391,9 @@ impl Connection<'_> {
             (false, false) => return fail(Errno::EINVAL, "DMA_MAP allows neither read nor write"),
         };
         let remote = fd.is_none();
-        if remote {
+        // Only what the device may write needs its writes sent ahead of
+        // its interrupts (a ROM QEMU maps read-only does not).
+        if remote && dir.device_writes() {
             self.start_relay()?;
         }
         let region = self.map(&m, dir, fd.as_ref())?;
