@@ -1,0 +1,339 @@
+//! A VM with a `vfio-user-pci` device moves to another QEMU while the device
+//! stays on its host: the documented path, since QEMU carries no state for a
+//! vfio-user device. A host ciod serves an emulated edu; `cio vfio-user
+//! --handoff-to` serves it to the source QEMU, whose guest uses it through
+//! its own vfio-pci (the host runs the edu self-test through the guest's
+//! ciod). Then: `device_del` (the guest sees a PCIe hot-unplug), the server
+//! suspends its cio session into a ticket; `migrate` to a second QEMU on
+//! this machine; `cio vfio-user --adopt` serves the same session to it and
+//! `device_add` plugs the device back (a hot-plug); the guest binds it again
+//! and the self-test passes through the destination. The device on the
+//! host is never closed: the adopter names the session the source handed
+//! off, and the destination's realize-time reset does not reach it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cio_core::Device;
+use cio_frontend::drivers::edu::self_test_parts;
+use cio_frontend::{Client, ClientOptions};
+use cio_qemu_tests::{qemu11, rig, rig_binary, Guest, Killed, TempDir, SHARED_RAM};
+use cio_transports::{Endpoint, Psk};
+use serde_json::{json, Value};
+
+/// A QMP connection.
+struct Qmp {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+    /// Events seen so far, by name.
+    events: Vec<String>,
+}
+
+impl Qmp {
+    fn connect(sock: &Path) -> Qmp {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let s = loop {
+            match UnixStream::connect(sock) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => panic!("qmp {}: {e}", sock.display()),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut q = Qmp {
+            w: s.try_clone().unwrap(),
+            r: BufReader::new(s),
+            events: Vec::new(),
+        };
+        let greeting = q.next();
+        assert!(greeting.get("QMP").is_some(), "{greeting}");
+        q.execute("qmp_capabilities", json!({}));
+        q
+    }
+
+    fn next(&mut self) -> Value {
+        let mut line = String::new();
+        self.r.read_line(&mut line).expect("reading QMP");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP sent {line:?}: {e}"))
+    }
+
+    /// Runs a command; its `return` (panics on an error).
+    fn execute(&mut self, command: &str, arguments: Value) -> Value {
+        let msg = json!({"execute": command, "arguments": arguments});
+        writeln!(self.w, "{msg}").unwrap();
+        loop {
+            let m = self.next();
+            if let Some(e) = m.get("event").and_then(Value::as_str) {
+                self.events.push(e.to_string());
+            } else if let Some(r) = m.get("return") {
+                return r.clone();
+            } else {
+                panic!("{command}: {m}");
+            }
+        }
+    }
+
+    /// Waits (at most `timeout`) for the event `name`.
+    fn wait_event(&mut self, name: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.events.iter().any(|e| e == name) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            // Events arrive on their own; a cheap command reads them in.
+            self.execute("query-status", json!({}));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        true
+    }
+}
+
+/// The vfio-user device on the hot-pluggable root port `rp0`.
+fn device(sock: &Path) -> Value {
+    json!({
+        "driver": "vfio-user-pci",
+        "id": "vu0",
+        "bus": "rp0",
+        "socket": {"type": "unix", "path": sock},
+        "x-msg-timeout": 60000
+    })
+}
+
+/// Starts `cio vfio-user ARGS --socket SOCK` (log in `log`), without
+/// waiting.
+fn server(rig: &Path, args: &[&str], sock: &Path, log: &Path) -> Killed {
+    Killed(
+        Command::new(rig_binary(rig, "cio"))
+            .arg("vfio-user")
+            .args(args)
+            .arg("--socket")
+            .arg(sock)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(log).unwrap())
+            .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+            .spawn()
+            .expect("starting cio vfio-user"),
+    )
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+        + &std::fs::read_to_string(path.with_extension("err")).unwrap_or_default()
+}
+
+/// Waits (at most 20 s) until `path` exists.
+fn wait_file(path: &Path) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+/// The edu self-test through the guest's ciod at `port` (its key `key`).
+fn self_test(port: u16, key: &str, what: &str) {
+    let ep: Endpoint = format!("127.0.0.1:{port}").parse().unwrap();
+    let client = Client::connect(
+        &ep,
+        ClientOptions {
+            psk: Some(Psk::new(key.as_bytes().to_vec()).unwrap()),
+            reply_timeout: Duration::from_secs(60),
+            ..ClientOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{what}: connecting to the guest's ciod: {e}"));
+    let mut dev = client.open("vedu0").unwrap();
+    assert_eq!(Device::info(&dev).vendor, 0x1234, "{what}");
+    let report = self_test_parts(&mut dev, Some(0x10_0000), false, |s| {
+        eprintln!("{what}: {s}")
+    })
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(report.interrupts, 3, "{what}: MSI and INTx");
+    assert_eq!(report.dma_bytes, 2 * 4095, "{what}");
+}
+
+#[test]
+fn a_vm_moves_with_its_vfio_user_device_unplugged_and_plugged_back() {
+    let Some(rig) = rig() else { return };
+    let qemu11 = qemu11(&rig);
+    let dir = TempDir(std::env::temp_dir().join(format!("cio-vu-mig-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+
+    // The device's host: a ciod with the emulated edu.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let key = format!("host-ciod-key-{port}-0123456789abcdef");
+    let psk = dir.0.join("psk");
+    std::fs::write(&psk, &key).unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let _ciod = Killed(
+        Command::new(rig_binary(&rig, "ciod"))
+            .args(["--listen", &listen, "--emulate", "edu", "--psk-file"])
+            .arg(&psk)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting ciod"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&listen).is_err() {
+        assert!(Instant::now() < deadline, "the host ciod does not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let psk_arg = psk.to_str().unwrap();
+    let (sock_a, sock_b) = (dir.0.join("a.sock"), dir.0.join("b.sock"));
+    let (log_a, log_b) = (dir.0.join("a.log"), dir.0.join("b.log"));
+    let ticket = dir.0.join("ticket");
+    let ticket_arg = ticket.to_str().unwrap();
+    let mut first = server(
+        &rig,
+        &[
+            &listen,
+            "edu0",
+            "--psk-file",
+            psk_arg,
+            "--handoff-to",
+            ticket_arg,
+        ],
+        &sock_a,
+        &log_a,
+    );
+    assert!(wait_file(&sock_a), "no socket: {}", read(&log_a));
+
+    // The source VM, the device on a hot-pluggable PCIe root port (native
+    // PCIe hotplug: the guest's pciehp).
+    let root_port = [
+        "-device",
+        "pcie-root-port,id=rp0,chassis=1,slot=1",
+        "-global",
+        "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+    ];
+    let (qmp_a, qmp_b) = (dir.0.join("qmp-a.sock"), dir.0.join("qmp-b.sock"));
+    let qmp_arg = |p: &Path| format!("unix:{},server=on,wait=off", p.display());
+    let (qa, dev_a) = (qmp_arg(&qmp_a), device(&sock_a).to_string());
+    let mut args: Vec<&str> = SHARED_RAM.to_vec();
+    args.extend(root_port);
+    args.extend(["-qmp", &qa, "-device", &dev_a]);
+    let mut src = Guest::boot_qemu(&qemu11, &rig, &args, "");
+    src.wait_for("CIO-READY", Duration::from_secs(180))
+        .unwrap_or_else(|e| panic!("{e}\n{}", read(&log_a)));
+    let vfio = src.lines_with("CIO-VFIO vedu0");
+    assert_eq!(vfio.len(), 1, "the edu bound to vfio-pci: {vfio:?}");
+    let bdf = vfio[0]
+        .split("CIO-VFIO vedu0 ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    self_test(src.port, &src.key, "before the move");
+
+    // The guest lets go of the device (its ciod holds it through VFIO),
+    // then it is unplugged.
+    let started = Instant::now();
+    let (rc, out) = src
+        .run("kill $(pidof ciod); sleep 0.5", Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(rc, 0, "{out}");
+    let mut qa = Qmp::connect(&qmp_a);
+    qa.execute("device_del", json!({"id": "vu0"}));
+    assert!(
+        qa.wait_event("DEVICE_DELETED", Duration::from_secs(60)),
+        "the guest did not release the device: {:?}",
+        src.run("dmesg | tail -n 20", Duration::from_secs(30))
+    );
+    let unplugged = started.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while first.0.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the source server did not hand off: {}",
+            read(&log_a)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let handed = read(&log_a);
+    assert!(first.0.wait().unwrap().success(), "{handed}");
+    let session = handed
+        .lines()
+        .find(|l| l.contains("suspended into"))
+        .and_then(|l| l.split("session ").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no ticket in the source's log: {handed}"))
+        .to_string();
+
+    // The destination QEMU, same machine without the device, waiting for
+    // the migration.
+    let incoming = format!("unix:{}", dir.0.join("mig.sock").display());
+    let qb = qmp_arg(&qmp_b);
+    let mut args: Vec<&str> = SHARED_RAM.to_vec();
+    args.extend(root_port);
+    args.extend(["-qmp", &qb, "-incoming", &incoming]);
+    let mut dst = Guest::boot_qemu(&qemu11, &rig, &args, "");
+    let mut qb = Qmp::connect(&qmp_b);
+    qa.execute("migrate", json!({"uri": incoming}));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let r = qa.execute("query-migrate", json!({}));
+        let s = r["status"].as_str().unwrap_or("").to_string();
+        if s == "completed" || s == "failed" || Instant::now() > deadline {
+            break (s, r);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status.0, "completed", "{}", status.1);
+    let migrated = started.elapsed();
+
+    // Next to it: the adopter, then the device plugged back.
+    let _second = server(&rig, &["--adopt", ticket_arg], &sock_b, &log_b);
+    assert!(wait_file(&sock_b), "no socket: {}", read(&log_b));
+    qb.execute("device_add", device(&sock_b));
+    // The guest's pciehp brings it up; it goes to vfio-pci again and a
+    // ciod serves it as before.
+    let bind = format!(
+        "d=/sys/bus/pci/devices/{bdf}; i=0; while [ ! -e $d ] && [ $i -lt 300 ]; do i=$((i+1)); sleep 0.1; done; \
+         echo vfio-pci > $d/driver_override && echo {bdf} > /sys/bus/pci/drivers_probe && \
+         basename $(readlink $d/driver) && \
+         (/bin/ciod --listen 0.0.0.0:7451 --no-announce --insecure-plaintext --psk-file /tmp/psk \
+         --vfio {bdf}=vedu0 > /tmp/ciod2.log 2>&1 &) && \
+         i=0; while ! grep -q ':1D1B 00000000:0000 0A' /proc/net/tcp && [ $i -lt 200 ]; do i=$((i+1)); sleep 0.1; done"
+    );
+    let (rc, out) = dst.run(&bind, Duration::from_secs(90)).unwrap();
+    assert_eq!(
+        rc,
+        0,
+        "{out}\n{:?}",
+        dst.run("dmesg | tail -n 20", Duration::from_secs(30))
+    );
+    assert!(out.contains("vfio-pci"), "{out}");
+    let replugged = started.elapsed();
+    // The guest's key is the source's (its memory came along).
+    self_test(dst.port, &src.key, "after the move");
+
+    let adopted = read(&log_b);
+    assert!(
+        adopted.contains(&format!("adopted session {session}")),
+        "the adopter took the source's session {session}: {adopted}"
+    );
+    assert!(
+        adopted.contains("does not reach it"),
+        "the destination's realize-time reset was kept from the device: {adopted}"
+    );
+    eprintln!(
+        "vfio-user device moved with the VM: unplugged after {unplugged:?}, migrated after {migrated:?}, \
+         plugged back and bound after {replugged:?}; guest-visible: a PCIe hot-unplug and a hot-plug"
+    );
+    drop(dst);
+    drop(src);
+}
