@@ -40,8 +40,9 @@
 //!   fetched again until a pass finds them as the pass before did, so the
 //!   device never sees a command the guest was halfway through writing
 //!   (the guest writes a command before the index that publishes it).
-//! - Between requests the rings are fetched again after 5 ms, then twice
-//!   as long each time nothing changed, up to 1 s (`Watch`): a device that
+//! - Between requests the rings (ranges the device reads and writes that
+//!   have been mapped for a second) are fetched again after 5 ms, then
+//!   twice as long each time nothing changed, up to 1 s (`Watch`): a device that
 //!   reads commands from guest memory no register write announced
 //!   (nvme's shadow doorbells) gets them in bounded time.
 //! - Requests that expect a reply are never held back for a DMA reply:
