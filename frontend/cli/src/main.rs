@@ -35,6 +35,7 @@ mod discover;
 mod json;
 mod keys;
 mod libvirt;
+mod migrate;
 mod progress;
 mod regs;
 mod soak;
@@ -420,6 +421,59 @@ enum Cmd {
               value_parser = clap::value_parser!(u64).range(1..=3600))]
         dma_timeout: u64,
     },
+    /// Move a VM to another QEMU while its vfio-user device stays on its host.
+    ///
+    /// QEMU carries no state for a vfio-user device, so the device is
+    /// unplugged for the move and plugged back after it; the cio session,
+    /// and with it the open device (never reset), goes from the source's
+    /// `cio vfio-user --handoff-to TICKET` to a `cio vfio-user --adopt
+    /// TICKET` this command starts (detached, its log next to the ticket).
+    /// Steps, each waited for: device_del on the source (the guest sees a
+    /// PCIe hot-unplug; a program in it holding the device must let go),
+    /// the ticket, the adopter listening on --socket, migrate to --uri, and
+    /// device_add on the destination's --bus (a hot-plug: the guest's driver
+    /// probes the device again).
+    ///
+    /// Both QMP sockets and the ticket must be reachable from here, which is
+    /// where the adopter runs: next to the destination QEMU. The device must
+    /// sit on a hot-pluggable PCIe root port (-device pcie-root-port,id=rp0,…
+    /// and bus=rp0 on the vfio-user-pci); the destination QEMU runs with
+    /// -incoming and the same machine, without the device.
+    ///
+    /// Example:
+    ///   cio --psk-file key migrate --from /run/src.qmp --to /run/dst.qmp \
+    ///       --device vu0 --bus rp0 --ticket /run/vu0.ticket \
+    ///       --socket /run/vu0-b.sock --uri unix:/run/mig.sock
+    #[command(verbatim_doc_comment)]
+    Migrate {
+        /// The source QEMU's QMP socket (-qmp unix:PATH,server=on,wait=off).
+        #[arg(long, value_name = "QMP")]
+        from: PathBuf,
+        /// The destination QEMU's QMP socket.
+        #[arg(long, value_name = "QMP")]
+        to: PathBuf,
+        /// The vfio-user-pci device's QEMU id.
+        #[arg(long, value_name = "ID")]
+        device: String,
+        /// The PCIe root port the device is plugged back into.
+        #[arg(long, value_name = "BUS")]
+        bus: String,
+        /// The ticket the source's `cio vfio-user --handoff-to` writes.
+        #[arg(long, value_name = "FILE")]
+        ticket: PathBuf,
+        /// The socket the adopter serves the destination's device on.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// Where the source QEMU migrates to (unix:PATH, tcp:HOST:PORT, …).
+        #[arg(long, value_name = "URI")]
+        uri: String,
+        /// Seconds each step may take (the migration itself: at least 600).
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        timeout: u64,
+        /// The re-plugged device's reply timeout (QEMU's x-msg-timeout).
+        #[arg(long, value_name = "MS", default_value_t = 60000)]
+        msg_timeout: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -745,6 +799,28 @@ fn run(args: Args) -> Result<(), String> {
             };
             vfio_user(source, &socket, dma, handoff_to.as_deref(), link)
         }
+        Cmd::Migrate {
+            from,
+            to,
+            device,
+            bus,
+            ticket,
+            socket,
+            uri,
+            timeout,
+            msg_timeout,
+        } => migrate::run(&migrate::Plan {
+            from,
+            to,
+            device,
+            bus,
+            ticket,
+            socket,
+            uri,
+            timeout: std::time::Duration::from_secs(timeout.max(1)),
+            msg_timeout_ms: msg_timeout,
+            link_args: link.to_args(),
+        }),
         Cmd::Bench {
             quick,
             transport,

@@ -18,6 +18,7 @@ fn man_page_and_completions_name_every_command() {
         "dump",
         "usb",
         "vfio\\-user",
+        "migrate",
         "soak",
         "bench",
     ] {

@@ -3,7 +3,8 @@
 //! client leaves (QEMU after `device_del`), suspends the cio session into a
 //! ticket; the second `--adopt`s it and serves the same open device, whose
 //! state the new client's first reset (QEMU's realize) does not touch. A
-//! small vfio-user client stands in for both QEMUs.
+//! small vfio-user client stands in for both QEMUs. (The whole move, with
+//! `cio migrate` and two QEMUs, is in qemu-tests/tests/vfio_user_migrate.rs.)
 
 mod common;
 
@@ -181,4 +182,32 @@ fn an_adopted_device_keeps_its_state_across_two_servers() {
     let (ok, out) = common::cio(&["vfio-user", "--adopt", t, "--socket", a.to_str().unwrap()]);
     assert!(!ok, "{out}");
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn cio_migrate_says_what_it_cannot_reach() {
+    let tmp = std::env::temp_dir().join(format!("cio-migrate-{}", std::process::id()));
+    let (src, dst) = (tmp.join("src.qmp"), tmp.join("dst.qmp"));
+    let (ok, out) = common::cio(&[
+        "migrate",
+        "--from",
+        src.to_str().unwrap(),
+        "--to",
+        dst.to_str().unwrap(),
+        "--device",
+        "vu0",
+        "--bus",
+        "rp0",
+        "--ticket",
+        tmp.join("t").to_str().unwrap(),
+        "--socket",
+        tmp.join("b.sock").to_str().unwrap(),
+        "--uri",
+        "unix:/nonexistent",
+    ]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("source QMP") && out.contains("src.qmp"),
+        "{out}"
+    );
 }
