@@ -445,35 +445,7 @@ enum Cmd {
     ///       --device vu0 --bus rp0 --ticket /run/vu0.ticket \
     ///       --socket /run/vu0-b.sock --uri unix:/run/mig.sock
     #[command(verbatim_doc_comment)]
-    Migrate {
-        /// The source QEMU's QMP socket (-qmp unix:PATH,server=on,wait=off).
-        #[arg(long, value_name = "QMP")]
-        from: PathBuf,
-        /// The destination QEMU's QMP socket.
-        #[arg(long, value_name = "QMP")]
-        to: PathBuf,
-        /// The vfio-user-pci device's QEMU id.
-        #[arg(long, value_name = "ID")]
-        device: String,
-        /// The PCIe root port the device is plugged back into.
-        #[arg(long, value_name = "BUS")]
-        bus: String,
-        /// The ticket the source's `cio vfio-user --handoff-to` writes.
-        #[arg(long, value_name = "FILE")]
-        ticket: PathBuf,
-        /// The socket the adopter serves the destination's device on.
-        #[arg(long, value_name = "PATH")]
-        socket: PathBuf,
-        /// Where the source QEMU migrates to (unix:PATH, tcp:HOST:PORT, …).
-        #[arg(long, value_name = "URI")]
-        uri: String,
-        /// Seconds each step may take (the migration itself: at least 600).
-        #[arg(long, value_name = "SECS", default_value_t = 60)]
-        timeout: u64,
-        /// The re-plugged device's reply timeout (QEMU's x-msg-timeout).
-        #[arg(long, value_name = "MS", default_value_t = 60000)]
-        msg_timeout: u64,
-    },
+    Migrate(migrate::Plan),
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -799,28 +771,7 @@ fn run(args: Args) -> Result<(), String> {
             };
             vfio_user(source, &socket, dma, handoff_to.as_deref(), link)
         }
-        Cmd::Migrate {
-            from,
-            to,
-            device,
-            bus,
-            ticket,
-            socket,
-            uri,
-            timeout,
-            msg_timeout,
-        } => migrate::run(&migrate::Plan {
-            from,
-            to,
-            device,
-            bus,
-            ticket,
-            socket,
-            uri,
-            timeout: std::time::Duration::from_secs(timeout.max(1)),
-            msg_timeout_ms: msg_timeout,
-            link_args: link.to_args(),
-        }),
+        Cmd::Migrate(plan) => migrate::run(&plan, &link.to_args()),
         Cmd::Bench {
             quick,
             transport,

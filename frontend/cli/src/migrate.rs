@@ -19,28 +19,37 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-/// What `cio migrate` needs.
+/// What `cio migrate` needs (its command line).
+#[derive(Debug, clap::Args)]
 pub struct Plan {
-    /// The source QEMU's QMP socket.
+    /// The source QEMU's QMP socket (-qmp unix:PATH,server=on,wait=off).
+    #[arg(long, value_name = "QMP")]
     pub from: PathBuf,
-    /// The destination QEMU's QMP socket (started with `-incoming`).
+    /// The destination QEMU's QMP socket.
+    #[arg(long, value_name = "QMP")]
     pub to: PathBuf,
-    /// The device's QEMU id.
+    /// The vfio-user-pci device's QEMU id.
+    #[arg(long, value_name = "ID")]
     pub device: String,
-    /// The PCIe root port it sits on (it must be hot-pluggable).
+    /// The PCIe root port the device is plugged back into.
+    #[arg(long, value_name = "BUS")]
     pub bus: String,
-    /// The ticket file the source's `cio vfio-user --handoff-to` writes.
+    /// The ticket the source's `cio vfio-user --handoff-to` writes.
+    #[arg(long, value_name = "FILE")]
     pub ticket: PathBuf,
-    /// The adopter's socket, for the destination's device.
+    /// The socket the adopter serves the destination's device on.
+    #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
-    /// The migration URI (`unix:PATH`, `tcp:HOST:PORT`, …).
+    /// Where the source QEMU migrates to (unix:PATH, tcp:HOST:PORT, …).
+    #[arg(long, value_name = "URI")]
     pub uri: String,
-    /// How long each step may take.
-    pub timeout: Duration,
-    /// The reply timeout of the re-plugged device (QEMU's x-msg-timeout).
+    /// Seconds each step may take (the migration itself: at least 600).
+    #[arg(long = "timeout", value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub timeout_secs: u64,
+    /// The re-plugged device's reply timeout (QEMU's x-msg-timeout).
+    #[arg(long = "msg-timeout", value_name = "MS", default_value_t = 60000)]
     pub msg_timeout_ms: u64,
-    /// Link options for the adopter (`--psk-file`, …).
-    pub link_args: Vec<std::ffi::OsString>,
 }
 
 /// A QMP connection.
@@ -135,8 +144,10 @@ fn wait_until(
     }
 }
 
-/// Runs the plan, saying what happens on stderr.
-pub fn run(p: &Plan) -> Result<(), String> {
+/// Runs the plan, saying what happens on stderr; `link_args` go to the
+/// adopter (`--psk-file`, …).
+pub fn run(p: &Plan, link_args: &[std::ffi::OsString]) -> Result<(), String> {
+    let timeout = Duration::from_secs(p.timeout_secs);
     let started = Instant::now();
     let say = |what: &str| {
         eprintln!(
@@ -158,10 +169,10 @@ pub fn run(p: &Plan) -> Result<(), String> {
         "device_del {}: waiting for the guest to let go of it",
         p.device
     ));
-    src.wait_event("DEVICE_DELETED", p.timeout)
+    src.wait_event("DEVICE_DELETED", timeout)
         .map_err(|e| format!("{e} (does a program in the guest keep the device open?)"))?;
     say("unplugged; waiting for the source's server to write the ticket");
-    if !wait_until(p.timeout, || Ok(p.ticket.exists()))? {
+    if !wait_until(timeout, || Ok(p.ticket.exists()))? {
         return Err(format!(
             "no ticket at {} (was the source's cio vfio-user started with --handoff-to {}?)",
             p.ticket.display(),
@@ -169,7 +180,7 @@ pub fn run(p: &Plan) -> Result<(), String> {
         ));
     }
 
-    let adopter = spawn_adopter(p)?;
+    let adopter = spawn_adopter(p, link_args, timeout)?;
     say(&format!(
         "adopter (pid {}) serves the session on {}",
         adopter,
@@ -179,7 +190,7 @@ pub fn run(p: &Plan) -> Result<(), String> {
     src.execute("migrate", json!({"uri": p.uri}))?;
     say(&format!("migrating to {}", p.uri));
     let mut last = Value::Null;
-    let done = wait_until(p.timeout.max(Duration::from_secs(600)), || {
+    let done = wait_until(timeout.max(Duration::from_secs(600)), || {
         last = src.execute("query-migrate", json!({}))?;
         Ok(matches!(
             last["status"].as_str(),
@@ -216,7 +227,11 @@ pub fn run(p: &Plan) -> Result<(), String> {
 
 /// Starts `cio vfio-user --adopt` detached (its own process group, its log
 /// next to the ticket) and waits until it listens.
-fn spawn_adopter(p: &Plan) -> Result<u32, String> {
+fn spawn_adopter(
+    p: &Plan,
+    link_args: &[std::ffi::OsString],
+    timeout: Duration,
+) -> Result<u32, String> {
     use std::os::unix::process::CommandExt;
     let log_path = p.ticket.with_extension("adopter.log");
     let log = std::fs::File::create(&log_path)
@@ -224,7 +239,7 @@ fn spawn_adopter(p: &Plan) -> Result<u32, String> {
     let _ = std::fs::remove_file(&p.socket);
     let exe = std::env::current_exe().map_err(|e| format!("finding this program: {e}"))?;
     let mut child = std::process::Command::new(exe)
-        .args(&p.link_args)
+        .args(link_args)
         .arg("vfio-user")
         .arg("--adopt")
         .arg(&p.ticket)
@@ -237,7 +252,7 @@ fn spawn_adopter(p: &Plan) -> Result<u32, String> {
         .spawn()
         .map_err(|e| format!("starting cio vfio-user --adopt: {e}"))?;
     let pid = child.id();
-    let listening = wait_until(p.timeout, || {
+    let listening = wait_until(timeout, || {
         if let Ok(Some(status)) = child.try_wait() {
             let why = std::fs::read_to_string(&log_path).unwrap_or_default();
             return Err(format!("the adopter exited ({status}): {}", why.trim()));
