@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::detached;
 use crate::keys::LinkArgs;
 
 /// The namespace of cio's elements in a domain's metadata.
@@ -136,54 +137,22 @@ pub fn hook(
 
 /// Starts one server and waits until it listens (or fails).
 fn start(dir: &Path, index: usize, d: &HookDevice, link: &LinkArgs) -> Result<(), String> {
-    use std::os::unix::process::CommandExt;
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let log_path = dir.join(format!("{index}.log"));
-    let log = std::fs::File::create(&log_path)
-        .map_err(|e| format!("creating {}: {e}", log_path.display()))?;
-    // A stale socket would look like a listening server.
-    let _ = std::fs::remove_file(&d.socket);
-    let exe = std::env::current_exe().map_err(|e| format!("finding this program: {e}"))?;
-    let mut child = std::process::Command::new(exe)
-        .args(link.to_args())
-        .args(&d.link)
-        .arg("vfio-user")
-        .args([&d.host, &d.name])
-        .arg("--socket")
-        .arg(&d.socket)
-        .process_group(0)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("starting cio vfio-user: {e}"))?;
+    let mut args = link.to_args();
+    args.extend(d.link.iter().map(Into::into));
+    args.extend(["vfio-user".into(), (&d.host).into(), (&d.name).into()]);
+    args.extend(["--socket".into(), d.socket.clone().into_os_string()]);
+    let mut child = detached::spawn(&args, &d.socket, &log_path)?;
+    // Recorded first: a server that does not come up is stopped with the
+    // others.
     let pid_path = dir.join(format!("{index}.pid"));
     std::fs::write(
         &pid_path,
         format!("{}\n{}\n", child.id(), d.socket.display()),
     )
     .map_err(|e| format!("writing {}: {e}", pid_path.display()))?;
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if d.socket.exists() {
-            return Ok(());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            let why = std::fs::read_to_string(&log_path).unwrap_or_default();
-            return Err(format!(
-                "cio vfio-user exited ({status}): {}",
-                why.trim().trim_start_matches("cio: ")
-            ));
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "no socket at {} after {START_TIMEOUT:?} (log: {})",
-                d.socket.display(),
-                log_path.display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    detached::wait_listening(&mut child, &d.socket, &log_path, START_TIMEOUT)
 }
 
 /// Stops every server recorded in `dir` and removes it.

@@ -31,6 +31,7 @@ macro_rules! out {
 
 mod bench;
 mod demo;
+mod detached;
 mod discover;
 mod json;
 mod keys;

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::detached;
+
 /// What `cio migrate` needs (its command line).
 #[derive(Debug, clap::Args)]
 pub struct Plan {
@@ -225,46 +227,24 @@ pub fn run(p: &Plan, link_args: &[std::ffi::OsString]) -> Result<(), String> {
     Ok(())
 }
 
-/// Starts `cio vfio-user --adopt` detached (its own process group, its log
-/// next to the ticket) and waits until it listens.
+/// Starts `cio vfio-user --adopt` detached (its log next to the ticket)
+/// and waits until it listens.
 fn spawn_adopter(
     p: &Plan,
     link_args: &[std::ffi::OsString],
     timeout: Duration,
 ) -> Result<u32, String> {
-    use std::os::unix::process::CommandExt;
     let log_path = p.ticket.with_extension("adopter.log");
-    let log = std::fs::File::create(&log_path)
-        .map_err(|e| format!("creating {}: {e}", log_path.display()))?;
-    let _ = std::fs::remove_file(&p.socket);
-    let exe = std::env::current_exe().map_err(|e| format!("finding this program: {e}"))?;
-    let mut child = std::process::Command::new(exe)
-        .args(link_args)
-        .arg("vfio-user")
-        .arg("--adopt")
-        .arg(&p.ticket)
-        .arg("--socket")
-        .arg(&p.socket)
-        .process_group(0)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("starting cio vfio-user --adopt: {e}"))?;
-    let pid = child.id();
-    let listening = wait_until(timeout, || {
-        if let Ok(Some(status)) = child.try_wait() {
-            let why = std::fs::read_to_string(&log_path).unwrap_or_default();
-            return Err(format!("the adopter exited ({status}): {}", why.trim()));
-        }
-        Ok(p.socket.exists())
-    })?;
-    if !listening {
-        return Err(format!(
-            "the adopter does not listen on {} (log: {})",
-            p.socket.display(),
-            log_path.display()
-        ));
-    }
-    Ok(pid)
+    let mut args = link_args.to_vec();
+    args.extend([
+        "vfio-user".into(),
+        "--adopt".into(),
+        p.ticket.clone().into(),
+    ]);
+    args.extend(["--socket".into(), p.socket.clone().into()]);
+    let mut child =
+        detached::spawn(&args, &p.socket, &log_path).map_err(|e| format!("the adopter: {e}"))?;
+    detached::wait_listening(&mut child, &p.socket, &log_path, timeout)
+        .map_err(|e| format!("the adopter: {e}"))?;
+    Ok(child.id())
 }
