@@ -678,10 +678,10 @@ fn edu_dma_irq(c: &mut TestClient, efd: &EventFd, src: u64, dst: u64, len: u32, 
 const MSG_IOVA: u64 = 0x10_0000;
 const MSG_SIZE: usize = 0x4000;
 
-/// edu DMAs to and from guest memory that is not shared: the server
-/// fetches what the device reads with DMA_READ before each doorbell, and
-/// sends what it writes with DMA_WRITE before the interrupt that follows.
-fn dma_through_messages(c: &mut TestClient) {
+/// Negotiates, maps [`MSG_SIZE`] bytes of guest memory reached by messages
+/// at [`MSG_IOVA`] (answered from the returned memory), turns bus
+/// mastering on and routes MSI to the returned eventfd.
+fn edu_on_messages(c: &mut TestClient) -> (Arc<MsgRam>, EventFd) {
     c.version();
     let ram = MsgRam::new(MSG_IOVA, MSG_SIZE);
     c.serve_dma(Arc::clone(&ram));
@@ -689,6 +689,14 @@ fn dma_through_messages(c: &mut TestClient) {
     bus_master_on(c);
     let efd = EventFd::new(EFD_NONBLOCK).unwrap();
     assert_eq!(c.set_irqs(1, &[efd.as_raw_fd()]), Ok(Reply::DeviceSetIrqs));
+    (ram, efd)
+}
+
+/// edu DMAs to and from guest memory that is not shared: the server
+/// fetches what the device reads with DMA_READ before each doorbell, and
+/// sends what it writes with DMA_WRITE before the interrupt that follows.
+fn dma_through_messages(c: &mut TestClient) {
+    let (ram, efd) = edu_on_messages(c);
 
     // Guest → device → guest, three times, the source across a page
     // boundary: changed in place the second time, zeros over older guest
@@ -779,13 +787,7 @@ fn dma_through_messages(c: &mut TestClient) {
 /// (QEMU maps on a vCPU that holds the lock its DMA answers need) is
 /// answered at once, and the doorbell still waits for guest memory.
 fn dma_map_during_a_fetch(c: &mut TestClient) {
-    c.version();
-    let ram = MsgRam::new(MSG_IOVA, MSG_SIZE);
-    c.serve_dma(Arc::clone(&ram));
-    assert_eq!(map_by_messages(c, &ram, MSG_SIZE as u64), Ok(Reply::DmaMap));
-    bus_master_on(c);
-    let efd = EventFd::new(EFD_NONBLOCK).unwrap();
-    assert_eq!(c.set_irqs(1, &[efd.as_raw_fd()]), Ok(Reply::DeviceSetIrqs));
+    let (ram, efd) = edu_on_messages(c);
 
     let data = pattern(7, 2000);
     ram.write(0x100, &data);
