@@ -72,6 +72,52 @@ impl Drop for Killed {
     }
 }
 
+/// A ciod of the rig on the host serving the emulated edu as `edu0`, on
+/// an ephemeral loopback port with a pre-shared key.
+#[derive(Debug)]
+pub struct HostCiod {
+    /// Its address, `127.0.0.1:PORT`.
+    pub listen: String,
+    /// Its key file (for `--psk-file`).
+    pub psk: PathBuf,
+    _child: Killed,
+}
+
+impl HostCiod {
+    /// Starts it (the key file goes into `dir`) and waits until it listens.
+    pub fn start(rig: &std::path::Path, dir: &std::path::Path) -> HostCiod {
+        let port = free_port();
+        let psk = dir.join("psk");
+        std::fs::write(&psk, format!("host-ciod-key-{port}-0123456789abcdef")).unwrap();
+        let listen = format!("127.0.0.1:{port}");
+        let child = Killed(
+            Command::new(rig_binary(rig, "ciod"))
+                .args(["--listen", &listen, "--emulate", "edu", "--psk-file"])
+                .arg(&psk)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("starting ciod"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&listen).is_err() {
+            assert!(Instant::now() < deadline, "the host ciod does not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        HostCiod {
+            listen,
+            psk,
+            _child: child,
+        }
+    }
+
+    /// The key file's path, as an argument.
+    pub fn psk_arg(&self) -> &str {
+        self.psk.to_str().expect("a UTF-8 temp path")
+    }
+}
+
 /// Starts `cio vfio-user ARGS --socket SOCK` from the rig with its log in
 /// `log`, and waits until it listens.
 pub fn vfio_user_server(

@@ -8,14 +8,13 @@
 //! them, and the host runs the edu driver's self-test on each through it:
 //! factorials, MSI and INTx, DMA both ways.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cio_core::Device;
 use cio_frontend::drivers::edu::self_test_parts;
 use cio_frontend::{Client, ClientOptions};
 use cio_qemu_tests::{
-    qemu11, rig, rig_binary, vfio_user_device, vfio_user_server, Guest, Killed, TempDir, SHARED_RAM,
+    qemu11, rig, vfio_user_device, vfio_user_server, Guest, HostCiod, TempDir, SHARED_RAM,
 };
 use cio_transports::{Endpoint, Psk};
 
@@ -27,25 +26,8 @@ fn guest_vfio_drives_host_edus_through_qemu_vfio_user() {
     std::fs::create_dir_all(&dir.0).unwrap();
 
     // A host ciod with the emulated edu, for the remote one.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
-    let key = format!("host-ciod-key-{port}-0123456789abcdef");
-    let psk = dir.0.join("psk");
-    std::fs::write(&psk, &key).unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    let _ciod = Killed(
-        Command::new(rig_binary(&rig, "ciod"))
-            .args(["--listen", &listen, "--emulate", "edu", "--psk-file"])
-            .arg(&psk)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting ciod"),
-    );
-    let psk_arg = psk.to_str().unwrap();
+    let ciod = HostCiod::start(&rig, &dir.0);
+    let (listen, psk_arg) = (&ciod.listen, ciod.psk_arg());
 
     let local_sock = dir.0.join("local.sock");
     let remote_sock = dir.0.join("remote.sock");
@@ -54,7 +36,7 @@ fn guest_vfio_drives_host_edus_through_qemu_vfio_user() {
     let _local = vfio_user_server(&rig, &["--emulate", "edu"], &local_sock, &local_log);
     let _remote = vfio_user_server(
         &rig,
-        &[&listen, "edu0", "--psk-file", psk_arg],
+        &[listen, "edu0", "--psk-file", psk_arg],
         &remote_sock,
         &remote_log,
     );

@@ -12,13 +12,15 @@
 //! off, and the destination's realize-time reset does not reach it.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cio_core::Device;
 use cio_frontend::drivers::edu::self_test_parts;
 use cio_frontend::{Client, ClientOptions};
-use cio_qemu_tests::{qemu11, rig, rig_binary, Guest, Killed, TempDir, SHARED_RAM};
+use cio_qemu_tests::{
+    qemu11, rig, rig_binary, vfio_user_server, Guest, HostCiod, TempDir, SHARED_RAM,
+};
 use cio_transports::{Endpoint, Psk};
 use serde_json::json;
 
@@ -33,27 +35,8 @@ fn device(sock: &Path) -> serde_json::Value {
     })
 }
 
-/// Starts `cio vfio-user ARGS --socket SOCK` (log in `log`), without
-/// waiting.
-fn server(rig: &Path, args: &[&str], sock: &Path, log: &Path) -> Killed {
-    Killed(
-        Command::new(rig_binary(rig, "cio"))
-            .arg("vfio-user")
-            .args(args)
-            .arg("--socket")
-            .arg(sock)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(log).unwrap())
-            .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
-            .spawn()
-            .expect("starting cio vfio-user"),
-    )
-}
-
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
-        + &std::fs::read_to_string(path.with_extension("err")).unwrap_or_default()
 }
 
 /// Waits (at most 20 s) until `path` exists.
@@ -98,38 +81,16 @@ fn a_vm_moves_with_its_vfio_user_device_unplugged_and_plugged_back() {
     std::fs::create_dir_all(&dir.0).unwrap();
 
     // The device's host: a ciod with the emulated edu.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
-    let key = format!("host-ciod-key-{port}-0123456789abcdef");
-    let psk = dir.0.join("psk");
-    std::fs::write(&psk, &key).unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    let _ciod = Killed(
-        Command::new(rig_binary(&rig, "ciod"))
-            .args(["--listen", &listen, "--emulate", "edu", "--psk-file"])
-            .arg(&psk)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting ciod"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&listen).is_err() {
-        assert!(Instant::now() < deadline, "the host ciod does not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let psk_arg = psk.to_str().unwrap();
+    let ciod = HostCiod::start(&rig, &dir.0);
+    let (listen, psk_arg) = (&ciod.listen, ciod.psk_arg());
     let (sock_a, sock_b) = (dir.0.join("a.sock"), dir.0.join("b.sock"));
     let log_a = dir.0.join("a.log");
     let ticket = dir.0.join("ticket");
     let ticket_arg = ticket.to_str().unwrap();
-    let mut first = server(
+    let mut first = vfio_user_server(
         &rig,
         &[
-            &listen,
+            listen,
             "edu0",
             "--psk-file",
             psk_arg,
@@ -139,7 +100,6 @@ fn a_vm_moves_with_its_vfio_user_device_unplugged_and_plugged_back() {
         &sock_a,
         &log_a,
     );
-    assert!(wait_file(&sock_a), "no socket: {}", read(&log_a));
 
     // The source VM, the device on a hot-pluggable PCIe root port (native
     // PCIe hotplug: the guest's pciehp).
