@@ -315,11 +315,24 @@ enum Cmd {
     /// known-backends, backend-key, tls, insecure-plaintext as cio's
     /// options) and waits until each listens; if one fails, the domain does
     /// not start and libvirt shows why. At "release end" it stops what is
-    /// left of them. Other operations do nothing.
+    /// left of them.
+    ///
+    /// Migration: with handoff="yes" a device's server is started with
+    /// --handoff-to RUN_DIR/DOMAIN/N.ticket, so unplugging the device
+    /// (device_del) suspends its session into that ticket; `cio
+    /// libvirt-handoff` puts the tickets into the migration XML. On the
+    /// destination "migrate begin" takes them out of the XML, refuses a
+    /// device that comes without a valid one (the guest would find it dead)
+    /// and drops its -device argument (the source no longer has it);
+    /// "prepare begin" then serves it with `cio vfio-user --adopt`, and
+    /// RUN_DIR/DOMAIN/N.device holds the device_add arguments that plug it
+    /// back. At "release end" a ticket nobody adopted is ended, so the
+    /// backend releases the device at once. Other operations do nothing.
     ///
     /// Example metadata (see docs/guide.md for the QEMU arguments):
     ///   <cio:devices xmlns:cio="urn:cio:libvirt:1">
-    ///     <cio:device host="192.0.2.10" name="vnvme0" socket="/run/cio/vm1-nvme.sock"/>
+    ///     <cio:device host="192.0.2.10" name="vnvme0" socket="/run/cio/vm1-nvme.sock"
+    ///                 handoff="yes"/>
     ///   </cio:devices>
     #[command(verbatim_doc_comment)]
     LibvirtHook {
@@ -332,6 +345,28 @@ enum Cmd {
         /// libvirt's extra argument (unused).
         extra: Option<String>,
         /// Where the servers' pids, sockets and logs are kept.
+        #[arg(long, value_name = "DIR", default_value = libvirt::RUN_DIR)]
+        run_dir: PathBuf,
+    },
+    /// Put a domain's handoff tickets into its migration XML.
+    ///
+    /// Reads the domain's XML on stdin (`virsh dumpxml --migratable`) and
+    /// prints it with the ticket of each of its cio devices inside that
+    /// device's element, for `virsh migrate --xml`. Each device must be
+    /// served with handoff="yes" and unplugged already (device_del), so
+    /// that its session waits in RUN_DIR/DOMAIN/N.ticket. The output holds
+    /// the sessions' secrets: keep it private (the destination's hook takes
+    /// them out again). Tickets expire with the backend's resume window
+    /// (ciod --resume-grace, 30 s by default).
+    ///
+    /// Example (docs/guide.md has the whole move):
+    ///   virsh dumpxml --migratable vm1 | cio libvirt-handoff vm1 > vm1.xml
+    ///   virsh migrate --live --xml vm1.xml vm1 qemu+ssh://C/system
+    #[command(verbatim_doc_comment)]
+    LibvirtHandoff {
+        /// The domain's name.
+        domain: String,
+        /// Where the hook keeps the domain's servers and tickets.
         #[arg(long, value_name = "DIR", default_value = libvirt::RUN_DIR)]
         run_dir: PathBuf,
     },
@@ -629,6 +664,14 @@ fn run(args: Args) -> Result<(), String> {
             extra: _,
             run_dir,
         } => libvirt::hook(&domain, &operation, &sub_operation, &run_dir, link),
+        Cmd::LibvirtHandoff { domain, run_dir } => {
+            let mut xml = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut xml)
+                .map_err(|e| format!("reading the domain XML: {e}"))?;
+            let out = libvirt::with_tickets(&domain, &xml, &run_dir)?;
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
+            Ok(())
+        }
         Cmd::Man => {
             use clap::CommandFactory;
             let mut buf = Vec::new();

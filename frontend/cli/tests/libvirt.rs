@@ -5,23 +5,39 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cio_frontend::vfio_user::wire::{self, HEADER_SIZE};
-use cio_frontend::vfio_user::{
-    Body, Capabilities, Codec, Message, RegionAccess, Reply, Request, Version,
-};
+use cio_hw_profiles::edu;
+use common::Vu;
 
-/// Runs the installed-style hook script with `args` and `xml` on stdin.
+/// Runs the installed-style hook script with `args` and `xml` on stdin:
+/// whether it succeeded, and what it printed (stdout, then stderr).
 fn hook(run_dir: &Path, args: &[&str], xml: &str) -> (bool, String) {
+    let (ok, out, err) = filter(run_dir, args, xml);
+    (ok, out + &err)
+}
+
+/// Runs the hook (or, with `args` starting with "handoff", `cio
+/// libvirt-handoff`) with `xml` on stdin: whether it succeeded, its stdout
+/// and its stderr.
+fn filter(run_dir: &Path, args: &[&str], xml: &str) -> (bool, String, String) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dist/libvirt/qemu");
-    let mut child = Command::new(script)
-        .env("CIO", env!("CARGO_BIN_EXE_cio"))
-        .args(args)
+    let mut cmd = match args.first() {
+        Some(&"handoff") => {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_cio"));
+            c.arg("libvirt-handoff").args(&args[1..]);
+            c
+        }
+        _ => {
+            let mut c = Command::new(script);
+            c.env("CIO", env!("CARGO_BIN_EXE_cio")).args(args);
+            c
+        }
+    };
+    let mut child = cmd
         .arg("--run-dir")
         .arg(run_dir)
         .stdin(Stdio::piped())
@@ -36,52 +52,11 @@ fn hook(run_dir: &Path, args: &[&str], xml: &str) -> (bool, String) {
         .write_all(xml.as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
-}
-
-/// What QEMU does first: VERSION, then a read of the config space's ids.
-fn vendor_device(socket: &Path) -> u32 {
-    let mut s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let codec = Codec::default();
-    let mut call = |id: u16, req: Request| -> Reply {
-        let msg = Message {
-            id,
-            no_reply: false,
-            body: Body::Request(req),
-        };
-        s.write_all(&codec.encode(&msg).unwrap()).unwrap();
-        let mut frame = vec![0u8; HEADER_SIZE];
-        s.read_exact(&mut frame).unwrap();
-        let h = wire::Header::parse(&frame, codec.limits.max_msg_size).unwrap();
-        frame.resize(h.size as usize, 0);
-        s.read_exact(&mut frame[HEADER_SIZE..]).unwrap();
-        match codec.decode(&frame).unwrap().body {
-            Body::Reply(r) => r,
-            other => panic!("{other:?}"),
-        }
-    };
-    call(
-        1,
-        Request::Version(Version {
-            major: 0,
-            minor: 1,
-            capabilities: Some(Capabilities::default()),
-        }),
-    );
-    let Reply::RegionRead(d) = call(
-        2,
-        Request::RegionRead(RegionAccess {
-            offset: 0,
-            region: 7,
-            count: 4,
-        }),
-    ) else {
-        panic!("no region data")
-    };
-    u32::from_le_bytes(d.data.try_into().unwrap())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
 
 fn domain(devices: &[(&str, &str, &Path)]) -> String {
@@ -146,7 +121,7 @@ fn starts_the_servers_a_domain_names_and_stops_them_on_release() {
     let started = pids(&run_dir.join("vm1"));
     assert_eq!(started.len(), 2, "two servers");
     // Each listens and serves its device, as QEMU would find it.
-    assert_eq!(vendor_device(&edu), 0x11e8_1234, "edu's ids");
+    assert_eq!(Vu::connect(&edu).config32(0), 0x11e8_1234, "edu's ids");
     assert!(mem.exists());
 
     let (ok, out) = hook(&run_dir, &["vm1", "release", "end", "-"], &xml);
@@ -181,5 +156,152 @@ fn starts_the_servers_a_domain_names_and_stops_them_on_release() {
     assert!(!ok && out.contains("the domain XML"), "{out}");
     let (ok, out) = hook(&run_dir, &["../x", "prepare", "begin", "-"], "<domain/>");
     assert!(!ok && out.contains("cannot name a directory"), "{out}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// A domain as `virsh dumpxml --migratable` gives it: one cio device (with
+/// `extra` attributes) and its `-device` argument among others.
+fn migratable(host: &str, socket: &Path, extra: &str) -> String {
+    let sock = socket.display();
+    format!(
+        r#"<domain type="kvm" xmlns:qemu="http://libvirt.org/schemas/domain/qemu/1.0">
+  <name>vm1</name>
+  <metadata>
+    <c:devices xmlns:c="urn:cio:libvirt:1">
+      <c:device host="{host}" name="edu0" socket="{sock}" {extra}/>
+    </c:devices>
+  </metadata>
+  <qemu:commandline>
+    <qemu:arg value="-device"/>
+    <qemu:arg value="pcie-root-port,id=rp0,chassis=1"/>
+    <qemu:arg value="-device"/>
+    <qemu:arg value='{{"driver":"vfio-user-pci","id":"vu0","bus":"rp0","socket":{{"type":"unix","path":"{sock}"}}}}'/>
+  </qemu:commandline>
+</domain>"#
+    )
+}
+
+#[test]
+fn a_handed_off_device_moves_with_its_domain() {
+    let backend = common::backend(None);
+    let host = backend.endpoint().to_string();
+    let tmp = std::env::temp_dir().join(format!("cio-libvirt-mig-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    // Two hosts' run directories; the socket path is the same on both, as
+    // a domain's XML names it.
+    let (src, dst) = (tmp.join("src"), tmp.join("dst"));
+    let sock = tmp.join("edu.sock");
+    let xml = migratable(&host, &sock, r#"handoff="yes""#);
+
+    // The source: the domain starts, its guest leaves a result in the edu.
+    let (ok, out) = hook(&src, &["vm1", "prepare", "begin", "-"], &xml);
+    assert!(ok, "{out}");
+    let mut qemu = Vu::connect(&sock);
+    qemu.write32(edu::reg::FACTORIAL, 5);
+    assert_eq!(qemu.read32(edu::reg::FACTORIAL), 120);
+
+    // Still plugged in: there is no ticket to move yet.
+    let (ok, _, err) = filter(&src, &["handoff", "vm1"], &xml);
+    assert!(!ok && err.contains("unplug it first"), "{err}");
+
+    // device_del: QEMU lets go of the socket; the session waits in a ticket.
+    drop(qemu);
+    let ticket = src.join("vm1/0.ticket");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ticket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no ticket at {}",
+            ticket.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, moving, err) = filter(&src, &["handoff", "vm1"], &xml);
+    assert!(ok, "{err}");
+    assert!(
+        moving.contains("<ticket xmlns=\"urn:cio:libvirt:1\">"),
+        "{moving}"
+    );
+
+    // The destination refuses XML without tickets, and a forged one.
+    let (ok, out) = hook(&dst, &["vm1", "migrate", "begin", "-"], &xml);
+    assert!(!ok && out.contains("without a handoff ticket"), "{out}");
+    let forged = moving.replace("\"cio_ticket\": 1", "\"cio_ticket\": 9");
+    let (ok, out) = hook(&dst, &["vm1", "migrate", "begin", "-"], &forged);
+    assert!(!ok && out.contains("ticket format 9"), "{out}");
+    assert!(
+        !dst.join(".incoming/vm1").exists(),
+        "nothing kept of a refused move"
+    );
+
+    // migrate begin: the filtered XML keeps the device's metadata, holds
+    // no secret, and QEMU is started without the unplugged device.
+    let (ok, incoming, err) = filter(&dst, &["vm1", "migrate", "begin", "-"], &moving);
+    assert!(ok, "{err}");
+    let doc = roxmltree::Document::parse(&incoming).expect("the filtered XML parses");
+    let args: Vec<_> = doc
+        .descendants()
+        .filter_map(|n| n.attribute("value"))
+        .collect();
+    assert_eq!(
+        args,
+        ["-device", "pcie-root-port,id=rp0,chassis=1"],
+        "{incoming}"
+    );
+    assert!(
+        !incoming.contains("secret") && incoming.contains("c:device"),
+        "{incoming}"
+    );
+    let kept = dst.join(".incoming/vm1/0.ticket");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&kept).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the kept ticket is private");
+
+    // prepare begin: the adopter serves the same open device.
+    let (ok, out) = hook(&dst, &["vm1", "prepare", "begin", "-"], &incoming);
+    assert!(ok, "{out}");
+    assert!(!dst.join(".incoming/vm1").exists(), "the ticket is spent");
+    let plug: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dst.join("vm1/0.device")).unwrap()).unwrap();
+    assert_eq!(plug["driver"], "vfio-user-pci");
+    assert_eq!(plug["socket"]["path"], sock.to_str().unwrap());
+    let mut qemu = Vu::connect(&sock);
+    qemu.reset(); // the destination QEMU's realize (device_add)
+    assert_eq!(
+        qemu.read32(edu::reg::FACTORIAL),
+        120,
+        "the device was reset or opened afresh on the way"
+    );
+    assert_eq!(backend.stats().open_devices, 1);
+
+    // The source lets go of the domain; the destination keeps it.
+    let (ok, out) = hook(&src, &["vm1", "release", "end", "-"], &xml);
+    assert!(ok, "{out}");
+    assert!(!out.contains("ended the session"), "{out}");
+    assert_eq!(qemu.read32(edu::reg::FACTORIAL), 120);
+
+    // The destination's QEMU stops: its adopter, also serving with
+    // handoff, leaves a ticket that nobody adopts; release ends it, and the
+    // backend lets go of the device at once (not when the ticket expires).
+    drop(qemu);
+    let ticket = dst.join("vm1/0.ticket");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ticket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no ticket at {}",
+            ticket.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, out) = hook(&dst, &["vm1", "release", "end", "-"], &incoming);
+    assert!(
+        ok && out.contains("ended the session nobody adopted"),
+        "{out}"
+    );
+    backend
+        .wait_stats(Duration::from_secs(5), |st| st.open_devices == 0)
+        .expect("the unadopted session ended by release");
     let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -8,97 +8,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cio_frontend::vfio_user::wire::{self, HEADER_SIZE};
-use cio_frontend::vfio_user::{
-    Body, Capabilities, Codec, Message, RegionAccess, RegionData, Reply, Request, Version,
-};
 use cio_hw_profiles::edu;
-
-const BAR0: u32 = 0;
-
-/// A vfio-user client on `socket` (waits for the server to listen).
-struct Vu {
-    s: UnixStream,
-    codec: Codec,
-    id: u16,
-}
-
-impl Vu {
-    fn connect(socket: &Path) -> Vu {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let s = loop {
-            match UnixStream::connect(socket) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => panic!("{}: {e}", socket.display()),
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut vu = Vu {
-            s,
-            codec: Codec::default(),
-            id: 0,
-        };
-        vu.call(Request::Version(Version {
-            major: 0,
-            minor: 1,
-            capabilities: Some(Capabilities::default()),
-        }));
-        vu
-    }
-
-    fn call(&mut self, req: Request) -> Reply {
-        self.id += 1;
-        let msg = Message {
-            id: self.id,
-            no_reply: false,
-            body: Body::Request(req),
-        };
-        self.s.write_all(&self.codec.encode(&msg).unwrap()).unwrap();
-        let mut frame = vec![0u8; HEADER_SIZE];
-        self.s.read_exact(&mut frame).unwrap();
-        let h = wire::Header::parse(&frame, self.codec.limits.max_msg_size).unwrap();
-        frame.resize(h.size as usize, 0);
-        self.s.read_exact(&mut frame[HEADER_SIZE..]).unwrap();
-        match self.codec.decode(&frame).unwrap().body {
-            Body::Reply(r) => r,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    fn read32(&mut self, offset: u64) -> u32 {
-        let Reply::RegionRead(d) = self.call(Request::RegionRead(RegionAccess {
-            offset,
-            region: BAR0,
-            count: 4,
-        })) else {
-            panic!("no region data")
-        };
-        u32::from_le_bytes(d.data.try_into().unwrap())
-    }
-
-    fn write32(&mut self, offset: u64, v: u32) {
-        let r = self.call(Request::RegionWrite(RegionData {
-            offset,
-            region: BAR0,
-            data: v.to_le_bytes().to_vec(),
-        }));
-        assert!(matches!(r, Reply::RegionWrite { .. }), "{r:?}");
-    }
-
-    fn reset(&mut self) {
-        assert_eq!(self.call(Request::DeviceReset), Reply::DeviceReset);
-    }
-}
+use common::Vu;
 
 fn spawn(args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_cio"))
