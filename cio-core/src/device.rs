@@ -432,6 +432,25 @@ pub trait Device: Send {
     /// Removes the mapping that starts at `iova` and returns it.
     fn dma_unmap(&mut self, iova: u64) -> Result<Arc<DmaRegion>, DeviceError>;
 
+    /// [`dma_map`](Self::dma_map) without waiting for a device elsewhere to
+    /// confirm it: the mapping is usable at once (requests after it reach
+    /// the device after it), and a failure there is reported by a later
+    /// call, as for posted writes. For a caller that maps per buffer and
+    /// cannot wait a round trip each time (a VM's IOMMU). By default the
+    /// same as `dma_map`.
+    fn dma_map_posted(&mut self, region: Arc<DmaRegion>) -> Result<(), DeviceError> {
+        self.dma_map(region)
+    }
+
+    /// [`dma_unmap`](Self::dma_unmap) without waiting; a device elsewhere
+    /// drops what it wrote to the mapping and had not sent yet, so call it
+    /// only for memory whose device writes were announced (by the interrupt
+    /// or reply of the completion they belong to, which they precede). By
+    /// default the same as `dma_unmap`.
+    fn dma_unmap_posted(&mut self, iova: u64) -> Result<Arc<DmaRegion>, DeviceError> {
+        self.dma_unmap(iova)
+    }
+
     /// Makes CPU writes to `iova..iova+len` visible to the device. A no-op for
     /// devices that share memory with the caller.
     fn sync_for_device(&mut self, _iova: u64, _len: u64) -> Result<(), DeviceError> {

@@ -62,8 +62,13 @@ pub const FEATURE_RESUME: u64 = 1 << 2;
 /// request covers up to [`MAX_BULK`] bytes of a region, which the backend
 /// splits into the accesses the device accepts.
 pub const FEATURE_BULK: u64 = 1 << 3;
+/// Feature: posted DMA mappings (`DmaMap` and `DmaUnmap` with `posted`):
+/// answered only when they fail, as posted writes are, for a frontend that
+/// cannot wait a round trip per mapping (a VM's IOMMU maps every buffer).
+pub const FEATURE_POSTED_DMA: u64 = 1 << 4;
 /// Every feature this build implements.
-pub const FEATURES: u64 = FEATURE_POSTED_WRITES | FEATURE_DMA_SYNC | FEATURE_RESUME | FEATURE_BULK;
+pub const FEATURES: u64 =
+    FEATURE_POSTED_WRITES | FEATURE_DMA_SYNC | FEATURE_RESUME | FEATURE_BULK | FEATURE_POSTED_DMA;
 
 /// Authentication the server demands, announced in `Welcome`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -365,7 +370,8 @@ pub enum Message {
         /// Vector.
         vector: u32,
     },
-    /// Declare a DMA mapping; the server allocates its shadow. Answered by `Ok`.
+    /// Declare a DMA mapping; the server allocates its shadow. Answered by
+    /// `Ok`, or with `posted` ([`FEATURE_POSTED_DMA`]) only if it fails.
     DmaMap {
         /// Handle.
         handle: u32,
@@ -375,13 +381,22 @@ pub enum Message {
         len: u64,
         /// Direction.
         dir: DmaDir,
+        /// Posted (kind `DMA_MAP_POSTED`): no answer unless it fails.
+        posted: bool,
     },
-    /// Remove a mapping; device-written data is pulled first. Answered by `Ok`.
+    /// Remove a mapping; device-written data is pulled first. Answered by
+    /// `Ok`. With `posted` ([`FEATURE_POSTED_DMA`]) it is answered only if it
+    /// fails and nothing is pulled: the device's writes to it not yet sent
+    /// are dropped (the sender unmaps what it has seen completed, whose data
+    /// came ahead of the completion's interrupt or reply; late data could
+    /// land in a new mapping at the same IOVA).
     DmaUnmap {
         /// Handle.
         handle: u32,
         /// IOVA the mapping starts at.
         iova: u64,
+        /// Posted (kind `DMA_UNMAP_POSTED`): no answer unless it fails.
+        posted: bool,
     },
     /// Posted, either direction: bytes now at `iova` on the sender's side.
     DmaData {
@@ -480,6 +495,8 @@ pub mod kind {
     pub const DMA_UNMAP: u16 = 0x0041;
     pub const DMA_DATA: u16 = 0x0042;
     pub const SYNC_FOR_CPU: u16 = 0x0043;
+    pub const DMA_MAP_POSTED: u16 = 0x0044;
+    pub const DMA_UNMAP_POSTED: u16 = 0x0045;
     pub const RESET: u16 = 0x0050;
     pub const USB_LIST: u16 = 0x0060;
     pub const USB_DEVICE_LIST: u16 = 0x0061;
@@ -749,8 +766,10 @@ impl Message {
             Self::RegionWriteBulk { .. } => REGION_WRITE_BULK,
             Self::SetIrqs { .. } => SET_IRQS,
             Self::Irq { .. } => IRQ,
-            Self::DmaMap { .. } => DMA_MAP,
-            Self::DmaUnmap { .. } => DMA_UNMAP,
+            Self::DmaMap { posted: false, .. } => DMA_MAP,
+            Self::DmaMap { posted: true, .. } => DMA_MAP_POSTED,
+            Self::DmaUnmap { posted: false, .. } => DMA_UNMAP,
+            Self::DmaUnmap { posted: true, .. } => DMA_UNMAP_POSTED,
             Self::DmaData { .. } => DMA_DATA,
             Self::SyncForCpu { .. } => SYNC_FOR_CPU,
             Self::Reset { .. } => RESET,
@@ -918,13 +937,18 @@ impl Message {
                 iova,
                 len,
                 dir,
+                posted: _,
             } => {
                 out.put_u32_le(*handle);
                 out.put_u64_le(*iova);
                 out.put_u64_le(*len);
                 out.put_u8(*dir as u8);
             }
-            Self::DmaUnmap { handle, iova } => {
+            Self::DmaUnmap {
+                handle,
+                iova,
+                posted: _,
+            } => {
                 out.put_u32_le(*handle);
                 out.put_u64_le(*iova);
             }
@@ -1099,7 +1123,7 @@ impl Message {
                 kind: r.irq_kind()?,
                 vector: r.u32("vector")?,
             },
-            DMA_MAP => Self::DmaMap {
+            DMA_MAP | DMA_MAP_POSTED => Self::DmaMap {
                 handle: r.u32("handle")?,
                 iova: r.u64("iova")?,
                 len: r.u64("len")?,
@@ -1107,10 +1131,12 @@ impl Message {
                     let v = r.u8("dir")?;
                     DmaDir::from_u8(v).ok_or(r.invalid("dir"))?
                 },
+                posted: kind == DMA_MAP_POSTED,
             },
-            DMA_UNMAP => Self::DmaUnmap {
+            DMA_UNMAP | DMA_UNMAP_POSTED => Self::DmaUnmap {
                 handle: r.u32("handle")?,
                 iova: r.u64("iova")?,
+                posted: kind == DMA_UNMAP_POSTED,
             },
             DMA_DATA => Self::DmaData {
                 handle: r.u32("handle")?,
@@ -1593,10 +1619,24 @@ mod tests {
                 iova: 0x1000,
                 len: 0x2000,
                 dir: DmaDir::Bidirectional,
+                posted: false,
+            },
+            Message::DmaMap {
+                handle: 1,
+                iova: 0x1000,
+                len: 0x2000,
+                dir: DmaDir::ToDevice,
+                posted: true,
             },
             Message::DmaUnmap {
                 handle: 1,
                 iova: 0x1000,
+                posted: false,
+            },
+            Message::DmaUnmap {
+                handle: 1,
+                iova: 0x1000,
+                posted: true,
             },
             Message::DmaData {
                 handle: 1,

@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cio_core::wire::{IrqAction, Message, FEATURE_BULK, MAX_BULK};
+use cio_core::wire::{IrqAction, Message, FEATURE_BULK, FEATURE_POSTED_DMA, MAX_BULK};
 use cio_core::{Device, DeviceError, DeviceInfo, DmaRegion, EventFd, IrqKind};
 
 use crate::client::{lock, ClientError, Post, Shared, Target};
@@ -109,6 +109,46 @@ impl RemoteDevice {
     /// The backend takes bulk requests (older ones get single accesses).
     fn bulk(&self) -> bool {
         self.shared.inner.features & FEATURE_BULK != 0
+    }
+
+    /// Whether the backend takes posted `DmaMap`/`DmaUnmap`.
+    fn posted_dma(&self) -> bool {
+        self.shared.inner.features & FEATURE_POSTED_DMA != 0
+    }
+
+    /// Maps `region` at the backend (waiting for its `Ok` unless `posted`).
+    fn map(&mut self, region: Arc<DmaRegion>, posted: bool) -> Result<(), DeviceError> {
+        lock(&self.target.dma).check_free(region.iova(), region.len())?;
+        let msg = Message::DmaMap {
+            handle: self.handle,
+            iova: region.iova(),
+            len: region.len(),
+            dir: region.dir(),
+            posted,
+        };
+        match posted {
+            true => self.shared.inner.post(&msg)?,
+            false => self.expect_ok(&msg)?,
+        }
+        Ok(lock(&self.target.dma).insert(region)?)
+    }
+
+    /// Unmaps at the backend (waiting for its `Ok`, after the device's last
+    /// writes, unless `posted`).
+    fn unmap(&mut self, iova: u64, posted: bool) -> Result<Arc<DmaRegion>, DeviceError> {
+        if lock(&self.target.dma).get(iova).is_none() {
+            return Err(cio_core::DmaError::NotMapped(iova).into());
+        }
+        let msg = Message::DmaUnmap {
+            handle: self.handle,
+            iova,
+            posted,
+        };
+        match posted {
+            true => self.shared.inner.post(&msg)?,
+            false => self.expect_ok(&msg)?,
+        }
+        Ok(lock(&self.target.dma).remove(iova)?)
     }
 
     fn expect_ok(&self, msg: &Message) -> Result<(), DeviceError> {
@@ -251,26 +291,19 @@ impl Device for RemoteDevice {
     }
 
     fn dma_map(&mut self, region: Arc<DmaRegion>) -> Result<(), DeviceError> {
-        lock(&self.target.dma).check_free(region.iova(), region.len())?;
-        self.expect_ok(&Message::DmaMap {
-            handle: self.handle,
-            iova: region.iova(),
-            len: region.len(),
-            dir: region.dir(),
-        })?;
-        Ok(lock(&self.target.dma).insert(region)?)
+        self.map(region, false)
     }
 
     fn dma_unmap(&mut self, iova: u64) -> Result<Arc<DmaRegion>, DeviceError> {
-        if lock(&self.target.dma).get(iova).is_none() {
-            return Err(cio_core::DmaError::NotMapped(iova).into());
-        }
-        // The backend sends the device's last writes before its Ok.
-        self.expect_ok(&Message::DmaUnmap {
-            handle: self.handle,
-            iova,
-        })?;
-        Ok(lock(&self.target.dma).remove(iova)?)
+        self.unmap(iova, false)
+    }
+
+    fn dma_map_posted(&mut self, region: Arc<DmaRegion>) -> Result<(), DeviceError> {
+        self.map(region, self.posted_dma())
+    }
+
+    fn dma_unmap_posted(&mut self, iova: u64) -> Result<Arc<DmaRegion>, DeviceError> {
+        self.unmap(iova, self.posted_dma())
     }
 
     fn dma_is_copied(&self) -> bool {

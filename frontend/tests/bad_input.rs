@@ -229,6 +229,7 @@ fn overlapping_dma_maps_are_refused_on_both_sides() {
         iova,
         len,
         dir: DmaDir::Bidirectional,
+        posted: false,
     };
     raw.send(&map(0x1000, 0x4000));
     assert_eq!(raw.recv().unwrap().msg, Message::Ok);
@@ -343,6 +344,7 @@ fn client_vanishing_mid_request_releases_its_device() {
             iova: 0x10_0000,
             len: 0x10_0000,
             dir: DmaDir::Bidirectional,
+            posted: false,
         });
         // A read request, then gone before the reply.
         raw.send(&Message::RegionRead {

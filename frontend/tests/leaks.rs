@@ -96,6 +96,7 @@ fn sessions_of_every_kind_leave_no_fds_or_shadow_memory_behind() {
                 iova: 0,
                 len: BIG,
                 dir: DmaDir::FromDevice,
+                posted: false,
             });
             raw.recv();
             let mut f = BytesMut::new();

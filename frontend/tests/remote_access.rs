@@ -200,6 +200,52 @@ fn dma_both_directions_byte_for_byte_with_directional_mappings() {
 }
 
 #[test]
+fn posted_mappings_order_before_what_follows_and_report_failures_later() {
+    let s = common::server_with(
+        None,
+        cio_backend::Limits {
+            max_mapped_bytes: 1 << 20,
+            ..Default::default()
+        },
+    );
+    let c = common::connect(s.endpoint());
+    let mut d = c.open("edu0").unwrap();
+    // Mapped and used at once: the map frame reaches the backend before
+    // the data and the doorbell behind it; nothing waits for an answer.
+    let buf = Arc::new(DmaRegion::new(0x50_0000, 2 * PAGE_SIZE, DmaDir::Bidirectional).unwrap());
+    d.dma_map_posted(Arc::clone(&buf)).unwrap();
+    buf.write(0, b"posted map").unwrap();
+    {
+        let mut e = Edu::new(&mut d).unwrap();
+        e.dma(0x50_0000, edu::EDU_BUFFER, 10, false, false).unwrap();
+        e.dma(edu::EDU_BUFFER, 0x50_0000 + PAGE_SIZE, 10, true, false)
+            .unwrap();
+    }
+    let mut back = [0u8; 10];
+    buf.read(PAGE_SIZE, &mut back).unwrap();
+    assert_eq!(&back, b"posted map");
+    assert_eq!(s.stats().shadow_bytes, 2 * PAGE_SIZE);
+    // A posted unmap frees the shadow without an answer.
+    d.dma_unmap_posted(0x50_0000).unwrap();
+    d.flush().unwrap();
+    assert_eq!(s.stats().shadow_bytes, 0);
+    // A mapping the backend refuses (beyond the session's 1 MiB of shadow)
+    // is reported by the next call that waits, and the session goes on.
+    let big = Arc::new(DmaRegion::new(1 << 32, 2 << 20, DmaDir::ToDevice).unwrap());
+    d.dma_map_posted(big).unwrap();
+    let err = d.flush().unwrap_err();
+    assert!(
+        matches!(&err, DeviceError::Posted { message, .. } if message.contains("limit")),
+        "{err}"
+    );
+    assert_eq!(
+        d.read32(0, 0).unwrap(),
+        0x010000ed,
+        "the session still serves"
+    );
+}
+
+#[test]
 fn explicit_sync_for_cpu_and_for_device() {
     let s = common::server();
     let c = common::connect(s.endpoint());

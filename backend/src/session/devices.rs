@@ -212,6 +212,26 @@ impl Devices {
                 self.posted(seq, r, out);
                 return Handled::Done;
             }
+            Message::DmaMap {
+                handle,
+                iova,
+                len,
+                dir,
+                posted: true,
+            } => {
+                let r = self.dma_map(handle, iova, len, dir);
+                self.posted(seq, r, out);
+                return Handled::Done;
+            }
+            Message::DmaUnmap {
+                handle,
+                iova,
+                posted: true,
+            } => {
+                let r = self.dma_unmap(handle, iova, None);
+                self.posted(seq, r, out);
+                return Handled::Done;
+            }
             Message::Open { name } => self.open(&name),
             Message::Close { handle } => self.close(handle, watch).map(|()| Message::Ok),
             Message::RegionRead {
@@ -240,10 +260,15 @@ impl Devices {
                 iova,
                 len,
                 dir,
+                posted: false,
             } => self.dma_map(handle, iova, len, dir).map(|()| Message::Ok),
-            Message::DmaUnmap { handle, iova } => {
-                self.dma_unmap(handle, iova, out).map(|()| Message::Ok)
-            }
+            Message::DmaUnmap {
+                handle,
+                iova,
+                posted: false,
+            } => self
+                .dma_unmap(handle, iova, Some(&mut *out))
+                .map(|()| Message::Ok),
             Message::SyncForCpu { handle, iova, len } => match self.open_dev(handle) {
                 Ok(_) => {
                     self.pull_dirty(Some((handle, iova, len)), out);
@@ -596,14 +621,23 @@ impl Devices {
         mapped
     }
 
-    fn dma_unmap(&mut self, handle: u32, iova: u64, out: &mut dyn Outbox) -> Result<(), ReqError> {
+    /// Removes a mapping; with `out`, the device's last writes to it are
+    /// sent first (a posted unmap drops them, see `Message::DmaUnmap`).
+    fn dma_unmap(
+        &mut self,
+        handle: u32,
+        iova: u64,
+        out: Option<&mut dyn Outbox>,
+    ) -> Result<(), ReqError> {
         let d = self.open_dev(handle)?;
         let len = d.dma.get(iova).map(|r| r.len()).ok_or((
             ErrorCode::DMA,
             format!("no dma mapping starts at {iova:#x}"),
         ))?;
-        // The device's last writes reach the target before the mapping goes.
-        self.pull_dirty(Some((handle, iova, len)), out);
+        if let Some(out) = out {
+            // The device's last writes reach the target before the mapping goes.
+            self.pull_dirty(Some((handle, iova, len)), out);
+        }
         let d = self.open_dev(handle)?;
         d.lease
             .device()

@@ -457,6 +457,20 @@ impl Inner {
         sent.or_else(|why| self.link_failed(generation, why))
     }
 
+    /// Sends a posted frame now (after the posted frames queued before it):
+    /// no answer unless it fails, then reported by a later call.
+    pub(crate) fn post(&self, msg: &Message) -> Result<(), ClientError> {
+        self.check_open()?;
+        let generation = self.generation.load(Ordering::Acquire);
+        let sent = {
+            let mut out = lock(&self.tx);
+            out.push(msg, 0);
+            self.write_out(&mut out)
+        };
+        // Queued either way: a resumed session replays it.
+        sent.or_else(|why| self.link_failed(generation, why))
+    }
+
     /// Sends the device's dirty target pages in `range` now.
     pub(crate) fn sync_for_device(
         &self,

@@ -1440,7 +1440,9 @@ impl Connection<'_> {
                 )
             }
         };
-        if let Err(e) = self.device.dma_map(Arc::clone(&region)) {
+        // Posted: QEMU's vIOMMU maps every buffer, and a round trip to a
+        // remote device for each would be most of an I/O's time.
+        if let Err(e) = self.device.dma_map_posted(Arc::clone(&region)) {
             return dev_fail("DMA_MAP", e);
         }
         if copied && dir.device_reads() && m.size >= LARGE_MIRROR && !self.warned_large {
@@ -1464,13 +1466,14 @@ impl Connection<'_> {
         Ok(region)
     }
 
-    /// Takes the range at `start` away from the device (which sends its last
-    /// writes to it first) and forgets it.
+    /// Takes the range at `start` away from the device and forgets it.
     fn unmap_range(&mut self, start: u64) -> Result<(), (u32, String)> {
         if self.dma.remove(&start).is_none() {
             return Ok(());
         }
-        let r = self.device.dma_unmap(start);
+        // Posted: the device's writes to it came ahead of the interrupt
+        // (or reply) that told the guest it may unmap it.
+        let r = self.device.dma_unmap_posted(start);
         self.port.remove_remote(start);
         r.map(drop).or_else(|e| dev_fail("DMA_UNMAP", e))
     }
