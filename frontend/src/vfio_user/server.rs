@@ -359,13 +359,15 @@ impl Drop for Server {
 }
 
 /// A mapped DMA range: its end (exclusive), the memory the device was
-/// given, and, for memory reached by messages, whether it is to be fetched
-/// before the next doorbell.
+/// given, for memory reached by messages whether it is to be fetched
+/// before the next doorbell, and for guest memory shared by fd whether the
+/// device's copy of it is compared with it (a device elsewhere).
 #[derive(Debug)]
 struct DmaRange {
     end: u64,
     region: Arc<DmaRegion>,
     fetch: bool,
+    compared: bool,
     mapped_at: Instant,
 }
 
@@ -375,7 +377,7 @@ impl DmaRange {
     /// unmapped sooner, and reading one the guest is tearing down makes
     /// its vIOMMU log a fault).
     fn watched(&self) -> bool {
-        self.fetch
+        (self.fetch || self.compared)
             && self.region.dir() == DmaDir::Bidirectional
             && self.mapped_at.elapsed() >= WATCH_AGE
     }
@@ -391,6 +393,12 @@ struct Frame {
 /// A mirror larger than this is worth a warning: it is compared at every
 /// access (the guest has no vIOMMU, so all its RAM is one mapping).
 const LARGE_MIRROR: u64 = 256 << 20;
+
+/// Largest DMA mapping taken from the device posted (not waiting for it):
+/// a guest's IOMMU unmaps buffers of a few pages each, a round trip apiece.
+/// A larger one (all of guest RAM, before the guest's IOMMU is on) waits,
+/// and the device's last writes to it come first.
+const POSTED_UNMAP_MAX: u64 = 2 << 20;
 
 struct Connection<'a> {
     /// Read only here; everything sent goes through `port`.
@@ -455,10 +463,10 @@ impl Default for Fetch {
     }
 }
 
-/// Between requests the rings are fetched again after a while: a device
-/// may read commands from guest memory that no register write announced
-/// (nvme's shadow doorbells), so what the guest wrote reaches it in
-/// bounded time. First [`WATCH_MIN`] after the last request or interrupt,
+/// Between requests the rings are fetched again (in guest memory shared by
+/// fd, for a device elsewhere: compared again) after a while: a device may
+/// read commands from guest memory that no register write announced (nvme's
+/// shadow doorbells), so what the guest wrote reaches it in bounded time. First [`WATCH_MIN`] after the last request or interrupt,
 /// then twice as long each time nothing changed, up to [`WATCH_MAX`].
 #[derive(Debug)]
 struct Watch {
@@ -587,8 +595,8 @@ impl Connection<'_> {
         Ok(!readable[0])
     }
 
-    /// Fetches the rings reached by messages and hands what changed to the
-    /// device ([`Watch`]).
+    /// Fetches the rings reached by messages (or compares those in shared
+    /// memory) and hands what changed to the device ([`Watch`]).
     fn watch_rings(&mut self) -> Result<(), Error> {
         let rings: Vec<Arc<DmaRegion>> = self
             .dma
@@ -601,7 +609,16 @@ impl Connection<'_> {
             return Ok(());
         }
         let mut changed = false;
-        if let Some(pages) = self.fetch_guest(true)? {
+        let shared: usize = rings
+            .iter()
+            .filter(|r| !r.is_remote_mirror())
+            .map(|r| r.refresh())
+            .sum();
+        let fetched = match rings.iter().any(|r| r.is_remote_mirror()) {
+            true => self.fetch_guest(true)?,
+            false => Some(0),
+        };
+        if let Some(pages) = fetched.map(|p| p + shared) {
             // Complete: the changed pages go to the device now (otherwise
             // with the request that ended the wait).
             changed = pages > 0;
@@ -858,7 +875,7 @@ impl Connection<'_> {
     fn fetch_chunks(&mut self, watch: bool) -> VecDeque<(Arc<DmaRegion>, u64, usize)> {
         let max = self.port.max_xfer() as u64;
         let (mut buffers, mut rings) = (VecDeque::new(), VecDeque::new());
-        let wanted = |r: &DmaRange| if watch { r.watched() } else { r.fetch };
+        let wanted = |r: &DmaRange| r.fetch && (!watch || r.watched());
         for r in self.dma.values_mut().filter(|r| wanted(r)) {
             let ring = r.region.dir() == DmaDir::Bidirectional;
             let chunks = Self::chunks_of(r, max);
@@ -1408,6 +1425,7 @@ impl Connection<'_> {
                 region,
                 // What the device only writes is not the guest's to read.
                 fetch: remote && dir != DmaDir::FromDevice,
+                compared: !remote && self.device.dma_is_copied(),
                 mapped_at: Instant::now(),
             },
         );
@@ -1440,9 +1458,14 @@ impl Connection<'_> {
                 )
             }
         };
-        // Posted: QEMU's vIOMMU maps every buffer, and a round trip to a
-        // remote device for each would be most of an I/O's time.
-        if let Err(e) = self.device.dma_map_posted(Arc::clone(&region)) {
+        // Not posted, although QEMU's vIOMMU maps every buffer: the round
+        // trip brings the device's latest writes to rings along (a reply
+        // comes after them), and a driver may read them right after the
+        // map to decide whether to ring a doorbell. nvme's shadow doorbells
+        // do: a stale event index there makes it skip the doorbell of a
+        // command the device, having seen the previous one, never looks
+        // for (an I/O timeout).
+        if let Err(e) = self.device.dma_map(Arc::clone(&region)) {
             return dev_fail("DMA_MAP", e);
         }
         if copied && dir.device_reads() && m.size >= LARGE_MIRROR && !self.warned_large {
@@ -1468,12 +1491,15 @@ impl Connection<'_> {
 
     /// Takes the range at `start` away from the device and forgets it.
     fn unmap_range(&mut self, start: u64) -> Result<(), (u32, String)> {
-        if self.dma.remove(&start).is_none() {
+        let Some(range) = self.dma.remove(&start) else {
             return Ok(());
-        }
-        // Posted: the device's writes to it came ahead of the interrupt
-        // (or reply) that told the guest it may unmap it.
-        let r = self.device.dma_unmap_posted(start);
+        };
+        // Posted when small: the device's writes to it came ahead of the
+        // interrupt (or reply) that told the guest it may unmap it.
+        let r = match range.end - start <= POSTED_UNMAP_MAX {
+            true => self.device.dma_unmap_posted(start),
+            false => self.device.dma_unmap(start),
+        };
         self.port.remove_remote(start);
         r.map(drop).or_else(|e| dev_fail("DMA_UNMAP", e))
     }
