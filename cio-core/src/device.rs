@@ -436,8 +436,12 @@ pub trait Device: Send {
     /// confirm it: the mapping is usable at once (requests after it reach
     /// the device after it), and a failure there is reported by a later
     /// call, as for posted writes. For a caller that maps per buffer and
-    /// cannot wait a round trip each time (a VM's IOMMU). By default the
-    /// same as `dma_map`.
+    /// cannot wait a round trip each time, driving a device that learns of
+    /// new work from register writes: the wait also brings the device's
+    /// latest writes along, which a driver reading device-written memory
+    /// right after the map (nvme's shadow doorbells) needs, so the
+    /// vfio-user server does not post its maps. By default the same as
+    /// `dma_map`.
     fn dma_map_posted(&mut self, region: Arc<DmaRegion>) -> Result<(), DeviceError> {
         self.dma_map(region)
     }

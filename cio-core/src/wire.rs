@@ -64,7 +64,7 @@ pub const FEATURE_RESUME: u64 = 1 << 2;
 pub const FEATURE_BULK: u64 = 1 << 3;
 /// Feature: posted DMA mappings (`DmaMap` and `DmaUnmap` with `posted`):
 /// answered only when they fail, as posted writes are, for a frontend that
-/// cannot wait a round trip per mapping (a VM's IOMMU maps every buffer).
+/// cannot wait a round trip per mapping (a VM's IOMMU unmaps every buffer).
 pub const FEATURE_POSTED_DMA: u64 = 1 << 4;
 /// Every feature this build implements.
 pub const FEATURES: u64 =

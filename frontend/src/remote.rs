@@ -119,17 +119,16 @@ impl RemoteDevice {
     /// Maps `region` at the backend (waiting for its `Ok` unless `posted`).
     fn map(&mut self, region: Arc<DmaRegion>, posted: bool) -> Result<(), DeviceError> {
         lock(&self.target.dma).check_free(region.iova(), region.len())?;
-        let msg = Message::DmaMap {
-            handle: self.handle,
-            iova: region.iova(),
-            len: region.len(),
-            dir: region.dir(),
+        self.send(
+            &Message::DmaMap {
+                handle: self.handle,
+                iova: region.iova(),
+                len: region.len(),
+                dir: region.dir(),
+                posted,
+            },
             posted,
-        };
-        match posted {
-            true => self.shared.inner.post(&msg)?,
-            false => self.expect_ok(&msg)?,
-        }
+        )?;
         Ok(lock(&self.target.dma).insert(region)?)
     }
 
@@ -139,16 +138,23 @@ impl RemoteDevice {
         if lock(&self.target.dma).get(iova).is_none() {
             return Err(cio_core::DmaError::NotMapped(iova).into());
         }
-        let msg = Message::DmaUnmap {
-            handle: self.handle,
-            iova,
+        self.send(
+            &Message::DmaUnmap {
+                handle: self.handle,
+                iova,
+                posted,
+            },
             posted,
-        };
-        match posted {
-            true => self.shared.inner.post(&msg)?,
-            false => self.expect_ok(&msg)?,
-        }
+        )?;
         Ok(lock(&self.target.dma).remove(iova)?)
+    }
+
+    /// Sends a posted request, or a request and waits for its `Ok`.
+    fn send(&self, msg: &Message, posted: bool) -> Result<(), DeviceError> {
+        match posted {
+            true => Ok(self.shared.inner.post(msg)?),
+            false => self.expect_ok(msg),
+        }
     }
 
     fn expect_ok(&self, msg: &Message) -> Result<(), DeviceError> {

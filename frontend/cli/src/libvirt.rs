@@ -385,19 +385,17 @@ pub fn with_tickets(domain: &str, xml: &str, run_dir: &Path) -> Result<String, S
         );
         let r = node.range();
         let element = &xml[r.clone()];
-        let at = match element.ends_with("/>") {
+        if element.ends_with("/>") {
             // <cio:device .../> becomes <cio:device ...>TICKET</cio:device>.
-            true => {
-                let name_len = element[1..]
-                    .find(|c: char| c.is_whitespace() || c == '/' || c == '>')
-                    .unwrap_or(0);
-                let qname = &element[1..1 + name_len];
-                edits.push((r.end - 2..r.end, format!(">{child}</{qname}>")));
-                continue;
-            }
-            false => r.start + element.rfind("</").unwrap_or(element.len()),
-        };
-        edits.push((at..at, child));
+            let name_len = element[1..]
+                .find(|c: char| c.is_whitespace() || c == '/' || c == '>')
+                .unwrap_or(0);
+            let qname = &element[1..1 + name_len];
+            edits.push((r.end - 2..r.end, format!(">{child}</{qname}>")));
+        } else {
+            let at = r.start + element.rfind("</").unwrap_or(element.len());
+            edits.push((at..at, child));
+        }
     }
     Ok(edit(xml, edits))
 }

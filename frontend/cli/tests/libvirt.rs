@@ -181,6 +181,16 @@ fn migratable(host: &str, socket: &Path, extra: &str) -> String {
     )
 }
 
+/// Waits (at most 20 s) until the server has suspended its session into
+/// the ticket at `path`.
+fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "no ticket at {}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_handed_off_device_moves_with_its_domain() {
     let backend = common::backend(None);
@@ -207,16 +217,7 @@ fn a_handed_off_device_moves_with_its_domain() {
 
     // device_del: QEMU lets go of the socket; the session waits in a ticket.
     drop(qemu);
-    let ticket = src.join("vm1/0.ticket");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ticket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no ticket at {}",
-            ticket.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&src.join("vm1/0.ticket"));
     let (ok, moving, err) = filter(&src, &["handoff", "vm1"], &xml);
     assert!(ok, "{err}");
     assert!(
@@ -285,16 +286,7 @@ fn a_handed_off_device_moves_with_its_domain() {
     // handoff, leaves a ticket that nobody adopts; release ends it, and the
     // backend lets go of the device at once (not when the ticket expires).
     drop(qemu);
-    let ticket = dst.join("vm1/0.ticket");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ticket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no ticket at {}",
-            ticket.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&dst.join("vm1/0.ticket"));
     let (ok, out) = hook(&dst, &["vm1", "release", "end", "-"], &incoming);
     assert!(
         ok && out.contains("ended the session nobody adopted"),

@@ -466,8 +466,9 @@ impl Default for Fetch {
 /// Between requests the rings are fetched again (in guest memory shared by
 /// fd, for a device elsewhere: compared again) after a while: a device may
 /// read commands from guest memory that no register write announced (nvme's
-/// shadow doorbells), so what the guest wrote reaches it in bounded time. First [`WATCH_MIN`] after the last request or interrupt,
-/// then twice as long each time nothing changed, up to [`WATCH_MAX`].
+/// shadow doorbells), so what the guest wrote reaches it in bounded time.
+/// First [`WATCH_MIN`] after the last request or interrupt, then twice as
+/// long each time nothing changed, up to [`WATCH_MAX`].
 #[derive(Debug)]
 struct Watch {
     due: Option<Instant>,
