@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -496,6 +497,16 @@ pub trait Device: Send {
         Ok(())
     }
 
+    /// Waits until `fd`, an eventfd this device's interrupts are routed to
+    /// ([`set_irqs`](Device::set_irqs)), counts one, for at most `timeout`,
+    /// and takes its count (0: the time ran out). The default waits on the
+    /// eventfd. A remote device reads its connection in the calling thread
+    /// meanwhile, so that the interrupt wakes only this thread (not the
+    /// client's receive thread, which would then wake this one).
+    fn wait_irq(&mut self, fd: &EventFd, timeout: Duration) -> Result<u64, DeviceError> {
+        wait_eventfd(fd, timeout)
+    }
+
     /// Resets the device to its power-on state. DMA mappings and interrupt
     /// routing stay in place.
     fn reset(&mut self) -> Result<(), DeviceError>;
@@ -565,6 +576,27 @@ pub trait Device: Send {
 }
 
 /// `len` bytes at `offset` end inside `region`.
+/// Waits until `fd` counts, for at most `timeout`, and takes its count (0:
+/// the time ran out; another reader taking the count first makes this wait
+/// on). [`Device::wait_irq`]'s default.
+pub fn wait_eventfd(fd: &EventFd, timeout: Duration) -> Result<u64, DeviceError> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ready = crate::poll_readable(&[fd], Some(left))
+            .map_err(|e| DeviceError::Failed(format!("waiting on an eventfd: {e}")))?;
+        if ready[0] {
+            match fd.read() {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(DeviceError::Failed(format!("reading an eventfd: {e}"))),
+            }
+        } else if left.is_zero() {
+            return Ok(0);
+        }
+    }
+}
+
 fn ends_inside(region: &RegionInfo, offset: u64, len: usize) -> Result<(), DeviceError> {
     match offset.checked_add(len as u64) {
         Some(end) if end <= region.size => Ok(()),

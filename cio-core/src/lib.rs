@@ -1,6 +1,7 @@
 //! cio core: the wire protocol, the [`Device`] trait every device implements,
 //! DMA regions with dirty tracking, and the errors they share. No I/O lives
-//! here; transports, the backend and the frontend build on it.
+//! here but waiting for an eventfd; transports, the backend and the
+//! frontend build on it.
 #![deny(missing_docs)]
 
 pub mod device;
@@ -14,6 +15,7 @@ pub use device::{
     CONFIG_REGION,
 };
 pub use dma::{DmaDir, DmaError, DmaRegion, DmaSpace, PAGE_SIZE};
+pub use sys::poll_readable;
 pub use wire::{DmaHead, ErrorCode, Frame, FrameDecoder, Message, WireError};
 
 /// Eventfd type used for interrupt delivery throughout cio.

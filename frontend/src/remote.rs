@@ -2,6 +2,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use cio_core::wire::{IrqAction, Message, FEATURE_BULK, FEATURE_POSTED_DMA, MAX_BULK};
@@ -250,6 +251,10 @@ impl Device for RemoteDevice {
             )?;
         }
         Ok(())
+    }
+
+    fn wait_irq(&mut self, fd: &EventFd, timeout: Duration) -> Result<u64, DeviceError> {
+        Ok(self.shared.inner.wait_irq(fd, timeout)?)
     }
 
     fn set_irqs(&mut self, kind: IrqKind, start: u32, fds: &[EventFd]) -> Result<(), DeviceError> {

@@ -431,3 +431,54 @@ fn polling_mode_on_both_sides_runs_the_whole_driver() {
     // The backend's session stops spinning and ends with its client.
     common::assert_idle(&s);
 }
+
+#[test]
+fn a_thread_waiting_for_an_interrupt_reads_for_itself_and_blocks_nobody() {
+    let s = common::server();
+    let c = common::connect(s.endpoint());
+    let mut edu = c.open("edu0").unwrap();
+    let mut mem = c.open("mem0").unwrap();
+    let msi = EventFd::new(EFD_NONBLOCK).unwrap();
+    edu.set_irqs(IrqKind::Msi, 0, std::slice::from_ref(&msi))
+        .unwrap();
+
+    // The raise is a posted write: the wait sends it, then sees the
+    // interrupt, and takes the eventfd's count.
+    edu.write32(0, reg::IRQ_RAISE, 0x10).unwrap();
+    assert_eq!(edu.wait_irq(&msi, Duration::from_secs(5)).unwrap(), 1);
+    assert!(msi.read().is_err(), "the count was taken");
+    edu.write32(0, reg::IRQ_ACK, 0x10).unwrap();
+
+    // Nothing raised: the wait ends at its timeout with 0. Meanwhile
+    // another thread's calls on the same client go on: the waiter does not
+    // hold the receive side while it sleeps (if it did, the first read
+    // below would wait for the timeout).
+    let wait = Duration::from_millis(1500);
+    let (waited, took) = std::thread::scope(|sc| {
+        let waiter = sc.spawn(|| {
+            let start = std::time::Instant::now();
+            (edu.wait_irq(&msi, wait).unwrap(), start.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let start = std::time::Instant::now();
+        for i in 0..50u32 {
+            mem.write32(0, 0x100, i).unwrap();
+            assert_eq!(mem.read32(0, 0x100).unwrap(), i);
+        }
+        let took = start.elapsed();
+        (waiter.join().unwrap(), took)
+    });
+    assert_eq!(waited.0, 0, "no interrupt was raised");
+    assert!(waited.1 >= wait, "the wait ended early: {:?}", waited.1);
+    assert!(
+        took < Duration::from_millis(1000),
+        "50 round trips beside a waiting thread took {took:?}"
+    );
+
+    // An interrupt dispatched before the wait (by another call reading its
+    // reply, or by the pump) is not lost: the wait takes the count at once.
+    edu.write32(0, reg::IRQ_RAISE, 0x20).unwrap();
+    mem.read32(0, 0x100).unwrap();
+    edu.flush().unwrap();
+    assert_eq!(edu.wait_irq(&msi, Duration::from_secs(5)).unwrap(), 1);
+}

@@ -51,49 +51,7 @@ pub fn recv_into(
     Ok(n)
 }
 
-/// Waits until one of `fds` is readable (or hung up), or `timeout` passes
-/// (to the nanosecond: ppoll(2), so that a wait shorter than a millisecond
-/// sleeps instead of returning at once as poll(2)'s would). Returns, for
-/// each fd, whether it is ready.
-pub fn poll_readable(fds: &[&dyn AsRawFd], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|fd| libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    let ts = timeout.map(|t| libc::timespec {
-        tv_sec: t.as_secs().min(i32::MAX as u64) as libc::time_t,
-        tv_nsec: t.subsec_nanos() as libc::c_long,
-    });
-    let ts_ptr = ts
-        .as_ref()
-        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    loop {
-        // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs that
-        // ppoll may write `revents` into; `ts_ptr` is null or points to a
-        // timespec that lives across the call; no signal mask is passed. The
-        // fds are borrowed for the call (and ppoll only reports POLLNVAL for
-        // an fd that is not open).
-        let n = unsafe {
-            libc::ppoll(
-                pfds.as_mut_ptr(),
-                pfds.len() as libc::nfds_t,
-                ts_ptr,
-                std::ptr::null(),
-            )
-        };
-        if n >= 0 {
-            return Ok(pfds.iter().map(|p| p.revents != 0).collect());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-}
+pub use cio_core::poll_readable;
 
 /// Sends from `data` without waiting (`MSG_DONTWAIT`, and no SIGPIPE),
 /// whatever the socket's own mode.

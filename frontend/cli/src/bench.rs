@@ -47,6 +47,16 @@ pub enum Transport {
     Rdma,
 }
 
+impl Transport {
+    /// The transport [`Display`](std::fmt::Display) names so.
+    pub fn from_name(name: &str) -> Result<Self, String> {
+        [Self::Tcp, Self::Unix, Self::Tls, Self::Rdma]
+            .into_iter()
+            .find(|t| t.to_string() == name)
+            .ok_or_else(|| format!("no transport called {name:?}"))
+    }
+}
+
 impl std::fmt::Display for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -139,6 +149,18 @@ pub struct Row {
     pub target: String,
     /// Whether the target was met.
     pub met: bool,
+    /// A latency whose ratio depends on where the scheduler put the two
+    /// ends' threads (left unpinned, sleeping ends): one core for the
+    /// baseline and two for cio, or the other way round, changes it by a
+    /// factor of four on a VM. `cio bench --check` does not check these.
+    pub placement_bound: bool,
+}
+
+impl Row {
+    fn placement_bound(mut self, yes: bool) -> Self {
+        self.placement_bound = yes;
+        self
+    }
 }
 
 /// The whole run.
@@ -250,6 +272,81 @@ impl<D: Device> Device for Stamped<D> {
 
 fn err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
     move |e| format!("{what}: {e}")
+}
+
+/// Where a row's threads run: left to the scheduler, or both ends pinned,
+/// cio and its baseline alike. On a VM a wake-up on another, idle vCPU
+/// costs tens of microseconds more than one on the waker's own, and the
+/// scheduler may keep the baseline's two threads on one core while cio's
+/// run on two: pinning shows what each placement costs.
+#[derive(Debug, Clone, Copy)]
+struct Placement {
+    /// The core of the caller (and the client's pump).
+    client: usize,
+    /// The core of the backend's session thread (and the raw peer).
+    server: usize,
+}
+
+impl Placement {
+    /// One core for both ends, and (with two or more) one core each: the
+    /// first two cores this process may run on.
+    fn pinned() -> BenchResult<Vec<Placement>> {
+        let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+            .map_err(err("sched_getaffinity"))?;
+        let cores: Vec<usize> = (0..nix::sched::CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .take(2)
+            .collect();
+        let mut v = vec![Placement {
+            client: cores[0],
+            server: cores[0],
+        }];
+        if let Some(&other) = cores.get(1) {
+            v.push(Placement {
+                client: cores[0],
+                server: other,
+            });
+        }
+        Ok(v)
+    }
+
+    fn describe(&self) -> String {
+        if self.client == self.server {
+            format!("one core ({})", self.client)
+        } else {
+            format!("two cores ({}, {})", self.client, self.server)
+        }
+    }
+}
+
+/// A backend of its own for a pinned row: its threads on the backend's core.
+fn pinned_backend(
+    t: Transport,
+    p: Placement,
+) -> BenchResult<(ServerHandle, Arc<std::sync::atomic::AtomicU64>)> {
+    let _pin = CorePin::to(p.server)?;
+    start_backend_limits(t, Default::default(), Limits::default(), "ciod-pin")
+}
+
+/// The calling thread pinned to one core until dropped; threads it spawns
+/// meanwhile inherit the pin and keep it.
+struct CorePin(nix::sched::CpuSet);
+
+impl CorePin {
+    fn to(core: usize) -> BenchResult<CorePin> {
+        let me = nix::unistd::Pid::from_raw(0);
+        let before = nix::sched::sched_getaffinity(me).map_err(err("sched_getaffinity"))?;
+        let mut one = nix::sched::CpuSet::new();
+        one.set(core).map_err(err("a core number"))?;
+        nix::sched::sched_setaffinity(me, &one).map_err(err("sched_setaffinity"))?;
+        Ok(CorePin(before))
+    }
+}
+
+impl Drop for CorePin {
+    fn drop(&mut self) {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &self.0);
+    }
 }
 
 /// A raw-transport peer in a thread: mode `P` echoes fixed-size messages,
@@ -528,17 +625,20 @@ fn tls_cost(opts: &Options) -> BenchResult<Vec<Row>> {
     )?;
     let (tls_s, plain) = (stat(vt, false), stat(vp, false));
     let ratio = tls_s.median / plain.median;
-    rows.push(row(
-        "T1",
-        "BAR read 4 B round trip, TLS vs plaintext".into(),
-        t,
-        "us",
-        tls_s,
-        plain,
-        "tls/plain",
-        ratio,
-        ("<= 1.05", ratio <= 1.05),
-    ));
+    rows.push(
+        row(
+            "T1",
+            "BAR read 4 B round trip, TLS vs plaintext".into(),
+            t,
+            "us",
+            tls_s,
+            plain,
+            "tls/plain",
+            ratio,
+            ("<= 1.05", ratio <= 1.05),
+        )
+        .placement_bound(true),
+    );
     let size: u64 = if quick { 1 << 20 } else { 16 << 20 };
     let iters = if quick { 3 } else { 24 };
     for (dir, cmd) in [("dev->target", Some(CMD_TO_MEMORY)), ("target->dev", None)] {
@@ -774,6 +874,7 @@ fn row(
         ratio,
         target: target.0.to_owned(),
         met: target.1,
+        placement_bound: false,
     }
 }
 
@@ -787,12 +888,14 @@ fn p1(
     raw: &mut RawServer,
     width: usize,
     poll: Duration,
+    placed: Option<Placement>,
 ) -> BenchResult<Row> {
     let (blocks, per) = if quick { (4, 200) } else { (20, 1500) };
-    let c = client_opts(s, true, None, poll)?;
-    let mut dev = c.open("mem0").map_err(err("open"))?;
     let polling = !poll.is_zero();
     let mut buf = [0u8; 8];
+    // The raw peer's thread starts on the backend's core; the client, its
+    // pump and this thread then run on the caller's.
+    let server_pin = placed.map(|p| CorePin::to(p.server)).transpose()?;
     let mut raw_op: Box<dyn FnMut() -> BenchResult<()>> = if t == Transport::Rdma {
         let (mut verbs, _t) = raw_verbs(poll)?;
         Box::new(move || verbs.ping(width).map_err(err("raw verbs ping")))
@@ -812,6 +915,10 @@ fn p1(
             }
         })
     };
+    drop(server_pin);
+    let _client_pin = placed.map(|p| CorePin::to(p.client)).transpose()?;
+    let c = client_opts(s, true, None, poll)?;
+    let mut dev = c.open("mem0").map_err(err("open"))?;
     let (vc, vr) = alternate(
         blocks,
         per,
@@ -828,6 +935,9 @@ fn p1(
     } else {
         (format!("BAR read {width} B round trip"), 1.15)
     };
+    if let Some(p) = placed {
+        what = format!("BAR read {width} B, {}", p.describe());
+    }
     if t == Transport::Rdma {
         what.push_str(" (raw: verbs)");
     }
@@ -841,7 +951,8 @@ fn p1(
         "cio/raw",
         ratio,
         (&format!("<= {target:.2}"), ratio <= target),
-    ))
+    )
+    .placement_bound(placed.is_none() && !polling))
 }
 
 fn write_burst(dev: &mut RemoteDevice, n: usize) -> BenchResult<f64> {
@@ -1158,26 +1269,33 @@ fn p4(
     s: &ServerHandle,
     stamp: &std::sync::atomic::AtomicU64,
     raw: &mut RawServer,
+    placed: Option<Placement>,
 ) -> BenchResult<Row> {
     let (blocks, per) = if quick { (4, 100) } else { (20, 500) };
+    let (conn, _t) = {
+        let _pin = placed.map(|p| CorePin::to(p.server)).transpose()?;
+        raw_client(raw, b'O', 0)?
+    };
+    let _client_pin = placed.map(|p| CorePin::to(p.client)).transpose()?;
     let c = client(s, true)?;
     let mut dev = c.open("mem0").map_err(err("open"))?;
     let fd = EventFd::new(EFD_NONBLOCK).map_err(err("eventfd"))?;
     dev.set_irqs(IrqKind::Msi, 0, std::slice::from_ref(&fd))
         .map_err(err("irqs"))?;
-    let (conn, _t) = raw_client(raw, b'O', 0)?;
     let (mut vc, mut vr) = (Vec::new(), Vec::new());
     for _ in 0..blocks {
         for _ in 0..per {
             dev.write32(2, memory::reg::DOORBELL, 1)
                 .map_err(err("doorbell"))?;
-            let ready =
-                sys::poll_readable(&[&fd], Some(Duration::from_secs(5))).map_err(err("poll"))?;
+            // As a driver waits (`Device::wait_irq`): this thread reads the
+            // connection meanwhile.
+            let n = dev
+                .wait_irq(&fd, Duration::from_secs(5))
+                .map_err(err("waiting for the interrupt"))?;
             let seen = now_ns();
-            if !ready[0] {
+            if n == 0 {
                 return Err("interrupt did not arrive within 5 s".into());
             }
-            fd.read().map_err(err("eventfd"))?;
             let raised = stamp.load(std::sync::atomic::Ordering::Acquire);
             vc.push(seen.saturating_sub(raised) as f64 / 1e3);
         }
@@ -1191,9 +1309,13 @@ fn p4(
     }
     let (cio, raw_s) = (stat(vc, false), stat(vr, false));
     let ratio = cio.median / raw_s.median;
+    let mut what = "irq: device raises -> eventfd readable, one-way".to_owned();
+    if let Some(p) = placed {
+        what = format!("irq: raised -> eventfd, {}", p.describe());
+    }
     Ok(row(
         "P4",
-        "irq: device raises -> eventfd readable, one-way".into(),
+        what,
         t,
         "us",
         cio,
@@ -1201,7 +1323,8 @@ fn p4(
         "cio/raw",
         ratio,
         ("<= 1.20", ratio <= 1.20),
-    ))
+    )
+    .placement_bound(placed.is_none()))
 }
 
 fn p7(t: Transport, quick: bool, s: &ServerHandle) -> BenchResult<Row> {
@@ -1291,9 +1414,20 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> BenchResult<Report
             for width in [4, 8] {
                 let mut raw = RawServer::start(t, &format!("p1-{width}"))?;
                 push(
-                    p1(t, opts.quick, &s, &mut raw, width, Duration::ZERO)?,
+                    p1(t, opts.quick, &s, &mut raw, width, Duration::ZERO, None)?,
                     &mut rows,
                 );
+            }
+            if t != Transport::Rdma {
+                // Pinned: a backend of its own, its threads on the
+                // backend's core.
+                for p in Placement::pinned()? {
+                    let (ps, _) = pinned_backend(t, p)?;
+                    let mut raw = RawServer::start(t, "p1-pinned")?;
+                    let row = p1(t, opts.quick, &ps, &mut raw, 4, Duration::ZERO, Some(p))?;
+                    push(row, &mut rows);
+                    ps.shutdown();
+                }
             }
             // Polling mode: its own backend, polling as long as its clients.
             let limits = Limits {
@@ -1303,7 +1437,10 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> BenchResult<Report
             let (ps, _) = start_backend_limits(t, Default::default(), limits, "ciod-poll")?;
             for width in [4, 8] {
                 let mut raw = RawServer::start(t, &format!("p1p-{width}"))?;
-                push(p1(t, opts.quick, &ps, &mut raw, width, POLL)?, &mut rows);
+                push(
+                    p1(t, opts.quick, &ps, &mut raw, width, POLL, None)?,
+                    &mut rows,
+                );
             }
             ps.shutdown();
         }
@@ -1326,7 +1463,18 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> BenchResult<Report
         }
         if opts.wants("P4") {
             let mut raw = RawServer::start(t, "p4")?;
-            push(p4(t, opts.quick, &s, &stamp, &mut raw)?, &mut rows);
+            push(p4(t, opts.quick, &s, &stamp, &mut raw, None)?, &mut rows);
+            if t != Transport::Rdma {
+                for p in Placement::pinned()? {
+                    let (ps, stamp) = pinned_backend(t, p)?;
+                    let mut raw = RawServer::start(t, "p4-pinned")?;
+                    push(
+                        p4(t, opts.quick, &ps, &stamp, &mut raw, Some(p))?,
+                        &mut rows,
+                    );
+                    ps.shutdown();
+                }
+            }
         }
         if opts.wants("P7") {
             push(p7(t, opts.quick, &s)?, &mut rows);

@@ -38,6 +38,7 @@ mod keys;
 mod libvirt;
 mod migrate;
 mod progress;
+mod regress;
 mod regs;
 mod soak;
 
@@ -256,6 +257,22 @@ enum Cmd {
         /// port 7460 up and connect to it.
         #[arg(long, value_name = "IP")]
         rdma_addr: Option<std::net::IpAddr>,
+        /// Run the suite --runs times and write FILE: per row the median,
+        /// best and worst ratio seen (this machine's run-to-run noise) and
+        /// the limit a later --check may not pass (the worst, 1.5 times
+        /// worse again). Leave the machine otherwise idle while it runs.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["quick", "check"])]
+        record_baseline: Option<PathBuf>,
+        /// How many full runs --record-baseline measures.
+        #[arg(long, default_value_t = 5, requires = "record_baseline",
+              value_parser = clap::value_parser!(u32).range(2..=50))]
+        runs: u32,
+        /// Measure the rows FILE (from --record-baseline) holds and exit
+        /// non-zero when a ratio is past its limit; a row past it is
+        /// measured once more and fails only if it is past it again, so a
+        /// single noisy run does not fail the check.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["quick", "only", "transport"])]
+        check: Option<PathBuf>,
     },
     /// Soak an embedded backend: CLIENTS clients with mixed IO (edu
     /// self-tests with MSI and DMA; posted-write bursts and DMA round trips
@@ -822,7 +839,33 @@ fn run(args: Args) -> Result<(), String> {
             json,
             only,
             rdma_addr,
-        } => bench(quick, transport, &json, only, rdma_addr),
+            record_baseline,
+            runs,
+            check,
+        } => {
+            let transports = match transport {
+                TransportArg::Tcp => vec![bench::Transport::Tcp],
+                TransportArg::Unix => vec![bench::Transport::Unix],
+                TransportArg::Tls => vec![bench::Transport::Tls],
+                TransportArg::Rdma => vec![bench::Transport::Rdma],
+                TransportArg::All => vec![
+                    bench::Transport::Tcp,
+                    bench::Transport::Unix,
+                    bench::Transport::Tls,
+                ],
+            };
+            let opts = bench::Options {
+                quick,
+                transports,
+                only,
+                rdma_addr,
+            };
+            match (record_baseline, check) {
+                (Some(file), _) => bench_record(opts, runs, &json, &file),
+                (None, Some(file)) => bench_check(rdma_addr, &json, &file),
+                (None, None) => bench_run(&opts, &json).map(drop),
+            }
+        }
     }
 }
 
@@ -1096,25 +1139,12 @@ fn describe(info: &DeviceInfo) -> String {
     s
 }
 
-fn bench(
-    quick: bool,
-    transport: TransportArg,
-    json: &std::path::Path,
-    only: Vec<String>,
-    rdma_addr: Option<std::net::IpAddr>,
-) -> Result<(), String> {
-    use crate::bench::{self, Transport};
-    let transports = match transport {
-        TransportArg::Tcp => vec![Transport::Tcp],
-        TransportArg::Unix => vec![Transport::Unix],
-        TransportArg::Tls => vec![Transport::Tls],
-        TransportArg::Rdma => vec![Transport::Rdma],
-        TransportArg::All => vec![Transport::Tcp, Transport::Unix, Transport::Tls],
-    };
+/// One run of `cio bench`: the table as it is measured, then the JSON.
+fn bench_run(opts: &bench::Options, json: &std::path::Path) -> Result<bench::Report, String> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     outln!(
         "cio bench: {} run on {cores} cores; cio and its baseline alternate in one process",
-        if quick {
+        if opts.quick {
             "quick (numbers not meaningful)"
         } else {
             "full"
@@ -1122,17 +1152,9 @@ fn bench(
     );
     outln!("{}", bench::header());
     let spin = progress::spinner("measuring (cio and its baseline alternate)");
-    let report = bench::run(
-        &bench::Options {
-            quick,
-            transports,
-            only,
-            rdma_addr,
-        },
-        |r| {
-            spin.suspend(|| outln!("{}", bench::format_row(r)));
-        },
-    )?;
+    let report = bench::run(opts, |r| {
+        spin.suspend(|| outln!("{}", bench::format_row(r)));
+    })?;
     spin.finish_and_clear();
     let text = serde_json::to_string_pretty(&report).map_err(|e| format!("encoding JSON: {e}"))?;
     std::fs::write(json, text).map_err(|e| format!("writing {}: {e}", json.display()))?;
@@ -1142,6 +1164,96 @@ fn bench(
         report.rows.len(),
         json.display()
     );
+    Ok(report)
+}
+
+/// `cio bench --record-baseline FILE --runs N`.
+fn bench_record(
+    opts: bench::Options,
+    runs: u32,
+    json: &std::path::Path,
+    file: &std::path::Path,
+) -> Result<(), String> {
+    let mut reports = Vec::new();
+    for i in 1..=runs {
+        outln!("\nrun {i} of {runs}");
+        reports.push(bench_run(&opts, json)?);
+    }
+    let b = regress::Baseline::record(&reports)?;
+    std::fs::write(file, b.to_text()).map_err(|e| format!("writing {}: {e}", file.display()))?;
+    outln!("\nbaseline of {runs} runs, {} rows:", b.rows.len());
+    for r in &b.rows {
+        outln!(
+            "{:3} {:5} {:48} median {:8.2}, {:.2}..{:.2} (noise {:3.0}%), limit {} {:.2}",
+            r.id,
+            r.transport,
+            r.what,
+            r.median,
+            r.best,
+            r.worst,
+            r.noise * 100.0,
+            if r.higher_is_better { ">=" } else { "<=" },
+            r.limit
+        );
+    }
+    outln!("written to {}", file.display());
+    Ok(())
+}
+
+/// `cio bench --check FILE`: the rows the baseline holds, measured again;
+/// a row past its limit gets a second run and fails only if it is past it
+/// in both.
+fn bench_check(
+    rdma_addr: Option<std::net::IpAddr>,
+    json: &std::path::Path,
+    file: &std::path::Path,
+) -> Result<(), String> {
+    let text =
+        std::fs::read_to_string(file).map_err(|e| format!("reading {}: {e}", file.display()))?;
+    let b = regress::Baseline::from_text(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    let (transports, only) = b.measured();
+    let transports = transports
+        .iter()
+        .map(|t| bench::Transport::from_name(t))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    let opts = bench::Options {
+        quick: false,
+        transports,
+        only,
+        rdma_addr,
+    };
+    let mut verdicts = b.check(&bench_run(&opts, json)?)?;
+    let past = verdicts.iter().filter(|v| v.regressed).count();
+    if past > 0 {
+        outln!("\n{past} rows past their limit: measuring again, to tell a regression from a noisy run");
+        let again = b.check(&bench_run(&opts, json)?)?;
+        for (v, a) in verdicts.iter_mut().zip(again) {
+            // A row fails when both runs put it past its limit; the second
+            // run's ratio is shown for those that passed the first time.
+            if v.regressed {
+                v.regressed = a.regressed;
+                v.ratio = a.ratio.or(v.ratio);
+            }
+        }
+    }
+    outln!(
+        "\nagainst {} ({} runs recorded; limit: the worst recorded ratio, {}x worse again):",
+        file.display(),
+        b.runs,
+        b.margin
+    );
+    for (i, v) in verdicts.iter().enumerate() {
+        outln!("{}", b.line(i, v));
+    }
+    let failed = verdicts.iter().filter(|v| v.regressed).count();
+    if failed > 0 {
+        return Err(format!(
+            "{failed} of {} rows regressed past their recorded limits",
+            verdicts.len()
+        ));
+    }
+    outln!("no regression in {} rows", verdicts.len());
     Ok(())
 }
 

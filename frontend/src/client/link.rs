@@ -599,6 +599,68 @@ impl Inner {
         }
     }
 
+    /// Waits for `fd` to count an interrupt, for at most `timeout`, and
+    /// takes its count (0: the time ran out); see `Device::wait_irq`. This
+    /// thread reads the connection meanwhile, the pump muted as for a
+    /// caller waiting for its reply, so an interrupt's frame wakes only
+    /// this thread. While a caller reads for its reply, that caller
+    /// dispatches what arrives (this interrupt too, which `fd` then shows).
+    pub(crate) fn wait_irq(&self, fd: &EventFd, timeout: Duration) -> Result<u64, ClientError> {
+        self.check_open()?;
+        let _reading = self.watch.reading();
+        let deadline = Instant::now() + timeout;
+        // Queued posted writes leave now: the device may be waiting for
+        // them to raise the interrupt.
+        let sent = {
+            let mut out = lock(&self.tx);
+            (!out.is_empty()).then(|| {
+                (
+                    self.generation.load(Ordering::Acquire),
+                    self.write_out(&mut out),
+                )
+            })
+        };
+        if let Some((generation, Err(why))) = sent {
+            self.link_failed(generation, why)?;
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (conn, generation) = self.conn();
+            let ready = if conn.buffered() {
+                // Decrypted bytes inside a TLS connection: the socket may
+                // have nothing more to say about them.
+                vec![false, true]
+            } else {
+                sys::poll_readable(&[fd, &*conn], Some(left))
+                    .map_err(|e| DeviceError::Failed(format!("waiting for an interrupt: {e}")))?
+            };
+            if ready[0] {
+                match fd.read() {
+                    Ok(n) => return Ok(n),
+                    // Another reader took the count first.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        return Err(DeviceError::Failed(format!("reading an eventfd: {e}")).into())
+                    }
+                }
+            } else if ready[1] {
+                let rx = lock(&self.rx);
+                match self.pump_read(rx, &conn) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        let why = lock(&self.rx).closed.clone();
+                        return Err(ClientError::Disconnected(
+                            why.unwrap_or_else(|| "the session ended".into()),
+                        ));
+                    }
+                    Err(why) => self.link_failed(generation, why)?,
+                }
+            } else if left.is_zero() {
+                return Ok(0);
+            }
+        }
+    }
+
     fn note_rx(&self, bytes: usize) {
         self.last_rx.store(self.now_ns(), Ordering::Relaxed);
         if self.resume.is_some() {

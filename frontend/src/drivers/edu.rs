@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use cio_core::{
     Device, DeviceError, DmaDir, DmaRegion, EventFd, IrqKind, CONFIG_REGION, PAGE_SIZE,
 };
-use cio_transports::sys;
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 // The register map is the device's, shared with the emulated model
@@ -69,16 +68,23 @@ fn check(ok: bool, what: impl FnOnce() -> String) -> Result<(), EduError> {
 
 /// Waits until `fd` is signalled (and consumes the signal).
 pub fn wait_eventfd(fd: &EventFd, timeout: Duration) -> Result<u64, EduError> {
-    let ready = sys::poll_readable(&[fd], Some(timeout))
-        .map_err(|e| EduError::Check(format!("polling eventfd: {e}")))?;
-    if !ready[0] {
+    counted(cio_core::device::wait_eventfd(fd, timeout)?, timeout)
+}
+
+fn counted(n: u64, timeout: Duration) -> Result<u64, EduError> {
+    if n == 0 {
         return Err(EduError::Timeout(timeout, "an interrupt"));
     }
-    fd.read()
-        .map_err(|e| EduError::Check(format!("reading eventfd: {e}")))
+    Ok(n)
 }
 
 impl<'a, D: Device + ?Sized> Edu<'a, D> {
+    /// Waits for the interrupt routed to `fd` ([`Device::wait_irq`]: on a
+    /// remote device this thread reads the connection meanwhile).
+    pub fn wait_irq(&mut self, fd: &EventFd) -> Result<u64, EduError> {
+        counted(self.dev.wait_irq(fd, self.timeout)?, self.timeout)
+    }
+
     /// Checks the ids and enables the device as Linux's
     /// `pci_enable_device` and `pci_set_master` would: memory decoding and
     /// bus mastering on (VFIO does not set bus master for you), INTx not
@@ -298,7 +304,7 @@ pub fn self_test_parts<D: Device + ?Sized>(
         .set_irqs(IrqKind::Msi, 0, std::slice::from_ref(&msi))?;
     edu.set_factorial_irq(true)?;
     edu.device().write32(BAR0, reg::FACTORIAL, 8)?;
-    wait_eventfd(&msi, edu.timeout)?;
+    edu.wait_irq(&msi)?;
     r.interrupts += 1;
     let st = edu.irq_status()?;
     check(st & FACT_IRQ != 0, || {
@@ -343,7 +349,7 @@ fn dma_round_trip<D: Device + ?Sized>(
     edu.device().dma_map(Arc::clone(&region))?;
     edu.dma(iova, EDU_BUFFER, len, false, false)?;
     edu.dma(EDU_BUFFER, iova + PAGE_SIZE, len, true, true)?;
-    wait_eventfd(msi, edu.timeout)?;
+    edu.wait_irq(msi)?;
     r.interrupts += 1;
     let st = edu.irq_status()?;
     check(st & DMA_IRQ != 0, || {
@@ -380,7 +386,7 @@ fn intx_round_trip<D: Device + ?Sized>(
         edu.device()
             .set_irqs(IrqKind::Intx, 0, std::slice::from_ref(&intx))?;
         edu.raise(0x40)?;
-        wait_eventfd(&intx, edu.timeout)?;
+        edu.wait_irq(&intx)?;
         r.interrupts += 1;
         let st = edu.irq_status()?;
         check(st == 0x40, || format!("irq status {st:#x}, expected 0x40"))?;

@@ -43,7 +43,6 @@ use std::time::{Duration, Instant};
 use cio_core::{
     Device, DeviceError, DmaDir, DmaError, DmaRegion, EventFd, IrqKind, CONFIG_REGION, PAGE_SIZE,
 };
-use cio_transports::sys;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
@@ -1655,13 +1654,9 @@ impl<'a, D: Device + ?Sized> Nvme<'a, D> {
             match irq.and_then(|i| self.irqs.get(i)) {
                 Some(fd) => {
                     let wait = left.min(self.opts.irq_poll_interval);
-                    let ready =
-                        sys::poll_readable(&[fd], Some(wait)).map_err(eventfd_err("waiting on"))?;
-                    if ready[0] {
-                        // Nonblocking: a concurrent reader may have won.
-                        let _ = fd.read();
-                        woken = true;
-                    }
+                    // On a remote device this thread reads the connection
+                    // meanwhile: the interrupt wakes it directly.
+                    woken = self.dev.wait_irq(fd, wait)? > 0;
                 }
                 None => {
                     std::thread::sleep(nap.min(left));
