@@ -157,7 +157,7 @@ pub struct Row {
 }
 
 impl Row {
-    fn placement_bound(mut self, yes: bool) -> Self {
+    pub(crate) fn placement_bound(mut self, yes: bool) -> Self {
         self.placement_bound = yes;
         self
     }

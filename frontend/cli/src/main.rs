@@ -1196,6 +1196,9 @@ fn bench_record(
             r.limit
         );
     }
+    for u in &b.unchecked {
+        outln!("not checked: {u}");
+    }
     outln!("written to {}", file.display());
     Ok(())
 }
@@ -1226,7 +1229,11 @@ fn bench_check(
     let mut verdicts = b.check(&bench_run(&opts, json)?)?;
     let past = verdicts.iter().filter(|v| v.regressed).count();
     if past > 0 {
-        outln!("\n{past} rows past their limit: measuring again, to tell a regression from a noisy run");
+        outln!("\npast their limits in this run:");
+        for (i, v) in verdicts.iter().enumerate().filter(|(_, v)| v.regressed) {
+            outln!("{}", b.line(i, v));
+        }
+        outln!("measuring again, to tell a regression from a noisy run");
         let again = b.check(&bench_run(&opts, json)?)?;
         for (v, a) in verdicts.iter_mut().zip(again) {
             // A row fails when both runs put it past its limit; the second
@@ -1245,6 +1252,9 @@ fn bench_check(
     );
     for (i, v) in verdicts.iter().enumerate() {
         outln!("{}", b.line(i, v));
+    }
+    for u in &b.unchecked {
+        outln!("not checked: {u}");
     }
     let failed = verdicts.iter().filter(|v| v.regressed).count();
     if failed > 0 {

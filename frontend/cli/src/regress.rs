@@ -23,6 +23,9 @@ pub struct Baseline {
     cio_bench_baseline: u32,
     /// How many runs it was made from.
     pub runs: usize,
+    /// The cores of the machine it was recorded on (rows pinned to two
+    /// cores exist only with two).
+    pub cores: usize,
     /// The check fails when a ratio is worse than the worst run by more
     /// than this factor.
     pub margin: f64,
@@ -88,7 +91,14 @@ impl Baseline {
             let k = key(row);
             if row.placement_bound {
                 unchecked.push(format!(
-                    "{} {} {}: depends on where the scheduler puts its threads (its pinned rows are checked)",
+                    "{} {} {}: depends on where the scheduler puts its two ends' threads (README, \"Where threads run\")",
+                    k.0, k.1, k.2
+                ));
+                continue;
+            }
+            if row.target == "(info)" {
+                unchecked.push(format!(
+                    "{} {} {}: informational (no target), and too noisy here for a limit that would still catch anything",
                     k.0, k.1, k.2
                 ));
                 continue;
@@ -129,6 +139,7 @@ impl Baseline {
         Ok(Baseline {
             cio_bench_baseline: FORMAT,
             runs: runs.len(),
+            cores: first.cores,
             margin: MARGIN,
             rows,
             unchecked,
@@ -173,6 +184,12 @@ impl Baseline {
     pub fn check(&self, run: &Report) -> Result<Vec<Verdict>, String> {
         if run.quick {
             return Err("a --quick run cannot be checked against a baseline".into());
+        }
+        if run.cores != self.cores {
+            return Err(format!(
+                "the baseline was recorded on {} cores and this machine has {}: record one here (cio bench --record-baseline)",
+                self.cores, run.cores
+            ));
         }
         Ok(self
             .rows
@@ -274,6 +291,11 @@ mod tests {
                     "MiB/s",
                     p3,
                 ),
+                Row {
+                    target: "(info)".into(),
+                    ..row("P3", "DMA sync dev->target, 4 KiB", "MiB/s", 0.1)
+                },
+                row("P1", "BAR read, left to the scheduler", "us", 4.0).placement_bound(true),
             ],
         }
     }
@@ -283,6 +305,7 @@ mod tests {
         let b =
             Baseline::record(&[run(1.2, 0.6, 30), run(1.4, 0.5, 31), run(1.3, 0.7, 29)]).unwrap();
         assert_eq!(b.rows.len(), 2, "the P3 row is one row across runs");
+        assert_eq!(b.unchecked.len(), 2, "{:?}", b.unchecked);
         let p1 = &b.rows[0];
         assert!(!p1.higher_is_better);
         assert_eq!((p1.median, p1.best, p1.worst), (1.3, 1.2, 1.4));
@@ -311,13 +334,16 @@ mod tests {
         assert_eq!(regressed(&run(1.3, 0.2, 30)), [false, true]);
         // A row that is gone fails; a quick run is refused.
         let mut gone = run(1.3, 0.6, 30);
-        gone.rows.pop();
+        gone.rows.remove(1);
         let v = b.check(&gone).unwrap();
         assert!(v[1].regressed && v[1].ratio.is_none());
         assert!(b.line(1, &v[1]).contains("NOT MEASURED"));
         let mut quick = run(1.3, 0.6, 30);
         quick.quick = true;
         assert!(b.check(&quick).is_err());
+        let mut other = run(1.3, 0.6, 30);
+        other.cores = 4;
+        assert!(b.check(&other).unwrap_err().contains("4"));
         assert_eq!(
             b.measured(),
             (
