@@ -355,10 +355,12 @@ impl Devices {
     }
 
     fn open_dev(&mut self, handle: u32) -> Result<&mut OpenDevice, ReqError> {
-        self.handles.get_mut(&handle).ok_or((
-            ErrorCode::BAD_HANDLE,
-            format!("handle {handle} is not open in this session"),
-        ))
+        self.handles.get_mut(&handle).ok_or_else(|| {
+            (
+                ErrorCode::BAD_HANDLE,
+                format!("handle {handle} is not open in this session"),
+            )
+        })
     }
 
     fn open(&mut self, name: &str) -> Result<Message, ReqError> {
@@ -630,10 +632,12 @@ impl Devices {
         out: Option<&mut dyn Outbox>,
     ) -> Result<(), ReqError> {
         let d = self.open_dev(handle)?;
-        let len = d.dma.get(iova).map(|r| r.len()).ok_or((
-            ErrorCode::DMA,
-            format!("no dma mapping starts at {iova:#x}"),
-        ))?;
+        let len = d.dma.get(iova).map(|r| r.len()).ok_or_else(|| {
+            (
+                ErrorCode::DMA,
+                format!("no dma mapping starts at {iova:#x}"),
+            )
+        })?;
         if let Some(out) = out {
             // The device's last writes reach the target before the mapping goes.
             self.pull_dirty(Some((handle, iova, len)), out);
