@@ -482,3 +482,30 @@ fn a_thread_waiting_for_an_interrupt_reads_for_itself_and_blocks_nobody() {
     edu.flush().unwrap();
     assert_eq!(edu.wait_irq(&msi, Duration::from_secs(5)).unwrap(), 1);
 }
+
+#[test]
+fn a_polling_client_waits_for_interrupts_too() {
+    let s = common::server();
+    let c = cio_frontend::Client::connect(
+        s.endpoint(),
+        cio_frontend::ClientOptions {
+            poll: Duration::from_micros(200),
+            ..common::opts()
+        },
+    )
+    .unwrap();
+    let mut edu = c.open("edu0").unwrap();
+    let msi = EventFd::new(EFD_NONBLOCK).unwrap();
+    edu.set_irqs(IrqKind::Msi, 0, std::slice::from_ref(&msi))
+        .unwrap();
+    for round in 0..20u32 {
+        let bit = 1 << (round % 8);
+        edu.write32(0, reg::IRQ_RAISE, bit).unwrap();
+        assert_eq!(edu.wait_irq(&msi, Duration::from_secs(5)).unwrap(), 1);
+        edu.write32(0, reg::IRQ_ACK, bit).unwrap();
+    }
+    // Past the polling time it sleeps, and still ends at its timeout.
+    let start = std::time::Instant::now();
+    assert_eq!(edu.wait_irq(&msi, Duration::from_millis(300)).unwrap(), 0);
+    assert!(start.elapsed() >= Duration::from_millis(300));
+}

@@ -406,10 +406,15 @@ fn raw_peer(conn: &Conn) -> std::io::Result<()> {
             (&*conn).write_all(&buf[..n])?;
         }
     }
-    if mode[0] == b'O' {
-        // One-way: on each trigger byte, send the time of sending.
+    if mode[0] == b'O' || mode[0] == b'o' {
+        // One-way: on each trigger byte, send the time of sending (`o`:
+        // polling for the trigger).
         loop {
-            r.read_exact(&mut buf[..1])?;
+            if mode[0] == b'o' {
+                spin_read_exact(conn, &mut buf[..1])?;
+            } else {
+                r.read_exact(&mut buf[..1])?;
+            }
             (&*conn).write_all(&now_ns().to_le_bytes())?;
         }
     }
@@ -1270,14 +1275,16 @@ fn p4(
     stamp: &std::sync::atomic::AtomicU64,
     raw: &mut RawServer,
     placed: Option<Placement>,
+    poll: Duration,
 ) -> BenchResult<Row> {
     let (blocks, per) = if quick { (4, 100) } else { (20, 500) };
+    let polling = !poll.is_zero();
     let (conn, _t) = {
         let _pin = placed.map(|p| CorePin::to(p.server)).transpose()?;
-        raw_client(raw, b'O', 0)?
+        raw_client(raw, if polling { b'o' } else { b'O' }, 0)?
     };
     let _client_pin = placed.map(|p| CorePin::to(p.client)).transpose()?;
-    let c = client(s, true)?;
+    let c = client_opts(s, true, None, poll)?;
     let mut dev = c.open("mem0").map_err(err("open"))?;
     let fd = EventFd::new(EFD_NONBLOCK).map_err(err("eventfd"))?;
     dev.set_irqs(IrqKind::Msi, 0, std::slice::from_ref(&fd))
@@ -1302,7 +1309,11 @@ fn p4(
         for _ in 0..per {
             (&conn).write_all(&[1]).map_err(err("raw write"))?;
             let mut b = [0u8; 8];
-            (&conn).read_exact(&mut b).map_err(err("raw read"))?;
+            if polling {
+                spin_read_exact(&conn, &mut b).map_err(err("raw read"))?;
+            } else {
+                (&conn).read_exact(&mut b).map_err(err("raw read"))?;
+            }
             let seen = now_ns();
             vr.push(seen.saturating_sub(u64::from_le_bytes(b)) as f64 / 1e3);
         }
@@ -1312,6 +1323,9 @@ fn p4(
     let mut what = "irq: device raises -> eventfd readable, one-way".to_owned();
     if let Some(p) = placed {
         what = format!("irq: raised -> eventfd, {}", p.describe());
+    }
+    if polling {
+        what = format!("irq: raised -> eventfd, polling {}us", poll.as_micros());
     }
     Ok(row(
         "P4",
@@ -1324,7 +1338,7 @@ fn p4(
         ratio,
         ("<= 1.20", ratio <= 1.20),
     )
-    .placement_bound(placed.is_none()))
+    .placement_bound(placed.is_none() && !polling))
 }
 
 fn p7(t: Transport, quick: bool, s: &ServerHandle) -> BenchResult<Row> {
@@ -1463,17 +1477,41 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> BenchResult<Report
         }
         if opts.wants("P4") {
             let mut raw = RawServer::start(t, "p4")?;
-            push(p4(t, opts.quick, &s, &stamp, &mut raw, None)?, &mut rows);
+            push(
+                p4(t, opts.quick, &s, &stamp, &mut raw, None, Duration::ZERO)?,
+                &mut rows,
+            );
             if t != Transport::Rdma {
                 for p in Placement::pinned()? {
                     let (ps, stamp) = pinned_backend(t, p)?;
                     let mut raw = RawServer::start(t, "p4-pinned")?;
                     push(
-                        p4(t, opts.quick, &ps, &stamp, &mut raw, Some(p))?,
+                        p4(
+                            t,
+                            opts.quick,
+                            &ps,
+                            &stamp,
+                            &mut raw,
+                            Some(p),
+                            Duration::ZERO,
+                        )?,
                         &mut rows,
                     );
                     ps.shutdown();
                 }
+                // Polling mode: backend and client poll, and so does the
+                // raw side on both ends.
+                let limits = Limits {
+                    poll: POLL,
+                    ..Limits::default()
+                };
+                let (ps, stamp) = start_backend_limits(t, Default::default(), limits, "ciod-poll")?;
+                let mut raw = RawServer::start(t, "p4-poll")?;
+                push(
+                    p4(t, opts.quick, &ps, &stamp, &mut raw, None, POLL)?,
+                    &mut rows,
+                );
+                ps.shutdown();
             }
         }
         if opts.wants("P7") {

@@ -623,15 +623,20 @@ impl Inner {
         if let Some((generation, Err(why))) = sent {
             self.link_failed(generation, why)?;
         }
+        // Polling mode: look without sleeping until it is over.
+        let spin_until = Instant::now() + self.poll;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let now = Instant::now();
+            let left = deadline.saturating_duration_since(now);
             let (conn, generation) = self.conn();
+            let spinning = !self.poll.is_zero() && now < spin_until;
             let ready = if conn.buffered() {
                 // Decrypted bytes inside a TLS connection: the socket may
                 // have nothing more to say about them.
                 vec![false, true]
             } else {
-                sys::poll_readable(&[fd, &*conn], Some(left))
+                let wait = if spinning { Duration::ZERO } else { left };
+                sys::poll_readable(&[fd, &*conn], Some(wait))
                     .map_err(|e| DeviceError::Failed(format!("waiting for an interrupt: {e}")))?
             };
             if ready[0] {
@@ -657,6 +662,8 @@ impl Inner {
                 }
             } else if left.is_zero() {
                 return Ok(0);
+            } else if spinning {
+                std::hint::spin_loop();
             }
         }
     }
