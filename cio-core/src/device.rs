@@ -575,7 +575,6 @@ pub trait Device: Send {
     }
 }
 
-/// `len` bytes at `offset` end inside `region`.
 /// Waits until `fd` counts, for at most `timeout`, and takes its count (0:
 /// the time ran out; another reader taking the count first makes this wait
 /// on). [`Device::wait_irq`]'s default.
@@ -597,6 +596,7 @@ pub fn wait_eventfd(fd: &EventFd, timeout: Duration) -> Result<u64, DeviceError>
     }
 }
 
+/// `len` bytes at `offset` end inside `region`.
 fn ends_inside(region: &RegionInfo, offset: u64, len: usize) -> Result<(), DeviceError> {
     match offset.checked_add(len as u64) {
         Some(end) if end <= region.size => Ok(()),
