@@ -502,7 +502,11 @@ pub trait Device: Send {
     /// and takes its count (0: the time ran out). The default waits on the
     /// eventfd. A remote device reads its connection in the calling thread
     /// meanwhile, so that the interrupt wakes only this thread (not the
-    /// client's receive thread, which would then wake this one).
+    /// client's receive thread, which would then wake this one). `fd`
+    /// should be non-blocking (`EFD_NONBLOCK`, as for `set_irqs`): another
+    /// thread that takes the count between the wake-up and the read would
+    /// otherwise leave this one blocked in the read until the next
+    /// interrupt.
     fn wait_irq(&mut self, fd: &EventFd, timeout: Duration) -> Result<u64, DeviceError> {
         wait_eventfd(fd, timeout)
     }
