@@ -28,13 +28,13 @@ use cio_transports::rdma::{RawVerbs, RdmaListener};
 use cio_transports::{
     sys, AuthorizedClients, ClientTls, Conn, Endpoint, Identity, Listener, Pin, Psk, ServerTls,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 use cio_frontend::{Client, ClientOptions, RemoteDevice};
 
 /// A transport to measure on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
     /// TCP over loopback.
@@ -45,16 +45,6 @@ pub enum Transport {
     Tls,
     /// RDMA, both ends on this machine's RDMA device ([`Options::rdma_addr`]).
     Rdma,
-}
-
-impl Transport {
-    /// The transport [`Display`](std::fmt::Display) names so.
-    pub fn from_name(name: &str) -> Result<Self, String> {
-        [Self::Tcp, Self::Unix, Self::Tls, Self::Rdma]
-            .into_iter()
-            .find(|t| t.to_string() == name)
-            .ok_or_else(|| format!("no transport called {name:?}"))
-    }
 }
 
 impl std::fmt::Display for Transport {
@@ -317,6 +307,16 @@ impl Placement {
             format!("two cores ({}, {})", self.client, self.server)
         }
     }
+}
+
+/// A backend of its own in polling mode (`ciod --poll-us`), polling as
+/// long as the rows' clients.
+fn polling_backend(t: Transport) -> BenchResult<(ServerHandle, Arc<std::sync::atomic::AtomicU64>)> {
+    let limits = Limits {
+        poll: POLL,
+        ..Limits::default()
+    };
+    start_backend_limits(t, Default::default(), limits, "ciod-poll")
 }
 
 /// A backend of its own for a pinned row: its threads on the backend's core.
@@ -1444,11 +1444,7 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> BenchResult<Report
                 }
             }
             // Polling mode: its own backend, polling as long as its clients.
-            let limits = Limits {
-                poll: POLL,
-                ..Limits::default()
-            };
-            let (ps, _) = start_backend_limits(t, Default::default(), limits, "ciod-poll")?;
+            let (ps, _) = polling_backend(t)?;
             for width in [4, 8] {
                 let mut raw = RawServer::start(t, &format!("p1p-{width}"))?;
                 push(
@@ -1501,11 +1497,7 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&Row)) -> BenchResult<Report
                 }
                 // Polling mode: backend and client poll, and so does the
                 // raw side on both ends.
-                let limits = Limits {
-                    poll: POLL,
-                    ..Limits::default()
-                };
-                let (ps, stamp) = start_backend_limits(t, Default::default(), limits, "ciod-poll")?;
+                let (ps, stamp) = polling_backend(t)?;
                 let mut raw = RawServer::start(t, "p4-poll")?;
                 push(
                     p4(t, opts.quick, &ps, &stamp, &mut raw, None, POLL)?,

@@ -1186,7 +1186,7 @@ fn bench_record(
         outln!(
             "{:3} {:5} {:48} median {:8.2}, {:.2}..{:.2} (noise {:3.0}%), limit {} {:.2}",
             r.id,
-            r.transport,
+            r.transport.to_string(),
             r.what,
             r.median,
             r.best,
@@ -1218,18 +1218,7 @@ fn bench_check(
     let text =
         std::fs::read_to_string(file).map_err(|e| format!("reading {}: {e}", file.display()))?;
     let b = regress::Baseline::from_text(&text).map_err(|e| format!("{}: {e}", file.display()))?;
-    let (transports, only) = b.measured();
-    let transports = transports
-        .iter()
-        .map(|t| bench::Transport::from_name(t))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", file.display()))?;
-    let opts = bench::Options {
-        quick: false,
-        transports,
-        only,
-        rdma_addr,
-    };
+    let opts = b.options(|_| true, rdma_addr);
     let mut verdicts = b.check(&bench_run(&opts, json)?)?;
     // A row past its limit is measured again (only its measurement and
     // transport), up to twice: it fails when every measurement put it past.
@@ -1245,19 +1234,7 @@ fn bench_check(
             outln!("{}", b.line(i, &verdicts[i]));
         }
         outln!("measuring them again, to tell a regression from a noisy run");
-        let mut again = opts.clone();
-        again.only = Vec::new();
-        again.transports = Vec::new();
-        for &i in &past {
-            let r = &b.rows[i];
-            if !again.only.contains(&r.id) {
-                again.only.push(r.id.clone());
-            }
-            let t = bench::Transport::from_name(&r.transport)?;
-            if !again.transports.contains(&t) {
-                again.transports.push(t);
-            }
-        }
+        let again = b.options(|i| past.contains(&i), rdma_addr);
         let second = b.check(&bench_run(&again, json)?)?;
         for &i in &past {
             verdicts[i] = second[i];

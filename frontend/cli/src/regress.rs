@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::bench::{Report, Row};
+use crate::bench::{Options, Report, Row, Transport};
 
 /// The file format.
 const FORMAT: u32 = 1;
@@ -40,8 +40,8 @@ pub struct Baseline {
 pub struct Recorded {
     /// P1, P2, …
     pub id: String,
-    /// tcp, unix, tls, rdma.
-    pub transport: String,
+    /// The transport it was measured on.
+    pub transport: Transport,
     /// What was measured (without the run's own figures).
     pub what: String,
     /// Whether a higher ratio is better (throughput) or a lower one
@@ -68,8 +68,8 @@ fn name(r: &Row) -> String {
     }
 }
 
-fn key(r: &Row) -> (String, String, String) {
-    (r.id.to_owned(), r.transport.to_string(), name(r))
+fn key(r: &Row) -> (String, Transport, String) {
+    (r.id.to_owned(), r.transport, name(r))
 }
 
 /// Lower is better for times (and the costs measured in them), higher for
@@ -163,19 +163,28 @@ impl Baseline {
         serde_json::to_string_pretty(self).expect("a baseline serialises") + "\n"
     }
 
-    /// The transports and rows the baseline holds: what a check measures.
-    pub fn measured(&self) -> (Vec<String>, Vec<String>) {
-        let mut transports: Vec<String> = Vec::new();
-        let mut ids: Vec<String> = Vec::new();
-        for r in &self.rows {
-            if !transports.contains(&r.transport) {
-                transports.push(r.transport.clone());
+    /// What a check measures: the measurements and transports of the
+    /// recorded rows `which` picks (by index), full runs.
+    pub fn options(
+        &self,
+        which: impl Fn(usize) -> bool,
+        rdma_addr: Option<std::net::IpAddr>,
+    ) -> Options {
+        let mut o = Options {
+            quick: false,
+            transports: Vec::new(),
+            only: Vec::new(),
+            rdma_addr,
+        };
+        for (_, r) in self.rows.iter().enumerate().filter(|(i, _)| which(*i)) {
+            if !o.transports.contains(&r.transport) {
+                o.transports.push(r.transport);
             }
-            if !ids.contains(&r.id) {
-                ids.push(r.id.clone());
+            if !o.only.contains(&r.id) {
+                o.only.push(r.id.clone());
             }
         }
-        (transports, ids)
+        o
     }
 
     /// Compares a run with the baseline: one verdict per recorded row, in
@@ -228,7 +237,7 @@ impl Baseline {
         format!(
             "{:3} {:5} {:48} {ratio} (recorded {:.2}, {:.2}..{:.2}; limit {} {:.2}) {}",
             b.id,
-            b.transport,
+            b.transport.to_string(),
             b.what,
             b.median,
             b.best,
@@ -256,7 +265,7 @@ pub struct Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::{Stat, Transport};
+    use crate::bench::Stat;
 
     fn row(id: &'static str, what: &str, unit: &'static str, ratio: f64) -> Row {
         let s = Stat {
@@ -344,13 +353,11 @@ mod tests {
         let mut other = run(1.3, 0.6, 30);
         other.cores = 4;
         assert!(b.check(&other).unwrap_err().contains("4"));
-        assert_eq!(
-            b.measured(),
-            (
-                vec!["tcp".to_owned()],
-                vec!["P1".to_owned(), "P3".to_owned()]
-            )
-        );
+        let o = b.options(|_| true, None);
+        assert_eq!(o.transports, [Transport::Tcp]);
+        assert_eq!(o.only, ["P1", "P3"]);
+        assert!(!o.quick);
+        assert_eq!(b.options(|i| i == 1, None).only, ["P3"]);
         assert!(Baseline::record(&[quick]).is_err());
     }
 }
