@@ -461,13 +461,22 @@ impl Inner {
     /// no answer unless it fails, then reported by a later call.
     pub(crate) fn post(&self, msg: &Message) -> Result<(), ClientError> {
         self.check_open()?;
+        // Queued either way: a resumed session replays it.
+        self.send_now(|out| {
+            out.push(msg, 0);
+        })
+    }
+
+    /// Queues what `queue` adds after the frames already queued and sends
+    /// the queue now; a link that fails meanwhile is recovered (or the
+    /// session is lost) as for any send.
+    fn send_now(&self, queue: impl FnOnce(&mut OutQueue)) -> Result<(), ClientError> {
         let generation = self.generation.load(Ordering::Acquire);
         let sent = {
             let mut out = lock(&self.tx);
-            out.push(msg, 0);
+            queue(&mut out);
             self.write_out(&mut out)
         };
-        // Queued either way: a resumed session replays it.
         sent.or_else(|why| self.link_failed(generation, why))
     }
 
@@ -479,13 +488,7 @@ impl Inner {
         range: (u64, u64),
     ) -> Result<(), ClientError> {
         self.check_open()?;
-        let generation = self.generation.load(Ordering::Acquire);
-        let sent = {
-            let mut out = lock(&self.tx);
-            Self::push_dirty(&mut out, handle, target, Some(range));
-            self.write_out(&mut out)
-        };
-        sent.or_else(|why| self.link_failed(generation, why))
+        self.send_now(|out| Self::push_dirty(out, handle, target, Some(range)))
     }
 
     /// Sends a request (after all queued posted frames and, with `sync`, the
@@ -611,17 +614,8 @@ impl Inner {
         let deadline = Instant::now() + timeout;
         // Queued posted writes leave now: the device may be waiting for
         // them to raise the interrupt.
-        let sent = {
-            let mut out = lock(&self.tx);
-            (!out.is_empty()).then(|| {
-                (
-                    self.generation.load(Ordering::Acquire),
-                    self.write_out(&mut out),
-                )
-            })
-        };
-        if let Some((generation, Err(why))) = sent {
-            self.link_failed(generation, why)?;
+        if !lock(&self.tx).is_empty() {
+            self.send_now(|_| {})?;
         }
         // Polling mode: look without sleeping until it is over.
         let spin_until = Instant::now() + self.poll;
