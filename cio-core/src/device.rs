@@ -9,6 +9,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::dma::{DmaError, DmaRegion};
@@ -524,6 +525,21 @@ pub trait Device: Send {
         read_split(self, region, offset, data)
     }
 
+    /// [`read_bulk`](Device::read_bulk) of `len` bytes appended to `out`
+    /// (a backend's reply to a bulk read). The default zero-fills the space
+    /// and reads into it ([`read_bulk_zeroed`]); a region that is plain
+    /// memory can copy straight in, touching each byte once. On error `out`
+    /// is as it was.
+    fn read_bulk_into(
+        &mut self,
+        region: u32,
+        offset: u64,
+        len: usize,
+        out: &mut BytesMut,
+    ) -> Result<(), DeviceError> {
+        read_bulk_zeroed(self, region, offset, len, out)
+    }
+
     /// Writes `data` at `offset` of region `region` as
     /// [`read_bulk`](Device::read_bulk) reads. May be posted.
     fn write_bulk(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
@@ -667,6 +683,24 @@ fn plan(
         at += n * w;
     }
     Ok(())
+}
+
+/// [`Device::read_bulk_into`] by zero-filling `len` bytes of `out` and
+/// reading into them with [`Device::read_bulk`] (what the default does).
+pub fn read_bulk_zeroed<D: Device + ?Sized>(
+    dev: &mut D,
+    region: u32,
+    offset: u64,
+    len: usize,
+    out: &mut BytesMut,
+) -> Result<(), DeviceError> {
+    let start = out.len();
+    out.resize(start + len, 0);
+    let r = dev.read_bulk(region, offset, &mut out[start..]);
+    if r.is_err() {
+        out.truncate(start);
+    }
+    r
 }
 
 /// [`Device::read_bulk`] made of single accesses (what the default does;

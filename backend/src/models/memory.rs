@@ -20,6 +20,8 @@
 
 use std::sync::Arc;
 
+use bytes::BytesMut;
+
 use cio_core::device::{
     REGION_64BIT, REGION_PREFETCH, REGION_READ, REGION_WRITE, WIDTH_1, WIDTH_2, WIDTH_4, WIDTH_8,
 };
@@ -243,6 +245,23 @@ impl Device for Memory {
         self.info.check_bulk(region, offset, data.len(), false)?;
         let o = offset as usize;
         data.copy_from_slice(&self.ram[o..o + data.len()]);
+        Ok(())
+    }
+
+    /// BAR0 straight into the reply: one copy, no zero-fill first.
+    fn read_bulk_into(
+        &mut self,
+        region: u32,
+        offset: u64,
+        len: usize,
+        out: &mut BytesMut,
+    ) -> Result<(), DeviceError> {
+        if region != 0 {
+            return cio_core::device::read_bulk_zeroed(self, region, offset, len, out);
+        }
+        self.info.check_bulk(region, offset, len, false)?;
+        let o = offset as usize;
+        out.extend_from_slice(&self.ram[o..o + len]);
         Ok(())
     }
 

@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::BytesMut;
 use cio_core::wire::{ErrorCode, IrqAction, Message, MAX_DMA_CHUNK};
 use cio_core::{
     Device, DeviceError, DmaDir, DmaError, DmaRegion, DmaSpace, EventFd, IrqKind, ResetMethod,
@@ -89,6 +89,13 @@ fn dev_err(code: ErrorCode) -> impl Fn(DeviceError) -> ReqError {
     move |e| (code, cio_core::error_chain(&e))
 }
 
+fn not_open(handle: u32) -> ReqError {
+    (
+        ErrorCode::BAD_HANDLE,
+        format!("handle {handle} is not open in this session"),
+    )
+}
+
 fn dma_err(e: DmaError) -> ReqError {
     (ErrorCode::DMA, e.to_string())
 }
@@ -117,6 +124,11 @@ pub(crate) struct Devices {
     handles: BTreeMap<u32, OpenDevice>,
     next_handle: u32,
     irqs: Vec<Option<IrqSlot>>,
+    /// Where read replies are read into. Each reply is split off it, and
+    /// its memory is taken back for the next once the reply is sent (and,
+    /// in a resumable session, acknowledged): a bulk read then neither
+    /// allocates nor faults in fresh pages.
+    replies: BytesMut,
 }
 
 /// The result of offering a message to [`Devices::handle`].
@@ -138,6 +150,7 @@ impl Devices {
             handles: BTreeMap::new(),
             next_handle: 1,
             irqs: Vec::new(),
+            replies: BytesMut::new(),
         }
     }
 
@@ -320,18 +333,24 @@ impl Devices {
         len: u32,
         bulk: bool,
     ) -> Result<Message, ReqError> {
-        let mut buf = vec![0u8; len as usize];
-        let dev = self.open_dev(handle)?.lease.device();
+        let dev = self
+            .handles
+            .get_mut(&handle)
+            .ok_or_else(|| not_open(handle))?
+            .lease
+            .device();
         dev.prepare_dma().map_err(dev_err(ErrorCode::DMA))?;
+        // At most MAX_BULK: the frame's decoding checked.
+        let len = len as usize;
         let r = if bulk {
-            dev.read_bulk(region, offset, &mut buf)
+            dev.read_bulk_into(region, offset, len, &mut self.replies)
         } else {
-            dev.read(region, offset, &mut buf)
+            self.replies.resize(len, 0);
+            dev.read(region, offset, &mut self.replies)
         };
-        r.map(|()| Message::ReadData {
-            data: Bytes::from(buf),
-        })
-        .map_err(dev_err(ErrorCode::ACCESS))
+        let data = self.replies.split().freeze();
+        r.map(|()| Message::ReadData { data })
+            .map_err(dev_err(ErrorCode::ACCESS))
     }
 
     /// A posted region write: one access, or with `bulk` the accesses the
@@ -355,12 +374,9 @@ impl Devices {
     }
 
     fn open_dev(&mut self, handle: u32) -> Result<&mut OpenDevice, ReqError> {
-        self.handles.get_mut(&handle).ok_or_else(|| {
-            (
-                ErrorCode::BAD_HANDLE,
-                format!("handle {handle} is not open in this session"),
-            )
-        })
+        self.handles
+            .get_mut(&handle)
+            .ok_or_else(|| not_open(handle))
     }
 
     fn open(&mut self, name: &str) -> Result<Message, ReqError> {
@@ -733,6 +749,8 @@ impl Devices {
 mod tests {
     use std::cell::RefCell;
 
+    use bytes::Bytes;
+
     use super::*;
     use crate::models::edu::{self, reg};
     use crate::models::Edu;
@@ -923,6 +941,69 @@ mod tests {
             [(Message::ReadData { data }, _)] => u16::from_le_bytes([data[0], data[1]]),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Bulk read replies share one buffer, taken back only once a reply is
+    /// gone: a reply still held keeps its bytes while later reads reuse
+    /// the memory of those dropped, and a failed read leaves nothing behind.
+    #[test]
+    fn bulk_read_replies_keep_their_bytes_while_the_buffer_is_reused() {
+        let shared = Arc::new(Shared::new(
+            Registry::new(vec![Box::new(
+                crate::models::Memory::new("mem0", 1 << 20).unwrap(),
+            )])
+            .unwrap(),
+            Arc::new(UsbProvider::new(Vec::new(), Vec::new())),
+            None,
+            Limits::default(),
+        ));
+        let (mut d, w) = (Devices::new(7, shared), Watched::default());
+        let got = request(
+            &mut d,
+            1,
+            Message::Open {
+                name: "mem0".into(),
+            },
+            &w,
+        );
+        let [(Message::Opened { handle, .. }, 1)] = got[..] else {
+            panic!("{got:?}")
+        };
+        let fill = |byte: u8| Message::RegionWriteBulk {
+            handle,
+            region: 0,
+            offset: 0,
+            data: Bytes::from(vec![byte; 64 << 10]),
+        };
+        let read = |offset, len| Message::RegionReadBulk {
+            handle,
+            region: 0,
+            offset,
+            len,
+        };
+        let data = |got: Vec<(Message, u64)>| match &got[..] {
+            [(Message::ReadData { data }, _)] => data.clone(),
+            _ => panic!("{got:?}"),
+        };
+        let mut seq = 2;
+        let mut next = || {
+            seq += 1;
+            seq
+        };
+        assert!(request(&mut d, next(), fill(0xa1), &w).is_empty());
+        let kept = data(request(&mut d, next(), read(0, 64 << 10), &w));
+        for byte in [0xb2, 0xc3] {
+            assert!(request(&mut d, next(), fill(byte), &w).is_empty());
+            // Read and dropped at once: its memory is the next one's.
+            let got = data(request(&mut d, next(), read(0, 64 << 10), &w));
+            assert!(got.iter().all(|&b| b == byte), "{byte:#x}");
+        }
+        assert!(kept.iter().all(|&b| b == 0xa1));
+        // Past the BAR's end: an error, and the next reply is whole.
+        let got = request(&mut d, next(), read((1 << 20) - 8, 16), &w);
+        assert!(matches!(got[..], [(Message::Error { .. }, _)]), "{got:?}");
+        let got = data(request(&mut d, next(), read(8, 8), &w));
+        assert_eq!(&got[..], &[0xc3; 8]);
     }
 
     #[test]
