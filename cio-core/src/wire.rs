@@ -1402,22 +1402,6 @@ impl FrameDecoder {
         })
     }
 
-    /// Bytes still to come of the frame the buffer starts with: 0 if its
-    /// header has not arrived, or announces a body over [`MAX_BODY`] (which
-    /// [`next_frame`](Self::next_frame) refuses). A reader asks for that
-    /// much at once, and the buffer grows once per frame instead of
-    /// doubling its way up, copying what it holds each time.
-    pub fn frame_left(&self) -> usize {
-        if self.buf.len() < HEADER_LEN {
-            return 0;
-        }
-        let body = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
-        if body > MAX_BODY {
-            return 0;
-        }
-        (HEADER_LEN + body).saturating_sub(self.buf.len())
-    }
-
     /// Consumes the frame [`dma_head`](Self::dma_head) described (it must
     /// have just returned `Some`) and returns the part of its payload that is
     /// already buffered; the reader receives the rest itself.
@@ -1766,27 +1750,6 @@ mod tests {
         b.put_u64_le(0);
         b.put_u32_le(9000); // payload length disagrees with the body length
         assert_eq!(d.dma_head(1), None);
-    }
-
-    #[test]
-    fn frame_left_is_the_rest_of_the_frame_that_started() {
-        let mut d = FrameDecoder::new();
-        assert_eq!(d.frame_left(), 0);
-        let mut frame = BytesMut::new();
-        let data = Bytes::from(vec![3; 100_000]);
-        Message::ReadData { data }.encode(1, 9, &mut frame);
-        d.buffer().extend_from_slice(&frame[..HEADER_LEN - 1]);
-        assert_eq!(d.frame_left(), 0, "no header yet");
-        d.buffer().extend_from_slice(&frame[HEADER_LEN - 1..5000]);
-        assert_eq!(d.frame_left(), frame.len() - 5000);
-        d.buffer().extend_from_slice(&frame[5000..]);
-        assert_eq!(d.frame_left(), 0);
-        assert!(d.next_frame().unwrap().is_some());
-        // An oversized header asks for nothing more: next_frame refuses it.
-        d.buffer().put_u32_le(MAX_BODY as u32 + 1);
-        d.buffer().put_bytes(0, HEADER_LEN - 4);
-        assert_eq!(d.frame_left(), 0);
-        assert!(d.next_frame().is_err());
     }
 
     /// xorshift64*: deterministic pseudo-random bytes without a dependency.

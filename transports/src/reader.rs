@@ -114,11 +114,10 @@ impl FrameReader {
             }
         }
         let Some(d) = &mut self.direct else {
-            // 64 KiB into the frame buffer, so that a large DmaData payload
-            // goes (almost) entirely straight to its region; or the rest of
-            // a larger frame that started (a bulk read's data), in one
-            // receive into a buffer grown once.
-            let want = self.decoder.frame_left().max(64 * 1024);
+            // Up to 64 KiB into the frame buffer, never more: a large
+            // DmaData payload then goes (almost) entirely straight to its
+            // region.
+            let want = 64 * 1024;
             let n = conn.recv_into(self.decoder.buffer(), want, wait.is_none())?;
             return Ok(Received {
                 bytes: n,
