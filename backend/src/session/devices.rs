@@ -789,13 +789,18 @@ mod tests {
         }
     }
 
-    fn shared() -> Arc<Shared> {
+    /// What sessions share, serving `dev` alone.
+    fn shared_with(dev: Box<dyn Device>) -> Arc<Shared> {
         Arc::new(Shared::new(
-            Registry::new(vec![Box::new(Edu::new("edu0"))]).unwrap(),
+            Registry::new(vec![dev]).unwrap(),
             Arc::new(UsbProvider::new(Vec::new(), Vec::new())),
             None,
             Limits::default(),
         ))
+    }
+
+    fn shared() -> Arc<Shared> {
+        shared_with(Box::new(Edu::new("edu0")))
     }
 
     fn request(d: &mut Devices, seq: u64, msg: Message, w: &Watched) -> Vec<(Message, u64)> {
@@ -804,15 +809,21 @@ mod tests {
         out.0
     }
 
+    /// Opens `name` as request `seq`; its handle.
+    fn open(d: &mut Devices, seq: u64, name: &str, w: &Watched) -> u32 {
+        let got = request(d, seq, Message::Open { name: name.into() }, w);
+        let [(Message::Opened { handle, .. }, s)] = got[..] else {
+            panic!("{got:?}")
+        };
+        assert_eq!(s, seq);
+        handle
+    }
+
     #[test]
     fn requests_interrupts_and_release_without_a_socket() {
         let shared = shared();
         let (mut d, w) = (Devices::new(7, Arc::clone(&shared)), Watched::default());
-        let name = "edu0".to_string();
-        let got = request(&mut d, 1, Message::Open { name }, &w);
-        let [(Message::Opened { handle, .. }, 1)] = got[..] else {
-            panic!("{got:?}")
-        };
+        let handle = open(&mut d, 1, "edu0", &w);
         assert_eq!(shared.registry.open_count(), 1);
         // A posted write is answered only if it fails.
         let data = Bytes::copy_from_slice(&5u32.to_le_bytes());
@@ -948,27 +959,12 @@ mod tests {
     /// the memory of those dropped, and a failed read leaves nothing behind.
     #[test]
     fn bulk_read_replies_keep_their_bytes_while_the_buffer_is_reused() {
-        let shared = Arc::new(Shared::new(
-            Registry::new(vec![Box::new(
-                crate::models::Memory::new("mem0", 1 << 20).unwrap(),
-            )])
-            .unwrap(),
-            Arc::new(UsbProvider::new(Vec::new(), Vec::new())),
-            None,
-            Limits::default(),
-        ));
-        let (mut d, w) = (Devices::new(7, shared), Watched::default());
-        let got = request(
-            &mut d,
-            1,
-            Message::Open {
-                name: "mem0".into(),
-            },
-            &w,
+        let mem = crate::models::Memory::new("mem0", 1 << 20).unwrap();
+        let (mut d, w) = (
+            Devices::new(7, shared_with(Box::new(mem))),
+            Watched::default(),
         );
-        let [(Message::Opened { handle, .. }, 1)] = got[..] else {
-            panic!("{got:?}")
-        };
+        let handle = open(&mut d, 1, "mem0", &w);
         let fill = |byte: u8| Message::RegionWriteBulk {
             handle,
             region: 0,
@@ -1017,12 +1013,7 @@ mod tests {
             info,
             resets: Arc::clone(&resets),
         };
-        let shared = Arc::new(Shared::new(
-            Registry::new(vec![Box::new(dev)]).unwrap(),
-            Arc::new(UsbProvider::new(Vec::new(), Vec::new())),
-            None,
-            Limits::default(),
-        ));
+        let shared = shared_with(Box::new(dev));
         let w = Watched::default();
         for (policy, version) in [(Release::Clear, 2), (Release::AsIs, 1)] {
             shared.registry.set_release("edu0", policy).unwrap();
@@ -1056,17 +1047,7 @@ mod tests {
             assert_eq!(command(&mut d, handle, &w) & 0x6, 0x6);
             d.release_all(&w);
             let mut d = Devices::new(2, Arc::clone(&shared));
-            let got = request(
-                &mut d,
-                1,
-                Message::Open {
-                    name: "edu0".into(),
-                },
-                &w,
-            );
-            let [(Message::Opened { handle, .. }, 1)] = got[..] else {
-                panic!("{got:?}")
-            };
+            let handle = open(&mut d, 1, "edu0", &w);
             let cmd = command(&mut d, handle, &w);
             match policy {
                 Release::Clear => {
