@@ -393,16 +393,10 @@ fn raw_peer(conn: &Conn) -> std::io::Result<()> {
     r.read_exact(&mut mode)?;
     let n = u64::from_le_bytes(mode[1..].try_into().expect("8 bytes")) as usize;
     let mut buf = vec![0u8; n.max(1 << 20)];
-    if mode[0] == b'P' {
+    if mode[0] == b'P' || mode[0] == b'Q' {
+        // Echo (`Q`: polling for each message instead of sleeping).
         loop {
-            r.read_exact(&mut buf[..n])?;
-            (&*conn).write_all(&buf[..n])?;
-        }
-    }
-    if mode[0] == b'Q' {
-        // The same echo, polling for each message instead of sleeping.
-        loop {
-            spin_read_exact(conn, &mut buf[..n])?;
+            raw_read_exact(conn, &mut buf[..n], mode[0] == b'Q')?;
             (&*conn).write_all(&buf[..n])?;
         }
     }
@@ -410,11 +404,7 @@ fn raw_peer(conn: &Conn) -> std::io::Result<()> {
         // One-way: on each trigger byte, send the time of sending (`o`:
         // polling for the trigger).
         loop {
-            if mode[0] == b'o' {
-                spin_read_exact(conn, &mut buf[..1])?;
-            } else {
-                r.read_exact(&mut buf[..1])?;
-            }
+            raw_read_exact(conn, &mut buf[..1], mode[0] == b'o')?;
             (&*conn).write_all(&now_ns().to_le_bytes())?;
         }
     }
@@ -575,9 +565,13 @@ fn client_opts(
     .map_err(err("connect"))
 }
 
-/// Reads exactly `buf` polling for up to [`POLL`], then waiting: the raw
-/// side of a polling-mode row waits as cio's polling mode does.
-fn spin_read_exact(conn: &Conn, buf: &mut [u8]) -> std::io::Result<()> {
+/// Reads exactly `buf`; with `polling`, polling for up to [`POLL`] before
+/// it waits: the raw side of a polling-mode row waits as cio's polling
+/// mode does.
+fn raw_read_exact(conn: &Conn, buf: &mut [u8], polling: bool) -> std::io::Result<()> {
+    if !polling {
+        return (&*conn).read_exact(buf);
+    }
     let start = Instant::now();
     let mut at = 0;
     while at < buf.len() {
@@ -911,13 +905,7 @@ fn p1(
             (&conn)
                 .write_all(&rbuf[..width])
                 .map_err(err("raw write"))?;
-            if polling {
-                spin_read_exact(&conn, &mut rbuf[..width]).map_err(err("raw read"))
-            } else {
-                (&conn)
-                    .read_exact(&mut rbuf[..width])
-                    .map_err(err("raw read"))
-            }
+            raw_read_exact(&conn, &mut rbuf[..width], polling).map_err(err("raw read"))
         })
     };
     drop(server_pin);
@@ -1309,11 +1297,7 @@ fn p4(
         for _ in 0..per {
             (&conn).write_all(&[1]).map_err(err("raw write"))?;
             let mut b = [0u8; 8];
-            if polling {
-                spin_read_exact(&conn, &mut b).map_err(err("raw read"))?;
-            } else {
-                (&conn).read_exact(&mut b).map_err(err("raw read"))?;
-            }
+            raw_read_exact(&conn, &mut b, polling).map_err(err("raw read"))?;
             let seen = now_ns();
             vr.push(seen.saturating_sub(u64::from_le_bytes(b)) as f64 / 1e3);
         }
